@@ -1,0 +1,99 @@
+"""Input validation shared by every entry point: clear errors, raised before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100):
+    """Logits (B, T, V) floating, labels (B, T) integer with values in [0, V) or == ignore_index."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"{logits_name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+                        f"got {logits.dtype}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"{logits_name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{labels_name} must be an int64 or int32 tensor, got {labels.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"{logits_name} must have shape (B, T, V), got {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"{labels_name} must have shape (B, T) = {tuple(logits.shape[:2])} to match "
+                         f"{logits_name} of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"{logits_name} must have at least one sequence (B >= 1), got shape {tuple(logits.shape)}")
+    if logits.shape[2] == 0:
+        raise ValueError(f"{logits_name} must have a non-empty vocabulary (V >= 1), got shape {tuple(logits.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"{labels_name} is on {labels.device} but {logits_name} is on {logits.device}; "
+                         "they must be on the same device")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    vocab = logits.shape[2]
+    scored = labels != ignore_index
+    out_of_range = scored & ((labels < 0) | (labels >= vocab))
+    if labels.numel() and bool(out_of_range.any()):
+        bad = labels[out_of_range][0].item()
+        raise ValueError(f"{labels_name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found {bad}")
+
+
+def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
+               *, beta, gamma, ignore_index, reduction):
+    """Everything `focal_po_loss` takes, checked together."""
+    check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits",
+                            labels_name="chosen_labels", ignore_index=ignore_index)
+    check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
+                            labels_name="rejected_labels", ignore_index=ignore_index)
+    check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
+    check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
+
+
+def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_device, what="logits"):
+    """Chosen and rejected share the batch size, the last dimension (V, or H) and the device."""
+    if rejected_device != chosen_device:
+        raise ValueError(f"rejected_{what} is on {rejected_device} but chosen_{what} is on {chosen_device}")
+    if chosen_shape[0] != rejected_shape[0]:
+        raise ValueError(f"chosen_{what} and rejected_{what} must have the same batch size B, "
+                         f"got {chosen_shape[0]} and {rejected_shape[0]}")
+    if chosen_shape[-1] != rejected_shape[-1]:
+        raise ValueError(f"chosen_{what} and rejected_{what} must have the same last dimension, "
+                         f"got {chosen_shape[-1]} and {rejected_shape[-1]}")
+
+
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device):
+    """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`."""
+    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if ref is None:
+            continue
+        if not isinstance(ref, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},) or None, got {type(ref).__name__}")
+        if not ref.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {ref.dtype}")
+        if tuple(ref.shape) != (batch,):
+            raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(ref.shape)}")
+        if ref.device != device:
+            raise ValueError(f"{name} is on {ref.device} but the logits are on {device}")
+
+
+def check_loss_options(*, beta, gamma, reduction):
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
+        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
+        raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce_loss(per_pair_loss, reduction):
+    if reduction == "mean":
+        return per_pair_loss.mean()
+    if reduction == "sum":
+        return per_pair_loss.sum()
+    return per_pair_loss

@@ -1,0 +1,78 @@
+"""Forward: per-token log-probability of the label, one pass over each row's vocabulary.
+
+Reads   logits x[b, t, :] (float32 / bfloat16 / float16 / float64; any batch and time strides,
+        last dimension contiguous) and labels y[b, t] (int32 / int64, any strides).
+Writes  token_logps[b, t] = x[b, t, y] − lse[b, t]   and   lse[b, t] = logsumexp_v x[b, t, v],
+        both (B, T) contiguous, in float32 (float64 for float64 logits).
+Rows whose label is ignore_index read no logits and write token_logps = 0, lse = 0.
+
+One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
+exponentials, so any V works and nothing of size V is stored. Offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import reduction_config
+
+
+@triton.jit
+def token_logps_kernel(
+    logits_ptr, labels_ptr, token_logps_ptr, lse_ptr,
+    T, V,
+    stride_logits_b, stride_logits_t,
+    stride_labels_b, stride_labels_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
+    scored = label != ignore_index
+    row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    acc_dtype = lse_ptr.dtype.element_ty
+
+    # Ignored rows run the loop zero times: their logits are never read.
+    vocab_end = tl.where(scored, V, 0)
+    running_max = tl.full((), float("-inf"), acc_dtype)
+    running_sum = tl.zeros((), acc_dtype)
+    for start in range(0, vocab_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_logits_ptr + cols, mask=cols < V, other=float("-inf")).to(acc_dtype)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        # A block (or row prefix) of -inf leaves new_max = -inf: rescale by 0, not by exp(nan).
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
+        running_max = new_max
+    # An all -inf row (or an ignored one) has lse = -inf; log(1) keeps log(0) out of the arithmetic.
+    lse = running_max + tl.log(tl.where(running_max == float("-inf"), 1.0, running_sum))
+
+    safe_label = tl.where(scored, label, 0)
+    target_logit = tl.load(row_logits_ptr + safe_label, mask=scored, other=0.0).to(acc_dtype)
+    token_logp = tl.where(scored, target_logit - lse, 0.0)
+    tl.store(token_logps_ptr + row, token_logp)
+    tl.store(lse_ptr + row, tl.where(scored, lse, 0.0))
+
+
+def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """(token_logps, lse), each (B, T) contiguous in the compute dtype. `logits` must have stride(-1) == 1."""
+    batch, seq_len, vocab = logits.shape
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    token_logps = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
+    lse = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
+    if batch * seq_len == 0:
+        return token_logps, lse
+    block_v, num_warps = reduction_config(vocab, logits.element_size())
+    token_logps_kernel[(batch * seq_len,)](
+        logits, labels, token_logps, lse,
+        seq_len, vocab,
+        logits.stride(0), logits.stride(1),
+        labels.stride(0), labels.stride(1),
+        ignore_index,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return token_logps, lse

@@ -1,0 +1,108 @@
+"""The public API on logits: `sequence_logps`, `focal_po_loss` and the `FocalPOLoss` module."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend, reference
+from .autograd import FocalPOPairLoss, SequenceLogps
+from .checks import check_logits_and_labels, check_pair, reduce_loss
+from .output import PreferenceLossOutput
+
+
+def _sequence_logps(logits, labels, ignore_index, inplace_backward):
+    """Unchecked: (B,) log-probs through the kernels, or the reference on a plain CPU."""
+    if not backend.use_triton(logits):
+        return reference.token_logps(logits, labels, ignore_index).sum(-1)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return SequenceLogps.apply(logits, labels, ignore_index, inplace_backward)
+
+
+def _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
+               detach_focal_weight):
+    """Unchecked: (B,) per-pair FocalPO loss of per-sequence log-probs."""
+    dtype = torch.promote_types(chosen_logps.dtype, rejected_logps.dtype)
+    chosen_logps, rejected_logps = chosen_logps.to(dtype), rejected_logps.to(dtype)
+    if not backend.use_triton(chosen_logps):
+        return reference.focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                            beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
+    return FocalPOPairLoss.apply(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                 float(beta), float(gamma), bool(detach_focal_weight))
+
+
+def preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
+                      reduction, detach_focal_weight):
+    """The loss and logged quantities from per-sequence log-probs (shared by every entry point)."""
+    per_pair = _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
+    return PreferenceLossOutput(
+        loss=reduce_loss(per_pair, reduction),
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_rewards=reference.rewards(chosen_logps, ref_chosen_logps, beta),
+        rejected_rewards=reference.rewards(rejected_logps, ref_rejected_logps, beta),
+    )
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                   inplace_backward: bool = False) -> torch.Tensor:
+    """(B,) Σ_t log softmax(logits[b, t])[labels[b, t]] over tokens whose label is not ignore_index.
+
+    logits (B, T, V) float32/bfloat16/float16/float64, any batch and time strides (a shifted view such as
+    `logits[:, :-1]` is read without a copy); labels (B, T) int64/int32. Returns float32 (float64 for
+    float64 logits), differentiable. With inplace_backward=True the backward writes the gradient into the
+    logits' own storage: the logits are consumed and must not be used afterwards.
+    """
+    check_logits_and_labels(logits, labels, ignore_index=ignore_index)
+    return _sequence_logps(logits, labels, ignore_index, inplace_backward)
+
+
+def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
+                  chosen_labels: torch.Tensor, rejected_labels: torch.Tensor,
+                  ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
+                  *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100, reduction: str = "mean",
+                  detach_focal_weight: bool = False, inplace_backward: bool = False) -> PreferenceLossOutput:
+    """FocalPO loss −p^γ·log p, p = σ(β·((logp_c − ref_c) − (logp_r − ref_r))); γ = 0 is DPO.
+
+    chosen_logits (B, T, V) and rejected_logits (B, T2, V), labels (B, T) and (B, T2), aligned with the
+    logits (shift before calling: `logits[:, :-1]` with `labels[:, 1:]`). ref_*_logps: (B,) reference-model
+    log-probs, or None for reference-free (0). reduction: "mean" | "sum" | "none" (per pair, (B,)).
+    detach_focal_weight=True treats p^γ as a constant in the backward. inplace_backward=True writes the
+    logits' gradients into the logits' storage (they are consumed).
+
+    Returns PreferenceLossOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards);
+    the loss and both log-probs are differentiable, the rewards β·(logp − ref) are detached.
+    """
+    check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
+               beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction)
+    chosen_logps = _sequence_logps(chosen_logits, chosen_labels, ignore_index, inplace_backward)
+    rejected_logps = _sequence_logps(rejected_logits, rejected_labels, ignore_index, inplace_backward)
+    return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+
+
+class FocalPOLoss(torch.nn.Module):
+    """Module form of `focal_po_loss`: the options at construction, the tensors at call."""
+
+    def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
+                 reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False):
+        super().__init__()
+        self.beta = beta
+        self.gamma = gamma
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.detach_focal_weight = detach_focal_weight
+        self.inplace_backward = inplace_backward
+
+    def forward(self, chosen_logits, rejected_logits, chosen_labels, rejected_labels,
+                ref_chosen_logps=None, ref_rejected_logps=None) -> PreferenceLossOutput:
+        return focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
+                             ref_chosen_logps, ref_rejected_logps,
+                             beta=self.beta, gamma=self.gamma, ignore_index=self.ignore_index,
+                             reduction=self.reduction, detach_focal_weight=self.detach_focal_weight,
+                             inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, gamma={self.gamma}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, detach_focal_weight={self.detach_focal_weight}")

@@ -1,0 +1,24 @@
+"""The result of a preference loss: the loss and the per-sequence quantities trainers log."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class PreferenceLossOutput(NamedTuple):
+    """What `focal_po_loss` (and the reference) return.
+
+    loss:             scalar, or (B,) for reduction="none"; differentiable.
+    chosen_logps:     (B,) Σ_t log p(y_t) over the chosen sequence's scored tokens; differentiable.
+    rejected_logps:   (B,) the same for the rejected sequence; differentiable.
+    chosen_rewards:   (B,) β·(chosen_logps − ref_chosen_logps), detached.
+    rejected_rewards: (B,) β·(rejected_logps − ref_rejected_logps), detached.
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor

@@ -1,0 +1,23 @@
+"""Test set-up: with no GPU, run the Triton kernels through the interpreter (must precede `import triton`)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh inputs per test, but reproducible from the test's name when a failure needs chasing.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

@@ -1,6 +1,7 @@
 """Test set-up: with no GPU, run the Triton kernels through the interpreter (must precede `import triton`)."""
 
 import os
+import zlib
 
 import torch
 
@@ -20,4 +21,4 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Fresh inputs per test, but reproducible from the test's name when a failure needs chasing.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

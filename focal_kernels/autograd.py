@@ -1,7 +1,7 @@
 """Autograd wiring: two Functions that compose into the FocalPO loss.
 
     SequenceLogps:  logits (B, T, V), labels  →  logps (B,)
-        forward  token_logps kernel (saves lse, O(B·T)) + sequence_sum kernel
+        forward  token_logps kernel (saves row max and log-sum-exp, O(B·T)) + sequence_sum kernel
         backward grad_scale = incoming (B,) gradient → logits_grad kernel
     FocalPOPairLoss: chosen_logps, rejected_logps (B,), refs  →  per-pair loss (B,)
         forward  pair-loss kernel, which also writes dℓ/dlogp per sequence
@@ -25,19 +25,19 @@ from .kernels.token_logps import token_logps_and_lse
 class SequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, inplace_backward):
-        token_logps, lse = token_logps_and_lse(logits, labels, ignore_index)
+        token_logps, row_max, log_sum_exp = token_logps_and_lse(logits, labels, ignore_index)
         logps = sequence_sum(token_logps)
-        ctx.save_for_backward(logits, labels, lse)
+        ctx.save_for_backward(logits, labels, row_max, log_sum_exp)
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        logits, labels, lse = ctx.saved_tensors
-        grad_scale = grad_logps.to(lse.dtype)
+        logits, labels, row_max, log_sum_exp = ctx.saved_tensors
+        grad_scale = grad_logps.to(row_max.dtype)
         out = logits if ctx.inplace_backward else None
-        grad_logits = logits_grad(logits, labels, lse, grad_scale, ctx.ignore_index, out=out)
+        grad_logits = logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ctx.ignore_index, out=out)
         return grad_logits, None, None, None
 
 

@@ -1,8 +1,8 @@
 """Backward: the gradient of Σ_b g_b · logp_b with respect to the logits, recomputing the softmax.
 
-Reads   logits x[b, t, :], labels y[b, t], the forward's lse[b, t] and one grad_scale g_b per sequence
-        (float32, float64 for float64 logits).
-Writes  grad[b, t, v] = g_b · m_t · (1[v = y_t] − exp(x[b, t, v] − lse[b, t]))  in the logits' dtype,
+Reads   logits x[b, t, :], labels y[b, t], the forward's row_max[b, t] and log_sum_exp[b, t]
+        (lse = row_max + log_sum_exp) and one grad_scale g_b per sequence (float32, float64 for float64 logits).
+Writes  grad[b, t, v] = g_b · m_t · (1[v = y_t] − exp((x[b, t, v] − row_max) − log_sum_exp))  in the logits' dtype,
         computed in float32 (float64), into `grad` (a fresh tensor, or the logits themselves in place).
 Rows whose label is ignore_index read no logits and write zeros; every element of `grad` is written.
 
@@ -21,7 +21,7 @@ from .config import gradient_config
 
 @triton.jit
 def logits_grad_kernel(
-    logits_ptr, labels_ptr, lse_ptr, grad_scale_ptr, grad_ptr,
+    logits_ptr, labels_ptr, row_max_ptr, log_sum_exp_ptr, grad_scale_ptr, grad_ptr,
     T, V, blocks_per_program,
     stride_logits_b, stride_logits_t,
     stride_labels_b, stride_labels_t,
@@ -35,8 +35,9 @@ def logits_grad_kernel(
     t = row % T
     label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
     scored = label != ignore_index
-    acc_dtype = lse_ptr.dtype.element_ty
-    lse = tl.load(lse_ptr + row)
+    acc_dtype = row_max_ptr.dtype.element_ty
+    row_max = tl.load(row_max_ptr + row)
+    log_sum_exp = tl.load(log_sum_exp_ptr + row)
     grad_scale = tl.where(scored, tl.load(grad_scale_ptr + b), 0.0).to(acc_dtype)
 
     row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
@@ -47,16 +48,16 @@ def logits_grad_kernel(
         cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
         in_row = cols < V
         x = tl.load(row_logits_ptr + cols, mask=cols < read_end, other=float("-inf")).to(acc_dtype)
-        probs = tl.exp(x - lse)
+        probs = tl.exp((x - row_max) - log_sum_exp)
         grad = grad_scale * (tl.where(cols == label, 1.0, 0.0) - probs)
         grad = tl.where(scored, grad, 0.0)
         tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def logits_grad(logits, labels, lse, grad_scale, ignore_index, out=None):
+def logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, out=None):
     """Write the logits' gradient into `out` (default: a new tensor shaped like `logits`) and return it.
 
-    grad_scale is (B,) in lse's dtype. `out`, when given, must have the logits' shape and dtype and
+    grad_scale is (B,) in row_max's dtype. `out`, when given, must have the logits' shape and dtype and
     stride(-1) == 1; passing `logits` itself computes the gradient in place.
     """
     batch, seq_len, vocab = logits.shape
@@ -68,7 +69,7 @@ def logits_grad(logits, labels, lse, grad_scale, ignore_index, out=None):
     block_v, num_warps, blocks_per_program = gradient_config(rows, vocab, logits.element_size())
     splits = triton.cdiv(triton.cdiv(vocab, block_v), blocks_per_program)
     logits_grad_kernel[(rows, splits)](
-        logits, labels, lse, grad_scale.contiguous(), out,
+        logits, labels, row_max, log_sum_exp, grad_scale.contiguous(), out,
         seq_len, vocab, blocks_per_program,
         logits.stride(0), logits.stride(1),
         labels.stride(0), labels.stride(1),

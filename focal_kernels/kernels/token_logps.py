@@ -2,9 +2,12 @@
 
 Reads   logits x[b, t, :] (float32 / bfloat16 / float16 / float64; any batch and time strides,
         last dimension contiguous) and labels y[b, t] (int32 / int64, any strides).
-Writes  token_logps[b, t] = x[b, t, y] − lse[b, t]   and   lse[b, t] = logsumexp_v x[b, t, v],
-        both (B, T) contiguous, in float32 (float64 for float64 logits).
-Rows whose label is ignore_index read no logits and write token_logps = 0, lse = 0.
+Writes  token_logps[b, t] = (x[b, t, y] − row_max) − log_sum_exp,   lse[b, t] = row_max + log_sum_exp,
+        with row_max = max_v x[b, t, v] and log_sum_exp = log Σ_v exp(x[b, t, v] − row_max); all three
+        (B, T) contiguous, in float32 (float64 for float64 logits). The backward uses row_max and
+        log_sum_exp separately: x − row_max is exact, where x − lse would lose lse's rounding (large at
+        logits of ±3e4).
+Rows whose label is ignore_index read no logits and write 0 everywhere.
 
 One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
 exponentials, so any V works and nothing of size V is stored. Offsets are int64.
@@ -21,7 +24,7 @@ from .config import reduction_config
 
 @triton.jit
 def token_logps_kernel(
-    logits_ptr, labels_ptr, token_logps_ptr, lse_ptr,
+    logits_ptr, labels_ptr, token_logps_ptr, row_max_ptr, log_sum_exp_ptr,
     T, V,
     stride_logits_b, stride_logits_t,
     stride_labels_b, stride_labels_t,
@@ -34,7 +37,7 @@ def token_logps_kernel(
     label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
     scored = label != ignore_index
     row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    acc_dtype = lse_ptr.dtype.element_ty
+    acc_dtype = row_max_ptr.dtype.element_ty
 
     # Ignored rows run the loop zero times: their logits are never read.
     vocab_end = tl.where(scored, V, 0)
@@ -48,31 +51,36 @@ def token_logps_kernel(
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
         running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
         running_max = new_max
-    # An all -inf row (or an ignored one) has lse = -inf; log(1) keeps log(0) out of the arithmetic.
-    lse = running_max + tl.log(tl.where(running_max == float("-inf"), 1.0, running_sum))
+    # A row of -inf (or an ignored one) has no finite max: shift by 0, so the log-prob is -inf, not nan.
+    row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
+    log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))
 
     safe_label = tl.where(scored, label, 0)
     target_logit = tl.load(row_logits_ptr + safe_label, mask=scored, other=0.0).to(acc_dtype)
-    token_logp = tl.where(scored, target_logit - lse, 0.0)
+    token_logp = tl.where(scored, (target_logit - row_max) - log_sum_exp, 0.0)
     tl.store(token_logps_ptr + row, token_logp)
-    tl.store(lse_ptr + row, tl.where(scored, lse, 0.0))
+    tl.store(row_max_ptr + row, tl.where(scored, row_max, 0.0))
+    tl.store(log_sum_exp_ptr + row, tl.where(scored, log_sum_exp, 0.0))
 
 
 def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """(token_logps, lse), each (B, T) contiguous in the compute dtype. `logits` must have stride(-1) == 1."""
+    """(token_logps, row_max, log_sum_exp), each (B, T) contiguous in the compute dtype; lse = the last two summed.
+
+    `logits` must have stride(-1) == 1."""
     batch, seq_len, vocab = logits.shape
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     token_logps = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
-    lse = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
+    row_max = torch.empty_like(token_logps)
+    log_sum_exp = torch.empty_like(token_logps)
     if batch * seq_len == 0:
-        return token_logps, lse
+        return token_logps, row_max, log_sum_exp
     block_v, num_warps = reduction_config(vocab, logits.element_size())
     token_logps_kernel[(batch * seq_len,)](
-        logits, labels, token_logps, lse,
+        logits, labels, token_logps, row_max, log_sum_exp,
         seq_len, vocab,
         logits.stride(0), logits.stride(1),
         labels.stride(0), labels.stride(1),
         ignore_index,
         BLOCK_V=block_v, num_warps=num_warps,
     )
-    return token_logps, lse
+    return token_logps, row_max, log_sum_exp

@@ -1,0 +1,247 @@
+"""The fused loss against the float64 reference: values, log-probs, rewards and both logits gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import focal_kernels as fk
+from helpers import (ACCUMULATED_TOL, DTYPES, GRAD_TOL, assert_close, compare_with_reference, loss_and_grads,
+                     random_labels, random_logits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [2, 37, 1000, 3001])
+def test_matches_reference_each_dtype_and_vocab(device, dtype, vocab):
+    chosen = random_logits(2, 5, vocab, dtype, device)
+    rejected = random_logits(2, 3, vocab, dtype, device)
+    compare_with_reference(chosen, rejected, random_labels(2, 5, vocab, device), random_labels(2, 3, vocab, device),
+                           beta=0.5, gamma=0.05)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.05, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_gamma_reduction_reference_logps(device, gamma, reduction, with_reference):
+    vocab = 513
+    chosen, rejected = random_logits(3, 4, vocab, torch.float32, device), random_logits(3, 6, vocab, torch.float32,
+                                                                                          device)
+    ref_c = ref_r = None
+    if with_reference:
+        ref_c = -30 * torch.rand(3, device=device)
+        ref_r = -30 * torch.rand(3, device=device)
+    out = compare_with_reference(chosen, rejected, random_labels(3, 4, vocab, device),
+                                 random_labels(3, 6, vocab, device), ref_c, ref_r,
+                                 beta=0.3, gamma=gamma, reduction=reduction)
+    assert out.loss.shape == (() if reduction != "none" else (3,))
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_focal_weight(device, detach):
+    vocab = 100
+    chosen, rejected = random_logits(2, 4, vocab, torch.float64, device), random_logits(2, 4, vocab, torch.float64,
+                                                                                          device)
+    labels_c, labels_r = random_labels(2, 4, vocab, device), random_labels(2, 4, vocab, device)
+    compare_with_reference(chosen, rejected, labels_c, labels_r, beta=0.05, gamma=2.0, detach_focal_weight=detach)
+    # The two options give the same loss but different gradients (γ > 0).
+    out_a, g_attached, _ = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r, beta=0.05, gamma=2.0)
+    out_d, g_detached, _ = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r, beta=0.05,
+                                          gamma=2.0, detach_focal_weight=True)
+    assert torch.equal(out_a.loss, out_d.loss)
+    assert (g_attached - g_detached).abs().max() > 1e-3 * g_attached.abs().max()
+
+
+def test_single_token_and_all_ignored_rows(device):
+    vocab = 77
+    chosen = random_logits(3, 1, vocab, torch.float32, device)
+    rejected = random_logits(3, 1, vocab, torch.float32, device)
+    labels_c = random_labels(3, 1, vocab, device, ignored_fraction=0.0)
+    labels_r = random_labels(3, 1, vocab, device, ignored_fraction=0.0)
+    labels_c[1] = -100  # the chosen sequence of pair 1 has no scored token
+    out = compare_with_reference(chosen, rejected, labels_c, labels_r, beta=0.1, gamma=0.05)
+    assert out.chosen_logps[1].item() == 0.0
+
+
+def test_fully_ignored_sequences_have_zero_logp_and_zero_grad(device):
+    vocab = 300
+    chosen = random_logits(2, 4, vocab, torch.bfloat16, device)
+    rejected = random_logits(2, 4, vocab, torch.bfloat16, device)
+    ignored = torch.full((2, 4), -100, dtype=torch.int64, device=device)
+    out, grad_c, grad_r = loss_and_grads(fk.focal_po_loss, chosen, rejected, ignored, ignored)
+    assert torch.equal(out.chosen_logps, torch.zeros(2, device=device))
+    assert torch.equal(out.rejected_logps, torch.zeros(2, device=device))
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - (-torch.log(torch.tensor(0.5)) * 0.5 ** 0.05).item()) < 1e-6
+    assert torch.equal(grad_c, torch.zeros_like(grad_c)) and torch.equal(grad_r, torch.zeros_like(grad_r))
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 7])
+def test_non_default_ignore_index(device, ignore_index):
+    """ignore_index may be a valid vocabulary id: tokens with that label are then not scored."""
+    vocab = 50
+    chosen, rejected = random_logits(2, 6, vocab, torch.float32, device), random_logits(2, 6, vocab, torch.float32,
+                                                                                          device)
+    labels_c = random_labels(2, 6, vocab, device, ignore_index=ignore_index)
+    labels_r = random_labels(2, 6, vocab, device, ignore_index=ignore_index)
+    labels_c[0, 0] = ignore_index
+    compare_with_reference(chosen, rejected, labels_c, labels_r, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_shifted_views_are_not_copied(device, dtype):
+    """HF-style shift: logits[:, :-1] with labels[:, 1:]; strided labels too."""
+    vocab = 1111
+    chosen = random_logits(2, 5, vocab, dtype, device, extra_time=1)
+    rejected = random_logits(2, 4, vocab, dtype, device, extra_time=1)
+    assert not chosen.is_contiguous()
+    labels_c = random_labels(2, 6, vocab, device)[:, 1:]
+    labels_r = random_labels(2, 5, vocab, device)[:, 1:]
+    compare_with_reference(chosen, rejected, labels_c, labels_r, beta=0.2)
+    # A view whose batch stride is not T·V (a slice over the vocabulary-major buffer) works too.
+    wide = random_logits(2, 4, vocab + 5, dtype, device)[:, :, :vocab]
+    compare_with_reference(wide, rejected, random_labels(2, 4, vocab, device), labels_r)
+
+
+def test_int32_labels(device):
+    vocab = 99
+    chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,
+                                                                                          device)
+    compare_with_reference(chosen, rejected, random_labels(2, 3, vocab, device, dtype=torch.int32),
+                           random_labels(2, 3, vocab, device, dtype=torch.int32))
+
+
+def test_gamma_zero_is_dpo(device):
+    vocab = 400
+    chosen, rejected = random_logits(4, 5, vocab, torch.float32, device), random_logits(4, 5, vocab, torch.float32,
+                                                                                          device)
+    labels_c, labels_r = random_labels(4, 5, vocab, device), random_labels(4, 5, vocab, device)
+    ref_c, ref_r = -20 * torch.rand(4, device=device), -20 * torch.rand(4, device=device)
+    out = fk.focal_po_loss(chosen, rejected, labels_c, labels_r, ref_c, ref_r, beta=0.1, gamma=0.0)
+    dpo = -F.logsigmoid(0.1 * ((out.chosen_logps - ref_c) - (out.rejected_logps - ref_r))).mean()
+    assert_close(out.loss, dpo, (1e-6, 1e-6), "DPO loss")
+
+
+def test_gradient_through_logps_only(device):
+    """An NLL term on out.chosen_logps alone must reach the chosen logits."""
+    vocab = 200
+    chosen = random_logits(2, 4, vocab, torch.float64, device).requires_grad_(True)
+    rejected = random_logits(2, 4, vocab, torch.float64, device).requires_grad_(True)
+    labels_c, labels_r = random_labels(2, 4, vocab, device), random_labels(2, 4, vocab, device)
+    out = fk.focal_po_loss(chosen, rejected, labels_c, labels_r)
+    (grad,) = torch.autograd.grad(-out.chosen_logps.sum(), [chosen])
+    chosen_ref = chosen.detach().clone().requires_grad_(True)
+    (grad_ref,) = torch.autograd.grad(-fk.reference.sequence_logps(chosen_ref, labels_c).sum(), [chosen_ref])
+    assert_close(grad, grad_ref, GRAD_TOL[torch.float64], "NLL gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extreme_logit_spread(device, dtype):
+    """Logits of ±3e4: the online logsumexp must neither overflow nor lose the target."""
+    vocab = 1500
+    chosen = random_logits(2, 3, vocab, dtype, device, scale=1e4).clamp(-3e4, 3e4)
+    rejected = random_logits(2, 3, vocab, dtype, device, scale=1e4).clamp(-3e4, 3e4)
+    labels_c, labels_r = random_labels(2, 3, vocab, device), random_labels(2, 3, vocab, device)
+    labels_c[0, 0] = int(chosen[0, 0].float().argmax())
+    out = compare_with_reference(chosen, rejected, labels_c, labels_r, beta=1e-4)
+    assert torch.isfinite(out.chosen_logps).all() and torch.isfinite(out.loss)
+
+
+def test_huge_margin_stays_finite(device):
+    """|z| up to 1e4: logsigmoid-based loss and gradient stay finite for every γ."""
+    vocab = 64
+    chosen = random_logits(2, 2, vocab, torch.float32, device)
+    rejected = random_logits(2, 2, vocab, torch.float32, device)
+    labels = random_labels(2, 2, vocab, device, ignored_fraction=0.0)
+    for gamma in (0.0, 0.05, 2.0):
+        for ref_shift in (1e5, -1e5):
+            ref_c = torch.tensor([ref_shift, -ref_shift], device=device)
+            out, grad_c, grad_r = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels, labels,
+                                                 ref_c, torch.zeros(2, device=device), beta=0.1, gamma=gamma,
+                                                 reduction="none", upstream=torch.ones(2, device=device))
+            ref = fk.reference.focal_po_loss(chosen.double(), rejected.double(), labels, labels, ref_c.double(),
+                                             torch.zeros(2, dtype=torch.float64, device=device), beta=0.1,
+                                             gamma=gamma, reduction="none")
+            assert torch.isfinite(out.loss).all() and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+            assert_close(out.loss, ref.loss, (1e-5, 1e-6), f"loss at |z|=1e4, gamma={gamma}")
+
+
+def test_nan_logits_give_nan_loss(device):
+    vocab = 100
+    chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,
+                                                                                          device)
+    labels = random_labels(2, 3, vocab, device, ignored_fraction=0.0)
+    chosen[1, 2, 17] = float("nan")
+    out = fk.focal_po_loss(chosen, rejected, labels, labels)
+    assert torch.isnan(out.loss)
+    assert torch.isnan(out.chosen_logps[1]) and torch.isfinite(out.chosen_logps[0])
+
+
+def test_nan_in_an_ignored_token_is_not_read(device):
+    vocab = 100
+    chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,
+                                                                                          device)
+    labels = random_labels(2, 3, vocab, device, ignored_fraction=0.0)
+    labels[1, 2] = -100
+    chosen[1, 2, :] = float("nan")
+    out, grad_c, _ = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels, labels)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad_c).all()
+    assert torch.equal(grad_c[1, 2], torch.zeros_like(grad_c[1, 2]))
+
+
+def test_sequence_logps_matches_reference(device):
+    vocab = 2049
+    for dtype in DTYPES:
+        logits = random_logits(3, 4, vocab, dtype, device, extra_time=1)
+        labels = random_labels(3, 4, vocab, device)
+        logps = fk.sequence_logps(logits, labels)
+        assert logps.shape == (3,)
+        assert_close(logps, fk.reference.sequence_logps(logits.double(), labels), ACCUMULATED_TOL[dtype], str(dtype))
+    with torch.no_grad():  # the reference-model use
+        assert not fk.sequence_logps(logits, labels).requires_grad
+
+
+def test_module_matches_functional(device):
+    vocab = 321
+    chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,
+                                                                                          device)
+    labels_c, labels_r = random_labels(2, 3, vocab, device), random_labels(2, 3, vocab, device)
+    module = fk.FocalPOLoss(beta=0.2, gamma=1.0, reduction="sum")
+    assert "gamma=1.0" in repr(module)
+    a = module(chosen, rejected, labels_c, labels_r)
+    b = fk.focal_po_loss(chosen, rejected, labels_c, labels_r, beta=0.2, gamma=1.0, reduction="sum")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_inplace_backward_gives_equal_gradients(device):
+    vocab = 700
+    for dtype in (torch.float32, torch.bfloat16):
+        chosen = random_logits(2, 4, vocab, dtype, device, extra_time=1)
+        rejected = random_logits(2, 3, vocab, dtype, device)
+        labels_c, labels_r = random_labels(2, 4, vocab, device), random_labels(2, 3, vocab, device)
+        _, expected_c, expected_r = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
+        # Logits produced by an op (as from lm_head), so the in-place gradient lands in that op's output.
+        base_c = chosen.detach().clone().requires_grad_(True)
+        base_r = rejected.detach().clone().requires_grad_(True)
+        logits_c, logits_r = base_c * 1, base_r * 1
+        out = fk.focal_po_loss(logits_c[:, :4], logits_r, labels_c, labels_r, inplace_backward=True)
+        total = out.loss + 0.01 * out.chosen_logps.sum() - 0.02 * out.rejected_logps.sum()
+        grad_c, grad_r = torch.autograd.grad(total, [base_c, base_r])
+        assert torch.equal(grad_c, expected_c) and torch.equal(grad_r, expected_r)
+        assert torch.equal(logits_r.detach(), grad_r), "the gradient was not written into the logits' storage"
+
+
+def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):
+    """Without the interpreter, CPU tensors take the PyTorch path: same results, same output types."""
+    vocab = 150
+    chosen, rejected = random_logits(2, 3, vocab, torch.bfloat16, "cpu"), random_logits(2, 3, vocab, torch.bfloat16,
+                                                                                          "cpu")
+    labels_c, labels_r = random_labels(2, 3, vocab, "cpu"), random_labels(2, 3, vocab, "cpu")
+    kernel_out, kernel_gc, kernel_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
+    from focal_kernels import backend
+    monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    torch_out, torch_gc, torch_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
+    for name in kernel_out._fields:
+        assert getattr(torch_out, name).dtype == getattr(kernel_out, name).dtype
+        assert_close(getattr(torch_out, name), getattr(kernel_out, name), (1e-5, 1e-6), name)
+    assert torch_gc.dtype == torch.bfloat16
+    assert_close(torch_gc, kernel_gc, (1.6e-2, 1e-5), "grad chosen")
+    assert_close(torch_gr, kernel_gr, (1.6e-2, 1e-5), "grad rejected")

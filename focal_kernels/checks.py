@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100):
-    """Logits (B, T, V) floating, labels (B, T) integer with values in [0, V) or == ignore_index."""
+def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100,
+                            check_values=True):
+    """Logits (B, T, V) floating, labels (B, T) integer with values in [0, V) or == ignore_index.
+
+    The label values are read last (a device sync); check_values=False leaves them to `check_label_values`."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, torch.Tensor):
@@ -34,7 +39,11 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
                          "they must be on the same device")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    vocab = logits.shape[2]
+    if check_values:
+        check_label_values(labels, logits.shape[2], labels_name=labels_name, ignore_index=ignore_index)
+
+
+def check_label_values(labels, vocab, *, labels_name="labels", ignore_index=-100):
     scored = labels != ignore_index
     out_of_range = scored & ((labels < 0) | (labels >= vocab))
     if labels.numel() and bool(out_of_range.any()):
@@ -47,12 +56,15 @@ def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, r
                *, beta, gamma, ignore_index, reduction):
     """Everything `focal_po_loss` takes, checked together."""
     check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits",
-                            labels_name="chosen_labels", ignore_index=ignore_index)
+                            labels_name="chosen_labels", ignore_index=ignore_index, check_values=False)
     check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
-                            labels_name="rejected_labels", ignore_index=ignore_index)
+                            labels_name="rejected_labels", ignore_index=ignore_index, check_values=False)
     check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
     check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
+    vocab = chosen_logits.shape[2]
+    check_label_values(chosen_labels, vocab, labels_name="chosen_labels", ignore_index=ignore_index)
+    check_label_values(rejected_labels, vocab, labels_name="rejected_labels", ignore_index=ignore_index)
 
 
 def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_device, what="logits"):
@@ -83,12 +95,16 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device):
 
 
 def check_loss_options(*, beta, gamma, reduction):
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
-        raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+    if not _is_real(beta) or not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not _is_real(gamma) or not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def reduce_loss(per_pair_loss, reduction):

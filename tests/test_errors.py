@@ -1,0 +1,88 @@
+"""Bad input gets a clear error naming the argument, raised before any kernel runs."""
+
+import pytest
+import torch
+
+import focal_kernels as fk
+
+
+def _inputs(device, batch=2, seq_len=3, vocab=10):
+    return dict(
+        chosen_logits=torch.randn(batch, seq_len, vocab, device=device),
+        rejected_logits=torch.randn(batch, seq_len + 1, vocab, device=device),
+        chosen_labels=torch.randint(0, vocab, (batch, seq_len), device=device),
+        rejected_labels=torch.randint(0, vocab, (batch, seq_len + 1), device=device),
+    )
+
+
+def _call(fn, device, **changes):
+    kwargs = _inputs(device)
+    kwargs.update(changes)
+    return fn(**kwargs)
+
+
+IMPLEMENTATIONS = [fk.focal_po_loss, fk.reference.focal_po_loss]
+
+
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS, ids=["kernels", "reference"])
+@pytest.mark.parametrize("changes, error, pattern", [
+    (lambda d: {"chosen_labels": torch.tensor([[0, 1, 10], [0, 1, 2]], device=d)}, ValueError,
+     r"chosen_labels must be in \[0, 10\).*found 10"),
+    (lambda d: {"rejected_labels": torch.tensor([[0, -5, 1, 2], [0, 1, 2, 3]], device=d)}, ValueError,
+     r"rejected_labels must be in \[0, 10\).*found -5"),
+    (lambda d: {"chosen_labels": torch.zeros(2, 4, dtype=torch.long, device=d)}, ValueError,
+     r"chosen_labels must have shape \(B, T\) = \(2, 3\)"),
+    (lambda d: {"rejected_logits": torch.randn(3, 4, 10, device=d),
+                "rejected_labels": torch.zeros(3, 4, dtype=torch.long, device=d)}, ValueError, r"same batch size"),
+    (lambda d: {"rejected_logits": torch.randn(2, 4, 11, device=d)}, ValueError, r"same last dimension"),
+    (lambda d: {"chosen_labels": torch.zeros(2, 3, device=d)}, TypeError, r"chosen_labels must be an int64 or int32"),
+    (lambda d: {"chosen_logits": torch.zeros(2, 3, 10, dtype=torch.long, device=d)}, TypeError,
+     r"chosen_logits must be a floating-point tensor"),
+    (lambda d: {"chosen_logits": torch.randn(2, 3, device=d)}, ValueError, r"chosen_logits must have shape \(B, T, V\)"),
+    (lambda d: {"gamma": -0.1}, ValueError, r"gamma must be a finite number >= 0"),
+    (lambda d: {"beta": 0.0}, ValueError, r"beta must be a finite number > 0"),
+    (lambda d: {"beta": -1.0}, ValueError, r"beta must be a finite number > 0"),
+    (lambda d: {"beta": float("nan")}, ValueError, r"beta must be a finite number > 0"),
+    (lambda d: {"gamma": float("inf")}, ValueError, r"gamma must be a finite number >= 0"),
+    (lambda d: {"ref_chosen_logps": torch.zeros(2, 1, device=d)}, ValueError,
+     r"ref_chosen_logps must have shape \(B,\) = \(2,\)"),
+    (lambda d: {"ref_rejected_logps": torch.zeros(3, device=d)}, ValueError, r"ref_rejected_logps must have shape"),
+    (lambda d: {"ref_rejected_logps": [0.0, 0.0]}, TypeError, r"ref_rejected_logps must be a torch.Tensor"),
+    (lambda d: {"reduction": "avg"}, ValueError, r"reduction must be one of"),
+    (lambda d: {"chosen_labels": torch.zeros(2, 3, dtype=torch.long, device="meta")}, ValueError,
+     r"chosen_labels is on meta"),
+    (lambda d: {"rejected_logits": torch.randn(2, 4, 10, device="meta"),
+                "rejected_labels": torch.zeros(2, 4, dtype=torch.long, device="meta")}, ValueError,
+     r"rejected_logits is on meta"),
+    (lambda d: {"ref_chosen_logps": torch.zeros(2, device="meta")}, ValueError, r"ref_chosen_logps is on meta"),
+    (lambda d: {"ignore_index": 1.5}, TypeError, r"ignore_index must be an int"),
+])
+def test_bad_input_raises_named_error(device, fn, changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        _call(fn, device, **changes(device))
+
+
+def test_errors_are_raised_before_any_kernel(device, monkeypatch):
+    from focal_kernels import autograd
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel ran before validation")
+
+    monkeypatch.setattr(autograd, "token_logps_and_lse", forbidden)
+    with pytest.raises(ValueError, match="chosen_labels must be in"):
+        _call(fk.focal_po_loss, device, chosen_labels=torch.full((2, 3), 99, device=device))
+
+
+def test_sequence_logps_errors(device):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        fk.sequence_logps(torch.randn(1, 2, 5, device=device), torch.tensor([[0, 5]], device=device))
+    with pytest.raises(ValueError, match=r"at least one sequence"):
+        fk.sequence_logps(torch.randn(0, 2, 5, device=device), torch.zeros(0, 2, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match=r"non-empty vocabulary"):
+        fk.sequence_logps(torch.randn(1, 2, 0, device=device), torch.zeros(1, 2, dtype=torch.long, device=device))
+
+
+def test_module_validates_options_at_call(device):
+    loss = fk.FocalPOLoss(gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        loss(**_inputs(device))

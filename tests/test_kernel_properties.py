@@ -1,0 +1,124 @@
+"""Properties of the kernels beyond matching values: gradcheck, every output element written, determinism,
+and what is kept for the backward."""
+
+import pytest
+import torch
+
+import focal_kernels as fk
+from focal_kernels.kernels.logits_grad import logits_grad
+from focal_kernels.kernels.pair_loss import focal_po_pair_loss
+from focal_kernels.kernels.token_logps import token_logps_and_lse
+from helpers import random_labels, random_logits
+
+
+def test_gradcheck_float64_through_the_kernels(device):
+    vocab = 11
+    chosen = random_logits(2, 3, vocab, torch.float64, device, scale=1.0).requires_grad_(True)
+    rejected = random_logits(2, 2, vocab, torch.float64, device, scale=1.0).requires_grad_(True)
+    labels_c, labels_r = random_labels(2, 3, vocab, device), random_labels(2, 2, vocab, device)
+    ref_c = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    ref_r = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    # (detach_focal_weight=True is not the derivative of the loss by design; the reference tests cover it.)
+    for gamma, reduction in ((0.0, "mean"), (0.05, "sum"), (2.0, "none")):
+        def fn(c, r, rc, rr):
+            out = fk.focal_po_loss(c, r, labels_c, labels_r, rc, rr, beta=0.7, gamma=gamma, reduction=reduction)
+            return out.loss, out.chosen_logps, out.rejected_logps
+        assert torch.autograd.gradcheck(fn, (chosen, rejected, ref_c, ref_r), eps=1e-6, atol=1e-8)
+
+
+def test_gradcheck_shifted_view(device):
+    vocab = 9
+    base = random_logits(2, 4, vocab, torch.float64, device, scale=1.0).requires_grad_(True)
+    labels = random_labels(2, 3, vocab, device)
+    assert torch.autograd.gradcheck(lambda x: fk.sequence_logps(x[:, :-1], labels), (base,), eps=1e-6, atol=1e-8)
+
+
+def _poisoned(monkeypatch):
+    """Make every torch.empty / empty_like return NaN-filled (or extreme-valued) memory."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_every_output_element_is_written(device, dtype, monkeypatch):
+    vocab = 1234  # not a multiple of any block size
+    chosen = random_logits(3, 5, vocab, dtype, device, extra_time=2)
+    rejected = random_logits(3, 4, vocab, dtype, device)
+    labels_c, labels_r = random_labels(3, 5, vocab, device), random_labels(3, 4, vocab, device)
+    labels_c[2] = -100
+    _poisoned(monkeypatch)
+    token_logps, row_max, log_sum_exp = token_logps_and_lse(chosen, labels_c, -100)
+    for t in (token_logps, row_max, log_sum_exp):
+        assert not torch.isnan(t).any()
+    grad = logits_grad(chosen, labels_c, row_max, log_sum_exp,
+                       torch.randn(3, dtype=row_max.dtype, device=device), -100)
+    assert not torch.isnan(grad).any()
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+    loss, d_c, d_r = focal_po_pair_loss(torch.randn(3, device=device), torch.randn(3, device=device), None, None,
+                                        beta=0.1, gamma=0.05, detach_focal_weight=False)
+    assert not (torch.isnan(loss).any() or torch.isnan(d_c).any() or torch.isnan(d_r).any())
+    out, = torch.autograd.grad(fk.focal_po_loss(chosen.requires_grad_(True), rejected, labels_c, labels_r).loss,
+                               [chosen])
+    assert not torch.isnan(out).any()
+
+
+def test_vocabulary_split_backward_matches_unsplit(device, monkeypatch):
+    """Few rows split the vocabulary over programs; the result must not depend on the split."""
+    from focal_kernels.kernels import config
+
+    vocab = 5000
+    logits = random_logits(1, 2, vocab, torch.float32, device).requires_grad_(True)
+    labels = random_labels(1, 2, vocab, device, ignored_fraction=0.0)
+    (split,) = torch.autograd.grad(fk.sequence_logps(logits, labels).sum(), [logits])
+    monkeypatch.setattr(config, "_MIN_PROGRAMS", 1)
+    (unsplit,) = torch.autograd.grad(fk.sequence_logps(logits, labels).sum(), [logits])
+    assert config.gradient_config(2, vocab, 4)[2] >= 2
+    assert torch.equal(split, unsplit)
+
+
+def test_bitwise_deterministic(device):
+    vocab = 3000
+    chosen, rejected = random_logits(4, 6, vocab, torch.bfloat16, device), random_logits(4, 5, vocab, torch.bfloat16,
+                                                                                          device)
+    labels_c, labels_r = random_labels(4, 6, vocab, device), random_labels(4, 5, vocab, device)
+    results = []
+    for _ in range(2):
+        c, r = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
+        out = fk.focal_po_loss(c, r, labels_c, labels_r, gamma=2.0)
+        grads = torch.autograd.grad(out.loss, [c, r])
+        results.append((out.loss, out.chosen_logps, out.rejected_logps, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_no_logits_sized_tensor_saved_for_backward(device):
+    """Only the caller's logits themselves may be saved at full size: no copy, no probabilities."""
+    batch, seq_len, vocab = 2, 8, 3001
+    chosen = random_logits(batch, seq_len, vocab, torch.bfloat16, device, extra_time=1).requires_grad_(False)
+    chosen_leaf = chosen.detach().requires_grad_(True)
+    rejected = random_logits(batch, seq_len, vocab, torch.bfloat16, device).requires_grad_(True)
+    labels_c, labels_r = random_labels(batch, seq_len, vocab, device), random_labels(batch, seq_len, vocab, device)
+    logits_size = batch * seq_len * vocab
+    input_storages = {chosen_leaf.untyped_storage().data_ptr(), rejected.untyped_storage().data_ptr()}
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fk.focal_po_loss(chosen_leaf, rejected, labels_c, labels_r)
+    assert saved, "nothing was saved: the hook did not see the Function"
+    for numel, storage in saved:
+        assert numel < logits_size or storage in input_storages, f"a tensor of {numel} elements was saved"
+    assert sum(n for n, s in saved if s not in input_storages) <= 16 * batch * seq_len
+    out.loss.backward()

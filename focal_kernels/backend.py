@@ -3,6 +3,8 @@
 CUDA tensors always run the Triton kernels. CPU tensors run them through Triton's interpreter when
 TRITON_INTERPRET=1 was set before triton was imported (that is how the tests reach the kernels without a
 GPU); otherwise they run `focal_kernels.reference`, which gives the same results with more memory.
+Importing focal_kernels does not import triton; the kernel modules load on first use, so the variable
+may be set after `import focal_kernels` as long as triton itself was not imported yet.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from . import backend, reference
-from .autograd import FocalPOPairLoss, SequenceLogps
 from .checks import check_logits_and_labels, check_pair, reduce_loss
 from .output import PreferenceLossOutput
 
@@ -14,6 +13,8 @@ def _sequence_logps(logits, labels, ignore_index, inplace_backward):
     """Unchecked: (B,) log-probs through the kernels, or the reference on a plain CPU."""
     if not backend.use_triton(logits):
         return reference.token_logps(logits, labels, ignore_index).sum(-1)
+    from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
+
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     return SequenceLogps.apply(logits, labels, ignore_index, inplace_backward)
@@ -27,6 +28,8 @@ def _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logp
     if not backend.use_triton(chosen_logps):
         return reference.focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                             beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
+    from .autograd import FocalPOPairLoss
+
     return FocalPOPairLoss.apply(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                  float(beta), float(gamma), bool(detach_focal_weight))
 

@@ -1,0 +1,392 @@
+"""The logit-free path: FocalPO from final hidden states and the lm_head weight, never materializing logits.
+
+    logits[n, v] = hidden[n] · W[v] (+ bias[v])        for the N scored tokens n (label ≠ ignore_index)
+    logp_b       = Σ_{n in b} (logits[n, y_n] − logsumexp_v logits[n, v])
+
+Forward   the scored rows of chosen and rejected are gathered into one (N, H) matrix (ignored tokens cost no
+          FLOPs). The vocabulary is walked in chunks [v0, v1): one GEMM gives the (N, v1 − v0) logits, and
+          the chunk_lse_update kernel folds them into a running max / sum of exponentials per token and picks
+          up the label's logit when it falls in the chunk. Per-token log-probs are scattered into a zero
+          (B, T) tensor and summed per sequence by the sequence_sum kernel (deterministic).
+Backward  with g_n the incoming gradient of token n's sequence, each chunk's logits are recomputed and
+          the chunk_logits_grad kernel overwrites them with G = g_n · (1[v = y_n] − exp(x − lse_n)); then
+              grad_W[v0:v1] = Gᵀ · hidden   (one GEMM written straight into that slice of grad_W)
+              grad_b[v0:v1] = Σ_n G
+              grad_hidden  += G · W[v0:v1]   (into an (N, H) float32 buffer, float64 for float64)
+          and grad_hidden is scattered back into a zero (B, T, H) gradient in the hidden states' dtype.
+
+Memory: besides the inputs and the gradients themselves, one chunk of logits (N × chunk), the gathered rows
+(N × H) and O(N) per-token values; nothing scales with B·T·V. Only the inputs, the valid-row index, the
+int64 labels of those rows and lse (O(tokens)) are saved for the backward.
+
+The chunk GEMMs run in the inputs' dtype (cuBLAS accumulates in float32 and rounds its output to bfloat16 /
+float16), so the logits the kernels see are exactly what `hidden @ W.T` gives; the kernels then compute in
+float32. grad_W and grad_b are each written once per slice by a GEMM / reduction that accumulates in
+float32: no low-precision running sum across chunks.
+
+Chosen and rejected go through one autograd Function call, so every chunk of W is read once per pass and
+grad_W is written once, instead of two weight-sized gradients being added by autograd.
+
+Without Triton (a CPU without TRITON_INTERPRET=1) the same chunked Function runs with PyTorch versions of
+the two per-chunk kernels: the same memory bound, the same results up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backend
+from .checks import check_label_values, check_loss_options, check_pair_shapes, check_reference_logps
+from .loss import preference_output
+from .output import PreferenceLossOutput
+from .reference import compute_dtype
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# The default chunk keeps one chunk of logits under this many bytes, in multiples of _CHUNK_MULTIPLE rows of W.
+_CHUNK_BYTES = 128 * 2**20
+_CHUNK_MULTIPLE = 256
+
+
+def default_chunk_size(rows: int, vocab: int, element_size: int) -> int:
+    """Vocabulary rows per chunk: the widest multiple of 256 whose (rows × chunk) logits fit in 128 MiB.
+
+    At least 256 (so the GEMMs stay efficient however many tokens there are), at most the vocabulary.
+    """
+    fit = _CHUNK_BYTES // (max(rows, 1) * element_size)
+    chunk = max(_CHUNK_MULTIPLE, fit // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE)
+    return min(chunk, vocab)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def check_linear(weight, bias, *, weight_name="weight", bias_name="bias"):
+    """weight (V, H) floating with V >= 1; bias None or (V,) with the weight's dtype and device."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{weight_name} must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must have shape (V, H), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must have a non-empty vocabulary (V >= 1), got shape {tuple(weight.shape)}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{bias_name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} must have the dtype of {weight_name} ({weight.dtype}), got {bias.dtype}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
+
+
+def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", labels_name="labels",
+                            weight_name="weight", ignore_index=-100, check_values=True):
+    """hidden (B, T, H) with the weight's dtype, device and H; labels (B, T) int in [0, V) or ignore_index.
+
+    The weight must already have passed `check_linear`. The label values are read last (a device sync);
+    check_values=False leaves them to `check_label_values`.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{labels_name} must be an int64 or int32 tensor, got {labels.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"{hidden_name} must have shape (B, T, H), got {tuple(hidden.shape)}")
+    if hidden.shape[0] == 0:
+        raise ValueError(f"{hidden_name} must have at least one sequence (B >= 1), got shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} is on {weight.device}; "
+                         "they must be on the same device")
+    if hidden.shape[2] != weight.shape[1]:
+        raise ValueError(f"{hidden_name} has hidden size H = {hidden.shape[2]} but {weight_name} has shape "
+                         f"{tuple(weight.shape)}; it must be (V, {hidden.shape[2]})")
+    if tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"{labels_name} must have shape (B, T) = {tuple(hidden.shape[:2])} to match "
+                         f"{hidden_name} of shape {tuple(hidden.shape)}, got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"{labels_name} is on {labels.device} but {hidden_name} is on {hidden.device}; "
+                         "they must be on the same device")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if check_values:
+        check_label_values(labels, weight.shape[0], labels_name=labels_name, ignore_index=ignore_index)
+
+
+def check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+
+
+# ------------------------------------------------------------------------- per-chunk operations, two backends
+
+def _kernels(use_triton):
+    """(chunk_lse_update, chunk_logits_grad_, sequence_sum): the Triton kernels, imported on first use so that
+    importing focal_kernels does not import triton (see backend.py), or their PyTorch twins."""
+    if not use_triton:
+        return _chunk_lse_update_torch, _chunk_logits_grad_torch, lambda token_logps: token_logps.sum(dim=1)
+    from .kernels.chunk_logits_grad import chunk_logits_grad_
+    from .kernels.chunk_lse_update import chunk_lse_update
+    from .kernels.sequence_sum import sequence_sum
+
+    return chunk_lse_update, chunk_logits_grad_, sequence_sum
+
+
+def _chunk_lse_update_torch(logits_chunk, labels, vocab_start, running_max, running_sum, target_logits):
+    """PyTorch twin of kernels.chunk_lse_update (chunk-sized temporaries)."""
+    if logits_chunk.shape[0] == 0:
+        return
+    x = logits_chunk.to(running_sum.dtype)
+    new_max = torch.maximum(running_max, x.amax(dim=1))
+    safe_max = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
+    running_sum.mul_(torch.exp(running_max - safe_max)).add_(torch.exp(x - safe_max[:, None]).sum(dim=1))
+    running_max.copy_(new_max)
+    local_label = labels - vocab_start
+    in_chunk = (local_label >= 0) & (local_label < x.shape[1])
+    picked = x.gather(1, local_label.clamp(0, x.shape[1] - 1)[:, None]).squeeze(1)
+    target_logits.copy_(torch.where(in_chunk, picked, target_logits))
+
+
+def _chunk_logits_grad_torch(logits_chunk, labels, vocab_start, lse, grad_scale):
+    """PyTorch twin of kernels.chunk_logits_grad (chunk-sized temporaries)."""
+    x = logits_chunk.to(lse.dtype)
+    columns = torch.arange(vocab_start, vocab_start + x.shape[1], device=x.device)
+    one_hot = (columns[None, :] == labels[:, None]).to(x.dtype)
+    logits_chunk.copy_(grad_scale[:, None] * (one_hot - torch.exp(x - lse[:, None])))
+    return logits_chunk
+
+
+def _chunk_logits(hidden_rows, weight, bias, start, stop):
+    """(N, stop − start) logits of vocabulary rows [start, stop), in the inputs' dtype, contiguous."""
+    weight_chunk = weight[start:stop]
+    if bias is None:
+        return torch.mm(hidden_rows, weight_chunk.t())
+    return torch.addmm(bias[start:stop], hidden_rows, weight_chunk.t())
+
+
+# ------------------------------------------------------------------------------------- row bookkeeping
+
+def _scored_positions(labels, ignore_index):
+    """Flat indices t + T·b of the scored tokens, ascending."""
+    return (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
+
+
+def _sequence_of_rows(positions, seq_len):
+    """The sequence b of each flat position t + T·b."""
+    return torch.div(positions, max(seq_len, 1), rounding_mode="floor")
+
+
+def _gather_rows(hiddens, positions, total_rows):
+    """The scored rows of every hidden tensor, stacked in order into one (N, H) tensor."""
+    first = hiddens[0]
+    rows = torch.empty((total_rows, first.shape[2]), dtype=first.dtype, device=first.device)
+    start = 0
+    for hidden, index in zip(hiddens, positions):
+        stop = start + index.numel()
+        batch, seq_len, _ = hidden.shape
+        if batch == 1 or seq_len == 1 or hidden.stride(0) == seq_len * hidden.stride(1):
+            torch.index_select(hidden.flatten(0, 1), 0, index, out=rows[start:stop])  # a view: no copy of hidden
+        else:  # e.g. a shifted view hidden[:, :-1]
+            sequence = _sequence_of_rows(index, seq_len)
+            rows[start:stop] = hidden[sequence, index - sequence * seq_len]
+        start = stop
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- autograd
+
+class FusedLinearSequenceLogps(torch.autograd.Function):
+    """(weight, bias, ignore_index, chunk_size, hidden_1, labels_1, hidden_2, labels_2, ...) → (logps_1, ...).
+
+    Each hidden_k is (B_k, T_k, H) with labels_k (B_k, T_k); logps_k is (B_k,) in float32 (float64 for
+    float64). All groups share one chunked pass over the vocabulary. Inputs are assumed checked.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, ignore_index, chunk_size, *hidden_and_labels):
+        hiddens, labels = hidden_and_labels[0::2], hidden_and_labels[1::2]
+        use_triton = backend.use_triton(weight)
+        chunk_lse_update, _, sequence_sum = _kernels(use_triton)
+        acc_dtype = compute_dtype(weight.dtype)
+        device = weight.device
+        vocab = weight.shape[0]
+
+        positions = [_scored_positions(lab, ignore_index) for lab in labels]
+        total_rows = sum(index.numel() for index in positions)
+        if chunk_size is None:
+            chunk_size = default_chunk_size(total_rows, vocab, weight.element_size())
+        hidden_rows = _gather_rows(hiddens, positions, total_rows)
+        row_labels = torch.cat([lab.reshape(-1)[index].to(torch.int64) for lab, index in zip(labels, positions)])
+
+        running_max = torch.full((total_rows,), -math.inf, dtype=acc_dtype, device=device)
+        running_sum = torch.zeros((total_rows,), dtype=acc_dtype, device=device)
+        target_logits = torch.zeros((total_rows,), dtype=acc_dtype, device=device)
+        if total_rows:
+            for start in range(0, vocab, chunk_size):
+                stop = min(start + chunk_size, vocab)
+                logits_chunk = _chunk_logits(hidden_rows, weight, bias, start, stop)
+                chunk_lse_update(logits_chunk, row_labels, start, running_max, running_sum, target_logits)
+                del logits_chunk
+        del hidden_rows
+        lse = running_max + torch.log(running_sum)
+        row_logps = target_logits - lse
+
+        outputs = []
+        start = 0
+        for hidden, index in zip(hiddens, positions):
+            stop = start + index.numel()
+            token_logps = torch.zeros(hidden.shape[:2], dtype=acc_dtype, device=device)
+            token_logps.view(-1).index_copy_(0, index, row_logps[start:stop])
+            outputs.append(sequence_sum(token_logps))
+            start = stop
+
+        ctx.save_for_backward(weight, bias, lse, row_labels, *hiddens, *positions)
+        ctx.chunk_size = chunk_size
+        ctx.groups = len(hiddens)
+        ctx.use_triton = use_triton
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_logps):
+        weight, bias, lse, row_labels, *rest = ctx.saved_tensors
+        hiddens, positions = rest[:ctx.groups], rest[ctx.groups:]
+        needs_weight, needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_hidden = [ctx.needs_input_grad[4 + 2 * k] for k in range(ctx.groups)]
+        acc_dtype, device, vocab = lse.dtype, weight.device, weight.shape[0]
+        total_rows = lse.numel()
+
+        grad_scale = torch.cat([grad.to(acc_dtype)[_sequence_of_rows(index, hidden.shape[1])]
+                                for grad, hidden, index in zip(grad_logps, hiddens, positions)])
+        hidden_rows = _gather_rows(hiddens, positions, total_rows)
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if needs_weight else None
+        grad_bias = torch.empty((vocab,), dtype=bias.dtype, device=device) if needs_bias else None
+        grad_hidden_rows = None
+        if any(needs_hidden):
+            grad_hidden_rows = torch.zeros((total_rows, weight.shape[1]), dtype=acc_dtype, device=device)
+        _, chunk_logits_grad_, _ = _kernels(ctx.use_triton)
+
+        for start in range(0, vocab, ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, vocab)
+            grad_chunk = chunk_logits_grad_(_chunk_logits(hidden_rows, weight, bias, start, stop),
+                                      row_labels, start, lse, grad_scale)
+            if needs_weight:
+                torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
+            if needs_bias:
+                torch.sum(grad_chunk, dim=0, out=grad_bias[start:stop])
+            if grad_hidden_rows is not None:
+                if grad_chunk.dtype == acc_dtype:
+                    grad_hidden_rows.addmm_(grad_chunk, weight[start:stop])
+                else:  # bfloat16 / float16: the GEMM accumulates in float32, its rounded output is added in float32
+                    grad_hidden_rows.add_(torch.mm(grad_chunk, weight[start:stop]))
+            del grad_chunk
+        del hidden_rows
+
+        grads = []
+        start = 0
+        for hidden, index, needed in zip(hiddens, positions, needs_hidden):
+            stop = start + index.numel()
+            grad_hidden = None
+            if needed:
+                grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device)
+                scored_rows = grad_hidden_rows[start:stop].to(hidden.dtype)
+                grad_hidden.view(-1, hidden.shape[2]).index_copy_(0, index, scored_rows)
+            grads += [grad_hidden, None]
+            start = stop
+        return (grad_weight, grad_bias, None, None, *grads)
+
+
+# ------------------------------------------------------------------------------------------- public API
+
+def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                bias: torch.Tensor | None = None, ignore_index: int = -100,
+                                chunk_size: int | None = None) -> torch.Tensor:
+    """(B,) Σ_t log softmax(hidden[b, t] · Wᵀ + bias)[labels[b, t]] over the tokens not labelled ignore_index.
+
+    hidden (B, T, H) and weight (V, H) of one dtype (float32/bfloat16/float16/float64), bias (V,) or None,
+    labels (B, T) int64/int32 aligned with hidden. The logits are never materialized: the vocabulary is
+    processed chunk_size rows at a time (None: chosen from the shapes, see `default_chunk_size`). Returns
+    float32 (float64 for float64), differentiable with respect to hidden, weight and bias.
+    """
+    check_linear(weight, bias)
+    check_hidden_and_labels(hidden, labels, weight, ignore_index=ignore_index, check_values=False)
+    check_chunk_size(chunk_size)
+    check_label_values(labels, weight.shape[0], ignore_index=ignore_index)
+    (logps,) = FusedLinearSequenceLogps.apply(weight, bias, ignore_index, chunk_size, hidden, labels)
+    return logps
+
+
+def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+                               chosen_labels: torch.Tensor, rejected_labels: torch.Tensor,
+                               ref_chosen_logps: torch.Tensor | None = None,
+                               ref_rejected_logps: torch.Tensor | None = None,
+                               *, bias: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.05,
+                               ignore_index: int = -100, reduction: str = "mean", detach_focal_weight: bool = False,
+                               chunk_size: int | None = None) -> PreferenceLossOutput:
+    """`focal_po_loss` on the logits hidden · Wᵀ + bias, without ever materializing them.
+
+    chosen_hidden (B, T, H) and rejected_hidden (B, T2, H): final hidden states aligned with chosen_labels
+    (B, T) and rejected_labels (B, T2) (shift before calling: `hidden[:, :-1]` with `labels[:, 1:]`).
+    weight (V, H) the lm_head weight, bias (V,) or None. chunk_size: vocabulary rows per chunk (None: from
+    the shapes). The other arguments and the output are those of `focal_po_loss`; gradients reach both
+    hidden states, the weight and the bias.
+    """
+    check_linear(weight, bias)
+    check_hidden_and_labels(chosen_hidden, chosen_labels, weight, hidden_name="chosen_hidden",
+                            labels_name="chosen_labels", ignore_index=ignore_index, check_values=False)
+    check_hidden_and_labels(rejected_hidden, rejected_labels, weight, hidden_name="rejected_hidden",
+                            labels_name="rejected_labels", ignore_index=ignore_index, check_values=False)
+    check_pair_shapes(chosen_hidden.shape, rejected_hidden.shape, chosen_hidden.device, rejected_hidden.device,
+                      what="hidden")
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_hidden.shape[0], chosen_hidden.device)
+    check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
+    check_chunk_size(chunk_size)
+    check_label_values(chosen_labels, weight.shape[0], labels_name="chosen_labels", ignore_index=ignore_index)
+    check_label_values(rejected_labels, weight.shape[0], labels_name="rejected_labels", ignore_index=ignore_index)
+    chosen_logps, rejected_logps = FusedLinearSequenceLogps.apply(
+        weight, bias, ignore_index, chunk_size, chosen_hidden, chosen_labels, rejected_hidden, rejected_labels)
+    return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+
+
+class FusedLinearFocalPOLoss(torch.nn.Module):
+    """Module form of `fused_linear_focal_po_loss`: the options at construction, the tensors (the lm_head's
+    weight and bias included) at call."""
+
+    def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
+                 reduction: str = "mean", detach_focal_weight: bool = False, chunk_size: int | None = None):
+        super().__init__()
+        self.beta = beta
+        self.gamma = gamma
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.detach_focal_weight = detach_focal_weight
+        self.chunk_size = chunk_size
+
+    def forward(self, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                ref_chosen_logps=None, ref_rejected_logps=None, bias=None) -> PreferenceLossOutput:
+        return fused_linear_focal_po_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                                          ref_chosen_logps, ref_rejected_logps, bias=bias,
+                                          beta=self.beta, gamma=self.gamma, ignore_index=self.ignore_index,
+                                          reduction=self.reduction, detach_focal_weight=self.detach_focal_weight,
+                                          chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, gamma={self.gamma}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, detach_focal_weight={self.detach_focal_weight}, "
+                f"chunk_size={self.chunk_size}")

@@ -1,0 +1,320 @@
+"""The logit-free path (hidden states + lm_head weight) against the float64 reference on materialized logits."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import focal_kernels as fk
+from focal_kernels import backend, fused_linear
+from focal_kernels.fused_linear import (FusedLinearFocalPOLoss, default_chunk_size, fused_linear_focal_po_loss,
+                                        fused_linear_sequence_logps)
+
+IGNORE = -100
+
+# (loss and log-probs atol, gradient tolerance relative to the largest reference gradient entry)
+# The chunk GEMMs round the logits to the inputs' dtype (as a model's lm_head would), the reference does not:
+# half-precision errors are dominated by that rounding (about 5e-3 relative for bfloat16).
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 2e-6),
+    torch.float16: (5e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def make_inputs(batch=2, seq_len=5, rejected_len=4, hidden_size=16, vocab=37, dtype=torch.float32,
+                bias=True, ref=True, device=DEVICE):
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    chosen_labels = torch.randint(0, vocab, (batch, seq_len), device=device)
+    rejected_labels = torch.randint(0, vocab, (batch, rejected_len), device=device)
+    chosen_labels[:, 0] = IGNORE  # a prompt token
+    rejected_labels[-1, -1] = IGNORE
+    return dict(
+        chosen_hidden=leaf(batch, seq_len, hidden_size),
+        rejected_hidden=leaf(batch, rejected_len, hidden_size),
+        weight=leaf(vocab, hidden_size, scale=hidden_size ** -0.5),
+        bias=leaf(vocab, scale=0.5) if bias else None,
+        chosen_labels=chosen_labels,
+        rejected_labels=rejected_labels,
+        ref_chosen_logps=(-20 * torch.rand(batch, device=device)) if ref else None,
+        ref_rejected_logps=(-20 * torch.rand(batch, device=device)) if ref else None,
+    )
+
+
+def differentiable(inputs):
+    return [inputs[name] for name in ("chosen_hidden", "rejected_hidden", "weight", "bias")
+            if inputs[name] is not None]
+
+
+def fused(inputs, **options):
+    return fused_linear_focal_po_loss(
+        inputs["chosen_hidden"], inputs["rejected_hidden"], inputs["weight"],
+        inputs["chosen_labels"], inputs["rejected_labels"], inputs["ref_chosen_logps"],
+        inputs["ref_rejected_logps"], bias=inputs["bias"], **options)
+
+
+def reference(inputs, **options):
+    """fk.reference.focal_po_loss on float64 logits hidden @ W.T + bias, materialized."""
+    chosen, rejected, weight = (inputs[k].detach().double().requires_grad_()
+                                for k in ("chosen_hidden", "rejected_hidden", "weight"))
+    bias = None if inputs["bias"] is None else inputs["bias"].detach().double().requires_grad_()
+
+    def logits(hidden):
+        return hidden @ weight.T + (0 if bias is None else bias)
+
+    out = fk.reference.focal_po_loss(logits(chosen), logits(rejected), inputs["chosen_labels"],
+                                     inputs["rejected_labels"], inputs["ref_chosen_logps"],
+                                     inputs["ref_rejected_logps"], **options)
+    leaves = [chosen, rejected, weight] + ([] if bias is None else [bias])
+    return out, leaves
+
+
+def assert_matches_reference(inputs, dtype, *, chunk_size, **options):
+    value_atol, grad_rtol = TOLERANCES[dtype]
+    out = fused(inputs, chunk_size=chunk_size, **options)
+    expected, leaves = reference(inputs, **options)
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+        got, want = getattr(out, name), getattr(expected, name)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        torch.testing.assert_close(got.double(), want, atol=value_atol, rtol=value_atol, msg=name)
+
+    # The loss plus an extra term on the log-probs (an NLL, say): both gradients must arrive.
+    def objective(result):
+        extra = 1e-2 * result.chosen_logps.sum() - 3e-3 * result.rejected_logps.sum()
+        return result.loss.sum() + extra
+
+    grads = torch.autograd.grad(objective(out), differentiable(inputs))
+    expected_grads = torch.autograd.grad(objective(expected), leaves)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == dtype
+        tol = grad_rtol * max(want.abs().max().item(), 1e-3)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias, ref", [(True, True), (False, False)])
+def test_matches_reference(dtype, bias, ref):
+    inputs = make_inputs(dtype=dtype, bias=bias, ref=ref)
+    assert_matches_reference(inputs, dtype, chunk_size=8)  # 37 = 4·8 + 5: a ragged last chunk
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 36, 37, 64, None])
+def test_chunk_sizes(chunk_size):
+    inputs = make_inputs(vocab=11 if chunk_size == 1 else 37, dtype=torch.float64, seq_len=3, rejected_len=2)
+    assert_matches_reference(inputs, torch.float64, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("gamma, detach_focal_weight", [(0.0, False), (0.5, True)])
+def test_options(reduction, gamma, detach_focal_weight):
+    inputs = make_inputs(dtype=torch.float64, seq_len=3, rejected_len=3)
+    assert_matches_reference(inputs, torch.float64, chunk_size=16, beta=0.5, gamma=gamma, reduction=reduction,
+                             detach_focal_weight=detach_focal_weight)
+
+
+def test_gradcheck():
+    inputs = make_inputs(batch=2, seq_len=3, rejected_len=2, hidden_size=3, vocab=7, dtype=torch.float64)
+    labels_and_refs = {k: inputs[k] for k in ("chosen_labels", "rejected_labels",
+                                               "ref_chosen_logps", "ref_rejected_logps")}
+
+    def loss(chosen_hidden, rejected_hidden, weight, bias):
+        return fused(dict(labels_and_refs, chosen_hidden=chosen_hidden, rejected_hidden=rejected_hidden,
+                          weight=weight, bias=bias), chunk_size=3, gamma=0.5).loss
+
+    assert torch.autograd.gradcheck(loss, differentiable(inputs), fast_mode=True)
+
+
+def test_sequence_logps_alone():
+    """The (B,) log-probs on their own, from a shifted (non-contiguous) hidden view and int32 labels."""
+    batch, seq_len, hidden_size, vocab = 3, 5, 8, 29
+    states = torch.randn(batch, seq_len + 1, hidden_size, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(vocab, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq_len + 1), device=DEVICE, dtype=torch.int32)
+    labels[1, :3] = IGNORE
+    hidden, targets = states[:, :-1], labels[:, 1:]
+    assert not hidden.is_contiguous()
+
+    logps = fused_linear_sequence_logps(hidden, weight, targets, bias=bias, chunk_size=6)
+    expected = fk.reference.sequence_logps(hidden @ weight.T + bias, targets)
+    torch.testing.assert_close(logps, expected, atol=1e-12, rtol=1e-12)
+
+    upstream = torch.randn(batch, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad(logps, (states, weight, bias), upstream)
+    expected_grads = torch.autograd.grad(expected, (states, weight, bias), upstream)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_ignored_tokens():
+    """An all-ignored sequence has logp 0 and zero gradient; ignored positions' hidden states are never read."""
+    inputs = make_inputs(batch=3, dtype=torch.float64, seq_len=4, rejected_len=3)
+    inputs["chosen_labels"][1] = IGNORE
+    inputs["rejected_labels"][2] = IGNORE
+    assert_matches_reference(inputs, torch.float64, chunk_size=10)
+
+    out = fused(inputs, chunk_size=10)
+    assert out.chosen_logps[1].item() == 0.0 and out.rejected_logps[2].item() == 0.0
+    grad_chosen, grad_rejected = torch.autograd.grad(out.loss, (inputs["chosen_hidden"], inputs["rejected_hidden"]))
+    assert not grad_chosen[1].any() and not grad_rejected[2].any()
+    assert not grad_chosen[:, 0].any()  # the prompt positions
+
+    # Poisoning every ignored position changes nothing, bit for bit.
+    poisoned = dict(inputs)
+    for side in ("chosen", "rejected"):
+        hidden = inputs[f"{side}_hidden"].detach().clone()
+        hidden[inputs[f"{side}_labels"] == IGNORE] = math.nan
+        poisoned[f"{side}_hidden"] = hidden.requires_grad_()
+    again = fused(poisoned, chunk_size=10)
+    assert torch.equal(again.loss, out.loss)
+    assert all(torch.equal(a, b) for a, b in zip(
+        torch.autograd.grad(again.loss, differentiable(poisoned)),
+        torch.autograd.grad(fused(inputs, chunk_size=10).loss, differentiable(inputs))))
+
+
+def test_everything_ignored():
+    inputs = make_inputs(dtype=torch.float64, ref=False, seq_len=3, rejected_len=2)
+    inputs["chosen_labels"].fill_(IGNORE)
+    inputs["rejected_labels"].fill_(IGNORE)
+    out = fused(inputs, chunk_size=5, gamma=0.0)
+    assert not out.chosen_logps.any() and not out.rejected_logps.any()
+    torch.testing.assert_close(out.loss, torch.tensor(math.log(2.0), dtype=torch.float64, device=DEVICE))
+    for grad in torch.autograd.grad(out.loss, differentiable(inputs)):
+        assert not grad.any()
+
+
+def test_frozen_weight_and_single_group_gradients():
+    """Only the inputs that need a gradient get one (a frozen lm_head, no bias gradient)."""
+    inputs = make_inputs(dtype=torch.float64, seq_len=3, rejected_len=3)
+    inputs["weight"].requires_grad_(False)
+    inputs["bias"].requires_grad_(False)
+    out = fused(inputs, chunk_size=16)
+    expected, leaves = reference(inputs)
+    grads = torch.autograd.grad(out.loss, (inputs["chosen_hidden"], inputs["rejected_hidden"]))
+    expected_grads = torch.autograd.grad(expected.loss, leaves[:2])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_module_form():
+    inputs = make_inputs(dtype=torch.float64, seq_len=3, rejected_len=3)
+    module = FusedLinearFocalPOLoss(beta=0.2, gamma=0.3, reduction="sum", chunk_size=9)
+    assert "chunk_size=9" in repr(module)
+    out = module(inputs["chosen_hidden"], inputs["rejected_hidden"], inputs["weight"], inputs["chosen_labels"],
+                 inputs["rejected_labels"], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
+                 bias=inputs["bias"])
+    direct = fused(inputs, beta=0.2, gamma=0.3, reduction="sum", chunk_size=9)
+    assert torch.equal(out.loss, direct.loss)
+    assert torch.equal(out.chosen_logps, direct.chosen_logps)
+
+
+def test_deterministic():
+    inputs = make_inputs(batch=3, dtype=torch.float32, seq_len=6, rejected_len=4, vocab=53)
+
+    def run():
+        out = fused(inputs, chunk_size=16)
+        return [out.loss, out.chosen_logps, out.rejected_logps,
+                *torch.autograd.grad(out.loss, differentiable(inputs))]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_torch_fallback(monkeypatch):
+    """Without Triton the same chunked Function runs PyTorch versions of the two kernels."""
+    monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    for dtype in (torch.float64, torch.float32):
+        assert_matches_reference(make_inputs(dtype=dtype), dtype, chunk_size=8)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any op returns (bytes, not elements: Triton's
+    interpreter handles tensors through byte views of them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in tree_leaves(result):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel() * value.element_size())
+        return result
+
+
+@pytest.mark.parametrize("through_triton", [True, False])
+def test_never_materializes_logits(monkeypatch, through_triton):
+    """With a small chunk, the largest tensor is the weight's gradient: nothing of B·T·V elements exists."""
+    batch, seq_len, rejected_len, hidden_size, vocab = 3, 6, 5, 8, 300
+    if not through_triton:
+        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    inputs = make_inputs(batch=batch, seq_len=seq_len, rejected_len=rejected_len, hidden_size=hidden_size,
+                         vocab=vocab, dtype=torch.float32)
+    logits_bytes = batch * rejected_len * vocab * 4  # the smaller side's logits: 4500 float32
+    weight_bytes = vocab * hidden_size * 4  # 2400 float32, the largest legitimate buffer
+    assert weight_bytes < logits_bytes
+
+    with LargestAllocation() as probe:  # the probe does see a materialized logits tensor
+        inputs["rejected_hidden"].detach() @ inputs["weight"].detach().T
+    assert probe.largest >= logits_bytes
+
+    with LargestAllocation() as recorder:
+        out = fused(inputs, chunk_size=16)
+        out.loss.backward()
+    assert weight_bytes <= recorder.largest < logits_bytes
+    assert inputs["weight"].grad is not None and inputs["chosen_hidden"].grad is not None
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(16384, 128256, 2) == 4096
+    assert default_chunk_size(16384, 128256, 4) == 2048
+    assert default_chunk_size(10, 37, 4) == 37
+    assert default_chunk_size(10**7, 128256, 4) == 256  # never below 256 rows of W
+    assert default_chunk_size(0, 300, 4) == 300
+
+
+def test_bad_inputs():
+    inputs = make_inputs(dtype=torch.float32, seq_len=3, rejected_len=3)
+
+    def call(options=None, **changes):
+        return fused(dict(inputs, **changes), **(options or {}))
+
+    weight = inputs["weight"]
+    cases = [
+        (dict(chosen_hidden=[1.0]), TypeError, "chosen_hidden must be a torch.Tensor"),
+        (dict(chosen_hidden=inputs["chosen_hidden"].long()), TypeError, "chosen_hidden must be float32"),
+        (dict(chosen_hidden=inputs["chosen_hidden"].double()), TypeError, "same dtype"),
+        (dict(chosen_hidden=inputs["chosen_hidden"][0]), ValueError, r"chosen_hidden must have shape \(B, T, H\)"),
+        (dict(rejected_hidden=inputs["rejected_hidden"][..., :5]), ValueError, "hidden size H = 5"),
+        (dict(rejected_hidden=inputs["rejected_hidden"][:1], rejected_labels=inputs["rejected_labels"][:1]),
+         ValueError, "same batch size"),
+        (dict(weight=weight[0]), ValueError, r"weight must have shape \(V, H\)"),
+        (dict(weight=weight[:0]), ValueError, "non-empty vocabulary"),
+        (dict(bias=inputs["bias"][:-1]), ValueError, r"bias must have shape \(V,\)"),
+        (dict(bias=inputs["bias"].double()), TypeError, "bias must have the dtype of weight"),
+        (dict(chosen_labels=inputs["chosen_labels"].float()), TypeError, "chosen_labels must be an int64"),
+        (dict(chosen_labels=inputs["chosen_labels"][:, :2]), ValueError, r"chosen_labels must have shape \(B, T\)"),
+        (dict(rejected_labels=inputs["rejected_labels"] + 1000), ValueError, r"rejected_labels must be in \[0, 37\)"),
+        (dict(ref_chosen_logps=torch.zeros(5, device=DEVICE)), ValueError, "ref_chosen_logps must have shape"),
+        (dict(options=dict(chunk_size=0)), ValueError, "chunk_size must be a positive int"),
+        (dict(options=dict(chunk_size=2.5)), TypeError, "chunk_size must be a positive int"),
+        (dict(options=dict(beta=0.0)), ValueError, "beta must be"),
+        (dict(options=dict(reduction="max")), ValueError, "reduction must be"),
+        (dict(options=dict(ignore_index=None)), TypeError, "ignore_index must be an int"),
+    ]
+    for changes, error, message in cases:
+        with pytest.raises(error, match=message):
+            call(**changes)
+
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_linear_sequence_logps(inputs["chosen_hidden"], weight, inputs["chosen_labels"].clamp(min=0) - 1)
+    with pytest.raises(TypeError, match="chunk_size"):
+        fused_linear_sequence_logps(inputs["chosen_hidden"], weight, inputs["chosen_labels"], chunk_size=True)
+    assert fused_linear.check_chunk_size(None) is None

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .config import reduction_config
+from .online_logsumexp import online_logsumexp_step
 
 
 @triton.jit
@@ -36,11 +37,7 @@ def chunk_lse_update_kernel(
     for start in range(0, C, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_logits_ptr + cols, mask=cols < C, other=float("-inf")).to(acc_dtype)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        # While everything seen is -inf, rescale by exp(-inf) = 0 rather than exp(nan).
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
-        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
-        running_max = new_max
+        running_max, running_sum = online_logsumexp_step(running_max, running_sum, x)
     tl.store(running_max_ptr + row, running_max)
     tl.store(running_sum_ptr + row, running_sum)
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .config import reduction_config
+from .online_logsumexp import online_logsumexp_step
 
 
 @triton.jit
@@ -46,11 +47,7 @@ def token_logps_kernel(
     for start in range(0, vocab_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_logits_ptr + cols, mask=cols < V, other=float("-inf")).to(acc_dtype)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        # A block (or row prefix) of -inf leaves new_max = -inf: rescale by 0, not by exp(nan).
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
-        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
-        running_max = new_max
+        running_max, running_sum = online_logsumexp_step(running_max, running_sum, x)
     # A row of -inf (or an ignored one) has no finite max: shift by 0, so the log-prob is -inf, not nan.
     row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
     log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))

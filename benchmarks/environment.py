@@ -1,0 +1,76 @@
+"""Where the benchmark runs: the interpreter switch, the device, versions, and memory helpers."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import sys
+
+import torch
+
+
+def prepare_environment() -> None:
+    """With no CUDA device and TRITON_INTERPRET unset, set TRITON_INTERPRET=1 (must precede `import triton`)."""
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    if "triton" in sys.modules:
+        print("note: triton was imported before the benchmark could set TRITON_INTERPRET=1", flush=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def describe(device: torch.device) -> dict:
+    """Device name and library versions, for the report header and the JSON."""
+    import triton
+
+    info = {
+        "device": device.type,
+        "device_name": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "triton_interpreter": interpreter_on(),
+        "gpu_timings": device.type == "cuda",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["device_memory_gb"] = round(props.total_memory / 1e9, 1)
+        info["sm_count"] = props.multi_processor_count
+    return info
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA allocation failure, however it was wrapped (torch, Triton, torch.compile)."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def release_memory() -> None:
+    """Drop unreachable tensors and hand cached blocks back, after an OOM or between shapes."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def free_device_memory(device: torch.device):
+    """(free, total) bytes on a CUDA device, None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,102 @@
+"""Results on disk and on screen: the JSON file, the Markdown table and its header."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+COLUMNS = ("vocab", "tokens", "dtype", "ignored", "impl", "fwd ms", "bwd ms", "fwd+bwd ms",
+           "fwd GB/s (% copy)", "bwd GB/s (% copy)", "fwd+bwd GB/s (% copy)", "peak extra MiB",
+           "ours faster (fwd+bwd)", "note")
+
+
+def _ms(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if value < 100 else f"{value:.1f}"
+
+
+def _bandwidth(gbps, pct) -> str:
+    if gbps is None:
+        return "—"
+    text = f"{gbps:.0f}" if gbps >= 10 else f"{gbps:.3g}"
+    return f"{text} ({pct:.0f}%)" if pct is not None else text
+
+
+def _row_cells(row: dict) -> list:
+    phases = ("fwd", "bwd", "fwdbwd")
+    peak = row["peak_extra_bytes"]
+    note = row["note"] if row["status"] == "ok" else f"{row['status'].upper()}: {row['note']}"
+    if row["status"] == "ok" and row.get("bwd_method") == "fresh_graph":
+        refused = note.startswith("retain_graph refused")
+        note = "bwd on fresh graphs" + (" (retain_graph refused)" if refused else f"; {note}" if note else "")
+    if row["impl"] == "ours":
+        speedup = "—"
+    elif row["speedup_fwdbwd"] is not None:
+        speedup = f"{row['speedup_fwdbwd']:.3g}×"
+    else:
+        speedup = "—"
+    return [str(row["vocab"]), str(row["tokens"]), row["dtype"], f"{row['ignored_fraction']:.0%}", row["impl"],
+            *(_ms(row[f"{p}_ms"]) for p in phases),
+            *(_bandwidth(row[f"{p}_gbps"], row[f"{p}_pct_copy"]) for p in phases),
+            f"{peak / 2**20:.0f}" if peak is not None else "n/a", speedup, note.replace("|", "/")]
+
+
+def markdown_table(rows: list) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header_lines(meta: dict) -> list:
+    lines = [f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
+             f"CUDA {meta['cuda']}",
+             f"Timing: {meta['timer']}",
+             f"Device copy bandwidth (same run, read+write): {meta['copy']['gbps']:.0f} GB/s"
+             if meta.get("copy") else "Device copy bandwidth: not measured"]
+    if not meta["gpu_timings"]:
+        lines.insert(0, "**CPU RUN: these are NOT GPU timings** (Triton interpreter "
+                        f"{'on' if meta['triton_interpreter'] else 'off'}; tiny shapes; smoke test only).")
+    return lines
+
+
+def markdown_report(results: dict) -> str:
+    """Header, notes, then the table last (gpu_check.sh prints this file as its final output)."""
+    meta = results["meta"]
+    parts = ["# focal-kernels benchmark", "", *(f"{line}  " for line in header_lines(meta)), ""]
+    parts.append("Floor bytes: fwd reads valid rows' logits once; bwd reads them once and writes the whole "
+                 "gradient once. \"ours faster\" = that row's fwd+bwd time / ours'.")
+    for name, reason in results["skipped_implementations"]:
+        parts.append(f"- skipped {name}: {reason}")
+    for item in results["skipped_shapes"]:
+        parts.append(f"- skipped shape {item['shape']}: {item['reason']}")
+    if not results.get("complete"):
+        parts.append("- run incomplete (partial results)")
+    parts += ["", markdown_table(results["rows"])]
+    return "\n".join(parts) + "\n"
+
+
+def _clean(value):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def save(results: dict, out_dir: str) -> None:
+    """bench.json and bench.md in out_dir (rewritten after every row)."""
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomically(os.path.join(out_dir, "bench.json"), json.dumps(_clean(results), indent=1) + "\n")
+    _write_atomically(os.path.join(out_dir, "bench.md"), markdown_report(results))

@@ -1,0 +1,136 @@
+"""The benchmark loop: for each shape, make the input sets, time every implementation, record a row.
+
+A failure stays local: an implementation that runs out of memory is retried once with a single input
+set (the others freed), then recorded as OOM; any other exception is recorded as an error with its
+message. `on_update` is called after every row so partial results reach disk as the run goes.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+from .environment import is_out_of_memory, release_memory
+from .inputs import make_input_set, plan_input_sets
+from .measure import measure
+
+PHASES = ("fwd", "bwd", "fwdbwd")
+LOSS_MISMATCH = 1e-2
+
+
+def new_row(shape, impl_name: str, input_sets: int) -> dict:
+    return {
+        "vocab": shape.vocab, "tokens": shape.tokens, "pairs": shape.pairs, "seq_len": shape.seq_len,
+        "dtype": shape.dtype_name, "ignored_fraction": shape.ignored_fraction,
+        "valid_tokens": shape.valid_tokens, "impl": impl_name, "status": "ok", "note": "",
+        "input_sets": input_sets,
+        **{f"{p}_ms": None for p in PHASES}, "bwd_method": None,
+        **{f"{p}_bytes": b for p, b in shape.floor_bytes().items()},
+        **{f"{p}_gbps": None for p in PHASES}, **{f"{p}_pct_copy": None for p in PHASES},
+        "peak_extra_bytes": None, "loss": None, "loss_rel_diff_vs_ours": None, "warmup_s": None,
+        **{f"speedup_{p}": None for p in PHASES},
+    }
+
+
+def _fill_timings(row: dict, m, copy_gbps: float) -> None:
+    row.update(fwd_ms=m.fwd_ms, bwd_ms=m.bwd_ms, fwdbwd_ms=m.fwdbwd_ms, bwd_method=m.bwd_method,
+               note=m.bwd_note, peak_extra_bytes=m.peak_extra_bytes, loss=m.loss, warmup_s=round(m.warmup_s, 3))
+    for phase in PHASES:
+        ms = row[f"{phase}_ms"]
+        if ms and ms > 0:
+            gbps = row[f"{phase}_bytes"] / ms / 1e6
+            row[f"{phase}_gbps"] = gbps
+            row[f"{phase}_pct_copy"] = 100.0 * gbps / copy_gbps if copy_gbps else None
+
+
+def _compare_with_ours(shape_rows: list) -> None:
+    """Speed-up of ours over each row (row time / ours' time) and the loss' relative difference."""
+    ours = next((r for r in shape_rows if r["impl"] == "ours" and r["status"] == "ok"), None)
+    if ours is None:
+        return
+    for row in shape_rows:
+        if row["status"] != "ok":
+            continue
+        for phase in PHASES:
+            mine, theirs = ours[f"{phase}_ms"], row[f"{phase}_ms"]
+            if mine and theirs:
+                row[f"speedup_{phase}"] = theirs / mine
+        if row["loss"] is not None and ours["loss"] is not None:
+            row["loss_rel_diff_vs_ours"] = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-6)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def run_implementation(impl, shape, sets: list, timer, device, copy_gbps: float) -> dict:
+    row = new_row(shape, impl.name, len(sets))
+    started = time.perf_counter()
+    while True:
+        status = note = None
+        try:
+            impl.prepare(shape)
+            m = measure(impl, sets, timer, device)
+        except Exception as exc:  # one implementation's failure must not end the run
+            status = "oom" if is_out_of_memory(exc) else "error"
+            note = _describe_failure(exc)
+            if status == "error":
+                print(f"  {impl.name}: error\n" + "".join(traceback.format_exc(limit=-4)), flush=True)
+        if status is None:
+            _fill_timings(row, m, copy_gbps)
+            break
+        release_memory()  # outside the except block: the traceback no longer holds the tensors
+        if status == "oom" and len(sets) > 1:
+            print(f"  {impl.name}: out of memory with {len(sets)} input sets; retrying with 1", flush=True)
+            del sets[1:]
+            release_memory()
+            row["input_sets"] = 1
+            continue
+        row["status"], row["note"] = status, note
+        break
+    row["wall_s"] = round(time.perf_counter() - started, 2)
+    return row
+
+
+def _summary(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"  {row['impl']}: {row['status'].upper()} {row['note']}"
+    peak = row["peak_extra_bytes"]
+    peak_text = f"  peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
+    return (f"  {row['impl']}: fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  "
+            f"fwd+bwd {row['fwdbwd_ms']:.3f} ms{peak_text}  ({row['wall_s']} s, warm-up {row['warmup_s']} s)")
+
+
+def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: dict, on_update) -> None:
+    """Append rows to results["rows"] and skipped shapes to results["skipped_shapes"]."""
+    for shape in shapes:
+        print(f"\n== {shape.label()}", flush=True)
+        n_sets, reason = plan_input_sets(shape, device, max_sets)
+        sets = []
+        if reason is None:
+            try:
+                sets = [make_input_set(shape, device, seed=1000 + i) for i in range(n_sets)]
+            except Exception as exc:
+                reason = f"could not make inputs: {_describe_failure(exc)}"
+        if reason is not None:
+            sets = []
+            release_memory()
+            print(f"  skipped: {reason}", flush=True)
+            results["skipped_shapes"].append({"shape": shape.label(), "reason": reason})
+            on_update()
+            continue
+        print(f"  {len(sets)} input set(s) of {shape.logits_bytes / 1e9:.3g} GB logits", flush=True)
+        shape_rows = []
+        for impl in impls:
+            row = run_implementation(impl, shape, sets, timer, device, copy_gbps)
+            shape_rows.append(row)
+            results["rows"].append(row)
+            _compare_with_ours(shape_rows)
+            print(_summary(row), flush=True)
+            diff = row["loss_rel_diff_vs_ours"]
+            if diff is not None and diff > LOSS_MISMATCH:
+                print(f"  WARNING: {row['impl']} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
+            on_update()
+        del sets, shape_rows
+        release_memory()

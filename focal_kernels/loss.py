@@ -16,6 +16,9 @@ def _sequence_logps(logits, labels, ignore_index, inplace_backward):
     from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
 
     if logits.stride(-1) != 1:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs logits whose last dimension is contiguous "
+                             f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
         logits = logits.contiguous()
     return SequenceLogps.apply(logits, labels, ignore_index, inplace_backward)
 

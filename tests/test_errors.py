@@ -86,3 +86,13 @@ def test_module_validates_options_at_call(device):
     loss = fk.FocalPOLoss(gamma=-1.0)
     with pytest.raises(ValueError, match="gamma"):
         loss(**_inputs(device))
+
+
+def test_inplace_backward_needs_contiguous_vocabulary(device):
+    logits = torch.randn(2, 10, 3, device=device).transpose(1, 2)  # (2, 3, 10), stride(-1) == 3
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    assert torch.isfinite(fk.sequence_logps(logits, labels)).all()  # copied once, without inplace
+    from focal_kernels import backend
+    if backend.use_triton(logits):
+        with pytest.raises(ValueError, match="inplace_backward=True needs logits whose last dimension"):
+            fk.sequence_logps(logits, labels, inplace_backward=True)

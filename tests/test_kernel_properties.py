@@ -75,13 +75,16 @@ def test_vocabulary_split_backward_matches_unsplit(device, monkeypatch):
     """Few rows split the vocabulary over programs; the result must not depend on the split."""
     from focal_kernels.kernels import config
 
-    vocab = 5000
+    vocab = 20001
     logits = random_logits(1, 2, vocab, torch.float32, device).requires_grad_(True)
     labels = random_labels(1, 2, vocab, device, ignored_fraction=0.0)
+    block_v, _, blocks_per_program = config.gradient_config(2, vocab, 4)
+    assert blocks_per_program * block_v < vocab, "the default configuration should split this row"
     (split,) = torch.autograd.grad(fk.sequence_logps(logits, labels).sum(), [logits])
     monkeypatch.setattr(config, "_MIN_PROGRAMS", 1)
+    block_v, _, blocks_per_program = config.gradient_config(2, vocab, 4)
+    assert blocks_per_program * block_v >= vocab
     (unsplit,) = torch.autograd.grad(fk.sequence_logps(logits, labels).sum(), [logits])
-    assert config.gradient_config(2, vocab, 4)[2] >= 2
     assert torch.equal(split, unsplit)
 
 

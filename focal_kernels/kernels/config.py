@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 
 # Bytes of one row that a program holds in registers per loop iteration.
-_BYTES_PER_BLOCK = 16384
+_BYTES_PER_BLOCK = 32768
 # Rows below this count get their vocabulary split over several programs in the backward.
 _MIN_PROGRAMS = 4 * 132
 

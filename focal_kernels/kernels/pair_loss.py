@@ -76,7 +76,9 @@ def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
             return torch.zeros((batch,), dtype=dtype, device=device)
         return ref.detach().to(dtype).contiguous()
 
-    params = torch.tensor([beta, gamma], dtype=dtype).to(device)
+    # (β, γ) in the compute dtype, filled on the device: no blocking host-to-device copy, and float64 stays exact.
+    params = torch.full((2,), beta, dtype=dtype, device=device)
+    params[1:].fill_(gamma)
     loss = torch.empty((batch,), dtype=dtype, device=device)
     dloss_dchosen = torch.empty_like(loss)
     dloss_drejected = torch.empty_like(loss)

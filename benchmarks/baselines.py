@@ -133,7 +133,10 @@ class TRLSelectiveLogSoftmax(Implementation):
 
     def _sequence_logps(self, logits, labels):
         scored = labels != IGNORE_INDEX
-        per_token = self._select(logits, labels.masked_fill(~scored, 0))
+        try:  # TRL >= 1.x: row_mask skips the ignored rows' logits, as DPOTrainer uses it
+            per_token = self._select(logits, labels.masked_fill(~scored, 0), row_mask=scored)
+        except TypeError:  # older TRL: no row_mask
+            per_token = self._select(logits, labels.masked_fill(~scored, 0))
         return (per_token.float() * scored).sum(-1)
 
     def loss(self, x):

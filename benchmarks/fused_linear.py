@@ -1,0 +1,672 @@
+"""`python -m benchmarks.fused_linear`: the logit-free path against everything that builds the logits.
+
+    python -m benchmarks.fused_linear --quick     # Llama-3-8B head, 4 pairs x 2048 tokens, 0% / 40% ignored, (a)-(c)
+    python -m benchmarks.fused_linear             # also 4 pairs x 4096 tokens and (d), where importable
+    python -m benchmarks.fused_linear --tiny      # tiny shapes even on a GPU (a smoke run)
+
+Shapes: the Llama-3-8B head, H = 4096, V = 128256, bf16; "4 pairs x T tokens" is chosen (4, T, H) plus
+rejected (4, T, H) hidden states, so N = 8·T rows. "40% ignored" labels the first round(0.4·T) tokens of
+every sequence ignore_index (the prompt). Gradients are taken with respect to both hidden states and the
+weight (torch.autograd.grad: fresh gradients, no accumulation into .grad).
+
+Implementations, all on the same inputs:
+    ours             focal_kernels.fused_linear_focal_po_loss (the logits never exist)
+    matmul+fpo       focal_po_loss(chosen_hidden @ W.T, rejected_hidden @ W.T, ...): the logits path
+    matmul+fpo (ip)  the same with inplace_backward=True (full run only: the logits are a temporary there)
+    eager            hidden @ W.T, .float(), log_softmax, gather, masked sum, FocalPO in torch
+    trl              trl.kernels.ChunkedLogProbFunction on the scored rows, then the same sum and loss
+    liger            liger_kernel.chunked_loss.LigerFusedLinearDPOLoss, reference-free DPO (gamma = 0):
+                     a different loss, so its loss value is not compared
+    cce              cut_cross_entropy.linear_cross_entropy(reduction="none"), then the same sum and loss
+(d) trl / liger / cce run only where importable (and never in --quick); each is skipped with its reason.
+
+Per row: fwd+bwd median ms (triton.testing.do_bench, a 1 ms warm-up, i.e. one call, and a few timed calls);
+the GEMM floor, four GEMMs of 2·N_valid·H·V FLOPs (forward logits, their recompute, grad_W, grad_hidden)
+at the bf16 matmul rate measured in this run (8192³ torch.mm, do_bench median), N_valid = scored tokens;
+time / floor; peak extra memory of one fwd+bwd (max_memory_allocated minus memory_allocated before it),
+also net of the returned gradients (both hidden states' and the weight's); that as % of the bf16 logits'
+size N·V·2; and each row's time and memory over ours'. Without CUDA: tiny shapes (H=32, V=300, 2 pairs x 8
+tokens) through Triton's interpreter, CPU timings (NOT GPU timings), no matmul rate, no memory figures.
+
+Output: the Markdown table on stdout; fused.json (rewritten after every row) and fused.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from .baselines import BETA, GAMMA, eager_sequence_logps, focal_po_from_logps
+from .environment import bench_device, describe, is_out_of_memory, release_memory, synchronize
+from .inputs import IGNORE_INDEX
+from .report import _clean, _write_atomically, header_lines
+from .runner import LOSS_MISMATCH, _describe_failure
+from .timing import CpuTimer, GpuTimer, peak_extra_bytes
+
+HIDDEN, VOCAB, PAIRS = 4096, 128256, 4            # Llama-3-8B lm_head
+SEQ_LENS, QUICK_SEQ_LENS = (2048, 4096), (2048,)
+TINY_HIDDEN, TINY_VOCAB, TINY_PAIRS, TINY_SEQ_LEN = 32, 300, 2, 8
+IGNORED = (0.0, 0.4)
+DTYPE, DTYPE_NAME = torch.bfloat16, "bf16"
+MATMUL_SIZE = 8192
+GEMMS_IN_FLOOR = 4
+
+QUICK_IMPLS = ("ours", "matmul", "eager")
+ALL_IMPLS = ("ours", "matmul", "matmul_inplace", "eager", "trl", "liger", "cce")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    vocab: int
+    pairs: int
+    seq_len: int
+    ignored_fraction: float
+
+    @property
+    def tokens(self) -> int:
+        """N: rows of chosen and rejected together."""
+        return 2 * self.pairs * self.seq_len
+
+    @property
+    def ignored_per_sequence(self) -> int:
+        return int(round(self.ignored_fraction * self.seq_len))
+
+    @property
+    def valid_tokens(self) -> int:
+        return 2 * self.pairs * (self.seq_len - self.ignored_per_sequence)
+
+    @property
+    def logits_bytes(self) -> int:
+        """The bf16 logits of all N rows (what the logits paths materialize, and their gradient's size)."""
+        return self.tokens * self.vocab * 2
+
+    def gemm_flops(self) -> int:
+        return GEMMS_IN_FLOOR * 2 * self.valid_tokens * self.hidden * self.vocab
+
+    def label(self) -> str:
+        return (f"H={self.hidden} V={self.vocab} {self.pairs} pairs x {self.seq_len} tokens per side "
+                f"(N={self.tokens}) {DTYPE_NAME} ignored={self.ignored_fraction:.0%} (N_valid={self.valid_tokens})")
+
+
+@dataclass
+class Inputs:
+    chosen_hidden: torch.Tensor    # (pairs, T, H) leaf, requires_grad
+    rejected_hidden: torch.Tensor
+    weight: torch.Tensor           # (V, H) leaf, requires_grad
+    chosen_labels: torch.Tensor    # (pairs, T) int64, prompt = IGNORE_INDEX
+    rejected_labels: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+
+    @property
+    def grad_inputs(self):
+        return (self.chosen_hidden, self.rejected_hidden, self.weight)
+
+    @property
+    def grad_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.grad_inputs)
+
+
+def make_weight(hidden: int, vocab: int, device, seed: int = 7) -> torch.Tensor:
+    """W ~ N(0, 1/H) so that logits ~ N(0, 1)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    weight = torch.randn((vocab, hidden), generator=gen, dtype=DTYPE, device=device)
+    weight.mul_(hidden ** -0.5)
+    return weight.requires_grad_()
+
+
+def make_inputs(shape: Shape, weight: torch.Tensor, seed: int = 1000) -> Inputs:
+    device = weight.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    size = (shape.pairs, shape.seq_len)
+
+    def hidden():
+        return torch.randn(size + (shape.hidden,), generator=gen, dtype=DTYPE, device=device).requires_grad_()
+
+    def labels():
+        out = torch.randint(0, shape.vocab, size, generator=gen, device=device)
+        out[:, :shape.ignored_per_sequence] = IGNORE_INDEX
+        return out
+
+    def ref_logps():
+        return torch.randn((shape.pairs,), generator=gen, dtype=torch.float32, device=device) * 10.0
+
+    return Inputs(hidden(), hidden(), weight, labels(), labels(), ref_logps(), ref_logps())
+
+
+# ----------------------------------------------------------------------------------------- implementations
+
+class Impl:
+    key = ""
+    name = ""
+    comparable = True  # computes the very same loss as ours (its loss value is checked against ours')
+    note = ""
+
+    def unavailable_reason(self, device):
+        return None
+
+    def loss(self, x: Inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Ours(Impl):
+    key, name = "ours", "ours"
+
+    def __init__(self):
+        import focal_kernels
+
+        self._fn = focal_kernels.fused_linear_focal_po_loss
+
+    def loss(self, x):
+        return self._fn(x.chosen_hidden, x.rejected_hidden, x.weight, x.chosen_labels, x.rejected_labels,
+                        x.ref_chosen_logps, x.ref_rejected_logps, beta=BETA, gamma=GAMMA,
+                        ignore_index=IGNORE_INDEX).loss
+
+
+class MatmulThenFocalPO(Impl):
+    key, name = "matmul", "matmul+fpo"
+    inplace_backward = False
+
+    def __init__(self):
+        import focal_kernels
+
+        self._fn = focal_kernels.focal_po_loss
+
+    def loss(self, x):
+        w_t = x.weight.t()
+        return self._fn(x.chosen_hidden @ w_t, x.rejected_hidden @ w_t, x.chosen_labels, x.rejected_labels,
+                        x.ref_chosen_logps, x.ref_rejected_logps, beta=BETA, gamma=GAMMA,
+                        ignore_index=IGNORE_INDEX, inplace_backward=self.inplace_backward).loss
+
+
+class MatmulThenFocalPOInplace(MatmulThenFocalPO):
+    """The logits are a temporary here, so the logits' gradient may overwrite them."""
+
+    key, name = "matmul_inplace", "matmul+fpo (ip)"
+    inplace_backward = True
+    note = "inplace_backward=True"
+
+
+class Eager(Impl):
+    key, name = "eager", "eager"
+
+    def loss(self, x):
+        w_t = x.weight.t()
+        return focal_po_from_logps(eager_sequence_logps(x.chosen_hidden @ w_t, x.chosen_labels),
+                                   eager_sequence_logps(x.rejected_hidden @ w_t, x.rejected_labels),
+                                   x.ref_chosen_logps, x.ref_rejected_logps, BETA, GAMMA)
+
+
+def _scored_rows(x: Inputs):
+    """(rows (N_valid, H) of chosen then rejected, their int64 labels, flat positions in the (2·pairs·T) grid)."""
+    hidden = torch.cat([x.chosen_hidden, x.rejected_hidden]).flatten(0, 1)
+    labels = torch.cat([x.chosen_labels, x.rejected_labels]).reshape(-1)
+    positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden.index_select(0, positions), labels.index_select(0, positions), positions
+
+
+def _pair_loss_from_token_logps(x: Inputs, token_logps, positions):
+    """Scatter scored tokens' log-probs back, sum per sequence, then the FocalPO loss (all in torch)."""
+    pairs, seq_len = x.chosen_labels.shape
+    grid = torch.zeros(2 * pairs * seq_len, dtype=torch.float32, device=token_logps.device)
+    grid = grid.index_add(0, positions, token_logps.float())
+    sequence_logps = grid.view(2 * pairs, seq_len).sum(-1)
+    return focal_po_from_logps(sequence_logps[:pairs], sequence_logps[pairs:], x.ref_chosen_logps,
+                               x.ref_rejected_logps, BETA, GAMMA)
+
+
+class TRLChunkedLogProb(Impl):
+    """TRL's fused LM head on the scored rows of chosen and rejected together (one call, as its DPOTrainer
+    concatenates them). The Function's positional arguments are matched to its forward's parameter names,
+    since they have changed between TRL releases."""
+
+    key, name = "trl", "trl"
+    note = "trl.kernels.ChunkedLogProbFunction"
+    VOCAB_CHUNK = 32768
+
+    def __init__(self):
+        self._fn = None
+        self._params = None
+
+    def unavailable_reason(self, device):
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+        except Exception as exc:
+            return f"trl.kernels.ChunkedLogProbFunction not importable ({type(exc).__name__}: {exc})"
+        try:
+            params = list(inspect.signature(ChunkedLogProbFunction.forward).parameters.values())[1:]  # drop ctx
+        except (TypeError, ValueError) as exc:
+            return f"cannot read ChunkedLogProbFunction.forward's signature ({exc})"
+        known = {"hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
+                 "softcap", "logit_scale", "outputs"}
+        unknown = [p.name for p in params if p.name not in known and p.default is inspect.Parameter.empty]
+        if unknown:
+            return f"ChunkedLogProbFunction.forward has required parameters this benchmark does not know: {unknown}"
+        self._fn, self._params = ChunkedLogProbFunction, params
+        return None
+
+    def loss(self, x):
+        rows, targets, positions = _scored_rows(x)
+        values = {"hidden": rows, "weight": x.weight, "bias": None, "targets": targets, "temperature": 1.0,
+                  "chunk_size": min(self.VOCAB_CHUNK, x.weight.shape[0]), "final_logit_softcapping": None,
+                  "softcap": None, "logit_scale": 1.0, "outputs": ()}
+        args = [values[p.name] if p.name in values else p.default for p in self._params]
+        out = self._fn.apply(*args)
+        token_logps = out[0] if isinstance(out, (tuple, list)) else out
+        return _pair_loss_from_token_logps(x, token_logps, positions)
+
+
+class LigerFusedLinearDPO(Impl):
+    """Liger's fused-linear DPO (gamma = 0), reference-free (it does not take precomputed reference
+    log-probs): the same GEMM work on a different loss, so its loss value is not compared with ours."""
+
+    key, name = "liger", "liger DPO γ=0"
+    comparable = False
+    note = "LigerFusedLinearDPOLoss, γ=0, reference-free: loss not compared"
+
+    def __init__(self):
+        self._module = None
+
+    def unavailable_reason(self, device):
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        except Exception as exc:
+            return f"liger_kernel.chunked_loss.LigerFusedLinearDPOLoss not importable ({type(exc).__name__}: {exc})"
+        if device.type != "cuda":
+            return "Liger-Kernel needs a GPU"
+        try:
+            accepted = set(inspect.signature(LigerFusedLinearDPOLoss.__init__).parameters)
+        except (TypeError, ValueError):
+            accepted = set()
+        options = {"ignore_index": IGNORE_INDEX, "beta": BETA, "use_ref_model": False,
+                   "compute_nll_loss": False, "average_log_prob": False}
+        try:
+            self._module = LigerFusedLinearDPOLoss(**{k: v for k, v in options.items() if k in accepted})
+        except Exception as exc:
+            return f"LigerFusedLinearDPOLoss(...) failed ({type(exc).__name__}: {exc})"
+        return None
+
+    def loss(self, x):
+        hidden = torch.cat([x.chosen_hidden, x.rejected_hidden])
+        labels = torch.cat([x.chosen_labels, x.rejected_labels])
+        out = self._module(x.weight, hidden, labels)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class CutCrossEntropy(Impl):
+    key, name = "cce", "cce"
+    note = "cut_cross_entropy.linear_cross_entropy (default filter_eps: approximate gradient)"
+
+    def __init__(self):
+        self._fn = None
+
+    def unavailable_reason(self, device):
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as exc:
+            return f"cut_cross_entropy.linear_cross_entropy not importable ({type(exc).__name__}: {exc})"
+        if device.type != "cuda":
+            return "cut_cross_entropy's kernels need a GPU"
+        self._fn = linear_cross_entropy
+        return None
+
+    def loss(self, x):
+        pairs = x.chosen_labels.shape[0]
+        hidden = torch.cat([x.chosen_hidden, x.rejected_hidden])
+        labels = torch.cat([x.chosen_labels, x.rejected_labels])
+        nll = self._fn(hidden, x.weight, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        sequence_logps = -nll.float().reshape(labels.shape).sum(-1)  # ignored tokens have loss 0
+        return focal_po_from_logps(sequence_logps[:pairs], sequence_logps[pairs:], x.ref_chosen_logps,
+                                   x.ref_rejected_logps, BETA, GAMMA)
+
+
+IMPLS = {cls.key: cls for cls in (Ours, MatmulThenFocalPO, MatmulThenFocalPOInplace, Eager, TRLChunkedLogProb,
+                                   LigerFusedLinearDPO, CutCrossEntropy)}
+
+
+def build_impls(keys, device):
+    """(runnable implementations, [(name, reason)] skipped). Ours first."""
+    runnable, skipped = [], []
+    for key in ["ours"] + [k for k in keys if k != "ours"]:
+        try:
+            impl = IMPLS[key]()
+            reason = impl.unavailable_reason(device)
+        except Exception as exc:
+            impl, reason = None, f"set-up failed ({_describe_failure(exc)})"
+        if reason is None:
+            runnable.append(impl)
+        else:
+            skipped.append((IMPLS[key].name, reason))
+    return runnable, skipped
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def matmul_rate(device) -> dict | None:
+    """bf16 dense matmul rate of this device, now: median of an 8192³ torch.mm (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    n = MATMUL_SIZE
+    a = torch.randn((n, n), generator=gen, dtype=DTYPE, device=device)
+    b = torch.randn((n, n), generator=gen, dtype=DTYPE, device=device)
+    c = torch.empty((n, n), dtype=DTYPE, device=device)
+    ms = GpuTimer(device, warmup_ms=25, rep_ms=100).median_ms(lambda: torch.mm(a, b, out=c))
+    del a, b, c
+    release_memory()
+    return {"size": n, "dtype": DTYPE_NAME, "ms": ms, "tflops": 2 * n ** 3 / ms / 1e9}
+
+
+def _step(impl, x: Inputs):
+    return torch.autograd.grad(impl.loss(x), x.grad_inputs)
+
+
+def new_row(shape: Shape, impl, grad_bytes: int) -> dict:
+    return {
+        "impl": impl.key, "name": impl.name, "hidden": shape.hidden, "vocab": shape.vocab, "pairs": shape.pairs,
+        "seq_len": shape.seq_len, "tokens": shape.tokens, "valid_tokens": shape.valid_tokens,
+        "ignored_fraction": shape.ignored_fraction, "dtype": DTYPE_NAME, "status": "ok", "note": impl.note,
+        "fwdbwd_ms": None, "gemm_flops": shape.gemm_flops(), "gemm_floor_ms": None, "floor_ratio": None,
+        "peak_extra_bytes": None, "grad_bytes": grad_bytes, "peak_extra_bytes_without_grads": None,
+        "logits_bytes": shape.logits_bytes, "peak_pct_of_logits": None, "peak_without_grads_pct_of_logits": None,
+        "loss": None, "loss_comparable": impl.comparable, "loss_rel_diff_vs_ours": None, "ours_speedup": None,
+        "memory_vs_ours": None, "memory_without_grads_vs_ours": None, "timed_calls": None, "wall_s": None,
+    }
+
+
+def measure_row(impl, shape: Shape, x: Inputs, device, reps: int, tflops) -> dict:
+    """One implementation on one shape: warm-up call, peak memory of one fwd+bwd, then the timed median."""
+    row = new_row(shape, impl, x.grad_bytes)
+    started = time.perf_counter()
+    status = note = None
+    try:
+        loss = impl.loss(x)  # first call: Triton JIT / torch.compile / cuBLAS heuristics, untimed
+        row["loss"] = float(loss.detach())
+        grads = torch.autograd.grad(loss, x.grad_inputs)
+        del loss, grads
+        synchronize(device)
+
+        one_call = time.perf_counter()
+        peak = peak_extra_bytes(device, lambda: _step(impl, x))
+        synchronize(device)
+        estimate_ms = (time.perf_counter() - one_call) * 1e3
+        if device.type == "cuda":
+            # do_bench: 1 + 5 estimate calls, then warmup/estimate (at least 1) and rep/estimate calls.
+            # The extra half call keeps int(rep / estimate) from rounding down to reps - 1.
+            timer = GpuTimer(device, warmup_ms=1, rep_ms=max(1, int((reps + 0.5) * estimate_ms)))
+        else:
+            timer = CpuTimer(reps=reps)
+        row["timed_calls"] = reps
+        row["fwdbwd_ms"] = timer.median_ms(lambda: _step(impl, x))
+        if peak is not None:
+            row["peak_extra_bytes"] = peak
+            row["peak_extra_bytes_without_grads"] = peak - x.grad_bytes
+            row["peak_pct_of_logits"] = 100.0 * peak / shape.logits_bytes
+            row["peak_without_grads_pct_of_logits"] = 100.0 * (peak - x.grad_bytes) / shape.logits_bytes
+    except Exception as exc:  # one implementation's failure must not end the run
+        status = "oom" if is_out_of_memory(exc) else "error"
+        note = _describe_failure(exc)
+        if status == "error":
+            print(f"  {impl.name}: error\n" + "".join(traceback.format_exc(limit=-4)), flush=True)
+    if status is not None:
+        release_memory()  # outside the except block: the traceback no longer holds the tensors
+        row["status"], row["note"] = status, note
+        row["fwdbwd_ms"] = None
+    elif tflops:
+        row["gemm_floor_ms"] = shape.gemm_flops() / (tflops * 1e9)
+        row["floor_ratio"] = row["fwdbwd_ms"] / row["gemm_floor_ms"]
+    row["wall_s"] = round(time.perf_counter() - started, 2)
+    return row
+
+
+def compare_with_ours(shape_rows: list) -> None:
+    """Each row's time and peak memory over ours' (>1: ours faster / smaller), and the loss' difference."""
+    ours = next((r for r in shape_rows if r["impl"] == "ours" and r["status"] == "ok"), None)
+    if ours is None:
+        return
+    for row in shape_rows:
+        if row["status"] != "ok" or row is ours:
+            continue
+        if ours["fwdbwd_ms"]:
+            row["ours_speedup"] = row["fwdbwd_ms"] / ours["fwdbwd_ms"]
+        if row["peak_extra_bytes"] is not None and ours["peak_extra_bytes"]:
+            row["memory_vs_ours"] = row["peak_extra_bytes"] / ours["peak_extra_bytes"]
+        mine, theirs = ours["peak_extra_bytes_without_grads"], row["peak_extra_bytes_without_grads"]
+        if mine is not None and theirs is not None and mine > 0:
+            row["memory_without_grads_vs_ours"] = theirs / mine
+        if row["loss"] is not None and ours["loss"] is not None and row["loss_comparable"]:
+            row["loss_rel_diff_vs_ours"] = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+COLUMNS = ("T/side", "ignored", "N_valid", "impl", "fwd+bwd ms", "GEMM floor ms", "× floor", "peak extra MiB",
+           "net of grads MiB", "% of logits (peak / net)", "ours faster", "ours less mem (peak / net)", "note")
+
+
+def _num(value, digits=3) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def _row_cells(row: dict) -> list:
+    note = row["note"] if row["status"] == "ok" else f"{row['status'].upper()}: {row['note']}"
+    if row["status"] == "ok" and row["peak_extra_bytes"] is not None:
+        pct = f"{row['peak_pct_of_logits']:.1f}% / {row['peak_without_grads_pct_of_logits']:.1f}%"
+    else:
+        pct = "n/a"
+    speedup = "—" if row["ours_speedup"] is None else f"{row['ours_speedup']:.3g}×"
+    if row["memory_vs_ours"] is None:
+        memory = "—"
+    else:
+        net = row["memory_without_grads_vs_ours"]
+        memory = f"{row['memory_vs_ours']:.3g}× / " + ("—" if net is None else f"{net:.3g}×")
+    floor_ratio = "—" if row["floor_ratio"] is None else f"{row['floor_ratio']:.2f}"
+    return [str(row["seq_len"]), f"{row['ignored_fraction']:.0%}", str(row["valid_tokens"]), row["name"],
+            _num(row["fwdbwd_ms"], 4), _num(row["gemm_floor_ms"], 4), floor_ratio,
+            _mib(row["peak_extra_bytes"]), _mib(row["peak_extra_bytes_without_grads"]), pct, speedup, memory,
+            (note or "").replace("|", "/")]
+
+
+def markdown_table(rows: list) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_header(meta: dict) -> list:
+    lines = header_lines({**meta, "copy": None})[:-1]  # the harness' device / timer lines, no copy bandwidth
+    matmul = meta.get("matmul")
+    if matmul:
+        lines.append(f"bf16 matmul rate (same run, {matmul['size']}³ torch.mm): {matmul['tflops']:.0f} TFLOP/s "
+                     f"({matmul['ms']:.3f} ms)")
+    else:
+        lines.append(f"bf16 matmul rate: n/a ({meta.get('matmul_note', 'not measured')}); no GEMM floor")
+    lines.append(f"Head: H={meta['hidden']}, V={meta['vocab']}, {DTYPE_NAME}; β={BETA}, γ={GAMMA}; "
+                 f"gradients w.r.t. both hidden states and the weight")
+    return lines
+
+
+def markdown_report(results: dict) -> str:
+    meta = results["meta"]
+    parts = ["# focal-kernels fused-linear benchmark", "", *(f"{line}  " for line in report_header(meta)), ""]
+    parts.append(f"GEMM floor = {GEMMS_IN_FLOOR} GEMMs × 2·N_valid·H·V FLOPs at the measured matmul rate. "
+                 "Peak extra = max_memory_allocated − memory_allocated before one fwd+bwd; \"net\" subtracts the "
+                 "returned gradients (both hidden states and the weight). % of logits: of N·V·2 bytes. "
+                 "\"ours faster\" / \"ours less mem\" = that row's time / peak ÷ ours' (>1: ours better).")
+    for name, reason in results["skipped_implementations"]:
+        parts.append(f"- skipped {name}: {reason}")
+    for item in results["skipped_shapes"]:
+        parts.append(f"- skipped shape {item['shape']}: {item['reason']}")
+    if not results.get("complete"):
+        parts.append("- run incomplete (partial results)")
+    parts += ["", markdown_table(results["rows"])]
+    return "\n".join(parts) + "\n"
+
+
+def save(results: dict, out_dir: str) -> None:
+    """fused.json and fused.md, flat in out_dir (rewritten after every row)."""
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomically(os.path.join(out_dir, "fused.json"), json.dumps(_clean(results), indent=1) + "\n")
+    _write_atomically(os.path.join(out_dir, "fused.md"), markdown_report(results))
+
+
+def _summary(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"  {row['name']}: {row['status'].upper()} {row['note']}"
+    text = f"  {row['name']}: fwd+bwd {row['fwdbwd_ms']:.3f} ms"
+    if row["floor_ratio"] is not None:
+        text += f" ({row['floor_ratio']:.2f}× GEMM floor {row['gemm_floor_ms']:.3f} ms)"
+    if row["peak_extra_bytes"] is not None:
+        text += (f"  peak +{row['peak_extra_bytes'] / 2**20:.0f} MiB "
+                 f"(net of grads {row['peak_extra_bytes_without_grads'] / 2**20:.0f} MiB)")
+    return text + f"  loss {row['loss']:.6g}  [{row['wall_s']} s]"
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fused_linear", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="4 pairs x 2048 tokens only, 0%% and 40%% ignored, ours / matmul+fpo / eager")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"tiny shapes even on a GPU (H={TINY_HIDDEN}, V={TINY_VOCAB}, {TINY_PAIRS} pairs x "
+                        f"{TINY_SEQ_LEN} tokens; always so without a GPU)")
+    p.add_argument("--impls", help=f"comma list of {','.join(ALL_IMPLS)} (ours always runs; default: "
+                                   f"{','.join(QUICK_IMPLS)} with --quick, all otherwise)")
+    p.add_argument("--reps", type=int, help="timed calls per row (default 3 with --quick, else 5)")
+    p.add_argument("--out", default="bench_out", help="directory for fused.json and fused.md (default ./bench_out)")
+    return p.parse_args(argv)
+
+
+def choose_shapes(args, device) -> list:
+    tiny = args.tiny or device.type != "cuda"
+    if tiny:
+        return [Shape(TINY_HIDDEN, TINY_VOCAB, TINY_PAIRS, TINY_SEQ_LEN, f) for f in IGNORED]
+    seq_lens = QUICK_SEQ_LENS if args.quick else SEQ_LENS
+    return [Shape(HIDDEN, VOCAB, PAIRS, t, f) for t in seq_lens for f in IGNORED]
+
+
+def choose_impls(args) -> list:
+    if not args.impls:
+        return list(QUICK_IMPLS if args.quick else ALL_IMPLS)
+    keys = [k.strip() for k in args.impls.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in IMPLS]
+    if unknown:
+        raise SystemExit(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
+    return keys
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = bench_device()
+    shapes = choose_shapes(args, device)
+    reps = args.reps or (3 if args.quick else 5)
+    meta = describe(device)
+    meta.update(timer=(GpuTimer.kind if device.type == "cuda" else CpuTimer.kind) + f", {reps} timed calls",
+                args=vars(args), hidden=shapes[0].hidden, vocab=shapes[0].vocab, dtype=DTYPE_NAME,
+                beta=BETA, gamma=GAMMA, gemms_in_floor=GEMMS_IN_FLOOR, matmul=None)
+    print("\n".join(header_lines({**meta, "copy": None})[:-1]), flush=True)
+    if device.type != "cuda":
+        print("No CUDA device: tiny shapes, kernels through Triton's interpreter. NOT GPU timings.", flush=True)
+
+    keys = choose_impls(args)
+    impls, skipped = build_impls(keys, device)
+    if args.quick and not args.impls:
+        skipped += [(IMPLS[k].name, "not run with --quick (ask with --impls)")
+                    for k in ALL_IMPLS if k not in keys]
+    for name, reason in skipped:
+        print(f"skipping {name}: {reason}", flush=True)
+
+    results = {"meta": meta, "skipped_implementations": skipped, "skipped_shapes": [], "rows": [],
+               "complete": False}
+    started = time.perf_counter()
+    tflops = None
+    if device.type == "cuda":
+        try:
+            meta["matmul"] = matmul_rate(device)
+            tflops = meta["matmul"]["tflops"]
+            print(f"bf16 matmul rate: {tflops:.0f} TFLOP/s ({MATMUL_SIZE}³ torch.mm, {meta['matmul']['ms']:.3f} ms)",
+                  flush=True)
+        except Exception as exc:  # the rows still get times and memory, only the GEMM floor goes missing
+            meta["matmul_note"] = f"measurement failed: {_describe_failure(exc)}"
+            release_memory()
+            print(f"matmul rate not measured: {meta['matmul_note']}", flush=True)
+    else:
+        meta["matmul_note"] = "CPU run, not measured"
+        print("bf16 matmul rate: n/a on the CPU (no GEMM floor)", flush=True)
+    save(results, args.out)
+
+    weight = None
+    for shape in shapes:
+        print(f"\n== {shape.label()}", flush=True)
+        x = reason = None
+        try:
+            if weight is None or tuple(weight.shape) != (shape.vocab, shape.hidden):
+                weight = None
+                release_memory()
+                weight = make_weight(shape.hidden, shape.vocab, device)
+            x = make_inputs(shape, weight)
+        except Exception as exc:
+            reason = f"could not make inputs: {_describe_failure(exc)}"
+        if reason is not None:
+            x = weight = None
+            release_memory()
+            print(f"  skipped: {reason}", flush=True)
+            results["skipped_shapes"].append({"shape": shape.label(), "reason": reason})
+            save(results, args.out)
+            continue
+        shape_rows = []
+        for impl in impls:
+            row = measure_row(impl, shape, x, device, reps, tflops)
+            shape_rows.append(row)
+            results["rows"].append(row)
+            compare_with_ours(shape_rows)
+            print(_summary(row), flush=True)
+            diff = row["loss_rel_diff_vs_ours"]
+            if diff is not None and diff > LOSS_MISMATCH:
+                print(f"  WARNING: {row['name']} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
+            save(results, args.out)
+            release_memory()
+        del x, shape_rows
+        release_memory()
+    del weight
+    release_memory()
+
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    results["complete"] = True
+    save(results, args.out)
+    print(f"\nfinished in {meta['wall_s']} s; results in {os.path.join(args.out, 'fused.json')}, fused.md\n")
+    print("\n".join(report_header(meta)))
+    print()
+    print(markdown_table(results["rows"]), flush=True)
+    ours_ok = [r for r in results["rows"] if r["impl"] == "ours" and r["status"] == "ok"]
+    ours_failed = [r for r in results["rows"] if r["impl"] == "ours" and r["status"] != "ok"]
+    if ours_failed or not ours_ok:
+        print(f"\nours failed on {len(ours_failed)} shape(s), succeeded on {len(ours_ok)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

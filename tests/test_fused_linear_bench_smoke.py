@@ -1,0 +1,45 @@
+"""Smoke test of the fused-linear benchmark: `python -m benchmarks.fused_linear --quick` runs end to end.
+
+Without a GPU the benchmark picks tiny shapes and runs the kernels through Triton's interpreter (a few
+seconds). With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.fused_linear", "--quick", "--out", str(tmp_path)]
+    if torch.cuda.is_available():
+        cmd.append("--tiny")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    output = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, output
+
+    results = json.loads((tmp_path / "fused.json").read_text())
+    assert results["complete"], output
+    rows = results["rows"]
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert len(ours) == 2 and all(r["status"] == "ok" for r in ours), output  # 0% and 40% ignored
+    for row in ours:
+        assert row["fwdbwd_ms"] is not None and math.isfinite(row["fwdbwd_ms"]) and row["fwdbwd_ms"] > 0, row
+        assert row["loss"] is not None and math.isfinite(row["loss"]), row
+    for row in rows:  # the logits path and eager compute the same loss from the same inputs
+        if row["impl"] != "ours" and row["status"] == "ok" and row["loss_comparable"]:
+            assert row["loss_rel_diff_vs_ours"] < 1e-2, row
+    assert {r["impl"] for r in rows} >= {"ours", "matmul", "eager"}, output
+    assert (tmp_path / "fused.md").read_text().count("| ours |") == len(ours)
+    assert "| impl |" in proc.stdout
+    if not torch.cuda.is_available():
+        assert "NOT GPU timings" in proc.stdout
+        assert results["meta"]["matmul"] is None

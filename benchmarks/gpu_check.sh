@@ -35,8 +35,8 @@ echo "== fused-linear benchmark: python -m benchmarks.fused_linear --quick --out
 timeout 90 python -m benchmarks.fused_linear --quick --out "$out_dir" 2>&1 | tail -n 40
 fused_rc=$?
 
-echo "== launch-configuration sweep: python -m benchmarks.sweep_configs --dtypes bfloat16 --vocab 32000 128256"
-timeout 80 python -m benchmarks.sweep_configs --dtypes bfloat16 --vocab 32000 128256 2>&1 | tee "$out_dir/sweep.log" \
+echo "== launch-configuration sweep: python -m benchmarks.sweep_configs --dtypes bfloat16 float32 --vocab 128256"
+timeout 80 python -m benchmarks.sweep_configs --dtypes bfloat16 float32 --vocab 128256 2>&1 | tee "$out_dir/sweep.log" \
     | tail -n 4
 sweep_rc=$?
 

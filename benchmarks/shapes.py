@@ -92,13 +92,17 @@ def grid(vocabs, tokens, dtypes, ignored, seq_len):
 
 
 def quick_shapes(tiny: bool):
-    """--quick: V=128256 at 16K tokens bf16 with 0% and 40% ignored, plus V=32000 16K bf16 (tiny on CPU)."""
+    """--quick: V=128256 at 16K tokens bf16 with 0% and 40% ignored, V=32000 16K bf16, and on a GPU
+    V=128256 16K fp32 (tiny shapes on CPU)."""
     if tiny:
         big, small, tokens, seq_len = 1000, 256, 20, TINY_SEQ_LEN
     else:
         big, small, tokens, seq_len = 128256, 32000, 16384, GPU_SEQ_LEN
-    return [make_shape(big, tokens, "bf16", 0.0, seq_len), make_shape(big, tokens, "bf16", 0.4, seq_len),
-            make_shape(small, tokens, "bf16", 0.0, seq_len)]
+    shapes = [make_shape(big, tokens, "bf16", 0.0, seq_len), make_shape(big, tokens, "bf16", 0.4, seq_len),
+              make_shape(small, tokens, "bf16", 0.0, seq_len)]
+    if not tiny:
+        shapes.append(make_shape(big, tokens, "fp32", 0.0, seq_len))
+    return shapes
 
 
 def parse_count(text: str) -> int:

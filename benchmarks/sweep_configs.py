@@ -18,8 +18,8 @@ import triton.testing
 from focal_kernels.kernels.logits_grad import logits_grad_kernel
 from focal_kernels.kernels.token_logps import token_logps_kernel
 
-BLOCKS = (4096, 8192, 16384, 32768)
-WARPS = (8, 16, 32)
+BLOCKS = (2048, 4096, 8192, 16384)
+WARPS = (4, 8, 16)
 
 
 def sweep(vocab, rows, dtype, blocks=BLOCKS, warps=WARPS):

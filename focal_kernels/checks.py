@@ -37,19 +37,26 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     if labels.device != logits.device:
         raise ValueError(f"{labels_name} is on {labels.device} but {logits_name} is on {logits.device}; "
                          "they must be on the same device")
-    if not isinstance(ignore_index, int):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if check_values:
         check_label_values(labels, logits.shape[2], labels_name=labels_name, ignore_index=ignore_index)
 
 
 def check_label_values(labels, vocab, *, labels_name="labels", ignore_index=-100):
-    scored = labels != ignore_index
-    out_of_range = scored & ((labels < 0) | (labels >= vocab))
-    if labels.numel() and bool(out_of_range.any()):
-        bad = labels[out_of_range][0].item()
-        raise ValueError(f"{labels_name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"found {bad}")
+    check_labels_in_range([(labels, labels_name)], vocab, ignore_index=ignore_index)
+
+
+def check_labels_in_range(named_labels, vocab, *, ignore_index=-100):
+    """Every label in [0, vocab) or == ignore_index, for several label tensors with one device sync."""
+    flags = [(((labels < 0) | (labels >= vocab)) & (labels != ignore_index)).any() for labels, _ in named_labels]
+    if not any(labels.numel() for labels, _ in named_labels) or not bool(torch.stack(flags).any()):
+        return
+    for (labels, name), flag in zip(named_labels, flags):
+        if bool(flag):
+            scored = labels != ignore_index
+            bad = labels[scored & ((labels < 0) | (labels >= vocab))][0].item()
+            raise ValueError(f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
 
 
 def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
@@ -62,9 +69,8 @@ def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, r
     check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
     check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
-    vocab = chosen_logits.shape[2]
-    check_label_values(chosen_labels, vocab, labels_name="chosen_labels", ignore_index=ignore_index)
-    check_label_values(rejected_labels, vocab, labels_name="rejected_labels", ignore_index=ignore_index)
+    check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
+                          chosen_logits.shape[2], ignore_index=ignore_index)
 
 
 def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_device, what="logits"):

@@ -39,7 +39,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backend
-from .checks import check_label_values, check_loss_options, check_pair_shapes, check_reference_logps
+from .checks import (check_label_values, check_labels_in_range, check_loss_options, check_pair_shapes,
+                     check_reference_logps)
 from .loss import preference_output
 from .output import PreferenceLossOutput
 from .reference import compute_dtype
@@ -171,6 +172,28 @@ def _chunk_logits_grad_torch(logits_chunk, labels, vocab_start, lse, grad_scale)
     return logits_chunk
 
 
+_MIXED_ADDMM = {"works": True}
+
+
+def _accumulate_product(acc, a, b):
+    """acc += a @ b with acc in float32 (float64) and a, b possibly bfloat16 / float16.
+
+    On CUDA, `addmm(..., out_dtype=float32)` has cuBLAS accumulate the low-precision product straight into
+    the float32 buffer. Where that is missing (older PyTorch, the CPU), the product is rounded to the
+    inputs' dtype by its GEMM (which accumulates in float32 internally) and then added in float32.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _MIXED_ADDMM["works"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # this PyTorch has no mixed-dtype addmm: never try again
+            _MIXED_ADDMM["works"] = False
+    acc.add_(torch.mm(a, b))
+
+
 def _chunk_logits(hidden_rows, weight, bias, start, stop):
     """(N, stop − start) logits of vocabulary rows [start, stop), in the inputs' dtype, contiguous."""
     weight_chunk = weight[start:stop]
@@ -290,10 +313,7 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             if needs_bias:
                 torch.sum(grad_chunk, dim=0, out=grad_bias[start:stop])
             if grad_hidden_rows is not None:
-                if grad_chunk.dtype == acc_dtype:
-                    grad_hidden_rows.addmm_(grad_chunk, weight[start:stop])
-                else:  # bfloat16 / float16: the GEMM accumulates in float32, its rounded output is added in float32
-                    grad_hidden_rows.add_(torch.mm(grad_chunk, weight[start:stop]))
+                _accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
             del grad_chunk
         del hidden_rows
 
@@ -356,8 +376,8 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_hidden.shape[0], chosen_hidden.device)
     check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
     check_chunk_size(chunk_size)
-    check_label_values(chosen_labels, weight.shape[0], labels_name="chosen_labels", ignore_index=ignore_index)
-    check_label_values(rejected_labels, weight.shape[0], labels_name="rejected_labels", ignore_index=ignore_index)
+    check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
+                          weight.shape[0], ignore_index=ignore_index)
     chosen_logps, rejected_logps = FusedLinearSequenceLogps.apply(
         weight, bias, ignore_index, chunk_size, chosen_hidden, chosen_labels, rejected_hidden, rejected_labels)
     return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,

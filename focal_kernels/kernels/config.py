@@ -9,31 +9,31 @@ from __future__ import annotations
 
 import triton
 
-# Bytes of one row that a program holds in registers per loop iteration.
-_BYTES_PER_BLOCK = 32768
+# Bytes of one row that a program holds per loop iteration, and warps per program. Measured on an H200
+# with benchmarks/sweep_configs.py (bf16, 16K rows, V = 32000 and 128256; see benchmarks/NOTES.md): the
+# forward's online reduction is fastest at 16 KiB blocks with 8 warps, the backward's elementwise pass at
+# 8 KiB blocks with 16 warps; larger blocks or more warps lose 10-40%.
+_FORWARD_BLOCK_BYTES, _FORWARD_WARPS = 16384, 8
+_BACKWARD_BLOCK_BYTES, _BACKWARD_WARPS = 8192, 16
 # Rows below this count get their vocabulary split over several programs in the backward.
 _MIN_PROGRAMS = 4 * 132
 
 
-def _block_and_warps(vocab: int, element_size: int, bytes_per_block: int):
-    block_v = min(triton.next_power_of_2(vocab), max(bytes_per_block // element_size, 16))
-    if block_v >= 8192:
-        num_warps = 16
-    elif block_v >= 2048:
-        num_warps = 8
-    else:
-        num_warps = 4
+def _block_and_warps(vocab: int, element_size: int, block_bytes: int, max_warps: int):
+    block_v = min(triton.next_power_of_2(vocab), max(block_bytes // element_size, 16))
+    # Small rows (small V) get fewer warps: at least 4 elements (one 8-16 byte access) per thread.
+    num_warps = max(1, min(max_warps, block_v // (4 * 32)))
     return block_v, num_warps
 
 
 def reduction_config(vocab: int, element_size: int):
     """(BLOCK_V, num_warps) for the forward's online logsumexp over one row."""
-    return _block_and_warps(vocab, element_size, _BYTES_PER_BLOCK)
+    return _block_and_warps(vocab, element_size, _FORWARD_BLOCK_BYTES, _FORWARD_WARPS)
 
 
 def gradient_config(rows: int, vocab: int, element_size: int):
     """(BLOCK_V, num_warps, blocks_per_program) for the backward; the vocabulary is split when rows are few."""
-    block_v, num_warps = _block_and_warps(vocab, element_size, _BYTES_PER_BLOCK)
+    block_v, num_warps = _block_and_warps(vocab, element_size, _BACKWARD_BLOCK_BYTES, _BACKWARD_WARPS)
     blocks_per_row = triton.cdiv(vocab, block_v)
     splits = min(blocks_per_row, max(1, triton.cdiv(_MIN_PROGRAMS, max(rows, 1))))
     blocks_per_program = triton.cdiv(blocks_per_row, splits)

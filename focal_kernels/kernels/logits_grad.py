@@ -36,23 +36,27 @@ def logits_grad_kernel(
     label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
     scored = label != ignore_index
     acc_dtype = row_max_ptr.dtype.element_ty
-    row_max = tl.load(row_max_ptr + row)
-    log_sum_exp = tl.load(log_sum_exp_ptr + row)
-    grad_scale = tl.where(scored, tl.load(grad_scale_ptr + b), 0.0).to(acc_dtype)
-
     row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     row_grad_ptr = grad_ptr + b * stride_grad_b + t * stride_grad_t
     first_col = split * blocks_per_program * BLOCK_V
-    read_end = tl.where(scored, V, 0)  # ignored rows read nothing
-    for i in range(0, blocks_per_program):
-        cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        x = tl.load(row_logits_ptr + cols, mask=cols < read_end, other=float("-inf")).to(acc_dtype)
-        probs = tl.exp((x - row_max) - log_sum_exp)
-        grad = grad_scale * (tl.where(cols == label, 1.0, 0.0) - probs)
-        grad = tl.where(scored, grad, 0.0)
-        tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-
+    # One branch per row kind, so that every mask is `cols < V` (V is specialized on divisibility by 16,
+    # which keeps the loads and stores 16 bytes wide); a row-dependent mask would not be.
+    if scored:
+        row_max = tl.load(row_max_ptr + row)
+        log_sum_exp = tl.load(log_sum_exp_ptr + row)
+        grad_scale = tl.load(grad_scale_ptr + b).to(acc_dtype)
+        for i in range(0, blocks_per_program):
+            cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            x = tl.load(row_logits_ptr + cols, mask=in_row, other=float("-inf")).to(acc_dtype)
+            probs = tl.exp((x - row_max) - log_sum_exp)
+            grad = grad_scale * (tl.where(cols == label, 1.0, 0.0) - probs)
+            tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    else:  # an ignored row: its logits are never read, its gradient is zero
+        zeros = tl.zeros((BLOCK_V,), dtype=grad_ptr.dtype.element_ty)
+        for i in range(0, blocks_per_program):
+            cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
+            tl.store(row_grad_ptr + cols, zeros, mask=cols < V)
 
 def logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, out=None):
     """Write the logits' gradient into `out` (default: a new tensor shaped like `logits`) and return it.

@@ -15,6 +15,8 @@ grad_scale. Another pair loss (IPO, hinge, ...) is another `@triton.jit` functio
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -65,6 +67,15 @@ def focal_po_pair_loss_kernel(
     tl.store(dloss_drejected_ptr + offsets, -beta * dloss_dz, mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _loss_params(beta, gamma, dtype, device):
+    """(β, γ) as a device tensor in the compute dtype (float64 stays exact; Triton's float scalars are
+    float32), made once per setting: no per-call host-to-device copy. Never written to."""
+    params = torch.full((2,), beta, dtype=dtype, device=device)
+    params[1:].fill_(gamma)
+    return params
+
+
 def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                        *, beta, gamma, detach_focal_weight):
     """(loss, dloss_dchosen, dloss_drejected), each (B,) in chosen_logps' dtype. Refs may be None (= 0)."""
@@ -76,9 +87,7 @@ def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
             return torch.zeros((batch,), dtype=dtype, device=device)
         return ref.detach().to(dtype).contiguous()
 
-    # (β, γ) in the compute dtype, filled on the device: no blocking host-to-device copy, and float64 stays exact.
-    params = torch.full((2,), beta, dtype=dtype, device=device)
-    params[1:].fill_(gamma)
+    params = _loss_params(beta, gamma, dtype, device)
     loss = torch.empty((batch,), dtype=dtype, device=device)
     dloss_dchosen = torch.empty_like(loss)
     dloss_drejected = torch.empty_like(loss)

@@ -31,8 +31,9 @@ echo "== benchmark: python -m benchmarks --quick --out $out_dir"
 timeout 200 python -m benchmarks --quick --out "$out_dir" 2>&1 | tee "$out_dir/bench.log"
 bench_rc=$?
 
-echo "== fused-linear benchmark: python -m benchmarks.fused_linear --quick --out $out_dir"
-timeout 90 python -m benchmarks.fused_linear --quick --out "$out_dir" 2>&1 | tail -n 40
+echo "== fused-linear benchmark: python -m benchmarks.fused_linear --quick --impls ours,matmul,eager,trl,liger,cce"
+timeout 150 python -m benchmarks.fused_linear --quick --impls ours,matmul,eager,trl,liger,cce --out "$out_dir" 2>&1 \
+    | tail -n 40
 fused_rc=$?
 
 echo "== launch-configuration sweep: python -m benchmarks.sweep_configs --dtypes bfloat16 float32 --vocab 128256"

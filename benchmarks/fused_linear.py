@@ -306,6 +306,18 @@ class LigerFusedLinearDPO(Impl):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class CutCrossEntropy(Impl):
     key, name = "cce", "cce"
     note = "cut_cross_entropy.linear_cross_entropy (default filter_eps: approximate gradient)"
@@ -328,6 +340,8 @@ class CutCrossEntropy(Impl):
         hidden = torch.cat([x.chosen_hidden, x.rejected_hidden])
         labels = torch.cat([x.chosen_labels, x.rejected_labels])
         nll = self._fn(hidden, x.weight, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        # Its backward views the incoming gradient as flat: hand it a contiguous one (sum's is expanded).
+        nll = _ContiguousGrad.apply(nll)
         sequence_logps = -nll.float().reshape(labels.shape).sum(-1)  # ignored tokens have loss 0
         return focal_po_from_logps(sequence_logps[:pairs], sequence_logps[pairs:], x.ref_chosen_logps,
                                    x.ref_rejected_logps, BETA, GAMMA)

@@ -1,15 +1,18 @@
-"""Autograd wiring: two Functions that compose into the FocalPO loss.
+"""Autograd wiring.
 
-    SequenceLogps:  logits (B, T, V), labels  →  logps (B,)
-        forward  token_logps kernel (saves row max and log-sum-exp, O(B·T)) + sequence_sum kernel
-        backward grad_scale = incoming (B,) gradient → logits_grad kernel
+    FocalPOFromLogits: chosen/rejected logits and labels, refs  →  per-pair loss, chosen_logps,
+                       rejected_logps (all differentiable), chosen_rewards, rejected_rewards (not)
+        forward  token_logps kernel per side (saves row max and log-sum-exp, O(B·T)), then one
+                 sequence_pair_loss kernel: per-sequence sums, loss, rewards and dℓ/dlogp
+        backward grad_scale_b = incoming loss gradient · dℓ/dlogp_b + incoming gradient of logp_b,
+                 then one logits_grad kernel per side
+    SequenceLogps:  logits (B, T, V), labels  →  logps (B,)          (`sequence_logps`)
     FocalPOPairLoss: chosen_logps, rejected_logps (B,), refs  →  per-pair loss (B,)
-        forward  pair-loss kernel, which also writes dℓ/dlogp per sequence
-        backward incoming gradient × those derivatives
+        (the hidden-state path's log-probs go through this one)
 
-Because the per-sequence log-probs are ordinary autograd outputs, a gradient that reaches them from the
-loss and one from any other term (an added NLL, say) are summed by autograd before the single logits
-backward runs. Only the logits themselves (the caller's tensor, not a copy) and O(B·T) values are saved.
+A gradient that reaches the log-probs from the loss and one from any other term (an added NLL, say) are
+summed before the single logits backward runs. Only the logits themselves (the caller's tensor, not a copy)
+and O(B·T) values are saved.
 """
 
 from __future__ import annotations
@@ -18,8 +21,52 @@ import torch
 
 from .kernels.logits_grad import logits_grad
 from .kernels.pair_loss import focal_po_pair_loss
+from .kernels.sequence_pair_loss import sequence_pair_loss
 from .kernels.sequence_sum import sequence_sum
 from .kernels.token_logps import token_logps_and_lse
+
+
+class FocalPOFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps,
+                ref_rejected_logps, beta, gamma, detach_focal_weight, ignore_index, inplace_backward):
+        chosen_tokens, chosen_max, chosen_lse = token_logps_and_lse(chosen_logits, chosen_labels, ignore_index)
+        rejected_tokens, rejected_max, rejected_lse = token_logps_and_lse(rejected_logits, rejected_labels,
+                                                                          ignore_index)
+        out = sequence_pair_loss(chosen_tokens, rejected_tokens, ref_chosen_logps, ref_rejected_logps,
+                                 beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
+        ctx.save_for_backward(chosen_logits, chosen_labels, chosen_max, chosen_lse,
+                              rejected_logits, rejected_labels, rejected_max, rejected_lse,
+                              out["dloss_dchosen"], out["dloss_drejected"])
+        ctx.ignore_index = ignore_index
+        ctx.inplace_backward = inplace_backward
+        ctx.ref_dtypes = (None if ref_chosen_logps is None else ref_chosen_logps.dtype,
+                          None if ref_rejected_logps is None else ref_rejected_logps.dtype)
+        ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
+        return (out["loss"], out["chosen_logps"], out["rejected_logps"], out["chosen_rewards"],
+                out["rejected_rewards"])
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_chosen_logps, grad_rejected_logps, _grad_chosen_rewards,
+                 _grad_rejected_rewards):
+        (chosen_logits, chosen_labels, chosen_max, chosen_lse, rejected_logits, rejected_labels, rejected_max,
+         rejected_lse, dloss_dchosen, dloss_drejected) = ctx.saved_tensors
+        grads = [None] * 11
+        scales = []
+        for dloss_dlogps, grad_logps in ((dloss_dchosen, grad_chosen_logps),
+                                         (dloss_drejected, grad_rejected_logps)):
+            scale = grad_loss * dloss_dlogps if grad_loss is not None else torch.zeros_like(dloss_dlogps)
+            scales.append(scale if grad_logps is None else scale + grad_logps.to(scale.dtype))
+        for side, (logits, labels, row_max, lse) in enumerate(((chosen_logits, chosen_labels, chosen_max, chosen_lse),
+                                                               (rejected_logits, rejected_labels, rejected_max,
+                                                                rejected_lse))):
+            if ctx.needs_input_grad[side]:
+                out = logits if ctx.inplace_backward else None
+                grads[side] = logits_grad(logits, labels, row_max, lse, scales[side], ctx.ignore_index, out=out)
+            if ctx.needs_input_grad[4 + side] and grad_loss is not None:  # d loss / d ref = −d loss / d logp
+                dloss_dlogps = (dloss_dchosen, dloss_drejected)[side]
+                grads[4 + side] = (-grad_loss * dloss_dlogps).to(ctx.ref_dtypes[side])
+        return tuple(grads)
 
 
 class SequenceLogps(torch.autograd.Function):

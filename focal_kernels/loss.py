@@ -15,12 +15,18 @@ def _sequence_logps(logits, labels, ignore_index, inplace_backward):
         return reference.token_logps(logits, labels, ignore_index).sum(-1)
     from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
 
-    if logits.stride(-1) != 1:
-        if inplace_backward:
-            raise ValueError("inplace_backward=True needs logits whose last dimension is contiguous "
-                             f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
-        logits = logits.contiguous()
-    return SequenceLogps.apply(logits, labels, ignore_index, inplace_backward)
+    return SequenceLogps.apply(_last_dim_contiguous(logits, inplace_backward), labels, ignore_index,
+                               inplace_backward)
+
+
+def _last_dim_contiguous(logits, inplace_backward):
+    """The kernels read rows with unit stride: any other last-dimension stride is copied once."""
+    if logits.stride(-1) == 1:
+        return logits
+    if inplace_backward:
+        raise ValueError("inplace_backward=True needs logits whose last dimension is contiguous "
+                         f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
+    return logits.contiguous()
 
 
 def _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
@@ -82,10 +88,20 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     """
     check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
                beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction)
-    chosen_logps = _sequence_logps(chosen_logits, chosen_labels, ignore_index, inplace_backward)
-    rejected_logps = _sequence_logps(rejected_logits, rejected_labels, ignore_index, inplace_backward)
-    return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                             beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+    if not backend.use_triton(chosen_logits):
+        chosen_logps = _sequence_logps(chosen_logits, chosen_labels, ignore_index, inplace_backward)
+        rejected_logps = _sequence_logps(rejected_logits, rejected_labels, ignore_index, inplace_backward)
+        return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+                                 gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+    from .autograd import FocalPOFromLogits
+
+    per_pair, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = FocalPOFromLogits.apply(
+        _last_dim_contiguous(chosen_logits, inplace_backward), _last_dim_contiguous(rejected_logits, inplace_backward),
+        chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
+        float(beta), float(gamma), bool(detach_focal_weight), ignore_index, inplace_backward)
+    return PreferenceLossOutput(loss=reduce_loss(per_pair, reduction), chosen_logps=chosen_logps,
+                                rejected_logps=rejected_logps, chosen_rewards=chosen_rewards,
+                                rejected_rewards=rejected_rewards)
 
 
 class FocalPOLoss(torch.nn.Module):

@@ -68,7 +68,7 @@ def focal_po_pair_loss_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def _loss_params(beta, gamma, dtype, device):
+def loss_params(beta, gamma, dtype, device):
     """(β, γ) as a device tensor in the compute dtype (float64 stays exact; Triton's float scalars are
     float32), made once per setting: no per-call host-to-device copy. Never written to."""
     params = torch.full((2,), beta, dtype=dtype, device=device)
@@ -87,7 +87,7 @@ def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
             return torch.zeros((batch,), dtype=dtype, device=device)
         return ref.detach().to(dtype).contiguous()
 
-    params = _loss_params(beta, gamma, dtype, device)
+    params = loss_params(beta, gamma, dtype, device)
     loss = torch.empty((batch,), dtype=dtype, device=device)
     dloss_dchosen = torch.empty_like(loss)
     dloss_drejected = torch.empty_like(loss)

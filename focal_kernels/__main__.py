@@ -1,4 +1,6 @@
-"""`python -m focal_kernels`: self-check of the fused loss against the float64 reference on this machine.
+"""`python -m focal_kernels`: self-check of the fused losses against the float64 reference on this machine.
+
+Both paths are checked: the loss on logits, and the loss on hidden states and an lm_head weight.
 
 On a GPU the kernels run compiled; without one they run on the CPU through Triton's interpreter (set here
 before triton is imported). Prints a table of max errors and wall times; exits 1 on any mismatch.
@@ -35,6 +37,11 @@ CPU_CASES = [
     (3, 3, 4, 77, torch.float16),
     (2, 5, 1, 37, torch.float64),
 ]
+# The hidden-state path: (batch, chosen tokens, rejected tokens, hidden size, vocab, dtype).
+GPU_LINEAR_CASES = [(2, 64, 48, 256, 5000, torch.bfloat16), (2, 32, 16, 128, 3001, torch.float32)]
+CPU_LINEAR_CASES = [(2, 4, 3, 16, 300, torch.float32), (2, 3, 2, 8, 77, torch.float64)]
+# Its logits are rounded to the inputs' dtype by the GEMM, so bf16 compares loosely with float64 products.
+LINEAR_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # Max error allowed, relative to the largest reference value: log-probs and loss are accumulated in float32
 # (float64); gradients are stored in the logits' dtype.
 VALUE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
@@ -88,6 +95,46 @@ def check_case(case, device, generator):
                 value_err=value_err, grad_err=grad_err, fused_ms=fused_ms, ref_ms=ref_ms, ok=ok)
 
 
+def check_linear_case(case, device, generator):
+    """fused_linear_focal_po_loss against the float64 reference on hidden @ W.T."""
+    batch, chosen_len, rejected_len, hidden_size, vocab, dtype = case
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    _, _, labels_c, labels_r, ref_c, ref_r = _inputs(batch, chosen_len, rejected_len, 1, torch.float32, device,
+                                                     generator)
+    labels_c, labels_r = (torch.where(y == -100, y, torch.randint(0, vocab, y.shape, generator=generator, device=device))
+                          for y in (labels_c, labels_r))
+    weight = (torch.randn(vocab, hidden_size, generator=generator, device=device) / hidden_size ** 0.5).to(dtype)
+    hidden_c, hidden_r = (torch.randn(batch, length, hidden_size, generator=generator, device=device).to(dtype)
+                          for length in (chosen_len, rejected_len))
+
+    def run(fn, hidden_c, hidden_r, weight):
+        leaves = [t.detach().requires_grad_(True) for t in (hidden_c, hidden_r, weight)]
+        sync()
+        start = time.perf_counter()
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.loss + 1e-3 * out.chosen_logps.sum(), leaves)
+        sync()
+        return out, grads, (time.perf_counter() - start) * 1e3
+
+    def fused(c, r, w):
+        return fk.fused_linear_focal_po_loss(c, r, w, labels_c, labels_r, ref_c, ref_r)
+
+    def reference(c, r, w):
+        return fk.reference.focal_po_loss(c @ w.T, r @ w.T, labels_c, labels_r, ref_c.double(), ref_r.double())
+
+    run(fused, hidden_c, hidden_r, weight)  # compile / warm up
+    out, grads, fused_ms = run(fused, hidden_c, hidden_r, weight)
+    ref, ref_grads, ref_ms = run(reference, hidden_c.double(), hidden_r.double(), weight.double())
+    value_err = max(_rel_err(getattr(out, name), getattr(ref, name))
+                    for name in ("loss", "chosen_logps", "rejected_logps"))
+    grad_err = max(_rel_err(g, r) for g, r in zip(grads, ref_grads))
+    finite = all(torch.isfinite(t).all().item() for t in (out.loss, *grads))
+    ok = finite and value_err <= LINEAR_TOL[dtype] and grad_err <= LINEAR_TOL[dtype]
+    return dict(shape=f"hidden B={batch} T={chosen_len}/{rejected_len} H={hidden_size} V={vocab}",
+                dtype=str(dtype).replace("torch.", ""), value_err=value_err, grad_err=grad_err, fused_ms=fused_ms,
+                ref_ms=ref_ms, ok=ok)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -98,6 +145,8 @@ def main(argv=None):
           f"triton {triton.__version__}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rows = [check_case(case, device, generator) for case in (GPU_CASES if ON_GPU else CPU_CASES)]
+    rows += [check_linear_case(case, device, generator)
+             for case in (GPU_LINEAR_CASES if ON_GPU else CPU_LINEAR_CASES)]
     print()
     print("| shape | dtype | max rel err (loss, logps) | max rel err (grads) | fused fwd+bwd ms | "
           "float64 reference ms | ok |")

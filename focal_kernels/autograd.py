@@ -49,22 +49,18 @@ class FocalPOFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_chosen_logps, grad_rejected_logps, _grad_chosen_rewards,
                  _grad_rejected_rewards):
-        (chosen_logits, chosen_labels, chosen_max, chosen_lse, rejected_logits, rejected_labels, rejected_max,
-         rejected_lse, dloss_dchosen, dloss_drejected) = ctx.saved_tensors
-        grads = [None] * 11
-        scales = []
-        for dloss_dlogps, grad_logps in ((dloss_dchosen, grad_chosen_logps),
-                                         (dloss_drejected, grad_rejected_logps)):
-            scale = grad_loss * dloss_dlogps if grad_loss is not None else torch.zeros_like(dloss_dlogps)
-            scales.append(scale if grad_logps is None else scale + grad_logps.to(scale.dtype))
-        for side, (logits, labels, row_max, lse) in enumerate(((chosen_logits, chosen_labels, chosen_max, chosen_lse),
-                                                               (rejected_logits, rejected_labels, rejected_max,
-                                                                rejected_lse))):
+        saved = ctx.saved_tensors
+        sides = ((*saved[0:4], saved[8], grad_chosen_logps), (*saved[4:8], saved[9], grad_rejected_logps))
+        grads = [None] * 11  # one per forward input
+        for side, (logits, labels, row_max, log_sum_exp, dloss_dlogps, grad_logps) in enumerate(sides):
             if ctx.needs_input_grad[side]:
+                grad_scale = torch.zeros_like(dloss_dlogps) if grad_loss is None else grad_loss * dloss_dlogps
+                if grad_logps is not None:
+                    grad_scale = grad_scale + grad_logps.to(grad_scale.dtype)
                 out = logits if ctx.inplace_backward else None
-                grads[side] = logits_grad(logits, labels, row_max, lse, scales[side], ctx.ignore_index, out=out)
+                grads[side] = logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ctx.ignore_index,
+                                          out=out)
             if ctx.needs_input_grad[4 + side] and grad_loss is not None:  # d loss / d ref = −d loss / d logp
-                dloss_dlogps = (dloss_dchosen, dloss_drejected)[side]
                 grads[4 + side] = (-grad_loss * dloss_dlogps).to(ctx.ref_dtypes[side])
         return tuple(grads)
 

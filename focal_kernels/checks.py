@@ -72,6 +72,9 @@ def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, r
     check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
                             labels_name="rejected_labels", ignore_index=ignore_index, check_values=False)
     check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
+    if chosen_logits.dtype != rejected_logits.dtype:
+        raise TypeError(f"chosen_logits and rejected_logits must have the same dtype, got {chosen_logits.dtype} "
+                        f"and {rejected_logits.dtype}")
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
     check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
     check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],

@@ -35,6 +35,8 @@ IMPLEMENTATIONS = [fk.focal_po_loss, fk.reference.focal_po_loss]
     (lambda d: {"rejected_logits": torch.randn(3, 4, 10, device=d),
                 "rejected_labels": torch.zeros(3, 4, dtype=torch.long, device=d)}, ValueError, r"same batch size"),
     (lambda d: {"rejected_logits": torch.randn(2, 4, 11, device=d)}, ValueError, r"same last dimension"),
+    (lambda d: {"rejected_logits": torch.randn(2, 4, 10, device=d, dtype=torch.float64)}, TypeError,
+     r"chosen_logits and rejected_logits must have the same dtype"),
     (lambda d: {"chosen_labels": torch.zeros(2, 3, device=d)}, TypeError, r"chosen_labels must be an int64 or int32"),
     (lambda d: {"chosen_logits": torch.zeros(2, 3, 10, dtype=torch.long, device=d)}, TypeError,
      r"chosen_logits must be a floating-point tensor"),

@@ -46,9 +46,10 @@ import torch
 
 from .baselines import BETA, GAMMA, eager_sequence_logps, focal_po_from_logps
 from .environment import bench_device, describe, is_out_of_memory, release_memory, synchronize
-from .inputs import IGNORE_INDEX
-from .report import _clean, _write_atomically, header_lines
+from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
+from .report import _clean, _write_atomically, header_lines, print_end, print_start, skip_notes
 from .runner import LOSS_MISMATCH, _describe_failure
+from .shapes import PairedTokens, parse_names
 from .timing import CpuTimer, GpuTimer, peak_extra_bytes
 
 HIDDEN, VOCAB, PAIRS = 4096, 128256, 4            # Llama-3-8B lm_head
@@ -66,25 +67,12 @@ ALL_IMPLS = ("ours", "matmul", "matmul_inplace", "eager", "trl", "liger", "cce")
 # ------------------------------------------------------------------------------------------------ inputs
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(PairedTokens):
     hidden: int
     vocab: int
     pairs: int
     seq_len: int
     ignored_fraction: float
-
-    @property
-    def tokens(self) -> int:
-        """N: rows of chosen and rejected together."""
-        return 2 * self.pairs * self.seq_len
-
-    @property
-    def ignored_per_sequence(self) -> int:
-        return int(round(self.ignored_fraction * self.seq_len))
-
-    @property
-    def valid_tokens(self) -> int:
-        return 2 * self.pairs * (self.seq_len - self.ignored_per_sequence)
 
     @property
     def logits_bytes(self) -> int:
@@ -136,15 +124,9 @@ def make_inputs(shape: Shape, weight: torch.Tensor, seed: int = 1000) -> Inputs:
     def hidden():
         return torch.randn(size + (shape.hidden,), generator=gen, dtype=DTYPE, device=device).requires_grad_()
 
-    def labels():
-        out = torch.randint(0, shape.vocab, size, generator=gen, device=device)
-        out[:, :shape.ignored_per_sequence] = IGNORE_INDEX
-        return out
-
-    def ref_logps():
-        return torch.randn((shape.pairs,), generator=gen, dtype=torch.float32, device=device) * 10.0
-
-    return Inputs(hidden(), hidden(), weight, labels(), labels(), ref_logps(), ref_logps())
+    chosen, rejected = hidden(), hidden()
+    return Inputs(chosen, rejected, weight, random_labels(shape, gen, device), random_labels(shape, gen, device),
+                  random_ref_logps(shape, gen, device), random_ref_logps(shape, gen, device))
 
 
 # ----------------------------------------------------------------------------------------- implementations
@@ -527,12 +509,7 @@ def markdown_report(results: dict) -> str:
                  "Peak extra = max_memory_allocated − memory_allocated before one fwd+bwd; \"net\" subtracts the "
                  "returned gradients (both hidden states and the weight). % of logits: of N·V·2 bytes. "
                  "\"ours faster\" / \"ours less mem\" = that row's time / peak ÷ ours' (>1: ours better).")
-    for name, reason in results["skipped_implementations"]:
-        parts.append(f"- skipped {name}: {reason}")
-    for item in results["skipped_shapes"]:
-        parts.append(f"- skipped shape {item['shape']}: {item['reason']}")
-    if not results.get("complete"):
-        parts.append("- run incomplete (partial results)")
+    parts += skip_notes(results)
     parts += ["", markdown_table(results["rows"])]
     return "\n".join(parts) + "\n"
 
@@ -584,11 +561,7 @@ def choose_shapes(args, device) -> list:
 def choose_impls(args) -> list:
     if not args.impls:
         return list(QUICK_IMPLS if args.quick else ALL_IMPLS)
-    keys = [k.strip() for k in args.impls.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in IMPLS]
-    if unknown:
-        raise SystemExit(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
-    return keys
+    return parse_names(args.impls, IMPLS, "implementation")
 
 
 def main(argv=None) -> int:
@@ -600,9 +573,7 @@ def main(argv=None) -> int:
     meta.update(timer=(GpuTimer.kind if device.type == "cuda" else CpuTimer.kind) + f", {reps} timed calls",
                 args=vars(args), hidden=shapes[0].hidden, vocab=shapes[0].vocab, dtype=DTYPE_NAME,
                 beta=BETA, gamma=GAMMA, gemms_in_floor=GEMMS_IN_FLOOR, matmul=None)
-    print("\n".join(header_lines({**meta, "copy": None})[:-1]), flush=True)
-    if device.type != "cuda":
-        print("No CUDA device: tiny shapes, kernels through Triton's interpreter. NOT GPU timings.", flush=True)
+    print_start(meta, device)
 
     keys = choose_impls(args)
     impls, skipped = build_impls(keys, device)
@@ -671,15 +642,7 @@ def main(argv=None) -> int:
     results["complete"] = True
     save(results, args.out)
     print(f"\nfinished in {meta['wall_s']} s; results in {os.path.join(args.out, 'fused.json')}, fused.md\n")
-    print("\n".join(report_header(meta)))
-    print()
-    print(markdown_table(results["rows"]), flush=True)
-    ours_ok = [r for r in results["rows"] if r["impl"] == "ours" and r["status"] == "ok"]
-    ours_failed = [r for r in results["rows"] if r["impl"] == "ours" and r["status"] != "ok"]
-    if ours_failed or not ours_ok:
-        print(f"\nours failed on {len(ours_failed)} shape(s), succeeded on {len(ours_ok)}", file=sys.stderr)
-        return 1
-    return 0
+    return print_end(report_header(meta), markdown_table(results["rows"]), results["rows"], ("error", "oom"))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,19 @@ class InputSet:
         return (self.chosen_logits, self.rejected_logits)
 
 
+def random_labels(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """(pairs, seq_len) int64 labels in [0, vocab), the first ignored_per_sequence of each row IGNORE_INDEX.
+    `shape` is any shape with pairs, seq_len, vocab and ignored_per_sequence."""
+    out = torch.randint(0, shape.vocab, (shape.pairs, shape.seq_len), generator=gen, device=device)
+    out[:, :shape.ignored_per_sequence] = IGNORE_INDEX
+    return out
+
+
+def random_ref_logps(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """(pairs,) float32 reference log-probs."""
+    return torch.randn((shape.pairs,), generator=gen, dtype=torch.float32, device=device) * 10.0
+
+
 def make_input_set(shape: Shape, device: torch.device, seed: int) -> InputSet:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -43,16 +56,9 @@ def make_input_set(shape: Shape, device: torch.device, seed: int) -> InputSet:
     def logits():
         return torch.randn(size + (shape.vocab,), generator=gen, dtype=shape.dtype, device=device).requires_grad_()
 
-    def labels():
-        out = torch.randint(0, shape.vocab, size, generator=gen, device=device)
-        out[:, :shape.ignored_per_sequence] = IGNORE_INDEX
-        return out
-
-    def ref_logps():
-        return torch.randn((shape.pairs,), generator=gen, dtype=torch.float32, device=device) * 10.0
-
     chosen, rejected = logits(), logits()
-    return InputSet(chosen, rejected, labels(), labels(), ref_logps(), ref_logps())
+    return InputSet(chosen, rejected, random_labels(shape, gen, device), random_labels(shape, gen, device),
+                    random_ref_logps(shape, gen, device), random_ref_logps(shape, gen, device))
 
 
 def work_copy(source: InputSet) -> InputSet:

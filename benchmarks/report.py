@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 COLUMNS = ("vocab", "tokens", "dtype", "ignored", "impl", "fwd ms", "bwd ms", "fwd+bwd ms",
            "fwd GB/s (% copy)", "bwd GB/s (% copy)", "fwd+bwd GB/s (% copy)", "peak extra MiB",
@@ -61,18 +62,43 @@ def header_lines(meta: dict) -> list:
     return lines
 
 
+def print_start(meta: dict, device) -> None:
+    """The device / timer lines (no copy bandwidth yet), and a warning when these are not GPU timings."""
+    print("\n".join(header_lines({**meta, "copy": None})[:-1]), flush=True)
+    if device.type != "cuda":
+        print("No CUDA device: tiny shapes, kernels through Triton's interpreter. NOT GPU timings.", flush=True)
+
+
+def print_end(header: list, table: str, rows: list, failed_statuses) -> int:
+    """Header and table on stdout; exit status 1 (and a line on stderr) when ours failed on a shape (its
+    status is in failed_statuses) or succeeded on none, else 0."""
+    print("\n".join(header))
+    print()
+    print(table, flush=True)
+    ours_failed = [r for r in rows if r["impl"] == "ours" and r["status"] in failed_statuses]
+    ours_ok = [r for r in rows if r["impl"] == "ours" and r["status"] == "ok"]
+    if ours_failed or not ours_ok:
+        print(f"\nours failed on {len(ours_failed)} shape(s), succeeded on {len(ours_ok)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def skip_notes(results: dict) -> list:
+    """Markdown bullets: skipped implementations, skipped shapes, and whether the run is incomplete."""
+    notes = [f"- skipped {name}: {reason}" for name, reason in results["skipped_implementations"]]
+    notes += [f"- skipped shape {item['shape']}: {item['reason']}" for item in results["skipped_shapes"]]
+    if not results.get("complete"):
+        notes.append("- run incomplete (partial results)")
+    return notes
+
+
 def markdown_report(results: dict) -> str:
     """Header, notes, then the table last (gpu_check.sh prints this file as its final output)."""
     meta = results["meta"]
     parts = ["# focal-kernels benchmark", "", *(f"{line}  " for line in header_lines(meta)), ""]
     parts.append("Floor bytes: fwd reads valid rows' logits once; bwd reads them once and writes the whole "
                  "gradient once. \"ours faster\" = that row's fwd+bwd time / ours'.")
-    for name, reason in results["skipped_implementations"]:
-        parts.append(f"- skipped {name}: {reason}")
-    for item in results["skipped_shapes"]:
-        parts.append(f"- skipped shape {item['shape']}: {item['reason']}")
-    if not results.get("complete"):
-        parts.append("- run incomplete (partial results)")
+    parts += skip_notes(results)
     parts += ["", markdown_table(results["rows"])]
     return "\n".join(parts) + "\n"
 

@@ -30,8 +30,30 @@ TINY_TOKENS = (20, 40)
 TINY_SEQ_LEN = 5  # 40% ignored is exactly 2 tokens
 
 
+class PairedTokens:
+    """Token counts of `pairs` chosen and `pairs` rejected sequences of `seq_len` tokens, the first
+    round(ignored_fraction · seq_len) of each ignored (the prompt). For dataclasses with those fields."""
+
+    pairs: int
+    seq_len: int
+    ignored_fraction: float
+
+    @property
+    def tokens(self) -> int:
+        """N: rows (of logits, or of hidden states), chosen and rejected together."""
+        return 2 * self.pairs * self.seq_len
+
+    @property
+    def ignored_per_sequence(self) -> int:
+        return int(round(self.ignored_fraction * self.seq_len))
+
+    @property
+    def valid_tokens(self) -> int:
+        return 2 * self.pairs * (self.seq_len - self.ignored_per_sequence)
+
+
 @dataclass(frozen=True)
-class Shape:
+class Shape(PairedTokens):
     vocab: int
     pairs: int
     seq_len: int
@@ -45,19 +67,6 @@ class Shape:
     @property
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def tokens(self) -> int:
-        """Rows of logits, chosen and rejected together."""
-        return 2 * self.pairs * self.seq_len
-
-    @property
-    def ignored_per_sequence(self) -> int:
-        return int(round(self.ignored_fraction * self.seq_len))
-
-    @property
-    def valid_tokens(self) -> int:
-        return 2 * self.pairs * (self.seq_len - self.ignored_per_sequence)
 
     @property
     def logits_bytes(self) -> int:
@@ -115,6 +124,15 @@ def parse_count(text: str) -> int:
 
 def parse_list(text: str, convert):
     return [convert(item) for item in text.split(",") if item.strip()]
+
+
+def parse_names(text: str, known, what: str) -> list:
+    """'a, b' → ['a', 'b'], every name one of `known`; SystemExit naming `what` otherwise."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}(s) {unknown}; choose from {list(known)}")
+    return names
 
 
 def parse_dtype(text: str) -> str:

@@ -19,11 +19,23 @@ from __future__ import annotations
 
 import torch
 
+from .first_order import first_order_only
 from .kernels.logits_grad import logits_grad
 from .kernels.pair_loss import focal_po_pair_loss
 from .kernels.sequence_pair_loss import sequence_pair_loss
 from .kernels.sequence_sum import sequence_sum
 from .kernels.token_logps import token_logps_and_lse
+
+
+def _logits_grad(ctx, logits, labels, row_max, log_sum_exp, grad_scale):
+    """The logits' gradient, written over the logits themselves when ctx.inplace_backward."""
+    if not ctx.inplace_backward:
+        return logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ctx.ignore_index)
+    logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ctx.ignore_index, out=logits)
+    # Tell autograd the logits changed, so that any other op that saved them fails loudly in its backward
+    # instead of reading the gradient as if it were the logits.
+    torch.autograd.graph.increment_version(logits)
+    return logits
 
 
 class FocalPOFromLogits(torch.autograd.Function):
@@ -47,6 +59,7 @@ class FocalPOFromLogits(torch.autograd.Function):
                 out["rejected_rewards"])
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, grad_chosen_logps, grad_rejected_logps, _grad_chosen_rewards,
                  _grad_rejected_rewards):
         saved = ctx.saved_tensors
@@ -57,9 +70,7 @@ class FocalPOFromLogits(torch.autograd.Function):
                 grad_scale = torch.zeros_like(dloss_dlogps) if grad_loss is None else grad_loss * dloss_dlogps
                 if grad_logps is not None:
                     grad_scale = grad_scale + grad_logps.to(grad_scale.dtype)
-                out = logits if ctx.inplace_backward else None
-                grads[side] = logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ctx.ignore_index,
-                                          out=out)
+                grads[side] = _logits_grad(ctx, logits, labels, row_max, log_sum_exp, grad_scale)
             if ctx.needs_input_grad[4 + side] and grad_loss is not None:  # d loss / d ref = −d loss / d logp
                 grads[4 + side] = (-grad_loss * dloss_dlogps).to(ctx.ref_dtypes[side])
         return tuple(grads)
@@ -76,11 +87,10 @@ class SequenceLogps(torch.autograd.Function):
         return logps
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logps):
         logits, labels, row_max, log_sum_exp = ctx.saved_tensors
-        grad_scale = grad_logps.to(row_max.dtype)
-        out = logits if ctx.inplace_backward else None
-        grad_logits = logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ctx.ignore_index, out=out)
+        grad_logits = _logits_grad(ctx, logits, labels, row_max, log_sum_exp, grad_logps.to(row_max.dtype))
         return grad_logits, None, None, None
 
 
@@ -97,6 +107,7 @@ class FocalPOPairLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         dloss_dchosen, dloss_drejected = ctx.saved_tensors
         grad_chosen = grad_loss * dloss_dchosen

@@ -39,6 +39,8 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
                          "they must be on the same device")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if check_values:
         check_label_values(labels, logits.shape[2], labels_name=labels_name, ignore_index=ignore_index)
 
@@ -115,6 +117,38 @@ def check_loss_options(*, beta, gamma, reduction):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_inplace_target(logits, name="logits"):
+    """inplace_backward writes each element's gradient over it: the logits must be rows of unit stride that
+    share no memory with each other (no expand(), no overlapping as_strided views)."""
+    if logits.stride(-1) != 1:
+        raise ValueError(f"inplace_backward=True needs {name} whose last dimension is contiguous "
+                         f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
+    extent = 1  # elements spanned so far, walking the dimensions from the smallest stride up
+    dims = sorted(((st, s) for s, st in zip(logits.shape, logits.stride()) if s > 1))
+    for stride, size in dims:
+        if stride < extent:
+            raise ValueError(f"inplace_backward=True needs {name} whose elements do not overlap in memory "
+                             f"(no expand() or overlapping views), got shape {tuple(logits.shape)} and strides "
+                             f"{tuple(logits.stride())}")
+        extent = stride * (size - 1) + extent
+    return logits
+
+
+def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
+    """With inplace_backward, chosen and rejected must not share memory (halves of one batch are fine)."""
+    if chosen_logits.untyped_storage().data_ptr() != rejected_logits.untyped_storage().data_ptr():
+        return
+
+    def span(t):  # [first, last] byte addresses touched
+        last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) if t.numel() else -1
+        return t.data_ptr(), t.data_ptr() + last * t.element_size()
+
+    (c0, c1), (r0, r1) = span(chosen_logits), span(rejected_logits)
+    if c0 <= r1 and r0 <= c1:
+        raise ValueError("inplace_backward=True needs chosen_logits and rejected_logits that do not overlap in "
+                         "memory (views of disjoint parts of one tensor are fine)")
 
 
 def _is_real(value):

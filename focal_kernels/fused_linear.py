@@ -36,11 +36,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import backend
 from .checks import (check_label_values, check_labels_in_range, check_loss_options, check_pair_shapes,
                      check_reference_logps)
+from .first_order import first_order_only
 from .loss import preference_output
 from .output import PreferenceLossOutput
 from .reference import compute_dtype
@@ -285,7 +285,7 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, *grad_logps):
         weight, bias, lse, row_labels, *rest = ctx.saved_tensors
         hiddens, positions = rest[:ctx.groups], rest[ctx.groups:]

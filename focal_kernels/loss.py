@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import backend, reference
-from .checks import check_logits_and_labels, check_pair, reduce_loss
+from .checks import (check_inplace_target, check_inplace_targets_disjoint, check_logits_and_labels, check_pair,
+                     reduce_loss)
 from .output import PreferenceLossOutput
 
 
@@ -21,12 +22,9 @@ def _sequence_logps(logits, labels, ignore_index, inplace_backward):
 
 def _last_dim_contiguous(logits, inplace_backward):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once."""
-    if logits.stride(-1) == 1:
-        return logits
     if inplace_backward:
-        raise ValueError("inplace_backward=True needs logits whose last dimension is contiguous "
-                         f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
-    return logits.contiguous()
+        check_inplace_target(logits)
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
 def _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
@@ -94,6 +92,9 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
         return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
                                  gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
     from .autograd import FocalPOFromLogits
+
+    if inplace_backward:
+        check_inplace_targets_disjoint(chosen_logits, rejected_logits)
 
     per_pair, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = FocalPOFromLogits.apply(
         _last_dim_contiguous(chosen_logits, inplace_backward), _last_dim_contiguous(rejected_logits, inplace_backward),

@@ -17,15 +17,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_writes_finite_rows(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)]
-    if torch.cuda.is_available():
-        cmd += ["--tiny", "--baselines", "eager,inplace"]
+def run_benchmark(module: str, *args: str):
+    """`python -m module args...` from the repository root; (the completed process, its output's tails),
+    asserting that it exited 0."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
     output = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, output
+    return proc, output
+
+
+def test_quick_benchmark_writes_finite_rows(tmp_path):
+    args = ["--quick", "--out", str(tmp_path)]
+    if torch.cuda.is_available():
+        args += ["--tiny", "--baselines", "eager,inplace"]
+    proc, output = run_benchmark("benchmarks", *args)
 
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["complete"], output

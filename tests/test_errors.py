@@ -98,3 +98,43 @@ def test_inplace_backward_needs_contiguous_vocabulary(device):
     if backend.use_triton(logits):
         with pytest.raises(ValueError, match="inplace_backward=True needs logits whose last dimension"):
             fk.sequence_logps(logits, labels, inplace_backward=True)
+
+
+def test_inplace_backward_refuses_overlapping_logits(device):
+    from focal_kernels import backend
+
+    base = torch.randn(1, 3, 10, device=device)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    if not backend.use_triton(base):
+        return  # the PyTorch path ignores inplace_backward
+    with pytest.raises(ValueError, match="do not overlap in memory"):
+        fk.sequence_logps(base.expand(2, 3, 10), labels, inplace_backward=True)
+    logits = torch.randn(2, 3, 10, device=device)
+    with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):
+        fk.focal_po_loss(logits, logits, labels, labels, inplace_backward=True)
+    both = torch.randn(4, 3, 10, device=device)  # chosen and rejected as halves of one batch: fine
+    fk.focal_po_loss(both[:2], both[2:], labels, labels, inplace_backward=True)
+
+
+def test_inplace_backward_over_logits_another_op_saved_fails_loudly(device):
+    from focal_kernels import backend
+
+    raw = torch.randn(2, 3, 10, device=device, requires_grad=True)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    if not backend.use_triton(raw):
+        return
+    logits = torch.tanh(raw)  # tanh saves its output for its backward
+    logps = fk.sequence_logps(logits, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logps.sum().backward()
+
+
+def test_double_backward_raises(device):
+    logits = torch.randn(2, 3, 10, device=device, dtype=torch.float64, requires_grad=True)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    from focal_kernels import backend
+    if not backend.use_triton(logits):
+        return
+    out = fk.focal_po_loss(logits, logits.detach().clone(), labels, labels)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.loss, [logits], create_graph=True)

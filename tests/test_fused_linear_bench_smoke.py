@@ -6,25 +6,17 @@ seconds). With a GPU the test adds --tiny so it stays short (the real Llama-3-8B
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_benchmarks_smoke import run_benchmark
 
 
 def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.fused_linear", "--quick", "--out", str(tmp_path)]
+    args = ["--quick", "--out", str(tmp_path)]
     if torch.cuda.is_available():
-        cmd.append("--tiny")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    output = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, output
+        args.append("--tiny")
+    proc, output = run_benchmark("benchmarks.fused_linear", *args)
 
     results = json.loads((tmp_path / "fused.json").read_text())
     assert results["complete"], output

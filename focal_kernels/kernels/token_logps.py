@@ -48,7 +48,8 @@ def token_logps_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_logits_ptr + cols, mask=cols < V, other=float("-inf")).to(acc_dtype)
         running_max, running_sum = online_logsumexp_step(running_max, running_sum, x)
-    # A row of -inf (or an ignored one) has no finite max: shift by 0, so the log-prob is -inf, not nan.
+    # An ignored row (or a scored row of all -inf, whose log-prob is then nan as in log_softmax) has no finite
+    # max: shift by 0 rather than by -inf.
     row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
     log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))
 

@@ -7,6 +7,7 @@ import torch
 import focal_kernels as fk
 from focal_kernels.kernels.logits_grad import logits_grad
 from focal_kernels.kernels.pair_loss import focal_po_pair_loss
+from focal_kernels.kernels.sequence_pair_loss import sequence_pair_loss
 from focal_kernels.kernels.token_logps import token_logps_and_lse
 from helpers import random_labels, random_logits
 
@@ -66,6 +67,13 @@ def test_every_output_element_is_written(device, dtype, monkeypatch):
     loss, d_c, d_r = focal_po_pair_loss(torch.randn(3, device=device), torch.randn(3, device=device), None, None,
                                         beta=0.1, gamma=0.05, detach_focal_weight=False)
     assert not (torch.isnan(loss).any() or torch.isnan(d_c).any() or torch.isnan(d_r).any())
+    chosen_tokens = token_logps
+    rejected_tokens = token_logps_and_lse(rejected, labels_r, -100)[0]
+    for ref in (None, torch.randn(3, device=device)):
+        outputs = sequence_pair_loss(chosen_tokens, rejected_tokens, ref, None, beta=0.1, gamma=0.05,
+                                     detach_focal_weight=False)
+        for name, value in outputs.items():
+            assert value.shape == (3,) and not torch.isnan(value).any(), name
     out, = torch.autograd.grad(fk.focal_po_loss(chosen.requires_grad_(True), rejected, labels_c, labels_r).loss,
                                [chosen])
     assert not torch.isnan(out).any()

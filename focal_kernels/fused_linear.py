@@ -41,7 +41,7 @@ from . import backend
 from .checks import (check_label_values, check_labels_in_range, check_loss_options, check_pair_shapes,
                      check_reference_logps)
 from .first_order import first_order_only
-from .loss import preference_output
+from .loss import PreferenceLossModule, preference_output
 from .output import PreferenceLossOutput
 from .reference import compute_dtype
 
@@ -384,29 +384,16 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                              beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
 
 
-class FusedLinearFocalPOLoss(torch.nn.Module):
+class FusedLinearFocalPOLoss(PreferenceLossModule):
     """Module form of `fused_linear_focal_po_loss`: the options at construction, the tensors (the lm_head's
     weight and bias included) at call."""
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, chunk_size: int | None = None):
-        super().__init__()
-        self.beta = beta
-        self.gamma = gamma
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.detach_focal_weight = detach_focal_weight
-        self.chunk_size = chunk_size
+        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                         detach_focal_weight=detach_focal_weight, chunk_size=chunk_size)
 
     def forward(self, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
                 ref_chosen_logps=None, ref_rejected_logps=None, bias=None) -> PreferenceLossOutput:
         return fused_linear_focal_po_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
-                                          ref_chosen_logps, ref_rejected_logps, bias=bias,
-                                          beta=self.beta, gamma=self.gamma, ignore_index=self.ignore_index,
-                                          reduction=self.reduction, detach_focal_weight=self.detach_focal_weight,
-                                          chunk_size=self.chunk_size)
-
-    def extra_repr(self) -> str:
-        return (f"beta={self.beta}, gamma={self.gamma}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, detach_focal_weight={self.detach_focal_weight}, "
-                f"chunk_size={self.chunk_size}")
+                                          ref_chosen_logps, ref_rejected_logps, bias=bias, **self.options)

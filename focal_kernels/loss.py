@@ -105,27 +105,36 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
                                 rejected_rewards=rejected_rewards)
 
 
-class FocalPOLoss(torch.nn.Module):
+class PreferenceLossModule(torch.nn.Module):
+    """The options shared by the module forms, kept as attributes (as PyTorch's losses keep `reduction`);
+    `options` gathers them for the functional form at each call."""
+
+    def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
+                 reduction: str = "mean", detach_focal_weight: bool = False, **extra_options):
+        super().__init__()
+        given = dict(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                     detach_focal_weight=detach_focal_weight, **extra_options)
+        for name, value in given.items():
+            setattr(self, name, value)
+        self._option_names = tuple(given)
+
+    @property
+    def options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+
+
+class FocalPOLoss(PreferenceLossModule):
     """Module form of `focal_po_loss`: the options at construction, the tensors at call."""
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False):
-        super().__init__()
-        self.beta = beta
-        self.gamma = gamma
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.detach_focal_weight = detach_focal_weight
-        self.inplace_backward = inplace_backward
+        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                         detach_focal_weight=detach_focal_weight, inplace_backward=inplace_backward)
 
     def forward(self, chosen_logits, rejected_logits, chosen_labels, rejected_labels,
                 ref_chosen_logps=None, ref_rejected_logps=None) -> PreferenceLossOutput:
         return focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
-                             ref_chosen_logps, ref_rejected_logps,
-                             beta=self.beta, gamma=self.gamma, ignore_index=self.ignore_index,
-                             reduction=self.reduction, detach_focal_weight=self.detach_focal_weight,
-                             inplace_backward=self.inplace_backward)
-
-    def extra_repr(self) -> str:
-        return (f"beta={self.beta}, gamma={self.gamma}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, detach_focal_weight={self.detach_focal_weight}")
+                             ref_chosen_logps, ref_rejected_logps, **self.options)

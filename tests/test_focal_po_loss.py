@@ -204,7 +204,7 @@ def test_module_matches_functional(device):
                                                                                           device)
     labels_c, labels_r = random_labels(2, 3, vocab, device), random_labels(2, 3, vocab, device)
     module = fk.FocalPOLoss(beta=0.2, gamma=1.0, reduction="sum")
-    assert "gamma=1.0" in repr(module)
+    assert "gamma=1.0" in repr(module) and module.reduction == "sum"
     a = module(chosen, rejected, labels_c, labels_r)
     b = fk.focal_po_loss(chosen, rejected, labels_c, labels_r, beta=0.2, gamma=1.0, reduction="sum")
     for x, y in zip(a, b):

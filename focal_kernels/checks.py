@@ -58,7 +58,7 @@ def check_labels_in_range(named_labels, vocab, *, ignore_index=-100):
     named_labels = [(labels, name) for labels, name in named_labels if labels.numel()]
     if not named_labels:
         return
-    extremes = torch.stack([torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels)))
+    extremes = torch.stack([torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels))).long()
                             for labels, _ in named_labels]).tolist()
     for (labels, name), (smallest, largest) in zip(named_labels, extremes):
         if smallest < 0 or largest >= vocab:

@@ -106,6 +106,8 @@ def test_int32_labels(device):
                                                                                           device)
     compare_with_reference(chosen, rejected, random_labels(2, 3, vocab, device, dtype=torch.int32),
                            random_labels(2, 3, vocab, device, dtype=torch.int32))
+    compare_with_reference(chosen, rejected, random_labels(2, 3, vocab, device, dtype=torch.int32),
+                           random_labels(2, 3, vocab, device))  # int32 chosen beside int64 rejected
 
 
 def test_gamma_zero_is_dpo(device):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .environment import import_baseline
 from .inputs import IGNORE_INDEX, InputSet
 
 BETA = 0.1
@@ -124,12 +125,8 @@ class TRLSelectiveLogSoftmax(Implementation):
         self._select = None
 
     def unavailable_reason(self, device):
-        try:
-            from trl.trainer.utils import selective_log_softmax
-        except Exception as exc:  # not installed, or broken by its own dependencies
-            return f"trl.trainer.utils.selective_log_softmax not importable ({type(exc).__name__}: {exc})"
-        self._select = selective_log_softmax
-        return None
+        self._select, reason = import_baseline("trl.trainer.utils", "selective_log_softmax", device)
+        return reason
 
     def _sequence_logps(self, logits, labels):
         scored = labels != IGNORE_INDEX
@@ -156,14 +153,9 @@ class LigerCrossEntropy(Implementation):
         self._cross_entropy = None
 
     def unavailable_reason(self, device):
-        try:
-            from liger_kernel.transformers.functional import liger_cross_entropy
-        except Exception as exc:
-            return f"liger_kernel.transformers.functional not importable ({type(exc).__name__}: {exc})"
-        if device.type != "cuda":
-            return "Liger-Kernel needs a GPU"
-        self._cross_entropy = liger_cross_entropy
-        return None
+        self._cross_entropy, reason = import_baseline("liger_kernel.transformers.functional", "liger_cross_entropy",
+                                                      device, needs_gpu=True)
+        return reason
 
     def _sequence_logps(self, logits, labels):
         pairs, seq_len, vocab = logits.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import platform
 import sys
@@ -21,6 +22,19 @@ def prepare_environment() -> None:
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def import_baseline(module: str, name: str, device: torch.device, *, needs_gpu: bool = False):
+    """(the object, None) when `module.name` imports (and a GPU is there if it needs one), else (None, why).
+
+    Any exception counts: a baseline that is not installed, or broken by its own dependencies, is skipped."""
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except Exception as exc:
+        return None, f"{module}.{name} not importable ({type(exc).__name__}: {exc})"
+    if needs_gpu and device.type != "cuda":
+        return None, f"{module}.{name} needs a GPU"
+    return found, None
 
 
 def bench_device() -> torch.device:

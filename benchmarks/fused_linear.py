@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from .baselines import BETA, GAMMA, eager_sequence_logps, focal_po_from_logps
-from .environment import bench_device, describe, is_out_of_memory, release_memory, synchronize
+from .environment import (bench_device, describe, import_baseline, is_out_of_memory, release_memory,
+                          synchronize)
 from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
 from .report import _clean, _write_atomically, header_lines, print_end, print_start, skip_notes
 from .runner import LOSS_MISMATCH, _describe_failure
@@ -224,10 +225,9 @@ class TRLChunkedLogProb(Impl):
         self._params = None
 
     def unavailable_reason(self, device):
-        try:
-            from trl.kernels import ChunkedLogProbFunction
-        except Exception as exc:
-            return f"trl.kernels.ChunkedLogProbFunction not importable ({type(exc).__name__}: {exc})"
+        ChunkedLogProbFunction, reason = import_baseline("trl.kernels", "ChunkedLogProbFunction", device)
+        if reason:
+            return reason
         try:
             params = list(inspect.signature(ChunkedLogProbFunction.forward).parameters.values())[1:]  # drop ctx
         except (TypeError, ValueError) as exc:
@@ -263,12 +263,10 @@ class LigerFusedLinearDPO(Impl):
         self._module = None
 
     def unavailable_reason(self, device):
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-        except Exception as exc:
-            return f"liger_kernel.chunked_loss.LigerFusedLinearDPOLoss not importable ({type(exc).__name__}: {exc})"
-        if device.type != "cuda":
-            return "Liger-Kernel needs a GPU"
+        LigerFusedLinearDPOLoss, reason = import_baseline("liger_kernel.chunked_loss", "LigerFusedLinearDPOLoss",
+                                                          device, needs_gpu=True)
+        if reason:
+            return reason
         try:
             accepted = set(inspect.signature(LigerFusedLinearDPOLoss.__init__).parameters)
         except (TypeError, ValueError):
@@ -308,14 +306,8 @@ class CutCrossEntropy(Impl):
         self._fn = None
 
     def unavailable_reason(self, device):
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except Exception as exc:
-            return f"cut_cross_entropy.linear_cross_entropy not importable ({type(exc).__name__}: {exc})"
-        if device.type != "cuda":
-            return "cut_cross_entropy's kernels need a GPU"
-        self._fn = linear_cross_entropy
-        return None
+        self._fn, reason = import_baseline("cut_cross_entropy", "linear_cross_entropy", device, needs_gpu=True)
+        return reason
 
     def loss(self, x):
         pairs = x.chosen_labels.shape[0]

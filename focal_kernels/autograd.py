@@ -7,8 +7,8 @@
         backward grad_scale_b = incoming loss gradient · dℓ/dlogp_b + incoming gradient of logp_b,
                  then one logits_grad kernel per side
     SequenceLogps:  logits (B, T, V), labels  →  logps (B,)          (`sequence_logps`)
-    FocalPOPairLoss: chosen_logps, rejected_logps (B,), refs  →  per-pair loss (B,)
-        (the hidden-state path's log-probs go through this one)
+    FocalPOPairLoss: chosen_logps, rejected_logps (B,), refs  →  per-pair loss (B,), rewards
+        (the hidden-state path's log-probs go through this one; same pair-loss kernel)
 
 A gradient that reaches the log-probs from the loss and one from any other term (an added NLL, say) are
 summed before the single logits backward runs. Only the logits themselves (the caller's tensor, not a copy)
@@ -21,7 +21,6 @@ import torch
 
 from .first_order import first_order_only
 from .kernels.logits_grad import logits_grad
-from .kernels.pair_loss import focal_po_pair_loss
 from .kernels.sequence_pair_loss import sequence_pair_loss
 from .kernels.sequence_sum import sequence_sum
 from .kernels.token_logps import token_logps_and_lse
@@ -95,20 +94,24 @@ class SequenceLogps(torch.autograd.Function):
 
 
 class FocalPOPairLoss(torch.autograd.Function):
+    """Per-sequence log-probs summed elsewhere → (per-pair loss, chosen_rewards, rejected_rewards): the same
+    sequence_pair_loss kernel, fed rows of length 1."""
+
     @staticmethod
     def forward(ctx, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 beta, gamma, detach_focal_weight):
-        loss, dloss_dchosen, dloss_drejected = focal_po_pair_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
-        ctx.save_for_backward(dloss_dchosen, dloss_drejected)
+        out = sequence_pair_loss(chosen_logps.detach().contiguous()[:, None],
+                                 rejected_logps.detach().contiguous()[:, None], ref_chosen_logps,
+                                 ref_rejected_logps, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
+        ctx.save_for_backward(out["dloss_dchosen"], out["dloss_drejected"])
         ctx.ref_dtypes = (None if ref_chosen_logps is None else ref_chosen_logps.dtype,
                           None if ref_rejected_logps is None else ref_rejected_logps.dtype)
-        return loss
+        ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
+        return out["loss"], out["chosen_rewards"], out["rejected_rewards"]
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_chosen_rewards, _grad_rejected_rewards):
         dloss_dchosen, dloss_drejected = ctx.saved_tensors
         grad_chosen = grad_loss * dloss_dchosen
         grad_rejected = grad_loss * dloss_drejected

@@ -266,8 +266,9 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
                 chunk_lse_update(logits_chunk, row_labels, start, running_max, running_sum, target_logits)
                 del logits_chunk
         del hidden_rows
-        lse = running_max + torch.log(running_sum)
-        row_logps = target_logits - lse
+        log_sum_exp = torch.log(running_sum)
+        row_logps = (target_logits - running_max) - log_sum_exp  # as in token_logps: x − max stays exact
+        lse = running_max + log_sum_exp
 
         outputs = []
         start = 0

@@ -10,16 +10,6 @@ from .checks import (check_inplace_target, check_inplace_targets_disjoint, check
 from .output import PreferenceLossOutput
 
 
-def _sequence_logps(logits, labels, ignore_index, inplace_backward):
-    """Unchecked: (B,) log-probs through the kernels, or the reference on a plain CPU."""
-    if not backend.use_triton(logits):
-        return reference.token_logps(logits, labels, ignore_index).sum(-1)
-    from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
-
-    return SequenceLogps.apply(_last_dim_contiguous(logits, inplace_backward), labels, ignore_index,
-                               inplace_backward)
-
-
 def _last_dim_contiguous(logits, inplace_backward):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once."""
     if inplace_backward:
@@ -27,32 +17,23 @@ def _last_dim_contiguous(logits, inplace_backward):
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-def _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
-               detach_focal_weight):
-    """Unchecked: (B,) per-pair FocalPO loss of per-sequence log-probs."""
-    dtype = torch.promote_types(chosen_logps.dtype, rejected_logps.dtype)
-    chosen_logps, rejected_logps = chosen_logps.to(dtype), rejected_logps.to(dtype)
-    if not backend.use_triton(chosen_logps):
-        return reference.focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                            beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
-    from .autograd import FocalPOPairLoss
-
-    return FocalPOPairLoss.apply(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                 float(beta), float(gamma), bool(detach_focal_weight))
-
-
 def preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
                       reduction, detach_focal_weight):
-    """The loss and logged quantities from per-sequence log-probs (shared by every entry point)."""
-    per_pair = _pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                          beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
-    return PreferenceLossOutput(
-        loss=reduce_loss(per_pair, reduction),
-        chosen_logps=chosen_logps,
-        rejected_logps=rejected_logps,
-        chosen_rewards=reference.rewards(chosen_logps, ref_chosen_logps, beta),
-        rejected_rewards=reference.rewards(rejected_logps, ref_rejected_logps, beta),
-    )
+    """The loss and logged quantities from differentiable per-sequence log-probs (the hidden-state path)."""
+    if backend.use_triton(chosen_logps):
+        from .autograd import FocalPOPairLoss
+
+        per_pair, chosen_rewards, rejected_rewards = FocalPOPairLoss.apply(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            float(beta), float(gamma), bool(detach_focal_weight))
+    else:
+        per_pair = reference.focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                                beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
+        chosen_rewards = reference.rewards(chosen_logps, ref_chosen_logps, beta)
+        rejected_rewards = reference.rewards(rejected_logps, ref_rejected_logps, beta)
+    return PreferenceLossOutput(loss=reduce_loss(per_pair, reduction), chosen_logps=chosen_logps,
+                                rejected_logps=rejected_logps, chosen_rewards=chosen_rewards,
+                                rejected_rewards=rejected_rewards)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
@@ -65,7 +46,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits' own storage: the logits are consumed and must not be used afterwards.
     """
     check_logits_and_labels(logits, labels, ignore_index=ignore_index)
-    return _sequence_logps(logits, labels, ignore_index, inplace_backward)
+    if not backend.use_triton(logits):
+        return reference.token_logps(logits, labels, ignore_index).sum(-1)
+    from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
+
+    return SequenceLogps.apply(_last_dim_contiguous(logits, inplace_backward), labels, ignore_index,
+                               inplace_backward)
 
 
 def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
@@ -86,11 +72,11 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     """
     check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
                beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction)
-    if not backend.use_triton(chosen_logits):
-        chosen_logps = _sequence_logps(chosen_logits, chosen_labels, ignore_index, inplace_backward)
-        rejected_logps = _sequence_logps(rejected_logits, rejected_labels, ignore_index, inplace_backward)
-        return preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
-                                 gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+    if not backend.use_triton(chosen_logits):  # a plain CPU: the spec itself (inplace_backward has no effect)
+        return reference.focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
+                                       ref_chosen_logps, ref_rejected_logps, beta=beta, gamma=gamma,
+                                       ignore_index=ignore_index, reduction=reduction,
+                                       detach_focal_weight=detach_focal_weight)
     from .autograd import FocalPOFromLogits
 
     if inplace_backward:

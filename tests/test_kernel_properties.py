@@ -6,7 +6,6 @@ import torch
 
 import focal_kernels as fk
 from focal_kernels.kernels.logits_grad import logits_grad
-from focal_kernels.kernels.pair_loss import focal_po_pair_loss
 from focal_kernels.kernels.sequence_pair_loss import sequence_pair_loss
 from focal_kernels.kernels.token_logps import token_logps_and_lse
 from helpers import random_labels, random_logits
@@ -64,8 +63,9 @@ def test_every_output_element_is_written(device, dtype, monkeypatch):
                        torch.randn(3, dtype=row_max.dtype, device=device), -100)
     assert not torch.isnan(grad).any()
     assert torch.equal(grad[2], torch.zeros_like(grad[2]))
-    loss, d_c, d_r = focal_po_pair_loss(torch.randn(3, device=device), torch.randn(3, device=device), None, None,
-                                        beta=0.1, gamma=0.05, detach_focal_weight=False)
+    per_sequence = sequence_pair_loss(torch.randn(3, 1, device=device), torch.randn(3, 1, device=device), None,
+                                      None, beta=0.1, gamma=0.05, detach_focal_weight=False)
+    loss, d_c, d_r = per_sequence["loss"], per_sequence["dloss_dchosen"], per_sequence["dloss_drejected"]
     assert not (torch.isnan(loss).any() or torch.isnan(d_c).any() or torch.isnan(d_r).any())
     chosen_tokens = token_logps
     rejected_tokens = token_logps_and_lse(rejected, labels_r, -100)[0]

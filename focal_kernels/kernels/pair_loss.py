@@ -1,16 +1,12 @@
-"""The per-pair FocalPO loss and its derivative with respect to each sequence's log-probability.
+"""The FocalPO loss of one margin and its derivative: the math every pair-loss kernel inlines.
 
-Reads   chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps (B,), and (β, γ),
-        all in float32 (float64 for float64 logits).
-Writes  loss[b]            = −p^γ · log p,   p = σ(z),   z = β·((logp_c − ref_c) − (logp_r − ref_r))
-        dloss_dchosen[b]   = +β · dℓ/dz
-        dloss_drejected[b] = −β · dℓ/dz
-with dℓ/dz = −p^γ · (1 − p) · (1 + γ·log p), or −p^γ · (1 − p) when the focal weight p^γ is detached.
-log p = logsigmoid(z) and p^γ = exp(γ·log p), so |z| up to 1e4 stays finite. γ = 0 is DPO.
+    ℓ(z) = −p^γ · log p,   p = σ(z),   z = β·((logp_c − ref_c) − (logp_r − ref_r))
+    dℓ/dz = −p^γ · (1 − p) · (1 + γ·log p),  or −p^γ · (1 − p) when the focal weight p^γ is detached.
+log p = logsigmoid(z) and p^γ = exp(γ·log p), so |z| up to 1e4 stays finite. γ = 0 is DPO. Computed in
+the dtype of z (float32, or float64 for float64 logits).
 
-The derivatives are what the backward multiplies by the incoming gradient to get each sequence's
-grad_scale. Another pair loss (IPO, hinge, ...) is another `@triton.jit` function of z beside
-`focal_po_of_margin`, selected by a constexpr.
+Another pair loss (IPO, hinge, ...) is another `@triton.jit` function of z beside `focal_po_of_margin`,
+selected by a constexpr in sequence_pair_loss.py.
 """
 
 from __future__ import annotations
@@ -45,28 +41,6 @@ def focal_po_of_margin(z, gamma, DETACH_FOCAL_WEIGHT: tl.constexpr):
     return loss, dloss_dz
 
 
-@triton.jit
-def focal_po_pair_loss_kernel(
-    chosen_logps_ptr, rejected_logps_ptr, ref_chosen_logps_ptr, ref_rejected_logps_ptr, params_ptr,
-    loss_ptr, dloss_dchosen_ptr, dloss_drejected_ptr,
-    B,
-    DETACH_FOCAL_WEIGHT: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    offsets = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = offsets < B
-    beta = tl.load(params_ptr)
-    gamma = tl.load(params_ptr + 1)
-    chosen = tl.load(chosen_logps_ptr + offsets, mask=mask, other=0.0)
-    rejected = tl.load(rejected_logps_ptr + offsets, mask=mask, other=0.0)
-    ref_chosen = tl.load(ref_chosen_logps_ptr + offsets, mask=mask, other=0.0)
-    ref_rejected = tl.load(ref_rejected_logps_ptr + offsets, mask=mask, other=0.0)
-    z = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-    loss, dloss_dz = focal_po_of_margin(z, gamma, DETACH_FOCAL_WEIGHT)
-    tl.store(loss_ptr + offsets, loss, mask=mask)
-    tl.store(dloss_dchosen_ptr + offsets, beta * dloss_dz, mask=mask)
-    tl.store(dloss_drejected_ptr + offsets, -beta * dloss_dz, mask=mask)
-
-
 @functools.lru_cache(maxsize=64)
 def loss_params(beta, gamma, dtype, device):
     """(β, γ) as a device tensor in the compute dtype (float64 stays exact; Triton's float scalars are
@@ -75,28 +49,3 @@ def loss_params(beta, gamma, dtype, device):
     params[1:].fill_(gamma)
     return params
 
-
-def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                       *, beta, gamma, detach_focal_weight):
-    """(loss, dloss_dchosen, dloss_drejected), each (B,) in chosen_logps' dtype. Refs may be None (= 0)."""
-    dtype, device = chosen_logps.dtype, chosen_logps.device
-    batch = chosen_logps.shape[0]
-
-    def as_input(ref):
-        if ref is None:
-            return torch.zeros((batch,), dtype=dtype, device=device)
-        return ref.detach().to(dtype).contiguous()
-
-    params = loss_params(beta, gamma, dtype, device)
-    loss = torch.empty((batch,), dtype=dtype, device=device)
-    dloss_dchosen = torch.empty_like(loss)
-    dloss_drejected = torch.empty_like(loss)
-    block_b = min(max(triton.next_power_of_2(batch), 16), 1024)
-    focal_po_pair_loss_kernel[(triton.cdiv(batch, block_b),)](
-        chosen_logps.contiguous(), rejected_logps.contiguous(), as_input(ref_chosen_logps),
-        as_input(ref_rejected_logps), params,
-        loss, dloss_dchosen, dloss_drejected,
-        batch,
-        DETACH_FOCAL_WEIGHT=detach_focal_weight, BLOCK_B=block_b, num_warps=4,
-    )
-    return loss, dloss_dchosen, dloss_drejected

@@ -10,7 +10,8 @@ sequence's grad_scale.
 
 One program per pair walks both rows in BLOCK_T-wide blocks in a fixed order and reduces once: no atomics,
 so the same inputs always give the same bits. Doing the sums and the loss in one launch keeps the forward's
-small-kernel count (and its launch overhead) low. A packed layout becomes a segmented sum here.
+small-kernel count (and its launch overhead) low. A packed layout becomes a segmented sum here. Per-sequence
+log-probs that were summed elsewhere (the hidden-state path) come in as rows of length 1.
 """
 
 from __future__ import annotations
@@ -20,15 +21,7 @@ import triton
 import triton.language as tl
 
 from .pair_loss import focal_po_of_margin, loss_params
-
-
-@triton.jit
-def row_sum(row_ptr, T, BLOCK_T: tl.constexpr, acc_dtype: tl.constexpr):
-    partial = tl.zeros((BLOCK_T,), dtype=acc_dtype)
-    for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        partial += tl.load(row_ptr + cols, mask=cols < T, other=0.0)
-    return tl.sum(partial, axis=0)
+from .sequence_sum import row_block, row_sum
 
 
 @triton.jit
@@ -71,8 +64,7 @@ def sequence_pair_loss(chosen_token_logps, rejected_token_logps, ref_chosen_logp
     names = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards", "loss",
              "dloss_dchosen", "dloss_drejected")
     outputs = {name: torch.empty((batch,), dtype=dtype, device=device) for name in names}
-    longest = max(chosen_token_logps.shape[1], rejected_token_logps.shape[1])
-    block_t = min(max(triton.next_power_of_2(longest), 16), 1024)
+    block_t = row_block(max(chosen_token_logps.shape[1], rejected_token_logps.shape[1]))
 
     def as_input(ref):  # a placeholder pointer when absent: the kernel does not read it
         return chosen_token_logps if ref is None else ref.detach().contiguous()

@@ -16,20 +16,30 @@ import triton.language as tl
 
 
 @triton.jit
-def sequence_sum_kernel(token_logps_ptr, sequence_logps_ptr, T, BLOCK_T: tl.constexpr):
-    seq = tl.program_id(0).to(tl.int64)
-    row_ptr = token_logps_ptr + seq * T
-    partial = tl.zeros((BLOCK_T,), dtype=sequence_logps_ptr.dtype.element_ty)
+def row_sum(row_ptr, T, BLOCK_T: tl.constexpr, acc_dtype: tl.constexpr):
+    """Σ of a contiguous row of T values, in BLOCK_T-wide blocks in a fixed order, reduced once."""
+    partial = tl.zeros((BLOCK_T,), dtype=acc_dtype)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         partial += tl.load(row_ptr + cols, mask=cols < T, other=0.0)
-    tl.store(sequence_logps_ptr + seq, tl.sum(partial, axis=0))
+    return tl.sum(partial, axis=0)
+
+
+@triton.jit
+def sequence_sum_kernel(token_logps_ptr, sequence_logps_ptr, T, BLOCK_T: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    total = row_sum(token_logps_ptr + seq * T, T, BLOCK_T, sequence_logps_ptr.dtype.element_ty)
+    tl.store(sequence_logps_ptr + seq, total)
+
+
+def row_block(seq_len: int) -> int:
+    """BLOCK_T for rows of seq_len values."""
+    return min(max(triton.next_power_of_2(seq_len), 16), 1024)
 
 
 def sequence_sum(token_logps: torch.Tensor) -> torch.Tensor:
     """(B, T) contiguous → (B,)."""
     batch, seq_len = token_logps.shape
     out = torch.empty((batch,), dtype=token_logps.dtype, device=token_logps.device)
-    block_t = min(max(triton.next_power_of_2(seq_len), 16), 1024)
-    sequence_sum_kernel[(batch,)](token_logps, out, seq_len, BLOCK_T=block_t, num_warps=4)
+    sequence_sum_kernel[(batch,)](token_logps, out, seq_len, BLOCK_T=row_block(seq_len), num_warps=4)
     return out

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import compute_dtype
 from .config import reduction_config
 from .online_logsumexp import online_logsumexp_step
 
@@ -66,7 +67,7 @@ def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
     `logits` must have stride(-1) == 1."""
     batch, seq_len, vocab = logits.shape
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(logits.dtype)
     token_logps = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
     row_max = torch.empty_like(token_logps)
     log_sum_exp = torch.empty_like(token_logps)

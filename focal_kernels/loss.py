@@ -46,8 +46,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits' own storage: the logits are consumed and must not be used afterwards.
     """
     check_logits_and_labels(logits, labels, ignore_index=ignore_index)
-    if not backend.use_triton(logits):
-        return reference.token_logps(logits, labels, ignore_index).sum(-1)
+    if not backend.use_triton(logits):  # a plain CPU: the spec itself
+        return reference.sequence_logps(logits, labels, ignore_index)
     from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
 
     return SequenceLogps.apply(_last_dim_contiguous(logits, inplace_backward), labels, ignore_index,

@@ -47,19 +47,26 @@ from .reference import compute_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# The default chunk keeps one chunk of logits under this many bytes, in multiples of _CHUNK_MULTIPLE rows of W.
+# The default chunk: at least _MIN_CHUNK_COLUMNS rows of W, wider while one chunk of logits fits in
+# _CHUNK_BYTES, in multiples of _CHUNK_MULTIPLE, at most the vocabulary.
+_MIN_CHUNK_COLUMNS = 4096
 _CHUNK_BYTES = 128 * 2**20
 _CHUNK_MULTIPLE = 256
 
 
 def default_chunk_size(rows: int, vocab: int, element_size: int) -> int:
-    """Vocabulary rows per chunk: the widest multiple of 256 whose (rows × chunk) logits fit in 128 MiB.
+    """Vocabulary rows per chunk: max(4096, the widest multiple of 256 whose rows × chunk logits fit in
+    128 MiB), at most the vocabulary.
 
-    At least 256 (so the GEMMs stay efficient however many tokens there are), at most the vocabulary.
+    Why a floor in columns rather than a byte budget alone: the chunk width is the inner dimension K of the
+    backward's grad_hidden GEMM, which reads and writes the (rows, H) float32 accumulator once per chunk, K/4
+    FLOPs per byte of that traffic whatever the number of rows; a byte budget alone narrows the chunk as rows
+    grow (2048 columns at 32K bf16 rows, where the H200 run spent far more time outside the GEMMs than at 16K
+    rows with 4096 columns; benchmarks/NOTES.md). The chunk's memory is then rows × 4096 × element size, the
+    same order as that accumulator (rows × H × 4 bytes).
     """
-    fit = _CHUNK_BYTES // (max(rows, 1) * element_size)
-    chunk = max(_CHUNK_MULTIPLE, fit // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE)
-    return min(chunk, vocab)
+    fit = _CHUNK_BYTES // (max(rows, 1) * element_size) // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE
+    return min(max(_MIN_CHUNK_COLUMNS, fit), vocab)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -231,6 +238,27 @@ def _gather_rows(hiddens, positions, total_rows):
     return rows
 
 
+# Rows converted per step when scattering the float32 accumulator into a hidden-state gradient with gaps.
+_SCATTER_ROWS = 4096
+
+
+def _scatter_rows(grad_hidden, index, rows):
+    """grad_hidden (B, T, H) ← zeros, except rows (len(index), H), any float dtype, at the flat positions index.
+
+    A gradient with no ignored token is one converting copy; otherwise the rows are converted a block at a
+    time, so the temporary stays small.
+    """
+    batch, seq_len, hidden_size = grad_hidden.shape
+    flat = grad_hidden.view(batch * seq_len, hidden_size)
+    if index.numel() == flat.shape[0]:  # every token scored: index is 0, 1, 2, ...
+        flat.copy_(rows)
+        return
+    flat.zero_()
+    for start in range(0, index.numel(), _SCATTER_ROWS):
+        stop = start + _SCATTER_ROWS
+        flat.index_copy_(0, index[start:stop], rows[start:stop].to(flat.dtype))
+
+
 # ------------------------------------------------------------------------------------------- autograd
 
 class FusedLinearSequenceLogps(torch.autograd.Function):
@@ -297,18 +325,19 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
 
         grad_scale = torch.cat([grad.to(acc_dtype)[_sequence_of_rows(index, hidden.shape[1])]
                                 for grad, hidden, index in zip(grad_logps, hiddens, positions)])
+        hidden_size = weight.shape[1]
         hidden_rows = _gather_rows(hiddens, positions, total_rows)
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if needs_weight else None
         grad_bias = torch.empty((vocab,), dtype=bias.dtype, device=device) if needs_bias else None
         grad_hidden_rows = None
         if any(needs_hidden):
-            grad_hidden_rows = torch.zeros((total_rows, weight.shape[1]), dtype=acc_dtype, device=device)
+            grad_hidden_rows = torch.zeros((total_rows, hidden_size), dtype=acc_dtype, device=device)
         _, chunk_logits_grad_, _ = _kernels(ctx.use_triton)
 
         for start in range(0, vocab, ctx.chunk_size):
             stop = min(start + ctx.chunk_size, vocab)
             grad_chunk = chunk_logits_grad_(_chunk_logits(hidden_rows, weight, bias, start, stop),
-                                      row_labels, start, lse, grad_scale)
+                                            row_labels, start, lse, grad_scale)
             if needs_weight:
                 torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
             if needs_bias:
@@ -316,7 +345,7 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             if grad_hidden_rows is not None:
                 _accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
             del grad_chunk
-        del hidden_rows
+        del hidden_rows  # before the hidden-state gradients exist: the two never share the peak
 
         grads = []
         start = 0
@@ -324,9 +353,8 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             stop = start + index.numel()
             grad_hidden = None
             if needed:
-                grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device)
-                scored_rows = grad_hidden_rows[start:stop].to(hidden.dtype)
-                grad_hidden.view(-1, hidden.shape[2]).index_copy_(0, index, scored_rows)
+                grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
+                _scatter_rows(grad_hidden, index, grad_hidden_rows[start:stop])
             grads += [grad_hidden, None]
             start = stop
         return (grad_weight, grad_bias, None, None, *grads)

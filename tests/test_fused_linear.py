@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -272,11 +274,72 @@ def test_never_materializes_logits(monkeypatch, through_triton):
     assert inputs["weight"].grad is not None and inputs["chosen_hidden"].grad is not None
 
 
+def peak_live_bytes(fn):
+    """(peak bytes of tensors alive at once while fn runs, counting only those it creates; fn's result).
+
+    From the profiler's memory timeline (allocations and frees in order), on the CPU.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        result = fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak, result
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the profiler's memory timeline is read on the CPU")
+@pytest.mark.parametrize("prompt_len", [0, 12])
+def test_peak_memory_is_the_accumulator_plus_a_chunk(monkeypatch, prompt_len):
+    """Besides the returned gradients, one fwd+bwd holds at most the float32 (N, H) hidden-gradient
+    accumulator and a few chunk-sized tensors at once, whatever the vocabulary (the PyTorch twins of the
+    kernels, whose float32 temporaries are chunk-sized, stand in for Triton: the profiler would count the
+    interpreter's own copies)."""
+    monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    batch, seq_len, hidden_size, chunk = 2, 32, 256, 16
+    net_peaks = []
+    for vocab in (512, 2048):
+        inputs = make_inputs(batch=batch, seq_len=seq_len, rejected_len=seq_len, hidden_size=hidden_size,
+                             vocab=vocab, dtype=torch.float32, bias=False)
+        inputs["chosen_labels"][:, :prompt_len] = IGNORE
+        inputs["rejected_labels"][:, :prompt_len] = IGNORE
+        rows = 2 * batch * (seq_len - prompt_len)
+        leaves = differentiable(inputs)
+        peak, grads = peak_live_bytes(lambda: torch.autograd.grad(fused(inputs, chunk_size=chunk).loss, leaves))
+        net = peak - sum(g.numel() * g.element_size() for g in grads)
+        accumulator, chunk_bytes = rows * hidden_size * 4, rows * chunk * 4
+        assert net <= accumulator + 5 * chunk_bytes + 4096, (vocab, net, accumulator, chunk_bytes)
+        net_peaks.append(net)
+    assert net_peaks[0] == net_peaks[1]  # nothing scales with V
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the profiler's memory timeline is read on the CPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hidden_gradient_scatter_needs_no_full_copy(monkeypatch, dtype):
+    """The float32 accumulator becomes the (B, T, H) hidden-state gradient in place: one converting copy when
+    no token is ignored, blocks of _SCATTER_ROWS rows otherwise; zeros at the ignored positions."""
+    monkeypatch.setattr(fused_linear, "_SCATTER_ROWS", 5)
+    batch, seq_len, hidden_size = 3, 16, 64
+    for scored in (torch.ones(batch, seq_len, dtype=torch.bool), torch.rand(batch, seq_len) < 0.6):
+        index = scored.reshape(-1).nonzero().squeeze(1)
+        rows = torch.randn(index.numel(), hidden_size, dtype=torch.float32)
+        grad = torch.full((batch, seq_len, hidden_size), float("nan"), dtype=dtype)
+        peak, _ = peak_live_bytes(lambda: fused_linear._scatter_rows(grad, index, rows))
+        assert peak <= 5 * hidden_size * grad.element_size() + 1024, peak
+        expected = torch.zeros(batch * seq_len, hidden_size)
+        expected[index] = rows.to(dtype).float()
+        assert torch.equal(grad.reshape(-1, hidden_size).float(), expected)
+
+
 def test_default_chunk_size():
-    assert default_chunk_size(16384, 128256, 2) == 4096
-    assert default_chunk_size(16384, 128256, 4) == 2048
-    assert default_chunk_size(10, 37, 4) == 37
-    assert default_chunk_size(10**7, 128256, 4) == 256  # never below 256 rows of W
+    assert default_chunk_size(16384, 128256, 2) == 4096  # 128 MiB of bfloat16 logits
+    assert default_chunk_size(2048, 128256, 2) == 32768  # fewer rows: wider chunks, same budget
+    assert default_chunk_size(16384, 128256, 4) == 4096  # never narrower than 4096 columns ...
+    assert default_chunk_size(32768, 128256, 2) == 4096
+    assert default_chunk_size(10**7, 128256, 4) == 4096
+    assert default_chunk_size(10, 37, 4) == 37  # ... nor wider than the vocabulary
+    assert default_chunk_size(10**7, 1000, 2) == 1000
     assert default_chunk_size(0, 300, 4) == 300
 
 

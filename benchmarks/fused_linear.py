@@ -11,6 +11,9 @@ weight (torch.autograd.grad: fresh gradients, no accumulation into .grad).
 
 Implementations, all on the same inputs:
     ours             focal_kernels.fused_linear_focal_po_loss (the logits never exist)
+    ours GEMMs only  ours' chunk loop with the same chunks, gathers and scatters but no Triton kernel and no
+                     loss: the four GEMMs as ours runs them, so ours minus this row is the cost of the rest
+                     (full run only; its "loss" is a dummy, not compared)
     matmul+fpo       focal_po_loss(chosen_hidden @ W.T, rejected_hidden @ W.T, ...): the logits path
     matmul+fpo (ip)  the same with inplace_backward=True (full run only: the logits are a temporary there)
     eager            hidden @ W.T, .float(), log_softmax, gather, masked sum, FocalPO in torch
@@ -62,7 +65,7 @@ MATMUL_SIZE = 8192
 GEMMS_IN_FLOOR = 4
 
 QUICK_IMPLS = ("ours", "matmul", "eager")
-ALL_IMPLS = ("ours", "matmul", "matmul_inplace", "eager", "trl", "liger", "cce")
+ALL_IMPLS = ("ours", "gemms", "matmul", "matmul_inplace", "eager", "trl", "liger", "cce")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -157,6 +160,63 @@ class Ours(Impl):
         return self._fn(x.chosen_hidden, x.rejected_hidden, x.weight, x.chosen_labels, x.rejected_labels,
                         x.ref_chosen_logps, x.ref_rejected_logps, beta=BETA, gamma=GAMMA,
                         ignore_index=IGNORE_INDEX).loss
+
+
+class _OursGemmsOnly(torch.autograd.Function):
+    """The GEMMs of focal_kernels.fused_linear's chunk loop, exactly as it issues them, and nothing else.
+
+    Forward: the scored rows gathered, one logits GEMM per chunk. Backward: the recompute GEMM, grad_W and
+    the float32 grad_hidden accumulation per chunk (the recomputed logits stand in for their gradient), then
+    the scatter into the hidden-state gradients. Returns a dummy zero.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, chosen_hidden, rejected_hidden, chosen_labels, rejected_labels):
+        from focal_kernels import fused_linear as fl
+
+        hiddens = (chosen_hidden, rejected_hidden)
+        positions = [fl._scored_positions(labels, IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
+        rows = sum(index.numel() for index in positions)
+        chunk = fl.default_chunk_size(rows, weight.shape[0], weight.element_size())
+        hidden_rows = fl._gather_rows(hiddens, positions, rows)
+        for start in range(0, weight.shape[0], chunk):
+            fl._chunk_logits(hidden_rows, weight, None, start, min(start + chunk, weight.shape[0]))
+        ctx.save_for_backward(weight, *hiddens, *positions)
+        ctx.rows, ctx.chunk = rows, chunk
+        return weight.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from focal_kernels import fused_linear as fl
+
+        weight, chosen_hidden, rejected_hidden, *positions = ctx.saved_tensors
+        hiddens, vocab = (chosen_hidden, rejected_hidden), weight.shape[0]
+        hidden_rows = fl._gather_rows(hiddens, positions, ctx.rows)
+        grad_weight = torch.empty_like(weight)
+        grad_hidden_rows = torch.zeros((ctx.rows, weight.shape[1]), dtype=torch.float32, device=weight.device)
+        for start in range(0, vocab, ctx.chunk):
+            stop = min(start + ctx.chunk, vocab)
+            grad_chunk = fl._chunk_logits(hidden_rows, weight, None, start, stop)
+            torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
+            fl._accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
+            del grad_chunk
+        del hidden_rows
+        grads, start = [], 0
+        for hidden, index in zip(hiddens, positions):
+            grads.append(torch.empty_like(hidden))
+            fl._scatter_rows(grads[-1], index, grad_hidden_rows[start:start + index.numel()])
+            start += index.numel()
+        return grad_weight, *grads, None, None
+
+
+class OursGemmsOnly(Impl):
+    key, name = "gemms", "ours GEMMs only"
+    comparable = False
+    note = "ours' chunk loop without its Triton kernels or loss: the rest of ours costs the difference"
+
+    def loss(self, x):
+        return _OursGemmsOnly.apply(x.weight, x.chosen_hidden, x.rejected_hidden, x.chosen_labels,
+                                    x.rejected_labels)
 
 
 class MatmulThenFocalPO(Impl):
@@ -321,8 +381,8 @@ class CutCrossEntropy(Impl):
                                    x.ref_rejected_logps, BETA, GAMMA)
 
 
-IMPLS = {cls.key: cls for cls in (Ours, MatmulThenFocalPO, MatmulThenFocalPOInplace, Eager, TRLChunkedLogProb,
-                                   LigerFusedLinearDPO, CutCrossEntropy)}
+IMPLS = {cls.key: cls for cls in (Ours, OursGemmsOnly, MatmulThenFocalPO, MatmulThenFocalPOInplace, Eager,
+                                   TRLChunkedLogProb, LigerFusedLinearDPO, CutCrossEntropy)}
 
 
 def build_impls(keys, device):

@@ -37,8 +37,8 @@ timeout 80 python -m benchmarks --shapes 151936x16K,256000x16K,128256x64K --dtyp
 grid_rc=$?
 rm -f "$out_dir/grid/bench.png"  # at most 8 files come back from $OUT
 
-echo "== fused-linear benchmark: python -m benchmarks.fused_linear --impls ours,matmul,eager,trl,liger,cce"
-timeout 110 python -m benchmarks.fused_linear --impls ours,matmul,eager,trl,liger,cce --out "$out_dir" 2>&1 \
+echo "== fused-linear benchmark: python -m benchmarks.fused_linear --impls ours,gemms,matmul,eager,trl,liger,cce"
+timeout 110 python -m benchmarks.fused_linear --impls ours,gemms,matmul,eager,trl,liger,cce --out "$out_dir" 2>&1 \
     | tee /tmp/fused.log | grep -v "^|"
 fused_rc=$?
 

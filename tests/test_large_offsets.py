@@ -1,5 +1,6 @@
-"""Logits whose element offsets pass 2^31 must be indexed with int64 (run in a subprocess: an int32
-overflow in the interpreter is a segfault, which must fail this test rather than kill the test run)."""
+"""Logits whose element offsets pass 2^31 must be indexed with int64, in the logits path and in the
+hidden-state path's chunk kernels (run in a subprocess: an int32 overflow in the interpreter is a segfault,
+which must fail this test rather than kill the test run)."""
 
 import os
 import subprocess
@@ -40,13 +41,56 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_offsets_past_int32(device, tmp_path):
+CHUNK_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from focal_kernels import fused_linear
+    from focal_kernels.kernels.chunk_lse_update import chunk_lse_update
+    from focal_kernels.kernels.chunk_logits_grad import chunk_logits_grad_
+
+    device = sys.argv[1]
+    width, vocab_start = 700, 300
+    # The hidden-state path's chunk kernels with a row stride whose product with the row index passes 2^31.
+    stride = 2**30 + 16
+    storage = torch.empty(2 * stride + width, dtype=torch.bfloat16, device=device)
+    chunk = storage.as_strided((3, width), (stride, 1))
+    chunk.copy_(torch.randn(3, width, device=device) * 3)
+    labels = torch.tensor([310, 999, 5], device=device)  # the last one falls outside this chunk
+
+    def state():
+        return (torch.full((3,), 0.5, device=device), torch.full((3,), 2.0, device=device),
+                torch.full((3,), -7.0, device=device))
+
+    got, want = state(), state()
+    chunk_lse_update(chunk, labels, vocab_start, *got)
+    fused_linear._chunk_lse_update_torch(chunk.clone(), labels, vocab_start, *want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+    lse, grad_scale = torch.randn(3, device=device) + 6, torch.randn(3, device=device)
+    expected = fused_linear._chunk_logits_grad_torch(chunk.clone(), labels, vocab_start, lse, grad_scale)
+    result = chunk_logits_grad_(chunk, labels, vocab_start, lse, grad_scale)
+    assert result.data_ptr() == chunk.data_ptr()
+    torch.testing.assert_close(chunk.float(), expected.float(), rtol=1.6e-2, atol=1e-6)
+    print("ok")
+""")
+
+
+def run_script(script, device):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          env.get("PYTHONPATH", "")])
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, device], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_offsets_past_int32(device):
+    run_script(SCRIPT, device)
+
+
+def test_chunk_kernel_offsets_past_int32(device):
+    run_script(CHUNK_SCRIPT, device)

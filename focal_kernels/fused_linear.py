@@ -47,26 +47,30 @@ from .reference import compute_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# The default chunk: at least _MIN_CHUNK_COLUMNS rows of W, wider while one chunk of logits fits in
-# _CHUNK_BYTES, in multiples of _CHUNK_MULTIPLE, at most the vocabulary.
+# The default chunk: at least _MIN_CHUNK_COLUMNS rows of W (but never more than 1/_MAX_CHUNK_FRACTION of the
+# vocabulary because of that floor), wider while one chunk of logits fits in _CHUNK_BYTES, in multiples of
+# _CHUNK_MULTIPLE, at most the vocabulary.
 _MIN_CHUNK_COLUMNS = 4096
+_MAX_CHUNK_FRACTION = 16
 _CHUNK_BYTES = 128 * 2**20
 _CHUNK_MULTIPLE = 256
 
 
 def default_chunk_size(rows: int, vocab: int, element_size: int) -> int:
-    """Vocabulary rows per chunk: max(4096, the widest multiple of 256 whose rows × chunk logits fit in
-    128 MiB), at most the vocabulary.
+    """Vocabulary rows per chunk: the widest multiple of 256 whose rows × chunk logits fit in 128 MiB, but at
+    least min(4096, V / 16) and at most V.
 
     Why a floor in columns rather than a byte budget alone: the chunk width is the inner dimension K of the
     backward's grad_hidden GEMM, which reads and writes the (rows, H) float32 accumulator once per chunk, K/4
     FLOPs per byte of that traffic whatever the number of rows; a byte budget alone narrows the chunk as rows
     grow (2048 columns at 32K bf16 rows, where the H200 run spent far more time outside the GEMMs than at 16K
-    rows with 4096 columns; benchmarks/NOTES.md). The chunk's memory is then rows × 4096 × element size, the
-    same order as that accumulator (rows × H × 4 bytes).
+    rows with 4096 columns; benchmarks/NOTES.md). The floor's memory, rows × 4096 × element size, is of the
+    order of that accumulator (rows × H × 4 bytes) and at most 1/16 of the logits it replaces.
     """
-    fit = _CHUNK_BYTES // (max(rows, 1) * element_size) // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE
-    return min(max(_MIN_CHUNK_COLUMNS, fit), vocab)
+    multiple = _CHUNK_MULTIPLE
+    fit = _CHUNK_BYTES // (max(rows, 1) * element_size) // multiple * multiple
+    floor = min(_MIN_CHUNK_COLUMNS, max(multiple, vocab // _MAX_CHUNK_FRACTION // multiple * multiple))
+    return min(max(floor, fit), vocab)
 
 
 # ---------------------------------------------------------------------------------------------- validation

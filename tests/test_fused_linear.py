@@ -338,8 +338,9 @@ def test_default_chunk_size():
     assert default_chunk_size(16384, 128256, 4) == 4096  # never narrower than 4096 columns ...
     assert default_chunk_size(32768, 128256, 2) == 4096
     assert default_chunk_size(10**7, 128256, 4) == 4096
+    assert default_chunk_size(10**6, 32000, 2) == 1792  # ... unless that is over V / 16 (2000 → 7 · 256)
+    assert default_chunk_size(10**7, 1000, 2) == 256  # never below 256 ...
     assert default_chunk_size(10, 37, 4) == 37  # ... nor wider than the vocabulary
-    assert default_chunk_size(10**7, 1000, 2) == 1000
     assert default_chunk_size(0, 300, 4) == 300
 
 

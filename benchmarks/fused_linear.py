@@ -1,4 +1,5 @@
-"""`python -m benchmarks.fused_linear`: the logit-free path against everything that builds the logits.
+"""`python -m benchmarks fused-linear` (or `python -m benchmarks.fused_linear`): the logit-free path against
+everything that builds the logits.
 
     python -m benchmarks.fused_linear --quick     # Llama-3-8B head, 4 pairs x 2048 tokens, 0% / 40% ignored, (a)-(c)
     python -m benchmarks.fused_linear             # also 4 pairs x 4096 tokens and (d), where importable

@@ -1,5 +1,5 @@
-"""Smoke test of the fused-linear benchmark: `python -m benchmarks.fused_linear --quick` runs end to end
-(with ours' GEMMs-only row added).
+"""Smoke test of the fused-linear benchmark: `python -m benchmarks fused-linear --quick` (the same as
+`python -m benchmarks.fused_linear --quick`) runs end to end, with ours' GEMMs-only row added.
 
 Without a GPU the benchmark picks tiny shapes and runs the kernels through Triton's interpreter (a few
 seconds). With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
@@ -17,7 +17,7 @@ def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
     args = ["--quick", "--impls", "ours,gemms,matmul,eager", "--out", str(tmp_path)]
     if torch.cuda.is_available():
         args.append("--tiny")
-    proc, output = run_benchmark("benchmarks.fused_linear", *args)
+    proc, output = run_benchmark("benchmarks", "fused-linear", *args)
 
     results = json.loads((tmp_path / "fused.json").read_text())
     assert results["complete"], output

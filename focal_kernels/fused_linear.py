@@ -16,8 +16,10 @@ Backward  with g_n the incoming gradient of token n's sequence, each chunk's log
           and grad_hidden is scattered back into a zero (B, T, H) gradient in the hidden states' dtype.
 
 Memory: besides the inputs and the gradients themselves, one chunk of logits (N × chunk), the gathered rows
-(N × H) and O(N) per-token values; nothing scales with B·T·V. Only the inputs, the valid-row index, the
-int64 labels of those rows and lse (O(tokens)) are saved for the backward.
+(N × H), in the backward the float32 grad_hidden buffer (N × H) and O(N) per-token values; nothing scales
+with V. The gathered rows are freed before the hidden-state gradients are allocated, and those are filled
+from the float32 buffer without a temporary of their size. Only the inputs, the valid-row index, the int64
+labels of those rows and lse (O(tokens)) are saved for the backward.
 
 The chunk GEMMs run in the inputs' dtype (cuBLAS accumulates in float32 and rounds its output to bfloat16 /
 float16), so the logits the kernels see are exactly what `hidden @ W.T` gives; the kernels then compute in

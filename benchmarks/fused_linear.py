@@ -4,6 +4,7 @@ everything that builds the logits.
     python -m benchmarks.fused_linear --quick     # Llama-3-8B head, 4 pairs x 2048 tokens, 0% / 40% ignored, (a)-(c)
     python -m benchmarks.fused_linear             # also 4 pairs x 4096 tokens and (d), where importable
     python -m benchmarks.fused_linear --tiny      # tiny shapes even on a GPU (a smoke run)
+    python -m benchmarks.fused_linear --chunk-sizes 2048,8192   # ours again at other chunk widths
 
 Shapes: the Llama-3-8B head, H = 4096, V = 128256, bf16; "4 pairs x T tokens" is chosen (4, T, H) plus
 rejected (4, T, H) hidden states, so N = 8·T rows. "40% ignored" labels the first round(0.4·T) tokens of
@@ -54,7 +55,7 @@ from .environment import (bench_device, describe, import_baseline, is_out_of_mem
 from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
 from .report import _clean, _write_atomically, header_lines, print_end, print_start, skip_notes
 from .runner import LOSS_MISMATCH, _describe_failure
-from .shapes import PairedTokens, parse_names
+from .shapes import PairedTokens, parse_list, parse_names
 from .timing import CpuTimer, GpuTimer, peak_extra_bytes
 
 HIDDEN, VOCAB, PAIRS = 4096, 128256, 4            # Llama-3-8B lm_head
@@ -152,15 +153,19 @@ class Impl:
 class Ours(Impl):
     key, name = "ours", "ours"
 
-    def __init__(self):
+    def __init__(self, chunk_size=None):
         import focal_kernels
 
         self._fn = focal_kernels.fused_linear_focal_po_loss
+        self.chunk_size = chunk_size
+        if chunk_size is not None:  # a variant for --chunk-sizes; "ours" stays the default chunk
+            self.key, self.name = f"ours_chunk{chunk_size}", f"ours (chunk {chunk_size})"
+            self.note = f"chunk_size={chunk_size}"
 
     def loss(self, x):
         return self._fn(x.chosen_hidden, x.rejected_hidden, x.weight, x.chosen_labels, x.rejected_labels,
                         x.ref_chosen_logps, x.ref_rejected_logps, beta=BETA, gamma=GAMMA,
-                        ignore_index=IGNORE_INDEX).loss
+                        ignore_index=IGNORE_INDEX, chunk_size=self.chunk_size).loss
 
 
 class _OursGemmsOnly(torch.autograd.Function):
@@ -598,6 +603,8 @@ def parse_args(argv=None):
                         f"{TINY_SEQ_LEN} tokens; always so without a GPU)")
     p.add_argument("--impls", help=f"comma list of {','.join(ALL_IMPLS)} (ours always runs; default: "
                                    f"{','.join(QUICK_IMPLS)} with --quick, all otherwise)")
+    p.add_argument("--chunk-sizes", help="comma list of chunk_size values: ours again at each, after ours at the "
+                                         "default chunk (e.g. 2048,8192)")
     p.add_argument("--reps", type=int, help="timed calls per row (default 3 with --quick, else 5)")
     p.add_argument("--out", default="bench_out", help="directory for fused.json and fused.md (default ./bench_out)")
     return p.parse_args(argv)
@@ -611,6 +618,16 @@ def choose_shapes(args, device) -> list:
     return [Shape(HIDDEN, VOCAB, PAIRS, t, f) for t in seq_lens for f in IGNORED]
 
 
+def parse_chunk_sizes(text: str) -> list:
+    try:
+        sizes = parse_list(text, int)
+    except ValueError:
+        sizes = []
+    if not sizes or any(size <= 0 for size in sizes):
+        raise SystemExit(f"--chunk-sizes must be a comma list of positive ints, got {text!r}")
+    return sizes
+
+
 def choose_impls(args) -> list:
     if not args.impls:
         return list(QUICK_IMPLS if args.quick else ALL_IMPLS)
@@ -619,6 +636,7 @@ def choose_impls(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    chunk_sizes = parse_chunk_sizes(args.chunk_sizes) if args.chunk_sizes else []
     device = bench_device()
     shapes = choose_shapes(args, device)
     reps = args.reps or (3 if args.quick else 5)
@@ -630,6 +648,8 @@ def main(argv=None) -> int:
 
     keys = choose_impls(args)
     impls, skipped = build_impls(keys, device)
+    if impls and impls[0].key == "ours":
+        impls[1:1] = [Ours(chunk_size=c) for c in chunk_sizes]
     if args.quick and not args.impls:
         skipped += [(IMPLS[k].name, "not run with --quick (ask with --impls)")
                     for k in ALL_IMPLS if k not in keys]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device check for a lent GPU (about 4 minutes on an H200): the test suite on CUDA, the quick
+# One device check for a lent GPU (about 5 minutes on an H200): the test suite on CUDA, the quick
 # logits-path benchmark, three larger logits-path shapes, and the hidden-state (fused linear) benchmark;
 # SWEEP=1 adds the launch-configuration sweep. Results go into $OUT (else ./bench_out), where at most 8
 # files come back: tests.log, bench.{json,md,png}, grid/bench.{json,md}, fused.{json,md}.
@@ -37,8 +37,9 @@ timeout 80 python -m benchmarks --shapes 151936x16K,256000x16K,128256x64K --dtyp
 grid_rc=$?
 rm -f "$out_dir/grid/bench.png"  # at most 8 files come back from $OUT
 
-echo "== fused-linear benchmark: python -m benchmarks.fused_linear --impls ours,gemms,matmul,eager,trl,liger,cce"
-timeout 110 python -m benchmarks.fused_linear --impls ours,gemms,matmul,eager,trl,liger,cce --out "$out_dir" 2>&1 \
+echo "== fused-linear benchmark: python -m benchmarks.fused_linear --impls ours,gemms,matmul,eager,trl,liger,cce --chunk-sizes 2048,8192"
+timeout 150 python -m benchmarks.fused_linear --impls ours,gemms,matmul,eager,trl,liger,cce --chunk-sizes 2048,8192 \
+    --out "$out_dir" 2>&1 \
     | tee /tmp/fused.log | grep -v "^|"
 fused_rc=$?
 

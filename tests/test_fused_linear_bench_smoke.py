@@ -1,5 +1,6 @@
 """Smoke test of the fused-linear benchmark: `python -m benchmarks fused-linear --quick` (the same as
-`python -m benchmarks.fused_linear --quick`) runs end to end, with ours' GEMMs-only row added.
+`python -m benchmarks.fused_linear --quick`) runs end to end, with ours' GEMMs-only row and ours at
+another chunk size added.
 
 Without a GPU the benchmark picks tiny shapes and runs the kernels through Triton's interpreter (a few
 seconds). With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
@@ -14,7 +15,7 @@ from test_benchmarks_smoke import run_benchmark
 
 
 def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
-    args = ["--quick", "--impls", "ours,gemms,matmul,eager", "--out", str(tmp_path)]
+    args = ["--quick", "--impls", "ours,gemms,matmul,eager", "--chunk-sizes", "64", "--out", str(tmp_path)]
     if torch.cuda.is_available():
         args.append("--tiny")
     proc, output = run_benchmark("benchmarks", "fused-linear", *args)
@@ -30,7 +31,8 @@ def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
     for row in rows:  # the logits path and eager compute the same loss from the same inputs
         if row["impl"] != "ours" and row["status"] == "ok" and row["loss_comparable"]:
             assert row["loss_rel_diff_vs_ours"] < 1e-2, row
-    assert {r["impl"] for r in rows if r["status"] == "ok"} == {"ours", "gemms", "matmul", "eager"}, output
+    assert {r["impl"] for r in rows if r["status"] == "ok"} == {"ours", "ours_chunk64", "gemms", "matmul",
+                                                                "eager"}, output
     assert (tmp_path / "fused.md").read_text().count("| ours |") == len(ours)
     assert "| impl |" in proc.stdout
     if not torch.cuda.is_available():

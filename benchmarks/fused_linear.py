@@ -173,7 +173,7 @@ class _OursGemmsOnly(torch.autograd.Function):
 
     Forward: the scored rows gathered, one logits GEMM per chunk. Backward: the recompute GEMM, grad_W and
     the float32 grad_hidden accumulation per chunk (the recomputed logits stand in for their gradient), then
-    the scatter into the hidden-state gradients. Returns a dummy zero.
+    the scatter into the hidden-state gradients, at the default chunk size. Returns a dummy zero.
     """
 
     @staticmethod
@@ -183,7 +183,7 @@ class _OursGemmsOnly(torch.autograd.Function):
         hiddens = (chosen_hidden, rejected_hidden)
         positions = [fl._scored_positions(labels, IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
         rows = sum(index.numel() for index in positions)
-        chunk = fl.default_chunk_size(rows, weight.shape[0], weight.element_size())
+        chunk = fl.default_chunk_size(rows, weight.shape[0], weight.shape[1], weight.element_size())
         hidden_rows = fl._gather_rows(hiddens, positions, rows)
         for start in range(0, weight.shape[0], chunk):
             fl._chunk_logits(hidden_rows, weight, None, start, min(start + chunk, weight.shape[0]))
@@ -209,7 +209,7 @@ class _OursGemmsOnly(torch.autograd.Function):
         del hidden_rows
         grads, start = [], 0
         for hidden, index in zip(hiddens, positions):
-            grads.append(torch.empty_like(hidden))
+            grads.append(torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device))
             fl._scatter_rows(grads[-1], index, grad_hidden_rows[start:start + index.numel()])
             start += index.numel()
         return grad_weight, *grads, None, None

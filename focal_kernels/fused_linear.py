@@ -49,29 +49,30 @@ from .reference import compute_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# The default chunk: at least _MIN_CHUNK_COLUMNS rows of W (but never more than 1/_MAX_CHUNK_FRACTION of the
-# vocabulary because of that floor), wider while one chunk of logits fits in _CHUNK_BYTES, in multiples of
-# _CHUNK_MULTIPLE, at most the vocabulary.
+# The default chunk: the widest multiple of _CHUNK_MULTIPLE rows of W whose logits fit in _CHUNK_BYTES, but
+# at least a floor of _MIN_CHUNK_COLUMNS, lowered where that would exceed 1/_MAX_CHUNK_FRACTION of the
+# vocabulary or make the chunk larger than the float32 accumulator it feeds; at most the vocabulary.
 _MIN_CHUNK_COLUMNS = 4096
 _MAX_CHUNK_FRACTION = 16
 _CHUNK_BYTES = 128 * 2**20
 _CHUNK_MULTIPLE = 256
 
 
-def default_chunk_size(rows: int, vocab: int, element_size: int) -> int:
+def default_chunk_size(rows: int, vocab: int, hidden: int, element_size: int) -> int:
     """Vocabulary rows per chunk: the widest multiple of 256 whose rows × chunk logits fit in 128 MiB, but at
-    least min(4096, V / 16) and at most V.
+    least min(4096, V / 16, 4 · H / element_size) (rounded down to a multiple of 256, at least 256), at most V.
 
     Why a floor in columns rather than a byte budget alone: the chunk width is the inner dimension K of the
     backward's grad_hidden GEMM, which reads and writes the (rows, H) float32 accumulator once per chunk, K/4
     FLOPs per byte of that traffic whatever the number of rows; a byte budget alone narrows the chunk as rows
     grow (2048 columns at 32K bf16 rows, where the H200 run spent far more time outside the GEMMs than at 16K
-    rows with 4096 columns; benchmarks/NOTES.md). The floor's memory, rows × 4096 × element size, is of the
-    order of that accumulator (rows × H × 4 bytes) and at most 1/16 of the logits it replaces.
+    rows with 4096 columns; benchmarks/NOTES.md). The floor never makes a chunk larger than that accumulator
+    (rows × H × 4 bytes) or than 1/16 of the logits it stands for.
     """
     multiple = _CHUNK_MULTIPLE
     fit = _CHUNK_BYTES // (max(rows, 1) * element_size) // multiple * multiple
-    floor = min(_MIN_CHUNK_COLUMNS, max(multiple, vocab // _MAX_CHUNK_FRACTION // multiple * multiple))
+    floor = min(_MIN_CHUNK_COLUMNS, vocab // _MAX_CHUNK_FRACTION, 4 * hidden // element_size)
+    floor = max(multiple, floor // multiple * multiple)
     return min(max(floor, fit), vocab)
 
 
@@ -249,14 +250,15 @@ _SCATTER_ROWS = 4096
 
 
 def _scatter_rows(grad_hidden, index, rows):
-    """grad_hidden (B, T, H) ← zeros, except rows (len(index), H), any float dtype, at the flat positions index.
+    """grad_hidden (B, T, H), contiguous ← zeros, except rows (len(index), H), any float dtype, at the flat
+    positions index (ascending and unique, as from `_scored_positions`).
 
     A gradient with no ignored token is one converting copy; otherwise the rows are converted a block at a
     time, so the temporary stays small.
     """
     batch, seq_len, hidden_size = grad_hidden.shape
     flat = grad_hidden.view(batch * seq_len, hidden_size)
-    if index.numel() == flat.shape[0]:  # every token scored: index is 0, 1, 2, ...
+    if index.numel() == flat.shape[0]:  # every token scored: index (ascending, unique) is 0, 1, 2, ...
         flat.copy_(rows)
         return
     flat.zero_()
@@ -286,7 +288,7 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
         positions = [_scored_positions(lab, ignore_index) for lab in labels]
         total_rows = sum(index.numel() for index in positions)
         if chunk_size is None:
-            chunk_size = default_chunk_size(total_rows, vocab, weight.element_size())
+            chunk_size = default_chunk_size(total_rows, vocab, weight.shape[1], weight.element_size())
         hidden_rows = _gather_rows(hiddens, positions, total_rows)
         row_labels = torch.cat([lab.reshape(-1)[index].to(torch.int64) for lab, index in zip(labels, positions)])
 

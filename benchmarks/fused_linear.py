@@ -54,7 +54,7 @@ from .environment import (bench_device, describe, import_baseline, is_out_of_mem
                           synchronize)
 from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
 from .report import _clean, _write_atomically, header_lines, print_end, print_start, skip_notes
-from .runner import LOSS_MISMATCH, _describe_failure
+from .runner import _describe_failure, record_row
 from .shapes import PairedTokens, parse_list, parse_names
 from .timing import CpuTimer, GpuTimer, peak_extra_bytes
 
@@ -169,12 +169,9 @@ class Ours(Impl):
 
 
 class _OursGemmsOnly(torch.autograd.Function):
-    """The GEMMs of focal_kernels.fused_linear's chunk loop, exactly as it issues them, and nothing else.
-
-    Forward: the scored rows gathered, one logits GEMM per chunk. Backward: the recompute GEMM, grad_W and
-    the float32 grad_hidden accumulation per chunk (the recomputed logits stand in for their gradient), then
-    the scatter into the hidden-state gradients, at the default chunk size. Returns a dummy zero.
-    """
+    """focal_kernels.fused_linear's own chunk loops (logits_pass, gradient_pass) with the Triton kernels
+    replaced by nothing: the same gathers, GEMMs and scatters at the default chunk size, the recomputed logits
+    standing in for their gradient. Returns a dummy zero."""
 
     @staticmethod
     def forward(ctx, weight, chosen_hidden, rejected_hidden, chosen_labels, rejected_labels):
@@ -184,9 +181,7 @@ class _OursGemmsOnly(torch.autograd.Function):
         positions = [fl._scored_positions(labels, IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
         rows = sum(index.numel() for index in positions)
         chunk = fl.default_chunk_size(rows, weight.shape[0], weight.shape[1], weight.element_size())
-        hidden_rows = fl._gather_rows(hiddens, positions, rows)
-        for start in range(0, weight.shape[0], chunk):
-            fl._chunk_logits(hidden_rows, weight, None, start, min(start + chunk, weight.shape[0]))
+        fl.logits_pass(fl._gather_rows(hiddens, positions, rows), weight, None, chunk, lambda logits, start: None)
         ctx.save_for_backward(weight, *hiddens, *positions)
         ctx.rows, ctx.chunk = rows, chunk
         return weight.new_zeros((), dtype=torch.float32)
@@ -195,24 +190,13 @@ class _OursGemmsOnly(torch.autograd.Function):
     def backward(ctx, grad):
         from focal_kernels import fused_linear as fl
 
-        weight, chosen_hidden, rejected_hidden, *positions = ctx.saved_tensors
-        hiddens, vocab = (chosen_hidden, rejected_hidden), weight.shape[0]
-        hidden_rows = fl._gather_rows(hiddens, positions, ctx.rows)
+        weight, *rest = ctx.saved_tensors
+        hiddens, positions = rest[:2], rest[2:]
         grad_weight = torch.empty_like(weight)
         grad_hidden_rows = torch.zeros((ctx.rows, weight.shape[1]), dtype=torch.float32, device=weight.device)
-        for start in range(0, vocab, ctx.chunk):
-            stop = min(start + ctx.chunk, vocab)
-            grad_chunk = fl._chunk_logits(hidden_rows, weight, None, start, stop)
-            torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
-            fl._accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
-            del grad_chunk
-        del hidden_rows
-        grads, start = [], 0
-        for hidden, index in zip(hiddens, positions):
-            grads.append(torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device))
-            fl._scatter_rows(grads[-1], index, grad_hidden_rows[start:start + index.numel()])
-            start += index.numel()
-        return grad_weight, *grads, None, None
+        fl.gradient_pass(fl._gather_rows(hiddens, positions, ctx.rows), weight, None, ctx.chunk,
+                         lambda logits, start: logits, grad_weight, None, grad_hidden_rows)
+        return grad_weight, *fl.hidden_gradients(hiddens, positions, (True, True), grad_hidden_rows), None, None
 
 
 class OursGemmsOnly(Impl):
@@ -697,13 +681,7 @@ def main(argv=None) -> int:
         shape_rows = []
         for impl in impls:
             row = measure_row(impl, shape, x, device, reps, tflops)
-            shape_rows.append(row)
-            results["rows"].append(row)
-            compare_with_ours(shape_rows)
-            print(_summary(row), flush=True)
-            diff = row["loss_rel_diff_vs_ours"]
-            if diff is not None and diff > LOSS_MISMATCH:
-                print(f"  WARNING: {row['name']} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
+            record_row(row, shape_rows, results, compare_with_ours, _summary)
             save(results, args.out)
             release_memory()
         del x, shape_rows

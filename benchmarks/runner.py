@@ -102,6 +102,19 @@ def _summary(row: dict) -> str:
             f"fwd+bwd {row['fwdbwd_ms']:.3f} ms{peak_text}  ({row['wall_s']} s, warm-up {row['warmup_s']} s)")
 
 
+def record_row(row: dict, shape_rows: list, results: dict, compare, summarize) -> None:
+    """Add a measured row to its shape's rows and to the results, compare the shape's rows with ours
+    (`compare`), print its summary line, and warn when its loss differs from ours."""
+    shape_rows.append(row)
+    results["rows"].append(row)
+    compare(shape_rows)
+    print(summarize(row), flush=True)
+    diff = row["loss_rel_diff_vs_ours"]
+    if diff is not None and diff > LOSS_MISMATCH:
+        name = row.get("name", row["impl"])
+        print(f"  WARNING: {name} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
+
+
 def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: dict, on_update) -> None:
     """Append rows to results["rows"] and skipped shapes to results["skipped_shapes"]."""
     for shape in shapes:
@@ -124,13 +137,7 @@ def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: 
         shape_rows = []
         for impl in impls:
             row = run_implementation(impl, shape, sets, timer, device, copy_gbps)
-            shape_rows.append(row)
-            results["rows"].append(row)
-            _compare_with_ours(shape_rows)
-            print(_summary(row), flush=True)
-            diff = row["loss_rel_diff_vs_ours"]
-            if diff is not None and diff > LOSS_MISMATCH:
-                print(f"  WARNING: {row['impl']} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
+            record_row(row, shape_rows, results, _compare_with_ours, _summary)
             on_update()
         del sets, shape_rows
         release_memory()

@@ -216,6 +216,30 @@ def _chunk_logits(hidden_rows, weight, bias, start, stop):
     return torch.addmm(bias[start:stop], hidden_rows, weight_chunk.t())
 
 
+def logits_pass(hidden_rows, weight, bias, chunk_size, fold):
+    """The forward's loop: fold(logits_chunk, vocab_start) for every chunk of the rows' logits."""
+    vocab = weight.shape[0]
+    for start in range(0, vocab, chunk_size):
+        fold(_chunk_logits(hidden_rows, weight, bias, start, min(start + chunk_size, vocab)), start)
+
+
+def gradient_pass(hidden_rows, weight, bias, chunk_size, to_gradient, grad_weight, grad_bias, grad_hidden_rows):
+    """The backward's loop: each chunk of logits recomputed, turned into its gradient G by
+    to_gradient(logits_chunk, vocab_start) (in place), then grad_weight[chunk] = Gᵀ · rows,
+    grad_bias[chunk] = Σ_n G and grad_hidden_rows += G · W[chunk], for those of the three that are not None."""
+    vocab = weight.shape[0]
+    for start in range(0, vocab, chunk_size):
+        stop = min(start + chunk_size, vocab)
+        grad_chunk = to_gradient(_chunk_logits(hidden_rows, weight, bias, start, stop), start)
+        if grad_weight is not None:
+            torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
+        if grad_bias is not None:
+            torch.sum(grad_chunk, dim=0, out=grad_bias[start:stop])
+        if grad_hidden_rows is not None:
+            _accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
+        del grad_chunk
+
+
 # ------------------------------------------------------------------------------------- row bookkeeping
 
 def _scored_positions(labels, ignore_index):
@@ -267,6 +291,20 @@ def _scatter_rows(grad_hidden, index, rows):
         flat.index_copy_(0, index[start:stop], rows[start:stop].to(flat.dtype))
 
 
+def hidden_gradients(hiddens, positions, needs_hidden, grad_hidden_rows):
+    """The (B_k, T_k, H) gradient of each hidden tensor that needs one (None for the others), from the
+    float32 rows of all groups stacked in order."""
+    grads, start = [], 0
+    for hidden, index, needed in zip(hiddens, positions, needs_hidden):
+        grad_hidden = None
+        if needed:
+            grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            _scatter_rows(grad_hidden, index, grad_hidden_rows[start:start + index.numel()])
+        grads.append(grad_hidden)
+        start += index.numel()
+    return grads
+
+
 # ------------------------------------------------------------------------------------------- autograd
 
 class FusedLinearSequenceLogps(torch.autograd.Function):
@@ -296,11 +334,9 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
         running_sum = torch.zeros((total_rows,), dtype=acc_dtype, device=device)
         target_logits = torch.zeros((total_rows,), dtype=acc_dtype, device=device)
         if total_rows:
-            for start in range(0, vocab, chunk_size):
-                stop = min(start + chunk_size, vocab)
-                logits_chunk = _chunk_logits(hidden_rows, weight, bias, start, stop)
-                chunk_lse_update(logits_chunk, row_labels, start, running_max, running_sum, target_logits)
-                del logits_chunk
+            logits_pass(hidden_rows, weight, bias, chunk_size,
+                        lambda logits_chunk, start: chunk_lse_update(logits_chunk, row_labels, start, running_max,
+                                                                     running_sum, target_logits))
         del hidden_rows
         log_sum_exp = torch.log(running_sum)
         row_logps = (target_logits - running_max) - log_sum_exp  # as in token_logps: x − max stays exact
@@ -333,39 +369,21 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
 
         grad_scale = torch.cat([grad.to(acc_dtype)[_sequence_of_rows(index, hidden.shape[1])]
                                 for grad, hidden, index in zip(grad_logps, hiddens, positions)])
-        hidden_size = weight.shape[1]
         hidden_rows = _gather_rows(hiddens, positions, total_rows)
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if needs_weight else None
         grad_bias = torch.empty((vocab,), dtype=bias.dtype, device=device) if needs_bias else None
         grad_hidden_rows = None
         if any(needs_hidden):
-            grad_hidden_rows = torch.zeros((total_rows, hidden_size), dtype=acc_dtype, device=device)
+            grad_hidden_rows = torch.zeros((total_rows, weight.shape[1]), dtype=acc_dtype, device=device)
         _, chunk_logits_grad_, _ = _kernels(ctx.use_triton)
 
-        for start in range(0, vocab, ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, vocab)
-            grad_chunk = chunk_logits_grad_(_chunk_logits(hidden_rows, weight, bias, start, stop),
-                                            row_labels, start, lse, grad_scale)
-            if needs_weight:
-                torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
-            if needs_bias:
-                torch.sum(grad_chunk, dim=0, out=grad_bias[start:stop])
-            if grad_hidden_rows is not None:
-                _accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
-            del grad_chunk
+        gradient_pass(hidden_rows, weight, bias, ctx.chunk_size,
+                      lambda logits_chunk, start: chunk_logits_grad_(logits_chunk, row_labels, start, lse, grad_scale),
+                      grad_weight, grad_bias, grad_hidden_rows)
         del hidden_rows  # before the hidden-state gradients exist: the two never share the peak
 
-        grads = []
-        start = 0
-        for hidden, index, needed in zip(hiddens, positions, needs_hidden):
-            stop = start + index.numel()
-            grad_hidden = None
-            if needed:
-                grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
-                _scatter_rows(grad_hidden, index, grad_hidden_rows[start:stop])
-            grads += [grad_hidden, None]
-            start = stop
-        return (grad_weight, grad_bias, None, None, *grads)
+        grad_hiddens = hidden_gradients(hiddens, positions, needs_hidden, grad_hidden_rows)
+        return (grad_weight, grad_bias, None, None, *(g for grad in grad_hiddens for g in (grad, None)))
 
 
 # ------------------------------------------------------------------------------------------- public API

@@ -26,6 +26,11 @@ from .kernels.sequence_sum import sequence_sum
 from .kernels.token_logps import token_logps_and_lse
 
 
+def _dtypes(*tensors):
+    """Each tensor's dtype (None for None): the reference log-probs' gradients are returned in them."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
 def _logits_grad(ctx, logits, labels, row_max, log_sum_exp, grad_scale):
     """The logits' gradient, written over the logits themselves when ctx.inplace_backward."""
     if not ctx.inplace_backward:
@@ -51,8 +56,7 @@ class FocalPOFromLogits(torch.autograd.Function):
                               out["dloss_dchosen"], out["dloss_drejected"])
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
-        ctx.ref_dtypes = (None if ref_chosen_logps is None else ref_chosen_logps.dtype,
-                          None if ref_rejected_logps is None else ref_rejected_logps.dtype)
+        ctx.ref_dtypes = _dtypes(ref_chosen_logps, ref_rejected_logps)
         ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
         return (out["loss"], out["chosen_logps"], out["rejected_logps"], out["chosen_rewards"],
                 out["rejected_rewards"])
@@ -104,8 +108,7 @@ class FocalPOPairLoss(torch.autograd.Function):
                                  rejected_logps.detach().contiguous()[:, None], ref_chosen_logps,
                                  ref_rejected_logps, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
         ctx.save_for_backward(out["dloss_dchosen"], out["dloss_drejected"])
-        ctx.ref_dtypes = (None if ref_chosen_logps is None else ref_chosen_logps.dtype,
-                          None if ref_rejected_logps is None else ref_rejected_logps.dtype)
+        ctx.ref_dtypes = _dtypes(ref_chosen_logps, ref_rejected_logps)
         ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
         return out["loss"], out["chosen_rewards"], out["rejected_rewards"]
 

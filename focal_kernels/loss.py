@@ -17,6 +17,12 @@ def _last_dim_contiguous(logits, inplace_backward):
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def _output(per_pair, reduction, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
+    return PreferenceLossOutput(loss=reduce_loss(per_pair, reduction), chosen_logps=chosen_logps,
+                                rejected_logps=rejected_logps, chosen_rewards=chosen_rewards,
+                                rejected_rewards=rejected_rewards)
+
+
 def preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, gamma,
                       reduction, detach_focal_weight):
     """The loss and logged quantities from differentiable per-sequence log-probs (the hidden-state path)."""
@@ -31,9 +37,7 @@ def preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
                                                 beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
         chosen_rewards = reference.rewards(chosen_logps, ref_chosen_logps, beta)
         rejected_rewards = reference.rewards(rejected_logps, ref_rejected_logps, beta)
-    return PreferenceLossOutput(loss=reduce_loss(per_pair, reduction), chosen_logps=chosen_logps,
-                                rejected_logps=rejected_logps, chosen_rewards=chosen_rewards,
-                                rejected_rewards=rejected_rewards)
+    return _output(per_pair, reduction, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
@@ -86,9 +90,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
         _last_dim_contiguous(chosen_logits, inplace_backward), _last_dim_contiguous(rejected_logits, inplace_backward),
         chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
         float(beta), float(gamma), bool(detach_focal_weight), ignore_index, inplace_backward)
-    return PreferenceLossOutput(loss=reduce_loss(per_pair, reduction), chosen_logps=chosen_logps,
-                                rejected_logps=rejected_logps, chosen_rewards=chosen_rewards,
-                                rejected_rewards=rejected_rewards)
+    return _output(per_pair, reduction, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
 
 
 class PreferenceLossModule(torch.nn.Module):

@@ -9,11 +9,15 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
+_LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
+
+
 def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100,
-                            check_values=True):
+                            check_values=True, last_dim="V"):
     """Logits (B, T, V) floating, labels (B, T) integer with values in [0, V) or == ignore_index.
 
-    The label values are read last (a device sync); check_values=False leaves them to `check_label_values`."""
+    The label values are read last (a device sync); check_values=False leaves them to `check_label_values`.
+    last_dim="H" checks hidden states (B, T, H) and their labels the same way (values not checked)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, torch.Tensor):
@@ -26,14 +30,15 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{labels_name} must be an int64 or int32 tensor, got {labels.dtype}")
     if logits.dim() != 3:
-        raise ValueError(f"{logits_name} must have shape (B, T, V), got {tuple(logits.shape)}")
+        raise ValueError(f"{logits_name} must have shape (B, T, {last_dim}), got {tuple(logits.shape)}")
     if tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"{labels_name} must have shape (B, T) = {tuple(logits.shape[:2])} to match "
                          f"{logits_name} of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
     if logits.shape[0] == 0:
         raise ValueError(f"{logits_name} must have at least one sequence (B >= 1), got shape {tuple(logits.shape)}")
     if logits.shape[2] == 0:
-        raise ValueError(f"{logits_name} must have a non-empty vocabulary (V >= 1), got shape {tuple(logits.shape)}")
+        raise ValueError(f"{logits_name} must have a non-empty {_LAST_DIMS[last_dim]} ({last_dim} >= 1), "
+                         f"got shape {tuple(logits.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"{labels_name} is on {labels.device} but {logits_name} is on {logits.device}; "
                          "they must be on the same device")
@@ -41,7 +46,7 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if check_values:
+    if check_values and last_dim == "V":
         check_label_values(labels, logits.shape[2], labels_name=labels_name, ignore_index=ignore_index)
 
 

@@ -40,8 +40,8 @@ import math
 import torch
 
 from . import backend
-from .checks import (check_label_values, check_labels_in_range, check_loss_options, check_pair_shapes,
-                     check_reference_logps)
+from .checks import (check_label_values, check_labels_in_range, check_logits_and_labels, check_loss_options,
+                     check_pair_shapes, check_reference_logps)
 from .first_order import first_order_only
 from .loss import PreferenceLossModule, preference_output
 from .output import PreferenceLossOutput
@@ -109,16 +109,10 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{labels_name} must be an int64 or int32 tensor, got {labels.dtype}")
-    if hidden.dim() != 3:
-        raise ValueError(f"{hidden_name} must have shape (B, T, H), got {tuple(hidden.shape)}")
-    if hidden.shape[0] == 0:
-        raise ValueError(f"{hidden_name} must have at least one sequence (B >= 1), got shape {tuple(hidden.shape)}")
+    check_logits_and_labels(hidden, labels, logits_name=hidden_name, labels_name=labels_name,
+                            ignore_index=ignore_index, check_values=False, last_dim="H")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
     if hidden.device != weight.device:
@@ -127,14 +121,6 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
     if hidden.shape[2] != weight.shape[1]:
         raise ValueError(f"{hidden_name} has hidden size H = {hidden.shape[2]} but {weight_name} has shape "
                          f"{tuple(weight.shape)}; it must be (V, {hidden.shape[2]})")
-    if tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"{labels_name} must have shape (B, T) = {tuple(hidden.shape[:2])} to match "
-                         f"{hidden_name} of shape {tuple(hidden.shape)}, got {tuple(labels.shape)}")
-    if labels.device != hidden.device:
-        raise ValueError(f"{labels_name} is on {labels.device} but {hidden_name} is on {hidden.device}; "
-                         "they must be on the same device")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if check_values:
         check_label_values(labels, weight.shape[0], labels_name=labels_name, ignore_index=ignore_index)
 

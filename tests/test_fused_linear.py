@@ -366,6 +366,8 @@ def test_bad_inputs():
         (dict(chosen_hidden=inputs["chosen_hidden"].double()), TypeError, "same dtype"),
         (dict(chosen_hidden=inputs["chosen_hidden"][0]), ValueError, r"chosen_hidden must have shape \(B, T, H\)"),
         (dict(rejected_hidden=inputs["rejected_hidden"][..., :5]), ValueError, "hidden size H = 5"),
+        (dict(chosen_hidden=inputs["chosen_hidden"][..., :0]), ValueError, r"non-empty hidden size \(H >= 1\)"),
+        (dict(options=dict(ignore_index=2**63)), ValueError, "ignore_index must fit in int64"),
         (dict(rejected_hidden=inputs["rejected_hidden"][:1], rejected_labels=inputs["rejected_labels"][:1]),
          ValueError, "same batch size"),
         (dict(weight=weight[0]), ValueError, r"weight must have shape \(V, H\)"),

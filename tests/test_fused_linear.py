@@ -179,6 +179,27 @@ def test_ignored_tokens():
         torch.autograd.grad(fused(inputs, chunk_size=10).loss, differentiable(inputs))))
 
 
+@pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
+def test_nan_in_gives_nan_out(where):
+    """A NaN in a scored token's hidden state makes that sequence's log-prob NaN (its neighbours stay finite);
+    a NaN in the weight or bias reaches every scored token. Never silently finite."""
+    inputs = make_inputs(dtype=torch.float32, seq_len=4, rejected_len=3)
+    with torch.no_grad():
+        if where == "hidden":
+            inputs["chosen_hidden"][1, 2, 5] = math.nan  # make_inputs ignores only position 0 of chosen
+        else:
+            inputs[where].view(-1)[7] = math.nan
+    out = fused(inputs, chunk_size=8)
+    assert torch.isnan(out.loss)
+    if where == "hidden":
+        assert torch.isnan(out.chosen_logps[1]) and torch.isfinite(out.chosen_logps[0])
+        assert torch.isfinite(out.rejected_logps).all()
+    else:
+        assert torch.isnan(out.chosen_logps).all() and torch.isnan(out.rejected_logps).all()
+    for grad in torch.autograd.grad(out.loss, differentiable(inputs)):
+        assert torch.isnan(grad).any()
+
+
 def test_everything_ignored():
     inputs = make_inputs(dtype=torch.float64, ref=False, seq_len=3, rejected_len=2)
     inputs["chosen_labels"].fill_(IGNORE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -72,7 +73,7 @@ def check_labels_in_range(named_labels, vocab, *, ignore_index=-100):
 
 
 def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
-               *, beta, gamma, ignore_index, reduction):
+               *, beta, gamma, ignore_index, reduction, detach_focal_weight=False):
     """Everything `focal_po_loss` takes, checked together."""
     check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits",
                             labels_name="chosen_labels", ignore_index=ignore_index, check_values=False)
@@ -83,7 +84,7 @@ def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, r
         raise TypeError(f"chosen_logits and rejected_logits must have the same dtype, got {chosen_logits.dtype} "
                         f"and {rejected_logits.dtype}")
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
-    check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
+    check_loss_options(beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
     check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
                           chosen_logits.shape[2], ignore_index=ignore_index)
 
@@ -100,8 +101,9 @@ def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_devi
                          f"got {chosen_shape[-1]} and {rejected_shape[-1]}")
 
 
-def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device):
-    """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`."""
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what="logits"):
+    """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`, the
+    device of the policy's `what` (logits, or hidden states)."""
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if ref is None:
             continue
@@ -112,16 +114,22 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device):
         if tuple(ref.shape) != (batch,):
             raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(ref.shape)}")
         if ref.device != device:
-            raise ValueError(f"{name} is on {ref.device} but the logits are on {device}")
+            raise ValueError(f"{name} is on {ref.device} but the {what} are on {device}")
 
 
-def check_loss_options(*, beta, gamma, reduction):
+def check_loss_options(*, beta, gamma, reduction, detach_focal_weight=False):
     if not _is_real(beta) or not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not _is_real(gamma) or not (gamma >= 0 and math.isfinite(gamma)):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_flag(detach_focal_weight, "detach_focal_weight")
+
+
+def check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_inplace_target(logits, name="logits"):
@@ -157,7 +165,8 @@ def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
 
 
 def _is_real(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A Python or NumPy real number (not a bool, not a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def reduce_loss(per_pair_loss, reduction):

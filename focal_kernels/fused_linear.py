@@ -9,7 +9,9 @@ Forward   the scored rows of chosen and rejected are gathered into one (N, H) ma
           up the label's logit when it falls in the chunk. Per-token log-probs are scattered into a zero
           (B, T) tensor and summed per sequence by the sequence_sum kernel (deterministic).
 Backward  with g_n the incoming gradient of token n's sequence, each chunk's logits are recomputed and
-          the chunk_logits_grad kernel overwrites them with G = g_n · (1[v = y_n] − exp(x − lse_n)); then
+          the chunk_logits_grad kernel overwrites them with G = g_n · (1[v = y_n] − exp((x − m_n) − s_n)),
+          m_n the row's max and s_n = log Σ_v exp(x − m_n) kept apart (as in token_logps: no rounding of
+          a large lse_n = m_n + s_n to float32 before the subtraction); then
               grad_W[v0:v1] = Gᵀ · hidden   (one GEMM written straight into that slice of grad_W)
               grad_b[v0:v1] = Σ_n G
               grad_hidden  += G · W[v0:v1]   (into an (N, H) float32 buffer, float64 for float64)
@@ -19,12 +21,16 @@ Memory: besides the inputs and the gradients themselves, one chunk of logits (N 
 (N × H), in the backward the float32 grad_hidden buffer (N × H) and O(N) per-token values; nothing scales
 with V. The gathered rows are freed before the hidden-state gradients are allocated, and those are filled
 from the float32 buffer without a temporary of their size. Only the inputs, the valid-row index, the int64
-labels of those rows and lse (O(tokens)) are saved for the backward.
+labels of those rows and each row's max and log-sum-exp (O(tokens)) are saved for the backward.
 
 The chunk GEMMs run in the inputs' dtype (cuBLAS accumulates in float32 and rounds its output to bfloat16 /
 float16), so the logits the kernels see are exactly what `hidden @ W.T` gives; the kernels then compute in
 float32. grad_W and grad_b are each written once per slice by a GEMM / reduction that accumulates in
 float32: no low-precision running sum across chunks.
+
+Under autocast the hidden states, weight and bias are first cast to the autocast dtype (float64 is left
+alone), as `torch.mm` would cast them for a model's lm_head; the Function itself then runs with autocast
+off, so the backward recomputes exactly the forward's logits.
 
 Chosen and rejected go through one autograd Function call, so every chunk of W is read once per pass and
 grad_W is written once, instead of two weight-sized gradients being added by autograd.
@@ -36,6 +42,7 @@ the two per-chunk kernels: the same memory bound, the same results up to roundin
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -126,12 +133,14 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
 
 
 def check_chunk_size(chunk_size):
+    """chunk_size None or a positive integer (a NumPy one too), returned as a Python int (or None)."""
     if chunk_size is None:
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        return None
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
         raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    return int(chunk_size)
 
 
 # ------------------------------------------------------------------------- per-chunk operations, two backends
@@ -163,35 +172,47 @@ def _chunk_lse_update_torch(logits_chunk, labels, vocab_start, running_max, runn
     target_logits.copy_(torch.where(in_chunk, picked, target_logits))
 
 
-def _chunk_logits_grad_torch(logits_chunk, labels, vocab_start, lse, grad_scale):
+def _chunk_logits_grad_torch(logits_chunk, labels, vocab_start, row_max, log_sum_exp, grad_scale):
     """PyTorch twin of kernels.chunk_logits_grad (chunk-sized temporaries)."""
-    x = logits_chunk.to(lse.dtype)
+    x = logits_chunk.to(log_sum_exp.dtype)
     columns = torch.arange(vocab_start, vocab_start + x.shape[1], device=x.device)
     one_hot = (columns[None, :] == labels[:, None]).to(x.dtype)
-    logits_chunk.copy_(grad_scale[:, None] * (one_hot - torch.exp(x - lse[:, None])))
+    probs = torch.exp((x - row_max[:, None]) - log_sum_exp[:, None])
+    logits_chunk.copy_(grad_scale[:, None] * (one_hot - probs))
     return logits_chunk
 
 
-_MIXED_ADDMM = {"works": True}
+_MIXED_ADDMM_WORKS = {}  # (device type, input dtype, accumulator dtype) → bool, probed once each
+
+
+def _mixed_addmm_works(acc, a):
+    """Whether this PyTorch and device take `addmm(acc, a, b, out_dtype=acc.dtype, out=acc)` with a, b in a
+    lower precision than acc (CUDA in recent PyTorch; not the CPU). Probed once on 1 × 1 tensors."""
+    key = (acc.device.type, a.dtype, acc.dtype)
+    if key not in _MIXED_ADDMM_WORKS:
+        probe = torch.zeros((1, 1), dtype=acc.dtype, device=acc.device)
+        factor = torch.ones((1, 1), dtype=a.dtype, device=a.device)
+        try:
+            torch.addmm(probe, factor, factor, out_dtype=acc.dtype, out=probe)
+            _MIXED_ADDMM_WORKS[key] = probe.item() == 1.0
+        except (TypeError, RuntimeError):  # no such overload, or not for this device
+            _MIXED_ADDMM_WORKS[key] = False
+    return _MIXED_ADDMM_WORKS[key]
 
 
 def _accumulate_product(acc, a, b):
     """acc += a @ b with acc in float32 (float64) and a, b possibly bfloat16 / float16.
 
-    On CUDA, `addmm(..., out_dtype=float32)` has cuBLAS accumulate the low-precision product straight into
-    the float32 buffer. Where that is missing (older PyTorch, the CPU), the product is rounded to the
+    Where `addmm(..., out_dtype=float32)` exists (CUDA), cuBLAS accumulates the low-precision product
+    straight into the float32 buffer. Elsewhere (older PyTorch, the CPU) the product is rounded to the
     inputs' dtype by its GEMM (which accumulates in float32 internally) and then added in float32.
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _MIXED_ADDMM["works"]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError):  # this PyTorch has no mixed-dtype addmm: never try again
-            _MIXED_ADDMM["works"] = False
-    acc.add_(torch.mm(a, b))
+    elif _mixed_addmm_works(acc, a):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
 
 
 def _chunk_logits(hidden_rows, weight, bias, start, stop):
@@ -291,6 +312,28 @@ def hidden_gradients(hiddens, positions, needs_hidden, grad_hidden_rows):
     return grads
 
 
+# ------------------------------------------------------------------------------------------- autocast
+
+def _autocast_inputs(weight, bias, *hiddens):
+    """Under autocast on the weight's device, weight, bias and hidden states cast to the autocast dtype as
+    `torch.mm` would cast them for a model's lm_head (float64 and non-tensors are left for the checks);
+    the casts are differentiable, so gradients reach the originals in their own dtype. Unchanged otherwise."""
+    tensors = (weight, bias, *hiddens)
+    device_type = weight.device.type if isinstance(weight, torch.Tensor) else None
+    if not (device_type and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    castable = (torch.float32, torch.bfloat16, torch.float16)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
+
+
+def _autocast_off(device):
+    """Inside the Function the GEMMs run in the inputs' dtype, forward and backward alike, whatever autocast
+    state the backward happens to run in."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 # ------------------------------------------------------------------------------------------- autograd
 
 class FusedLinearSequenceLogps(torch.autograd.Function):
@@ -320,13 +363,13 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
         running_sum = torch.zeros((total_rows,), dtype=acc_dtype, device=device)
         target_logits = torch.zeros((total_rows,), dtype=acc_dtype, device=device)
         if total_rows:
-            logits_pass(hidden_rows, weight, bias, chunk_size,
-                        lambda logits_chunk, start: chunk_lse_update(logits_chunk, row_labels, start, running_max,
-                                                                     running_sum, target_logits))
+            with _autocast_off(device):
+                logits_pass(hidden_rows, weight, bias, chunk_size,
+                            lambda logits_chunk, start: chunk_lse_update(logits_chunk, row_labels, start,
+                                                                         running_max, running_sum, target_logits))
         del hidden_rows
         log_sum_exp = torch.log(running_sum)
         row_logps = (target_logits - running_max) - log_sum_exp  # as in token_logps: x − max stays exact
-        lse = running_max + log_sum_exp
 
         outputs = []
         start = 0
@@ -337,7 +380,7 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             outputs.append(sequence_sum(token_logps))
             start = stop
 
-        ctx.save_for_backward(weight, bias, lse, row_labels, *hiddens, *positions)
+        ctx.save_for_backward(weight, bias, running_max, log_sum_exp, row_labels, *hiddens, *positions)
         ctx.chunk_size = chunk_size
         ctx.groups = len(hiddens)
         ctx.use_triton = use_triton
@@ -346,12 +389,12 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, *grad_logps):
-        weight, bias, lse, row_labels, *rest = ctx.saved_tensors
+        weight, bias, row_max, log_sum_exp, row_labels, *rest = ctx.saved_tensors
         hiddens, positions = rest[:ctx.groups], rest[ctx.groups:]
         needs_weight, needs_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_hidden = [ctx.needs_input_grad[4 + 2 * k] for k in range(ctx.groups)]
-        acc_dtype, device, vocab = lse.dtype, weight.device, weight.shape[0]
-        total_rows = lse.numel()
+        acc_dtype, device, vocab = log_sum_exp.dtype, weight.device, weight.shape[0]
+        total_rows = log_sum_exp.numel()
 
         grad_scale = torch.cat([grad.to(acc_dtype)[_sequence_of_rows(index, hidden.shape[1])]
                                 for grad, hidden, index in zip(grad_logps, hiddens, positions)])
@@ -363,9 +406,11 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             grad_hidden_rows = torch.zeros((total_rows, weight.shape[1]), dtype=acc_dtype, device=device)
         _, chunk_logits_grad_, _ = _kernels(ctx.use_triton)
 
-        gradient_pass(hidden_rows, weight, bias, ctx.chunk_size,
-                      lambda logits_chunk, start: chunk_logits_grad_(logits_chunk, row_labels, start, lse, grad_scale),
-                      grad_weight, grad_bias, grad_hidden_rows)
+        with _autocast_off(device):
+            gradient_pass(hidden_rows, weight, bias, ctx.chunk_size,
+                          lambda logits_chunk, start: chunk_logits_grad_(logits_chunk, row_labels, start, row_max,
+                                                                         log_sum_exp, grad_scale),
+                          grad_weight, grad_bias, grad_hidden_rows)
         del hidden_rows  # before the hidden-state gradients exist: the two never share the peak
 
         grad_hiddens = hidden_gradients(hiddens, positions, needs_hidden, grad_hidden_rows)
@@ -384,9 +429,10 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
     processed chunk_size rows at a time (None: chosen from the shapes, see `default_chunk_size`). Returns
     float32 (float64 for float64), differentiable with respect to hidden, weight and bias.
     """
+    weight, bias, hidden = _autocast_inputs(weight, bias, hidden)
     check_linear(weight, bias)
     check_hidden_and_labels(hidden, labels, weight, ignore_index=ignore_index, check_values=False)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     check_label_values(labels, weight.shape[0], ignore_index=ignore_index)
     (logps,) = FusedLinearSequenceLogps.apply(weight, bias, ignore_index, chunk_size, hidden, labels)
     return logps
@@ -407,6 +453,7 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     the shapes). The other arguments and the output are those of `focal_po_loss`; gradients reach both
     hidden states, the weight and the bias.
     """
+    weight, bias, chosen_hidden, rejected_hidden = _autocast_inputs(weight, bias, chosen_hidden, rejected_hidden)
     check_linear(weight, bias)
     check_hidden_and_labels(chosen_hidden, chosen_labels, weight, hidden_name="chosen_hidden",
                             labels_name="chosen_labels", ignore_index=ignore_index, check_values=False)
@@ -414,9 +461,10 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                             labels_name="rejected_labels", ignore_index=ignore_index, check_values=False)
     check_pair_shapes(chosen_hidden.shape, rejected_hidden.shape, chosen_hidden.device, rejected_hidden.device,
                       what="hidden")
-    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_hidden.shape[0], chosen_hidden.device)
-    check_loss_options(beta=beta, gamma=gamma, reduction=reduction)
-    check_chunk_size(chunk_size)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_hidden.shape[0], chosen_hidden.device,
+                          what="hidden states")
+    check_loss_options(beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+    chunk_size = check_chunk_size(chunk_size)
     check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
                           weight.shape[0], ignore_index=ignore_index)
     chosen_logps, rejected_logps = FusedLinearSequenceLogps.apply(

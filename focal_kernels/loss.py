@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import backend, reference
-from .checks import (check_inplace_target, check_inplace_targets_disjoint, check_logits_and_labels, check_pair,
-                     reduce_loss)
+from .checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_logits_and_labels,
+                     check_pair, reduce_loss)
 from .output import PreferenceLossOutput
 
 
@@ -50,6 +50,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits' own storage: the logits are consumed and must not be used afterwards.
     """
     check_logits_and_labels(logits, labels, ignore_index=ignore_index)
+    check_flag(inplace_backward, "inplace_backward")
     if not backend.use_triton(logits):  # a plain CPU: the spec itself
         return reference.sequence_logps(logits, labels, ignore_index)
     from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
@@ -75,7 +76,9 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     the loss and both log-probs are differentiable, the rewards β·(logp − ref) are detached.
     """
     check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
-               beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction)
+               beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+               detach_focal_weight=detach_focal_weight)
+    check_flag(inplace_backward, "inplace_backward")
     if not backend.use_triton(chosen_logits):  # a plain CPU: the spec itself (inplace_backward has no effect)
         return reference.focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
                                        ref_chosen_logps, ref_rejected_logps, beta=beta, gamma=gamma,

@@ -25,9 +25,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def token_logps(logits, labels, ignore_index=-100):
-    """(B, T) log p(y_t) for scored tokens, 0 where the label is ignore_index."""
-    logprobs = F.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
+    """(B, T) log p(y_t) for scored tokens, 0 where the label is ignore_index (whose logits are never read)."""
     scored = labels != ignore_index
+    logits = torch.where(scored.unsqueeze(-1), logits.to(compute_dtype(logits.dtype)), 0.0)
+    logprobs = F.log_softmax(logits, dim=-1)
     picked = logprobs.gather(-1, torch.where(scored, labels, 0).long().unsqueeze(-1)).squeeze(-1)
     return torch.where(scored, picked, torch.zeros_like(picked))
 
@@ -67,7 +68,8 @@ def focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels
                   *, beta=0.1, gamma=0.05, ignore_index=-100, reduction="mean", detach_focal_weight=False):
     """The same call and outputs as `focal_kernels.focal_po_loss`."""
     check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
-               beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction)
+               beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+               detach_focal_weight=detach_focal_weight)
     chosen_logps = token_logps(chosen_logits, chosen_labels, ignore_index).sum(-1)
     rejected_logps = token_logps(rejected_logits, rejected_labels, ignore_index).sum(-1)
     per_pair = focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,

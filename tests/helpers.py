@@ -81,3 +81,18 @@ def compare_with_reference(chosen_logits, rejected_logits, chosen_labels, reject
         subnormal_step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
         assert_close(actual, expected, (rtol, atol * scale + 2 * subnormal_step), name)
     return out
+
+
+def poison_empty(monkeypatch):
+    """Make every torch.empty / empty_like return NaN-filled (or extreme-valued) memory."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))

@@ -58,6 +58,8 @@ IMPLEMENTATIONS = [fk.focal_po_loss, fk.reference.focal_po_loss]
      r"rejected_logits is on meta"),
     (lambda d: {"ref_chosen_logps": torch.zeros(2, device="meta")}, ValueError, r"ref_chosen_logps is on meta"),
     (lambda d: {"ignore_index": 1.5}, TypeError, r"ignore_index must be an int"),
+    (lambda d: {"beta": torch.tensor(0.1)}, ValueError, r"beta must be a finite number > 0"),
+    (lambda d: {"detach_focal_weight": "no"}, TypeError, r"detach_focal_weight must be True or False, got 'no'"),
 ])
 def test_bad_input_raises_named_error(device, fn, changes, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -138,3 +140,16 @@ def test_double_backward_raises(device):
     out = fk.focal_po_loss(logits, logits.detach().clone(), labels, labels)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.loss, [logits], create_graph=True)
+
+
+def test_numpy_numbers_and_flags(device):
+    """NumPy scalars are numbers like any other; inplace_backward must be a bool."""
+    np = pytest.importorskip("numpy")
+    inputs = _inputs(device)
+    out = fk.focal_po_loss(**inputs, beta=np.float32(0.5), gamma=np.float64(0.05))
+    torch.testing.assert_close(out.loss, fk.focal_po_loss(**inputs, beta=float(np.float32(0.5)), gamma=0.05).loss)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        _call(fk.focal_po_loss, device, inplace_backward=1)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        fk.sequence_logps(torch.randn(1, 2, 5, device=device), torch.zeros(1, 2, dtype=torch.long, device=device),
+                          inplace_backward=None)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import focal_kernels as fk
+from focal_kernels import backend
 from helpers import (ACCUMULATED_TOL, DTYPES, GRAD_TOL, assert_close, compare_with_reference, loss_and_grads,
                      random_labels, random_logits)
 
@@ -176,7 +177,12 @@ def test_nan_logits_give_nan_loss(device):
     assert torch.isnan(out.chosen_logps[1]) and torch.isfinite(out.chosen_logps[0])
 
 
-def test_nan_in_an_ignored_token_is_not_read(device):
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "plain-cpu"])
+def test_nan_in_an_ignored_token_is_not_read(device, kernels, monkeypatch):
+    if not kernels:
+        if device != "cpu":
+            pytest.skip("the plain-PyTorch path runs only for CPU tensors")
+        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
     vocab = 100
     chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,
                                                                                           device)
@@ -238,7 +244,6 @@ def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):
                                                                                           "cpu")
     labels_c, labels_r = random_labels(2, 3, vocab, "cpu"), random_labels(2, 3, vocab, "cpu")
     kernel_out, kernel_gc, kernel_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
-    from focal_kernels import backend
     monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
     torch_out, torch_gc, torch_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
     for name in kernel_out._fields:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import poison_empty
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -224,6 +225,96 @@ def test_frozen_weight_and_single_group_gradients():
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_views_and_odd_inputs(dtype):
+    """Strided views of every input (a shifted chosen view; a rejected side with T = 1 read from an
+    interleaved layout, stride(-1) != 1; a weight stored transposed, as a tied embedding may be; a strided bias), int32
+    labels and a non-default ignore_index."""
+    batch, seq_len, hidden_size, vocab, ignore = 2, 4, 16, 37, -1
+    inputs = make_inputs(batch=batch, seq_len=seq_len, rejected_len=1, hidden_size=hidden_size, vocab=vocab,
+                         dtype=dtype)
+
+    def view(tensor, make):
+        return make(tensor.detach().clone()).requires_grad_()
+
+    chosen_states = view(inputs["chosen_hidden"], lambda t: torch.cat([t, t[:, :1]], dim=1))
+    inputs["chosen_hidden"] = chosen_states[:, :-1]
+    inputs["rejected_hidden"] = view(inputs["rejected_hidden"], lambda t: torch.stack([t, t], dim=-1))[..., 0]
+    inputs["weight"] = view(inputs["weight"], lambda t: t.t().contiguous()).t()
+    inputs["bias"] = view(inputs["bias"], lambda t: torch.stack([t, t], dim=1)).select(1, 0)
+    for side in ("chosen", "rejected"):
+        labels = inputs[f"{side}_labels"]
+        inputs[f"{side}_labels"] = torch.where(labels == IGNORE, ignore, labels).to(torch.int32)
+    assert not inputs["chosen_hidden"].is_contiguous() and inputs["rejected_hidden"].stride(-1) != 1
+    assert not inputs["weight"].is_contiguous() and not inputs["bias"].is_contiguous()
+    assert (inputs["chosen_labels"] == ignore).any()
+    assert_matches_reference(inputs, dtype, chunk_size=8, ignore_index=ignore)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """torch.empty poisoned with NaN: the outputs and gradients are bit for bit those of a clean run."""
+    inputs = make_inputs(batch=3, dtype=torch.float32, seq_len=5, rejected_len=4)
+    inputs["chosen_labels"][2] = IGNORE  # a sequence with nothing scored, and gaps in the others
+
+    def run():
+        out = fused(inputs, chunk_size=8)
+        extra = out.chosen_logps.sum() - out.rejected_logps.sum()
+        return [out.loss, out.chosen_logps, out.rejected_logps,
+                *torch.autograd.grad(out.loss + extra, differentiable(inputs))]
+
+    clean = run()
+    poison_empty(monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(run(), clean))
+
+
+def test_autocast():
+    """Under autocast the GEMMs run in the autocast dtype, as a model's lm_head would: the same results as
+    casting the inputs by hand, gradients in the inputs' own dtype, whether the backward runs inside the
+    autocast region or after it. A bfloat16 hidden state with a float32 weight is fine there."""
+    inputs = make_inputs(dtype=torch.float32)
+    cast = {k: v.detach().to(torch.bfloat16).requires_grad_() if k in ("chosen_hidden", "rejected_hidden",
+                                                                         "weight", "bias") else v
+            for k, v in inputs.items()}
+    expected = fused(cast, chunk_size=8)
+    expected_grads = torch.autograd.grad(expected.loss, differentiable(cast))
+
+    for backward_inside in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused(inputs, chunk_size=8)
+            if backward_inside:
+                grads = torch.autograd.grad(out.loss, differentiable(inputs))
+        if not backward_inside:
+            grads = torch.autograd.grad(out.loss, differentiable(inputs))
+        assert torch.equal(out.chosen_logps, expected.chosen_logps)
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=1e-6)
+        for got, want in zip(grads, expected_grads):
+            assert got.dtype == torch.float32
+            assert torch.equal(got, want.float())
+
+    mixed = dict(inputs, chosen_hidden=cast["chosen_hidden"], rejected_hidden=cast["rejected_hidden"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fused(mixed, chunk_size=8).chosen_logps, expected.chosen_logps)
+        logps = fused_linear_sequence_logps(inputs["chosen_hidden"], inputs["weight"], inputs["chosen_labels"],
+                                            bias=inputs["bias"], chunk_size=8)
+    assert torch.equal(logps, expected.chosen_logps)
+
+
+@pytest.mark.parametrize("through_triton", [True, False])
+def test_large_logits_keep_their_precision(monkeypatch, through_triton):
+    """Logits around 3e4: float32 would round lse = max + log Σ exp to about 2e-3, and exp(x − lse) with
+    it; the backward takes max and log Σ exp apart, so each row's probabilities still sum to 1 and the bias
+    gradient (Σ over rows of g·(onehot − p)) sums to 0 within float32 rounding."""
+    if not through_triton:
+        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    inputs = make_inputs(batch=3, dtype=torch.float32, seq_len=6, rejected_len=5, vocab=300, ref=False)
+    with torch.no_grad():
+        inputs["bias"].add_(30000.0)
+    out = fused(inputs, chunk_size=64, reduction="sum", beta=1.0)
+    (grad_bias,) = torch.autograd.grad(out.loss, [inputs["bias"]])
+    assert torch.isfinite(grad_bias).all()
+    assert abs(grad_bias.double().sum().item()) <= 1e-5 * grad_bias.double().abs().sum().item()
+
+
 def test_module_form():
     inputs = make_inputs(dtype=torch.float64, seq_len=3, rejected_len=3)
     module = FusedLinearFocalPOLoss(beta=0.2, gamma=0.3, reduction="sum", chunk_size=9)
@@ -404,6 +495,9 @@ def test_bad_inputs():
         (dict(options=dict(beta=0.0)), ValueError, "beta must be"),
         (dict(options=dict(reduction="max")), ValueError, "reduction must be"),
         (dict(options=dict(ignore_index=None)), TypeError, "ignore_index must be an int"),
+        (dict(options=dict(detach_focal_weight=1)), TypeError, "detach_focal_weight must be True or False"),
+        (dict(ref_chosen_logps=torch.zeros(2, device="meta")), ValueError,
+         "ref_chosen_logps is on meta but the hidden states are on"),
     ]
     for changes, error, message in cases:
         with pytest.raises(error, match=message):
@@ -414,3 +508,5 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="chunk_size"):
         fused_linear_sequence_logps(inputs["chosen_hidden"], weight, inputs["chosen_labels"], chunk_size=True)
     assert fused_linear.check_chunk_size(None) is None
+    np = pytest.importorskip("numpy")
+    assert type(fused_linear.check_chunk_size(np.int64(8))) is int  # a NumPy integer is an integer

@@ -8,7 +8,7 @@ import focal_kernels as fk
 from focal_kernels.kernels.logits_grad import logits_grad
 from focal_kernels.kernels.sequence_pair_loss import sequence_pair_loss
 from focal_kernels.kernels.token_logps import token_logps_and_lse
-from helpers import random_labels, random_logits
+from helpers import DTYPES, poison_empty, random_labels, random_logits
 
 
 def test_gradcheck_float64_through_the_kernels(device):
@@ -33,29 +33,14 @@ def test_gradcheck_shifted_view(device):
     assert torch.autograd.gradcheck(lambda x: fk.sequence_logps(x[:, :-1], labels), (base,), eps=1e-6, atol=1e-8)
 
 
-def _poisoned(monkeypatch):
-    """Make every torch.empty / empty_like return NaN-filled (or extreme-valued) memory."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-12345)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_output_element_is_written(device, dtype, monkeypatch):
     vocab = 1234  # not a multiple of any block size
     chosen = random_logits(3, 5, vocab, dtype, device, extra_time=2)
     rejected = random_logits(3, 4, vocab, dtype, device)
     labels_c, labels_r = random_labels(3, 5, vocab, device), random_labels(3, 4, vocab, device)
     labels_c[2] = -100
-    _poisoned(monkeypatch)
+    poison_empty(monkeypatch)
     token_logps, row_max, log_sum_exp = token_logps_and_lse(chosen, labels_c, -100)
     for t in (token_logps, row_max, log_sum_exp):
         assert not torch.isnan(t).any()

@@ -67,9 +67,11 @@ CHUNK_SCRIPT = textwrap.dedent("""
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
-    lse, grad_scale = torch.randn(3, device=device) + 6, torch.randn(3, device=device)
-    expected = fused_linear._chunk_logits_grad_torch(chunk.clone(), labels, vocab_start, lse, grad_scale)
-    result = chunk_logits_grad_(chunk, labels, vocab_start, lse, grad_scale)
+    row_max, log_sum_exp = torch.randn(3, device=device) + 3, torch.rand(3, device=device) + 3
+    grad_scale = torch.randn(3, device=device)
+    expected = fused_linear._chunk_logits_grad_torch(chunk.clone(), labels, vocab_start, row_max, log_sum_exp,
+                                                     grad_scale)
+    result = chunk_logits_grad_(chunk, labels, vocab_start, row_max, log_sum_exp, grad_scale)
     assert result.data_ptr() == chunk.data_ptr()
     torch.testing.assert_close(chunk.float(), expected.float(), rtol=1.6e-2, atol=1e-6)
     print("ok")

@@ -86,9 +86,10 @@ def test_non_default_ignore_index(device, ignore_index):
     compare_with_reference(chosen, rejected, labels_c, labels_r, ignore_index=ignore_index)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_shifted_views_are_not_copied(device, dtype):
-    """HF-style shift: logits[:, :-1] with labels[:, 1:]; strided labels too."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_views(device, dtype):
+    """HF-style shift: logits[:, :-1] with labels[:, 1:] (read in place); strided labels too; a batch stride
+    that is not T·V; a vocabulary stride of 2 (copied once)."""
     vocab = 1111
     chosen = random_logits(2, 5, vocab, dtype, device, extra_time=1)
     rejected = random_logits(2, 4, vocab, dtype, device, extra_time=1)
@@ -99,6 +100,9 @@ def test_shifted_views_are_not_copied(device, dtype):
     # A view whose batch stride is not T·V (a slice over the vocabulary-major buffer) works too.
     wide = random_logits(2, 4, vocab + 5, dtype, device)[:, :, :vocab]
     compare_with_reference(wide, rejected, random_labels(2, 4, vocab, device), labels_r)
+    interleaved = random_logits(2, 4, 2 * vocab, dtype, device)[:, :, ::2]
+    assert interleaved.stride(-1) == 2
+    compare_with_reference(interleaved, rejected, random_labels(2, 4, vocab, device), labels_r)
 
 
 def test_int32_labels(device):

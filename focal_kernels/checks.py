@@ -43,7 +43,7 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     if labels.device != logits.device:
         raise ValueError(f"{labels_name} is on {labels.device} but {logits_name} is on {logits.device}; "
                          "they must be on the same device")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
@@ -167,6 +167,11 @@ def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
 def _is_real(value):
     """A Python or NumPy real number (not a bool, not a tensor)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value):
+    """A Python or NumPy integer (not a bool, not a tensor)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def reduce_loss(per_pair_loss, reduction):

@@ -42,13 +42,12 @@ the two per-chunk kernels: the same memory bound, the same results up to roundin
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from . import backend
 from .checks import (check_label_values, check_labels_in_range, check_logits_and_labels, check_loss_options,
-                     check_pair_shapes, check_reference_logps)
+                     check_pair_shapes, check_reference_logps, is_integer)
 from .first_order import first_order_only
 from .loss import PreferenceLossModule, preference_output
 from .output import PreferenceLossOutput
@@ -121,7 +120,11 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
     check_logits_and_labels(hidden, labels, logits_name=hidden_name, labels_name=labels_name,
                             ignore_index=ignore_index, check_values=False, last_dim="H")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+        after_autocast = ""
+        if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
+            after_autocast = " (under autocast: after casting to the autocast dtype, which leaves float64 alone)"
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same "
+                        f"dtype{after_autocast}")
     if hidden.device != weight.device:
         raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} is on {weight.device}; "
                          "they must be on the same device")
@@ -136,7 +139,7 @@ def check_chunk_size(chunk_size):
     """chunk_size None or a positive integer (a NumPy one too), returned as a Python int (or None)."""
     if chunk_size is None:
         return None
-    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
+    if not is_integer(chunk_size):
         raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
@@ -187,9 +190,12 @@ _MIXED_ADDMM_WORKS = {}  # (device type, input dtype, accumulator dtype) → boo
 
 def _mixed_addmm_works(acc, a):
     """Whether this PyTorch and device take `addmm(acc, a, b, out_dtype=acc.dtype, out=acc)` with a, b in a
-    lower precision than acc (CUDA in recent PyTorch; not the CPU). Probed once on 1 × 1 tensors."""
+    lower precision than acc (CUDA from PyTorch 2.10; not the CPU). Probed once on 1 × 1 tensors; never
+    while a CUDA graph is being captured (the probe reads its result back), which takes the fallback."""
     key = (acc.device.type, a.dtype, acc.dtype)
     if key not in _MIXED_ADDMM_WORKS:
+        if acc.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
         probe = torch.zeros((1, 1), dtype=acc.dtype, device=acc.device)
         factor = torch.ones((1, 1), dtype=a.dtype, device=a.device)
         try:
@@ -203,9 +209,10 @@ def _mixed_addmm_works(acc, a):
 def _accumulate_product(acc, a, b):
     """acc += a @ b with acc in float32 (float64) and a, b possibly bfloat16 / float16.
 
-    Where `addmm(..., out_dtype=float32)` exists (CUDA), cuBLAS accumulates the low-precision product
-    straight into the float32 buffer. Elsewhere (older PyTorch, the CPU) the product is rounded to the
-    inputs' dtype by its GEMM (which accumulates in float32 internally) and then added in float32.
+    Where `addmm(..., out_dtype=float32)` takes a float32 accumulator (CUDA), cuBLAS accumulates the
+    low-precision product straight into the float32 buffer. Elsewhere (older PyTorch, the CPU) the product
+    is rounded to the inputs' dtype by its GEMM (which accumulates in float32 internally), then added in
+    float32.
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)

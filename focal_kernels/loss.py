@@ -31,7 +31,7 @@ def preference_output(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
 
         per_pair, chosen_rewards, rejected_rewards = FocalPOPairLoss.apply(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            float(beta), float(gamma), bool(detach_focal_weight))
+            float(beta), float(gamma), detach_focal_weight)
     else:
         per_pair = reference.focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                                 beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
@@ -55,7 +55,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         return reference.sequence_logps(logits, labels, ignore_index)
     from .autograd import SequenceLogps  # imports triton: only when a kernel runs (see backend.py)
 
-    return SequenceLogps.apply(_last_dim_contiguous(logits, inplace_backward), labels, ignore_index,
+    return SequenceLogps.apply(_last_dim_contiguous(logits, inplace_backward), labels, int(ignore_index),
                                inplace_backward)
 
 
@@ -92,7 +92,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     per_pair, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = FocalPOFromLogits.apply(
         _last_dim_contiguous(chosen_logits, inplace_backward), _last_dim_contiguous(rejected_logits, inplace_backward),
         chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
-        float(beta), float(gamma), bool(detach_focal_weight), ignore_index, inplace_backward)
+        float(beta), float(gamma), detach_focal_weight, int(ignore_index), inplace_backward)
     return _output(per_pair, reduction, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
 
 

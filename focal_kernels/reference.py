@@ -7,7 +7,8 @@
 
 Everything is computed in float32, or float64 for float64 logits. Ignored tokens contribute exactly 0,
 whatever their logits hold. The kernels must match these functions; the CPU path without the Triton
-interpreter runs them directly. This file materializes a full log-softmax: it is the spec, not the fast path.
+interpreter runs them directly. This file materializes the scored tokens' log-softmax: it is the spec, not
+the fast path.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def token_logps(logits, labels, ignore_index=-100):
     """(B, T) log p(y_t) for scored tokens, 0 where the label is ignore_index (whose logits are never read)."""
     scored = labels != ignore_index
-    logits = torch.where(scored.unsqueeze(-1), logits.to(compute_dtype(logits.dtype)), 0.0)
-    logprobs = F.log_softmax(logits, dim=-1)
-    picked = logprobs.gather(-1, torch.where(scored, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(scored, picked, torch.zeros_like(picked))
+    rows = logits[scored].to(compute_dtype(logits.dtype))                  # (N, V): the scored tokens only
+    picked = F.log_softmax(rows, dim=-1).gather(-1, labels[scored].long().unsqueeze(-1)).squeeze(-1)
+    token_logps = torch.zeros(labels.shape, dtype=rows.dtype, device=logits.device)
+    token_logps[scored] = picked
+    return token_logps
 
 
 def sequence_logps(logits, labels, ignore_index=-100):
@@ -47,9 +49,9 @@ def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_
         ref_margin = ref_margin + ref_chosen_logps.to(chosen_logps.dtype)
     if ref_rejected_logps is not None:
         ref_margin = ref_margin - ref_rejected_logps.to(chosen_logps.dtype)
-    z = beta * ((chosen_logps - rejected_logps) - ref_margin)
+    z = float(beta) * ((chosen_logps - rejected_logps) - ref_margin)
     log_p = F.logsigmoid(z)
-    focal_weight = torch.exp(gamma * log_p)
+    focal_weight = torch.exp(float(gamma) * log_p)
     if detach_focal_weight:
         focal_weight = focal_weight.detach()
     return -focal_weight * log_p
@@ -60,7 +62,7 @@ def rewards(logps, ref_logps, beta):
     logps = logps.detach()
     if ref_logps is not None:
         logps = logps - ref_logps.detach().to(logps.dtype)
-    return beta * logps
+    return float(beta) * logps
 
 
 def focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,

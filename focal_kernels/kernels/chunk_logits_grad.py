@@ -6,7 +6,7 @@ Reads   logits x[n, j] of the columns v0 + j, j in [0, C) (float32 / bfloat16 / 
         (the incoming gradient of the row's sequence); m, s, g in float32 (float64 for float64).
 Writes  G[n, j] = g[n] · (1[v0 + j = y[n]] − exp((x[n, j] − m[n]) − s[n]))
 computed in float32 (float64), stored over x in the chunk's dtype. m and s are kept apart rather than
-summed into lse = m + s, which float32 would round (by up to 2e-3 at |lse| ~ 3e4) before the subtraction.
+summed into lse = m + s, which float32 would round (by up to 1e-3 at |lse| ~ 3e4) before the subtraction.
 The caller then multiplies G by the hidden states and the weight chunk (GEMMs) for the weight, bias and
 hidden-state gradients.
 

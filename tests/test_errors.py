@@ -146,7 +146,7 @@ def test_numpy_numbers_and_flags(device):
     """NumPy scalars are numbers like any other; inplace_backward must be a bool."""
     np = pytest.importorskip("numpy")
     inputs = _inputs(device)
-    out = fk.focal_po_loss(**inputs, beta=np.float32(0.5), gamma=np.float64(0.05))
+    out = fk.focal_po_loss(**inputs, beta=np.float32(0.5), gamma=np.float64(0.05), ignore_index=np.int64(-100))
     torch.testing.assert_close(out.loss, fk.focal_po_loss(**inputs, beta=float(np.float32(0.5)), gamma=0.05).loss)
     with pytest.raises(TypeError, match="inplace_backward must be True or False"):
         _call(fk.focal_po_loss, device, inplace_backward=1)

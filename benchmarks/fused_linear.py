@@ -169,34 +169,38 @@ class Ours(Impl):
 
 
 class _OursGemmsOnly(torch.autograd.Function):
-    """focal_kernels.fused_linear's own chunk loops (logits_pass, gradient_pass) with the Triton kernels
+    """focal_kernels.vocab_chunks' own chunk loops (logits_pass, gradient_pass) with the Triton kernels
     replaced by nothing: the same gathers, GEMMs and scatters at the default chunk size, the recomputed logits
     standing in for their gradient. Returns a dummy zero."""
 
     @staticmethod
     def forward(ctx, weight, chosen_hidden, rejected_hidden, chosen_labels, rejected_labels):
-        from focal_kernels import fused_linear as fl
+        from focal_kernels import scored_rows, vocab_chunks
 
         hiddens = (chosen_hidden, rejected_hidden)
-        positions = [fl._scored_positions(labels, IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
+        positions = [scored_rows.scored_positions(labels, IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
         rows = sum(index.numel() for index in positions)
-        chunk = fl.default_chunk_size(rows, weight.shape[0], weight.shape[1], weight.element_size())
-        fl.logits_pass(fl._gather_rows(hiddens, positions, rows), weight, None, chunk, lambda logits, start: None)
+        chunk = vocab_chunks.default_chunk_size(rows, weight.shape[0], weight.shape[1], weight.element_size())
+        hidden_rows = scored_rows.gather_rows(hiddens, positions, rows)
+        vocab_chunks.logits_pass(hidden_rows, weight, None, chunk, lambda logits, start: None)
         ctx.save_for_backward(weight, *hiddens, *positions)
         ctx.rows, ctx.chunk = rows, chunk
         return weight.new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
-        from focal_kernels import fused_linear as fl
+        from focal_kernels import scored_rows, vocab_chunks
 
         weight, *rest = ctx.saved_tensors
         hiddens, positions = rest[:2], rest[2:]
         grad_weight = torch.empty_like(weight)
         grad_hidden_rows = torch.zeros((ctx.rows, weight.shape[1]), dtype=torch.float32, device=weight.device)
-        fl.gradient_pass(fl._gather_rows(hiddens, positions, ctx.rows), weight, None, ctx.chunk,
-                         lambda logits, start: logits, grad_weight, None, grad_hidden_rows)
-        return grad_weight, *fl.hidden_gradients(hiddens, positions, (True, True), grad_hidden_rows), None, None
+        hidden_rows = scored_rows.gather_rows(hiddens, positions, ctx.rows)
+        vocab_chunks.gradient_pass(hidden_rows, weight, None, ctx.chunk, lambda logits, start: logits,
+                                   grad_weight, None, grad_hidden_rows)
+        del hidden_rows
+        grad_hiddens = scored_rows.hidden_gradients(hiddens, positions, (True, True), grad_hidden_rows)
+        return grad_weight, *grad_hiddens, None, None
 
 
 class OursGemmsOnly(Impl):

@@ -8,6 +8,7 @@ import numbers
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 _LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
@@ -26,7 +27,7 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     if not logits.dtype.is_floating_point:
         raise TypeError(f"{logits_name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
                         f"got {logits.dtype}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{logits_name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{labels_name} must be an int64 or int32 tensor, got {labels.dtype}")
@@ -180,3 +181,67 @@ def reduce_loss(per_pair_loss, reduction):
     if reduction == "sum":
         return per_pair_loss.sum()
     return per_pair_loss
+
+
+# ------------------------------------------------------------------ the hidden-state path
+
+def check_linear(weight, bias, *, weight_name="weight", bias_name="bias"):
+    """weight (V, H) floating with V >= 1; bias None or (V,) with the weight's dtype and device."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{weight_name} must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must have shape (V, H), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must have a non-empty vocabulary (V >= 1), got shape {tuple(weight.shape)}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{bias_name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} must have the dtype of {weight_name} ({weight.dtype}), got {bias.dtype}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
+
+
+def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", labels_name="labels",
+                            weight_name="weight", ignore_index=-100, check_values=True):
+    """hidden (B, T, H) with the weight's dtype, device and H; labels (B, T) int in [0, V) or ignore_index.
+
+    The weight must already have passed `check_linear`. The label values are read last (a device sync);
+    check_values=False leaves them to `check_label_values`.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    check_logits_and_labels(hidden, labels, logits_name=hidden_name, labels_name=labels_name,
+                            ignore_index=ignore_index, check_values=False, last_dim="H")
+    if hidden.dtype != weight.dtype:
+        after_autocast = ""
+        if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
+            after_autocast = " (under autocast: after casting to the autocast dtype, which leaves float64 alone)"
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same "
+                        f"dtype{after_autocast}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} is on {weight.device}; "
+                         "they must be on the same device")
+    if hidden.shape[2] != weight.shape[1]:
+        raise ValueError(f"{hidden_name} has hidden size H = {hidden.shape[2]} but {weight_name} has shape "
+                         f"{tuple(weight.shape)}; it must be (V, {hidden.shape[2]})")
+    if check_values:
+        check_label_values(labels, weight.shape[0], labels_name=labels_name, ignore_index=ignore_index)
+
+
+def check_chunk_size(chunk_size):
+    """chunk_size None or a positive integer (a NumPy one too), returned as a Python int (or None)."""
+    if chunk_size is None:
+        return None
+    if not is_integer(chunk_size):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    return int(chunk_size)

@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import focal_kernels as fk
-from focal_kernels import backend, fused_linear
-from focal_kernels.fused_linear import (FusedLinearFocalPOLoss, default_chunk_size, fused_linear_focal_po_loss,
-                                        fused_linear_sequence_logps)
+from focal_kernels import backend, checks, scored_rows, vocab_chunks
+from focal_kernels.fused_linear import FusedLinearFocalPOLoss, fused_linear_focal_po_loss, fused_linear_sequence_logps
+from focal_kernels.vocab_chunks import default_chunk_size
 
 IGNORE = -100
 
@@ -327,14 +327,14 @@ def test_large_logits_keep_their_precision(monkeypatch, through_triton):
 def test_mixed_precision_accumulation():
     """acc += a @ b into a float32 buffer from bfloat16 factors: through addmm(out_dtype=float32) where this
     PyTorch and device take it (probed once and remembered), else a rounded product added in float32."""
-    fused_linear._MIXED_ADDMM_WORKS.clear()
+    vocab_chunks._MIXED_ADDMM_WORKS.clear()
     a = torch.randn(5, 7, device=DEVICE).to(torch.bfloat16)
     b = torch.randn(7, 3, device=DEVICE).to(torch.bfloat16)
     acc = torch.ones(5, 3, device=DEVICE)
     for _ in range(2):
-        fused_linear._accumulate_product(acc, a, b)
+        vocab_chunks._accumulate_product(acc, a, b)
     torch.testing.assert_close(acc, 1 + 2 * (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
-    works = fused_linear._MIXED_ADDMM_WORKS
+    works = vocab_chunks._MIXED_ADDMM_WORKS
     assert list(works) == [(acc.device.type, torch.bfloat16, torch.float32)]
     if DEVICE == "cpu":
         assert works[("cpu", torch.bfloat16, torch.float32)] is False  # no such kernel on the CPU
@@ -461,13 +461,13 @@ def test_peak_memory_is_the_accumulator_plus_a_chunk(monkeypatch, prompt_len):
 def test_hidden_gradient_scatter_needs_no_full_copy(monkeypatch, dtype):
     """The float32 accumulator becomes the (B, T, H) hidden-state gradient in place: one converting copy when
     no token is ignored, blocks of _SCATTER_ROWS rows otherwise; zeros at the ignored positions."""
-    monkeypatch.setattr(fused_linear, "_SCATTER_ROWS", 5)
+    monkeypatch.setattr(scored_rows, "_SCATTER_ROWS", 5)
     batch, seq_len, hidden_size = 3, 16, 64
     for scored in (torch.ones(batch, seq_len, dtype=torch.bool), torch.rand(batch, seq_len) < 0.6):
         index = scored.reshape(-1).nonzero().squeeze(1)
         rows = torch.randn(index.numel(), hidden_size, dtype=torch.float32)
         grad = torch.full((batch, seq_len, hidden_size), float("nan"), dtype=dtype)
-        peak, _ = peak_live_bytes(lambda: fused_linear._scatter_rows(grad, index, rows))
+        peak, _ = peak_live_bytes(lambda: scored_rows.scatter_rows(grad, index, rows))
         assert peak <= 5 * hidden_size * grad.element_size() + 1024, peak
         expected = torch.zeros(batch * seq_len, hidden_size)
         expected[index] = rows.to(dtype).float()
@@ -532,6 +532,6 @@ def test_bad_inputs():
         fused_linear_sequence_logps(inputs["chosen_hidden"], weight, inputs["chosen_labels"].clamp(min=0) - 1)
     with pytest.raises(TypeError, match="chunk_size"):
         fused_linear_sequence_logps(inputs["chosen_hidden"], weight, inputs["chosen_labels"], chunk_size=True)
-    assert fused_linear.check_chunk_size(None) is None
+    assert checks.check_chunk_size(None) is None
     np = pytest.importorskip("numpy")
-    assert type(fused_linear.check_chunk_size(np.int64(8))) is int  # a NumPy integer is an integer
+    assert type(checks.check_chunk_size(np.int64(8))) is int  # a NumPy integer is an integer

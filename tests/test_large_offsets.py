@@ -7,8 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import torch
-
 SCRIPT = textwrap.dedent("""
     import sys
     import torch
@@ -44,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 CHUNK_SCRIPT = textwrap.dedent("""
     import sys
     import torch
-    from focal_kernels import fused_linear
+    from focal_kernels import chunk_kernels
     from focal_kernels.kernels.chunk_lse_update import chunk_lse_update
     from focal_kernels.kernels.chunk_logits_grad import chunk_logits_grad_
 
@@ -63,13 +61,13 @@ CHUNK_SCRIPT = textwrap.dedent("""
 
     got, want = state(), state()
     chunk_lse_update(chunk, labels, vocab_start, *got)
-    fused_linear._chunk_lse_update_torch(chunk.clone(), labels, vocab_start, *want)
+    chunk_kernels.chunk_lse_update_torch(chunk.clone(), labels, vocab_start, *want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
     row_max, log_sum_exp = torch.randn(3, device=device) + 3, torch.rand(3, device=device) + 3
     grad_scale = torch.randn(3, device=device)
-    expected = fused_linear._chunk_logits_grad_torch(chunk.clone(), labels, vocab_start, row_max, log_sum_exp,
+    expected = chunk_kernels.chunk_logits_grad_torch(chunk.clone(), labels, vocab_start, row_max, log_sum_exp,
                                                      grad_scale)
     result = chunk_logits_grad_(chunk, labels, vocab_start, row_max, log_sum_exp, grad_scale)
     assert result.data_ptr() == chunk.data_ptr()

@@ -58,6 +58,7 @@ def logits_grad_kernel(
             cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
             tl.store(row_grad_ptr + cols, zeros, mask=cols < V)
 
+
 def logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, out=None):
     """Write the logits' gradient into `out` (default: a new tensor shaped like `logits`) and return it.
 

@@ -48,4 +48,3 @@ def loss_params(beta, gamma, dtype, device):
     params = torch.full((2,), beta, dtype=dtype, device=device)
     params[1:].fill_(gamma)
     return params
-

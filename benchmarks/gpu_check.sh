@@ -23,7 +23,7 @@ fi
     nvidia-smi
     python -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
     echo "== tests: python -m pytest -q tests -k 'not smoke'"
-    timeout 80 python -m pytest -q -k "not smoke" tests
+    timeout 120 python -m pytest -q -k "not smoke" tests
 } 2>&1 | tee "$out_dir/tests.log"
 tests_rc=$?
 

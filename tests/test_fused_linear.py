@@ -279,7 +279,7 @@ def test_autocast():
     expected_grads = torch.autograd.grad(expected.loss, differentiable(cast))
 
     for backward_inside in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             out = fused(inputs, chunk_size=8)
             if backward_inside:
                 grads = torch.autograd.grad(out.loss, differentiable(inputs))
@@ -294,17 +294,17 @@ def test_autocast():
     # A forward outside autocast whose backward runs inside it: the recomputed GEMMs stay in float32.
     plain = fused(inputs, chunk_size=8)
     plain_grads = torch.autograd.grad(plain.loss, differentiable(inputs), retain_graph=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(plain.loss, differentiable(inputs)),
                                                      plain_grads))
 
     mixed = dict(inputs, chosen_hidden=cast["chosen_hidden"], rejected_hidden=cast["rejected_hidden"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert torch.equal(fused(mixed, chunk_size=8).chosen_logps, expected.chosen_logps)
         logps = fused_linear_sequence_logps(inputs["chosen_hidden"], inputs["weight"], inputs["chosen_labels"],
                                             bias=inputs["bias"], chunk_size=8)
     assert torch.equal(logps, expected.chosen_logps)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="after casting to the autocast"):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), pytest.raises(TypeError, match="after casting to the autocast"):
         fused(dict(inputs, chosen_hidden=inputs["chosen_hidden"].double()), chunk_size=8)
 
 

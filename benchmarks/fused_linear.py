@@ -545,7 +545,19 @@ def report_header(meta: dict) -> list:
         lines.append(f"bf16 matmul rate: n/a ({meta.get('matmul_note', 'not measured')}); no GEMM floor")
     lines.append(f"Head: H={meta['hidden']}, V={meta['vocab']}, {DTYPE_NAME}; β={BETA}, γ={GAMMA}; "
                  f"gradients w.r.t. both hidden states and the weight")
+    used = meta.get("float32_addmm")
+    if used is not None:
+        lines.append("Ours' hidden-state gradient: " + (
+            "cuBLAS accumulates each chunk into the float32 buffer (addmm with out_dtype=float32)" if used else
+            "each chunk's product rounded to bf16, then added to the float32 buffer (no float32-output addmm here)"))
     return lines
+
+
+def float32_addmm_used(device):
+    """Whether ours' backward accumulated through addmm(out_dtype=float32) in this run (None: it never ran)."""
+    from focal_kernels import vocab_chunks
+
+    return vocab_chunks._MIXED_ADDMM_WORKS.get((device.type, DTYPE, torch.float32))
 
 
 def markdown_report(results: dict) -> str:
@@ -694,6 +706,7 @@ def main(argv=None) -> int:
     release_memory()
 
     meta["wall_s"] = round(time.perf_counter() - started, 1)
+    meta["float32_addmm"] = float32_addmm_used(device)
     results["complete"] = True
     save(results, args.out)
     print(f"\nfinished in {meta['wall_s']} s; results in {os.path.join(args.out, 'fused.json')}, fused.md\n")

@@ -52,11 +52,11 @@ def _mixed_addmm_works(acc, a):
     if key not in _MIXED_ADDMM_WORKS:
         if acc.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
-        probe = torch.zeros((1, 1), dtype=acc.dtype, device=acc.device)
+        probe = torch.ones((1, 1), dtype=acc.dtype, device=acc.device)
         factor = torch.ones((1, 1), dtype=a.dtype, device=a.device)
         try:
             torch.addmm(probe, factor, factor, out_dtype=acc.dtype, out=probe)
-            _MIXED_ADDMM_WORKS[key] = probe.item() == 1.0
+            _MIXED_ADDMM_WORKS[key] = probe.item() == 2.0  # accumulated into, not overwritten
         except (TypeError, RuntimeError):  # no such overload, or not for this device
             _MIXED_ADDMM_WORKS[key] = False
     return _MIXED_ADDMM_WORKS[key]

@@ -303,7 +303,8 @@ def test_autocast():
         assert torch.equal(fused(mixed, chunk_size=8).chosen_logps, expected.chosen_logps)
         logps = fused_linear_sequence_logps(inputs["chosen_hidden"], inputs["weight"], inputs["chosen_labels"],
                                             bias=inputs["bias"], chunk_size=8)
-    assert torch.equal(logps, expected.chosen_logps)
+    assert torch.equal(logps, fused_linear_sequence_logps(cast["chosen_hidden"], cast["weight"],
+                                                          inputs["chosen_labels"], bias=cast["bias"], chunk_size=8))
     with torch.autocast(DEVICE, dtype=torch.bfloat16), pytest.raises(TypeError, match="after casting to the autocast"):
         fused(dict(inputs, chosen_hidden=inputs["chosen_hidden"].double()), chunk_size=8)
 

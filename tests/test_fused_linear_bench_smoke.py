@@ -35,6 +35,9 @@ def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
                                                                 "eager"}, output
     assert (tmp_path / "fused.md").read_text().count("| ours |") == len(ours)
     assert "| impl |" in proc.stdout
+    if not torch.cuda.is_available():  # no float32-output addmm on the CPU: the fallback, and the header says so
+        assert results["meta"]["float32_addmm"] is False
+        assert "rounded to bf16, then added to the float32 buffer" in proc.stdout
     if not torch.cuda.is_available():
         assert "NOT GPU timings" in proc.stdout
         assert results["meta"]["matmul"] is None

@@ -222,7 +222,7 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
                             ignore_index=ignore_index, check_values=False, last_dim="H")
     if hidden.dtype != weight.dtype:
         after_autocast = ""
-        if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
+        if autocast_dtype(hidden.device) is not None:
             after_autocast = " (under autocast: after casting to the autocast dtype, which leaves float64 alone)"
         raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same "
                         f"dtype{after_autocast}")
@@ -234,6 +234,13 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
                          f"{tuple(weight.shape)}; it must be (V, {hidden.shape[2]})")
     if check_values:
         check_label_values(labels, weight.shape[0], labels_name=labels_name, ignore_index=ignore_index)
+
+
+def autocast_dtype(device):
+    """The dtype autocast runs matmuls in on this device, or None where autocast is off (or unknown)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def check_chunk_size(chunk_size):

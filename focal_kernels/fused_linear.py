@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (check_chunk_size, check_hidden_and_labels, check_label_values, check_labels_in_range,
-                     check_linear, check_loss_options, check_pair_shapes, check_reference_logps)
+from .checks import (autocast_dtype, check_chunk_size, check_hidden_and_labels, check_label_values,
+                     check_labels_in_range, check_linear, check_loss_options, check_pair_shapes,
+                     check_reference_logps)
 from .fused_linear_autograd import FusedLinearSequenceLogps
 from .loss import PreferenceLossModule, preference_output
 from .output import PreferenceLossOutput
@@ -23,11 +24,9 @@ def _autocast_inputs(weight, bias, *hiddens):
     `torch.mm` would cast them for a model's lm_head (float64 and non-tensors are left for the checks);
     the casts are differentiable, so gradients reach the originals in their own dtype. Unchanged otherwise."""
     tensors = (weight, bias, *hiddens)
-    device_type = weight.device.type if isinstance(weight, torch.Tensor) else None
-    if not (device_type and torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    dtype = autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     castable = (torch.float32, torch.bfloat16, torch.float16)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
 

@@ -175,13 +175,13 @@ class _OursGemmsOnly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, chosen_hidden, rejected_hidden, chosen_labels, rejected_labels):
-        from focal_kernels import scored_rows, vocab_chunks
+        from focal_kernels.logprobs import scored_rows, vocab_chunks
 
         hiddens = (chosen_hidden, rejected_hidden)
-        positions = [scored_rows.scored_positions(labels, IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
+        positions = [scored_rows.scored_positions(labels != IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
         rows = sum(index.numel() for index in positions)
         chunk = vocab_chunks.default_chunk_size(rows, weight.shape[0], weight.shape[1], weight.element_size())
-        hidden_rows = scored_rows.gather_rows(hiddens, positions, rows)
+        hidden_rows = scored_rows.gather_rows(hiddens, positions)
         vocab_chunks.logits_pass(hidden_rows, weight, None, chunk, lambda logits, start: None)
         ctx.save_for_backward(weight, *hiddens, *positions)
         ctx.rows, ctx.chunk = rows, chunk
@@ -189,13 +189,13 @@ class _OursGemmsOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from focal_kernels import scored_rows, vocab_chunks
+        from focal_kernels.logprobs import scored_rows, vocab_chunks
 
         weight, *rest = ctx.saved_tensors
         hiddens, positions = rest[:2], rest[2:]
         grad_weight = torch.empty_like(weight)
         grad_hidden_rows = torch.zeros((ctx.rows, weight.shape[1]), dtype=torch.float32, device=weight.device)
-        hidden_rows = scored_rows.gather_rows(hiddens, positions, ctx.rows)
+        hidden_rows = scored_rows.gather_rows(hiddens, positions)
         vocab_chunks.gradient_pass(hidden_rows, weight, None, ctx.chunk, lambda logits, start: logits,
                                    grad_weight, None, grad_hidden_rows)
         del hidden_rows
@@ -555,7 +555,7 @@ def report_header(meta: dict) -> list:
 
 def float32_addmm_used(device):
     """Whether ours' backward accumulated through addmm(out_dtype=float32) in this run (None: it never ran)."""
-    from focal_kernels import vocab_chunks
+    from focal_kernels.logprobs import vocab_chunks
 
     return vocab_chunks._MIXED_ADDMM_WORKS.get((device.type, DTYPE, torch.float32))
 

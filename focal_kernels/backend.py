@@ -21,4 +21,29 @@ def interpreter_enabled() -> bool:
 def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:
         return True
-    return tensor.device.type == "cpu" and interpreter_enabled()
+    if tensor.device.type == "cpu" and interpreter_enabled():
+        _check_interpreted()
+        return True
+    return False
+
+
+_INTERPRETED = []  # filled once: the kernels were compiled as interpreter functions
+
+
+def _check_interpreted():
+    """TRITON_INTERPRET=1 takes effect only if it was set before the kernels were decorated (and, on some
+    Triton versions, before triton was imported): refuse CPU tensors loudly rather than fail obscurely."""
+    if torch.compiler.is_compiling() or _INTERPRETED:
+        return
+    from .kernels.segment_sum import segment_sum
+
+    try:  # a one-element probe: the interpreter fails inside the kernel when triton was imported without it
+        probe = segment_sum(torch.ones(1), torch.tensor([0, 1]), 16)
+        works = probe.item() == 1.0
+    except Exception:  # noqa: BLE001 (the interpreter wraps its failure in its own exception types)
+        works = False
+    if not works:
+        raise RuntimeError("TRITON_INTERPRET=1 is set, but it was set after triton (or focal_kernels' kernels) "
+                           "had been imported, so the kernels cannot run on the CPU through the interpreter. Set "
+                           "TRITON_INTERPRET=1 before importing triton, or unset it to use the PyTorch path.")
+    _INTERPRETED.append(True)

@@ -7,19 +7,18 @@ import numbers
 
 import torch
 
+from .dtypes import FLOAT_DTYPES
+
 REDUCTIONS = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 _LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
 
 
 def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100,
-                            check_values=True, last_dim="V"):
-    """Logits (B, T, V) floating, labels (B, T) integer with values in [0, V) or == ignore_index.
-
-    The label values are read last (a device sync); check_values=False leaves them to `check_label_values`.
-    last_dim="H" checks hidden states (B, T, H) and their labels the same way (values not checked)."""
+                            last_dim="V"):
+    """Logits (B, T, V) floating, labels (B, T) integer; last_dim="H" checks hidden states (B, T, H) and their
+    labels the same way. The label values are left to `check_labels_in_range` (a device read)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, torch.Tensor):
@@ -48,46 +47,59 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if check_values and last_dim == "V":
-        check_label_values(labels, logits.shape[2], labels_name=labels_name, ignore_index=ignore_index)
 
 
-def check_label_values(labels, vocab, *, labels_name="labels", ignore_index=-100):
-    check_labels_in_range([(labels, labels_name)], vocab, ignore_index=ignore_index)
+def data_checks_enabled(validate_labels, tensor) -> bool:
+    """Whether to read label and cu_seqlens values (one device synchronization): yes in eager mode unless
+    validate_labels=False; never while torch.compile traces or a CUDA graph is being captured (there the
+    kernels still never read out of bounds: a sequence with an out-of-range label gets a NaN log-prob)."""
+    check_flag(validate_labels, "validate_labels")
+    if not validate_labels or torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_labels_in_range(named_labels, vocab, *, ignore_index=-100):
-    """Every label in [0, vocab) or == ignore_index, for several label tensors with one device sync.
+def check_labels_in_range(named_labels, vocab, *, ignore_index=-100, cu_seqlens=()):
+    """Every label in [0, vocab) or == ignore_index, and every (cu_seqlens, tokens) in `cu_seqlens` well
+    formed, for several tensors with one device synchronization.
 
-    A few small kernels per tensor (ignored labels replaced by 0, then min and max) and one read of
-    their results: this sync is the price of an error raised before any kernel can read out of bounds.
+    A few small kernels per tensor (ignored labels replaced by 0, then min and max; the cu_seqlens rules as
+    flags) and one read of their results: this sync is the price of an error raised before any kernel runs.
     """
+    from .logprobs.packing import CU_SEQLENS_RULES, cu_seqlens_problems
+
     named_labels = [(labels, name) for labels, name in named_labels if labels.numel()]
-    if not named_labels:
+    parts = [torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels))).long()
+             for labels, _ in named_labels]
+    parts += [cu_seqlens_problems(cu, tokens).long() for cu, tokens in cu_seqlens]
+    if not parts:
         return
-    extremes = torch.stack([torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels))).long()
-                            for labels, _ in named_labels]).tolist()
-    for (labels, name), (smallest, largest) in zip(named_labels, extremes):
+    values = torch.cat([part.to(parts[0].device) for part in parts]).tolist()
+    for (labels, name), (smallest, largest) in zip(named_labels, zip(values[0::2], values[1::2])):
         if smallest < 0 or largest >= vocab:
             bad = smallest if smallest < 0 else largest
             raise ValueError(f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+    flags = values[2 * len(named_labels):]
+    for index, ok in enumerate(flags):
+        if not ok:
+            cu, tokens = cu_seqlens[index // 3]
+            raise ValueError(f"{CU_SEQLENS_RULES[index % 3]} (N = {tokens}); got {cu.tolist()}")
 
 
 def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
                *, beta, gamma, ignore_index, reduction, detach_focal_weight=False):
-    """Everything `focal_po_loss` takes, checked together."""
+    """Everything `focal_po_loss` takes, checked together (the label values are left to
+    `check_labels_in_range`)."""
     check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits",
-                            labels_name="chosen_labels", ignore_index=ignore_index, check_values=False)
+                            labels_name="chosen_labels", ignore_index=ignore_index)
     check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
-                            labels_name="rejected_labels", ignore_index=ignore_index, check_values=False)
+                            labels_name="rejected_labels", ignore_index=ignore_index)
     check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
     if chosen_logits.dtype != rejected_logits.dtype:
         raise TypeError(f"chosen_logits and rejected_logits must have the same dtype, got {chosen_logits.dtype} "
                         f"and {rejected_logits.dtype}")
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
     check_loss_options(beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
-    check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
-                          chosen_logits.shape[2], ignore_index=ignore_index)
 
 
 def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_device, what="logits"):
@@ -105,6 +117,11 @@ def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_devi
 def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what="logits"):
     """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`, the
     device of the policy's `what` (logits, or hidden states)."""
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        given, missing = ("ref_chosen_logps", "ref_rejected_logps") if ref_rejected_logps is None else \
+            ("ref_rejected_logps", "ref_chosen_logps")
+        raise ValueError(f"{given} was given but {missing} is None: pass both reference log-probs, or neither "
+                         "(reference-free)")
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if ref is None:
             continue
@@ -119,9 +136,9 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, w
 
 
 def check_loss_options(*, beta, gamma, reduction, detach_focal_weight=False):
-    if not _is_real(beta) or not (beta > 0 and math.isfinite(beta)):
+    if not is_real(beta) or not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not _is_real(gamma) or not (gamma >= 0 and math.isfinite(gamma)):
+    if not is_real(gamma) or not (gamma >= 0 and math.isfinite(gamma)):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -165,7 +182,7 @@ def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
                          "memory (views of disjoint parts of one tensor are fine)")
 
 
-def _is_real(value):
+def is_real(value):
     """A Python or NumPy real number (not a bool, not a tensor)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -191,6 +208,10 @@ def check_linear(weight, bias, *, weight_name="weight", bias_name="bias"):
         raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{weight_name} must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+    if weight.numel() == 0 and (hasattr(weight, "ds_shape") or weight.dim() == 1):
+        raise ValueError(f"{weight_name} is an empty placeholder of shape {tuple(weight.shape)}, as DeepSpeed ZeRO-3 "
+                         "leaves a partitioned parameter outside its forward: gather it first (e.g. inside "
+                         "deepspeed.zero.GatheredParameters) or compute the loss inside the model's forward")
     if weight.dim() != 2:
         raise ValueError(f"{weight_name} must have shape (V, H), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
@@ -208,18 +229,17 @@ def check_linear(weight, bias, *, weight_name="weight", bias_name="bias"):
 
 
 def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", labels_name="labels",
-                            weight_name="weight", ignore_index=-100, check_values=True):
-    """hidden (B, T, H) with the weight's dtype, device and H; labels (B, T) int in [0, V) or ignore_index.
+                            weight_name="weight", ignore_index=-100):
+    """hidden (B, T, H) with the weight's dtype, device and H; labels (B, T) int.
 
-    The weight must already have passed `check_linear`. The label values are read last (a device sync);
-    check_values=False leaves them to `check_label_values`.
+    The weight must already have passed `check_linear`; label values are left to `check_labels_in_range`.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     check_logits_and_labels(hidden, labels, logits_name=hidden_name, labels_name=labels_name,
-                            ignore_index=ignore_index, check_values=False, last_dim="H")
+                            ignore_index=ignore_index, last_dim="H")
     if hidden.dtype != weight.dtype:
         after_autocast = ""
         if autocast_dtype(hidden.device) is not None:
@@ -232,8 +252,6 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
     if hidden.shape[2] != weight.shape[1]:
         raise ValueError(f"{hidden_name} has hidden size H = {hidden.shape[2]} but {weight_name} has shape "
                          f"{tuple(weight.shape)}; it must be (V, {hidden.shape[2]})")
-    if check_values:
-        check_label_values(labels, weight.shape[0], labels_name=labels_name, ignore_index=ignore_index)
 
 
 def autocast_dtype(device):

@@ -8,13 +8,18 @@ import torch
 
 
 class PreferenceLossOutput(NamedTuple):
-    """What `focal_po_loss` (and the reference) return.
+    """What `focal_po_loss` (and the reference) and `preference_loss` return.
 
     loss:             scalar, or (B,) for reduction="none"; differentiable.
     chosen_logps:     (B,) Σ_t log p(y_t) over the chosen sequence's scored tokens; differentiable.
+                      (`preference_loss` returns the tensor it was given, so autograd.grad(loss, it) works.)
     rejected_logps:   (B,) the same for the rejected sequence; differentiable.
     chosen_rewards:   (B,) β·(chosen_logps − ref_chosen_logps), detached.
     rejected_rewards: (B,) β·(rejected_logps − ref_rejected_logps), detached.
+    metrics:          dict of detached 0-dim tensors under TRL's names ("rewards/chosen", "rewards/rejected",
+                      "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"); filled by
+                      `preference_loss`. Outputs built without it (the logits paths) get the shared empty
+                      default: treat it as read-only.
     """
 
     loss: torch.Tensor
@@ -22,3 +27,4 @@ class PreferenceLossOutput(NamedTuple):
     rejected_logps: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
+    metrics: dict = {}

@@ -1,14 +1,18 @@
-"""The readable spec: FocalPO (and DPO, gamma = 0) in plain PyTorch, differentiated by autograd.
+"""The readable spec: per-sequence log-probs and FocalPO (DPO at gamma = 0) in plain PyTorch, differentiated
+by autograd.
 
     logp      = Σ_t m_t · (x[t, y_t] − logsumexp_v x[t, v]),      m_t = [y_t ≠ ignore_index]
     z         = β · ((logp_c − ref_c) − (logp_r − ref_r))
     p         = σ(z)
     loss      = −p^γ · log p                                         (γ = 0: DPO, −log σ(z))
 
+From hidden states: x = transform(hidden · Wᵀ + bias) with transform(r) = softcap·tanh(scale·r / softcap)
+/ temperature (`linear_logits`). Packed sequences: tokens [cu_seqlens[s], cu_seqlens[s + 1]) form sequence s.
+
 Everything is computed in float32, or float64 for float64 logits. Ignored tokens contribute exactly 0,
-whatever their logits hold. The kernels must match these functions; the CPU path without the Triton
-interpreter runs them directly. This file materializes the scored tokens' log-softmax: it is the spec, not
-the fast path.
+whatever their logits hold; a label outside [0, V) gives NaN. The kernels must match these functions; the
+CPU path without the Triton interpreter runs the log-prob functions directly. This file materializes the
+log-softmax: it is the spec, not the fast path.
 """
 
 from __future__ import annotations
@@ -16,29 +20,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_logits_and_labels, check_pair, reduce_loss
+from .checks import check_labels_in_range, check_pair, reduce_loss
+from .dtypes import compute_dtype
 from .output import PreferenceLossOutput
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def token_logps(logits, labels, ignore_index=-100):
-    """(B, T) log p(y_t) for scored tokens, 0 where the label is ignore_index (whose logits are never read)."""
+    """labels.shape: log p(y_t) for scored tokens (NaN for a label outside [0, V)), 0 where the label is
+    ignore_index (whose logits never reach the result or its gradient)."""
     scored = labels != ignore_index
-    rows = logits[scored].to(compute_dtype(logits.dtype))                  # (N, V): the scored tokens only
-    picked = F.log_softmax(rows, dim=-1).gather(-1, labels[scored].long().unsqueeze(-1)).squeeze(-1)
-    token_logps = torch.zeros(labels.shape, dtype=rows.dtype, device=logits.device)
-    token_logps[scored] = picked
-    return token_logps
+    in_range = scored & (labels >= 0) & (labels < logits.shape[-1])
+    rows = torch.where(scored[..., None], logits, 0).to(compute_dtype(logits.dtype))
+    picked = F.log_softmax(rows, dim=-1).gather(-1, torch.where(in_range, labels, 0).long()[..., None])[..., 0]
+    return torch.where(scored, torch.where(in_range, picked, torch.nan), 0.0)
 
 
-def sequence_logps(logits, labels, ignore_index=-100):
-    """(B,) Σ_t m_t · log p(y_t)."""
-    check_logits_and_labels(logits, labels, ignore_index=ignore_index)
-    return token_logps(logits, labels, ignore_index).sum(-1)
+def segment_sums(token_values, cu_seqlens=None):
+    """(B, T) → (B,) row sums; or, packed ((1, N) or (N,) values), (S,) sums over [cu_seqlens[s], cu_seqlens[s+1])."""
+    if cu_seqlens is None:
+        return token_values.sum(-1)
+    flat = token_values.reshape(-1)
+    positions = torch.arange(flat.shape[0], device=flat.device)
+    sequence = torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
+    return flat.new_zeros(cu_seqlens.shape[0] - 1).index_add_(0, sequence, flat)
+
+
+def sequence_logps(logits, labels, ignore_index=-100, cu_seqlens=None):
+    """(B,) Σ_t m_t · log p(y_t); packed ((N, V) logits, (N,) labels, cu_seqlens): (S,)."""
+    return segment_sums(token_logps(logits, labels, ignore_index), cu_seqlens)
+
+
+def linear_logits(hidden, weight, bias=None, *, logit_scale=1.0, logit_softcap=None, temperature=1.0):
+    """The logits the hidden-state path scores: softcap·tanh(scale·(hidden · Wᵀ + bias) / softcap) / temperature."""
+    z = logit_scale * F.linear(hidden, weight, bias)
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    return z / temperature
+
+
+def token_stats(logits, labels, ignore_index=-100):
+    """TRL's per-token statistics of the scored tokens (0 / False at ignored ones): entropy −Σ p log p,
+    log Σ p², mean logit, and whether the label is the (first) argmax."""
+    scored = labels != ignore_index
+    x = logits.to(compute_dtype(logits.dtype))
+    log_p = F.log_softmax(x, dim=-1)
+    stats = {"entropy": -(log_p.exp() * log_p).sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
+             "mean_logits": x.mean(-1), "is_top1": x.argmax(-1) == labels}
+    return {name: torch.where(scored, value, torch.zeros_like(value)) for name, value in stats.items()}
 
 
 def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
@@ -68,12 +96,14 @@ def rewards(logps, ref_logps, beta):
 def focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
                   ref_chosen_logps=None, ref_rejected_logps=None,
                   *, beta=0.1, gamma=0.05, ignore_index=-100, reduction="mean", detach_focal_weight=False):
-    """The same call and outputs as `focal_kernels.focal_po_loss`."""
+    """FocalPO on padded logits: the loss, log-probs and rewards of `focal_kernels.focal_po_loss`."""
     check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
                beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                detach_focal_weight=detach_focal_weight)
-    chosen_logps = token_logps(chosen_logits, chosen_labels, ignore_index).sum(-1)
-    rejected_logps = token_logps(rejected_logits, rejected_labels, ignore_index).sum(-1)
+    check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
+                          chosen_logits.shape[2], ignore_index=ignore_index)
+    chosen_logps = sequence_logps(chosen_logits, chosen_labels, ignore_index)
+    rejected_logps = sequence_logps(rejected_logits, rejected_labels, ignore_index)
     per_pair = focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                   beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
     return PreferenceLossOutput(

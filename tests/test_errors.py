@@ -41,25 +41,29 @@ IMPLEMENTATIONS = [fk.focal_po_loss, fk.reference.focal_po_loss]
     (lambda d: {"chosen_logits": torch.zeros(2, 3, 10, dtype=torch.long, device=d)}, TypeError,
      r"chosen_logits must be a floating-point tensor"),
     (lambda d: {"chosen_logits": torch.randn(2, 3, device=d)}, ValueError, r"chosen_logits must have shape \(B, T, V\)"),
-    (lambda d: {"gamma": -0.1}, ValueError, r"gamma must be a finite number >= 0"),
-    (lambda d: {"beta": 0.0}, ValueError, r"beta must be a finite number > 0"),
-    (lambda d: {"beta": -1.0}, ValueError, r"beta must be a finite number > 0"),
-    (lambda d: {"beta": float("nan")}, ValueError, r"beta must be a finite number > 0"),
-    (lambda d: {"gamma": float("inf")}, ValueError, r"gamma must be a finite number >= 0"),
-    (lambda d: {"ref_chosen_logps": torch.zeros(2, 1, device=d)}, ValueError,
+    (lambda d: {"gamma": -0.1}, ValueError, r"gamma must be (a finite number )?>= 0"),
+    (lambda d: {"beta": 0.0}, ValueError, r"beta must be (a finite number )?> 0"),
+    (lambda d: {"beta": -1.0}, ValueError, r"beta must be (a finite number )?> 0"),
+    (lambda d: {"beta": float("nan")}, ValueError, r"beta must be (a )?finite"),
+    (lambda d: {"gamma": float("inf")}, ValueError, r"gamma must be (a )?finite"),
+    (lambda d: {"ref_chosen_logps": torch.zeros(2, 1, device=d), "ref_rejected_logps": torch.zeros(2, device=d)}, ValueError,
      r"ref_chosen_logps must have shape \(B,\) = \(2,\)"),
-    (lambda d: {"ref_rejected_logps": torch.zeros(3, device=d)}, ValueError, r"ref_rejected_logps must have shape"),
-    (lambda d: {"ref_rejected_logps": [0.0, 0.0]}, TypeError, r"ref_rejected_logps must be a torch.Tensor"),
+    (lambda d: {"ref_chosen_logps": torch.zeros(2, device=d), "ref_rejected_logps": torch.zeros(3, device=d)}, ValueError,
+         r"ref_rejected_logps must have shape"),
+        (lambda d: {"ref_chosen_logps": torch.zeros(2, device=d)}, ValueError, r"ref_chosen_logps was given but ref_rejected_logps is None"),
+    (lambda d: {"ref_chosen_logps": torch.zeros(2, device=d), "ref_rejected_logps": [0.0, 0.0]}, TypeError,
+         r"ref_rejected_logps must be a torch.Tensor"),
     (lambda d: {"reduction": "avg"}, ValueError, r"reduction must be one of"),
     (lambda d: {"chosen_labels": torch.zeros(2, 3, dtype=torch.long, device="meta")}, ValueError,
      r"chosen_labels is on meta"),
     (lambda d: {"rejected_logits": torch.randn(2, 4, 10, device="meta"),
                 "rejected_labels": torch.zeros(2, 4, dtype=torch.long, device="meta")}, ValueError,
      r"rejected_logits is on meta"),
-    (lambda d: {"ref_chosen_logps": torch.zeros(2, device="meta")}, ValueError, r"ref_chosen_logps is on meta"),
+    (lambda d: {"ref_chosen_logps": torch.zeros(2, device="meta"), "ref_rejected_logps": torch.zeros(2, device=d)}, ValueError,
+         r"ref_chosen_logps is on meta"),
     (lambda d: {"ignore_index": 1.5}, TypeError, r"ignore_index must be an int"),
-    (lambda d: {"beta": torch.tensor(0.1)}, ValueError, r"beta must be a finite number > 0"),
-    (lambda d: {"detach_focal_weight": "no"}, TypeError, r"detach_focal_weight must be True or False, got 'no'"),
+    (lambda d: {"beta": torch.tensor(0.1)}, (TypeError, ValueError), r"beta must be"),
+    (lambda d: {"detach_focal_weight": "no"}, TypeError, r"detach_focal_weight must be (True or False|a bool)"),
 ])
 def test_bad_input_raises_named_error(device, fn, changes, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -67,12 +71,12 @@ def test_bad_input_raises_named_error(device, fn, changes, error, pattern):
 
 
 def test_errors_are_raised_before_any_kernel(device, monkeypatch):
-    from focal_kernels import autograd
+    from focal_kernels.logprobs import ops
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a kernel ran before validation")
 
-    monkeypatch.setattr(autograd, "token_logps_and_lse", forbidden)
+    monkeypatch.setattr(ops, "token_logps", forbidden)
     with pytest.raises(ValueError, match="chosen_labels must be in"):
         _call(fk.focal_po_loss, device, chosen_labels=torch.full((2, 3), 99, device=device))
 

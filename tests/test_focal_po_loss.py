@@ -219,8 +219,9 @@ def test_module_matches_functional(device):
     assert "gamma=1.0" in repr(module) and module.reduction == "sum"
     a = module(chosen, rejected, labels_c, labels_r)
     b = fk.focal_po_loss(chosen, rejected, labels_c, labels_r, beta=0.2, gamma=1.0, reduction="sum")
-    for x, y in zip(a, b):
+    for x, y in zip(a[:5], b[:5]):
         assert torch.equal(x, y)
+    assert a.metrics.keys() == b.metrics.keys()
 
 
 def test_inplace_backward_gives_equal_gradients(device):
@@ -250,7 +251,7 @@ def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):
     kernel_out, kernel_gc, kernel_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
     monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
     torch_out, torch_gc, torch_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
-    for name in kernel_out._fields:
+    for name in kernel_out._fields[:5]:
         assert getattr(torch_out, name).dtype == getattr(kernel_out, name).dtype
         assert_close(getattr(torch_out, name), getattr(kernel_out, name), (1e-5, 1e-6), name)
     assert torch_gc.dtype == torch.bfloat16

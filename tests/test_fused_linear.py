@@ -11,9 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import focal_kernels as fk
-from focal_kernels import backend, checks, scored_rows, vocab_chunks
-from focal_kernels.fused_linear import FusedLinearFocalPOLoss, fused_linear_focal_po_loss, fused_linear_sequence_logps
-from focal_kernels.vocab_chunks import default_chunk_size
+from focal_kernels import backend, checks
+from focal_kernels.logprobs import scored_rows, vocab_chunks
+from focal_kernels import FusedLinearFocalPOLoss, fused_linear_focal_po_loss, fused_linear_sequence_logps
+from focal_kernels.logprobs.vocab_chunks import default_chunk_size
 
 IGNORE = -100
 
@@ -503,7 +504,7 @@ def test_bad_inputs():
         (dict(chosen_hidden=inputs["chosen_hidden"].long()), TypeError, "chosen_hidden must be float32"),
         (dict(chosen_hidden=inputs["chosen_hidden"].double()), TypeError, "same dtype"),
         (dict(chosen_hidden=inputs["chosen_hidden"][0]), ValueError, r"chosen_hidden must have shape \(B, T, H\)"),
-        (dict(rejected_hidden=inputs["rejected_hidden"][..., :5]), ValueError, "hidden size H = 5"),
+        (dict(rejected_hidden=inputs["rejected_hidden"][..., :5]), ValueError, "(hidden size H = 5|same last dimension)"),
         (dict(chosen_hidden=inputs["chosen_hidden"][..., :0]), ValueError, r"non-empty hidden size \(H >= 1\)"),
         (dict(options=dict(ignore_index=2**63)), ValueError, "ignore_index must fit in int64"),
         (dict(rejected_hidden=inputs["rejected_hidden"][:1], rejected_labels=inputs["rejected_labels"][:1]),
@@ -521,7 +522,7 @@ def test_bad_inputs():
         (dict(options=dict(beta=0.0)), ValueError, "beta must be"),
         (dict(options=dict(reduction="max")), ValueError, "reduction must be"),
         (dict(options=dict(ignore_index=None)), TypeError, "ignore_index must be an int"),
-        (dict(options=dict(detach_focal_weight=1)), TypeError, "detach_focal_weight must be True or False"),
+        (dict(options=dict(detach_focal_weight=1)), TypeError, "detach_focal_weight must be (True or False|a bool)"),
         (dict(ref_chosen_logps=torch.zeros(2, device="meta")), ValueError,
          "ref_chosen_logps is on meta but the hidden states are on"),
     ]

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1.6e-2, atol=1e-5)
     # In place: the gradient is written through the same int64 strides into the storage.
     inplace_leaf = view.detach().requires_grad_(True)
-    logps_again = fk.sequence_logps(inplace_leaf, labels, inplace_backward=True)
+    logps_again = fk.sequence_logps(inplace_leaf.view_as(inplace_leaf), labels, inplace_backward=True)
     torch.testing.assert_close(logps_again, logps, rtol=0, atol=0)
     (inplace_grad,) = torch.autograd.grad(logps_again.sum(), [inplace_leaf])
     assert inplace_grad.data_ptr() == view.data_ptr()
@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 CHUNK_SCRIPT = textwrap.dedent("""
     import sys
     import torch
-    from focal_kernels import chunk_kernels
+    from focal_kernels.logprobs import chunk_kernels
     from focal_kernels.kernels.chunk_lse_update import chunk_lse_update
     from focal_kernels.kernels.chunk_logits_grad import chunk_logits_grad_
 
@@ -56,14 +56,16 @@ CHUNK_SCRIPT = textwrap.dedent("""
     labels = torch.tensor([310, 999, 5], device=device)  # the last one falls outside this chunk
 
     def state():
-        return (torch.full((3,), 0.5, device=device), torch.full((3,), 2.0, device=device),
-                torch.full((3,), -7.0, device=device))
+        return {"max": torch.full((3,), 0.5, device=device), "sum": torch.full((3,), 2.0, device=device),
+                "target": torch.full((3,), -7.0, device=device), "wsum": torch.full((3,), 0.3, device=device),
+                "sqsum": torch.full((3,), 1.5, device=device), "xsum": torch.full((3,), 4.0, device=device),
+                "before": torch.full((3,), -1.0, device=device)}
 
     got, want = state(), state()
-    chunk_lse_update(chunk, labels, vocab_start, *got)
-    chunk_kernels.chunk_lse_update_torch(chunk.clone(), labels, vocab_start, *want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    chunk_lse_update(chunk, labels, vocab_start, got, None)
+    chunk_kernels.chunk_lse_update_torch(chunk.clone(), labels, vocab_start, want, None)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
 
     row_max, log_sum_exp = torch.randn(3, device=device) + 3, torch.rand(3, device=device) + 3
     grad_scale = torch.randn(3, device=device)

@@ -1,12 +1,17 @@
-"""Forward of the logit-free path: fold one vocabulary chunk of logits into running per-token state.
+"""Forward of the hidden-state path: fold one vocabulary chunk of logits into running per-token state.
 
-Reads   logits x[n, j] of one chunk, the columns v0 + j for j in [0, C) (float32 / bfloat16 / float16 /
-        float64, last dimension contiguous), labels y[n] (int64, every row scored), and the running
-        max[n], sum[n], target[n] (float32, float64 for float64 logits).
-Writes  max'[n] = max(max[n], max_j x[n, j])
-        sum'[n] = sum[n] · exp(max[n] − max'[n]) + Σ_j exp(x[n, j] − max'[n])
-        target'[n] = x[n, y[n] − v0]   when v0 <= y[n] < v0 + C, else target[n] unchanged
-in place, in float32 (float64). After the last chunk, lse = max + log(sum) and log p(y) = target − lse.
+Reads   raw logits r[n, j] of one chunk, the columns v0 + j for j in [0, C) (float32 / bfloat16 / float16 /
+        float64, last dimension contiguous) as the GEMM wrote them, labels y[n] (int64), the transform's
+        (scale, cap, inv_temperature) (logit_transform.py; applied when HAS_TRANSFORM) and the running
+        state per token, all in float32 (float64 for float64 logits):
+            max[n], sum[n] = Σ exp(x − max)                   always
+            target[n] = x[n, y[n] − v0]  when v0 <= y[n] < v0 + C, else left unchanged
+            wsum[n] = Σ exp(x − max)·(x − max)                ENTROPY:      entropy = log sum − wsum / sum
+            sqsum[n] = Σ exp(2(x − max))                      SQUARES:      log Σ p² = log sqsum − 2 log sum
+            xsum[n] = Σ x                                     LOGIT_SUM:    mean logit = xsum / V
+            before[n] = max of x over columns v < y[n]        TOP1:         y is the first argmax when
+                                                                            target >= max and target > before
+        where x = transform(r). Writes the updated state in place.
 
 One program per row; the chunk row is streamed in BLOCK_V-wide blocks with the same online update, starting
 from the running state, so the merge across chunks is exact algebra, not an approximation. Offsets int64.
@@ -19,48 +24,97 @@ import triton
 import triton.language as tl
 
 from .config import reduction_config
-from .online_logsumexp import online_logsumexp_step
+from .logit_transform import load_transform, transformed_logits
 
 
 @triton.jit
 def chunk_lse_update_kernel(
-    logits_ptr, labels_ptr, running_max_ptr, running_sum_ptr, target_logits_ptr,
+    logits_ptr, labels_ptr, params_ptr,
+    running_max_ptr, running_sum_ptr, target_logits_ptr, wsum_ptr, sqsum_ptr, xsum_ptr, before_ptr,
     C, vocab_start, stride_logits_n,
+    HAS_TRANSFORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr, SQUARES: tl.constexpr, LOGIT_SUM: tl.constexpr, TOP1: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * stride_logits_n
     acc_dtype = running_sum_ptr.dtype.element_ty
+    if HAS_TRANSFORM:
+        scale, cap, inv_temperature = load_transform(params_ptr)
+    local_label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
 
     running_max = tl.load(running_max_ptr + row)
     running_sum = tl.load(running_sum_ptr + row)
+    if ENTROPY:
+        wsum = tl.load(wsum_ptr + row)
+    if SQUARES:
+        sqsum = tl.load(sqsum_ptr + row)
+    if LOGIT_SUM:
+        xsum = tl.load(xsum_ptr + row)
+    if TOP1:
+        before = tl.load(before_ptr + row)
     for start in range(0, C, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_logits_ptr + cols, mask=cols < C, other=float("-inf")).to(acc_dtype)
-        running_max, running_sum = online_logsumexp_step(running_max, running_sum, x)
+        in_chunk = cols < C
+        x = tl.load(row_logits_ptr + cols, mask=in_chunk, other=0.0).to(acc_dtype)
+        if HAS_TRANSFORM:
+            x = transformed_logits(x, scale, cap, inv_temperature, HAS_SOFTCAP)
+        if LOGIT_SUM:
+            xsum += tl.sum(tl.where(in_chunk, x, 0.0), axis=0)
+        x = tl.where(in_chunk, x, float("-inf"))
+        if TOP1:
+            before = tl.maximum(before, tl.max(tl.where(cols < local_label, x, float("-inf")), axis=0))
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
+        rescale = tl.exp(running_max - safe_max)
+        exps = tl.exp(x - safe_max)
+        if ENTROPY:  # Σ e^(x − m)(x − m) moves to the new max m' as r·(wsum + (m − m')·sum), r = e^(m − m')
+            shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
+            centered = tl.where(in_chunk, x - safe_max, 0.0)  # masked columns: e^(−inf) · 0, not 0 · (−inf)
+            wsum = rescale * (wsum + shift * running_sum) + tl.sum(exps * centered, axis=0)
+        if SQUARES:
+            sqsum = sqsum * rescale * rescale + tl.sum(exps * exps, axis=0)
+        running_sum = running_sum * rescale + tl.sum(exps, axis=0)
+        running_max = new_max
     tl.store(running_max_ptr + row, running_max)
     tl.store(running_sum_ptr + row, running_sum)
+    if ENTROPY:
+        tl.store(wsum_ptr + row, wsum)
+    if SQUARES:
+        tl.store(sqsum_ptr + row, sqsum)
+    if LOGIT_SUM:
+        tl.store(xsum_ptr + row, xsum)
+    if TOP1:
+        tl.store(before_ptr + row, before)
 
-    local_label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
     in_chunk = (local_label >= 0) & (local_label < C)
     picked = tl.load(row_logits_ptr + tl.where(in_chunk, local_label, 0), mask=in_chunk, other=0.0).to(acc_dtype)
+    if HAS_TRANSFORM:
+        picked = transformed_logits(picked, scale, cap, inv_temperature, HAS_SOFTCAP)
     previous = tl.load(target_logits_ptr + row)
     tl.store(target_logits_ptr + row, tl.where(in_chunk, picked, previous))
 
 
-def chunk_lse_update(logits_chunk: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                     running_max: torch.Tensor, running_sum: torch.Tensor, target_logits: torch.Tensor) -> None:
-    """Update running_max, running_sum and target_logits (each (N,) contiguous, compute dtype) in place.
+def chunk_lse_update(logits_chunk: torch.Tensor, labels: torch.Tensor, vocab_start: int, state: dict,
+                     transform) -> None:
+    """Update the running state (a dict of (N,) contiguous compute-dtype tensors: max, sum, target and,
+    when present, wsum, sqsum, xsum, before) in place.
 
-    logits_chunk (N, C) with stride(-1) == 1 holds the logits of vocabulary rows [vocab_start, vocab_start + C);
-    labels (N,) int64 contiguous, all in [0, V).
+    logits_chunk (N, C) with stride(-1) == 1 holds the raw logits of vocabulary rows
+    [vocab_start, vocab_start + C); labels (N,) int64 contiguous. transform: None, or (params, has_softcap).
     """
     rows, width = logits_chunk.shape
     if rows == 0 or width == 0:
         return
     block_v, num_warps = reduction_config(width, logits_chunk.element_size())
+    placeholder = state["max"]
+    params, has_softcap = transform if transform is not None else (placeholder, False)
     chunk_lse_update_kernel[(rows,)](
-        logits_chunk, labels, running_max, running_sum, target_logits,
+        logits_chunk, labels, params,
+        state["max"], state["sum"], state["target"],
+        *(state.get(name, placeholder) for name in ("wsum", "sqsum", "xsum", "before")),
         width, vocab_start, logits_chunk.stride(0),
+        HAS_TRANSFORM=transform is not None, HAS_SOFTCAP=has_softcap,
+        ENTROPY="wsum" in state, SQUARES="sqsum" in state, LOGIT_SUM="xsum" in state, TOP1="before" in state,
         BLOCK_V=block_v, num_warps=num_warps,
     )

@@ -1,12 +1,16 @@
-"""Forward: per-token log-probability of the label, one pass over each row's vocabulary.
+"""Forward of the logits path: per-token log-probability of the label, one pass over each row's vocabulary.
 
-Reads   logits x[b, t, :] (float32 / bfloat16 / float16 / float64; any batch and time strides,
-        last dimension contiguous) and labels y[b, t] (int32 / int64, any strides).
-Writes  token_logps[b, t] = (x[b, t, y] − row_max) − log_sum_exp,   lse[b, t] = row_max + log_sum_exp,
-        with row_max = max_v x[b, t, v] and log_sum_exp = log Σ_v exp(x[b, t, v] − row_max); all three
-        (B, T) contiguous, in float32 (float64 for float64 logits). The backward uses row_max and
+Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V) (float32 / bfloat16 / float16 / float64;
+        any batch and time strides, last dimension contiguous) and labels y[b, t] (int32 / int64, any
+        strides), global vocabulary ids; v0 = vocab_start is 0 unless the vocabulary is split over ranks.
+Writes  row_max[b, t] = max_v x[b, t, v],  log_sum_exp[b, t] = log Σ_v exp(x[b, t, v] − row_max), and
+          token_logps[b, t] = (x[b, t, y − v0] − row_max) − log_sum_exp   when v0 <= y < v0 + V,
+                              NaN                                         for any other label,
+        or, with WRITE_TARGET (the vocabulary-parallel forward, whose ranks combine the statistics),
+          token_logps[b, t] = x[b, t, y − v0] when the label lies in this slice, else 0;
+        all three (B, T) contiguous, in float32 (float64 for float64 logits). The backward uses row_max and
         log_sum_exp separately: x − row_max is exact, where x − lse would lose lse's rounding (large at
-        logits of ±3e4).
+        logits of ±3e4). A label outside the slice is never read out of bounds.
 Rows whose label is ignore_index read no logits and write 0 everywhere.
 
 One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
@@ -19,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import compute_dtype
+from ..dtypes import compute_dtype
 from .config import reduction_config
 from .online_logsumexp import online_logsumexp_step
 
@@ -27,17 +31,19 @@ from .online_logsumexp import online_logsumexp_step
 @triton.jit
 def token_logps_kernel(
     logits_ptr, labels_ptr, token_logps_ptr, row_max_ptr, log_sum_exp_ptr,
-    T, V,
+    T, V, vocab_start,
     stride_logits_b, stride_logits_t,
     stride_labels_b, stride_labels_t,
     ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, WRITE_TARGET: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
     label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
     scored = label != ignore_index
+    local_label = label - vocab_start
+    in_slice = scored & (local_label >= 0) & (local_label < V)
     row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     acc_dtype = row_max_ptr.dtype.element_ty
 
@@ -54,18 +60,23 @@ def token_logps_kernel(
     row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
     log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))
 
-    safe_label = tl.where(scored, label, 0)
-    target_logit = tl.load(row_logits_ptr + safe_label, mask=scored, other=0.0).to(acc_dtype)
-    token_logp = tl.where(scored, (target_logit - row_max) - log_sum_exp, 0.0)
+    target_logit = tl.load(row_logits_ptr + tl.where(in_slice, local_label, 0), mask=in_slice,
+                           other=0.0).to(acc_dtype)
+    if WRITE_TARGET:
+        token_logp = target_logit
+    else:
+        token_logp = tl.where(in_slice, (target_logit - row_max) - log_sum_exp, float("nan"))
+        token_logp = tl.where(scored, token_logp, 0.0)
     tl.store(token_logps_ptr + row, token_logp)
     tl.store(row_max_ptr + row, tl.where(scored, row_max, 0.0))
     tl.store(log_sum_exp_ptr + row, tl.where(scored, log_sum_exp, 0.0))
 
 
-def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """(token_logps, row_max, log_sum_exp), each (B, T) contiguous in the compute dtype; lse = the last two summed.
+def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab_start: int = 0,
+                        write_target: bool = False):
+    """(token_logps, row_max, log_sum_exp), each (B, T) contiguous in the compute dtype (see above).
 
-    `logits` must have stride(-1) == 1."""
+    `logits` (B, T, V) must have stride(-1) == 1; labels (B, T)."""
     batch, seq_len, vocab = logits.shape
     acc_dtype = compute_dtype(logits.dtype)
     token_logps = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
@@ -76,10 +87,10 @@ def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     block_v, num_warps = reduction_config(vocab, logits.element_size())
     token_logps_kernel[(batch * seq_len,)](
         logits, labels, token_logps, row_max, log_sum_exp,
-        seq_len, vocab,
+        seq_len, vocab, vocab_start,
         logits.stride(0), logits.stride(1),
         labels.stride(0), labels.stride(1),
         ignore_index,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, WRITE_TARGET=write_target, num_warps=num_warps,
     )
     return token_logps, row_max, log_sum_exp

@@ -1,0 +1,197 @@
+"""The fused entry points: preference losses straight from logits or from hidden states and the lm_head.
+
+Each is the composition of the two layers beneath it, written out: the log-prob primitive
+(`sequence_logps` / the hidden-state path, with token counts for the length-normalized losses) for chosen
+and rejected, then `preference_loss` on the (B,) results. So `out.chosen_logps` is a genuine input of
+`out.loss` (`torch.autograd.grad(out.loss, out.chosen_logps)` works), and every loss option of
+`preference_loss` (`loss_type`, `loss_weights`, `label_smoothing`, ...) is accepted here too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import (check_flag, check_labels_in_range, check_logits_and_labels, check_pair_shapes,
+                     check_reference_logps, data_checks_enabled)
+from .logprobs.linear import autocast_inputs, linear_token_logps
+from .logprobs.logits import sum_per_sequence, token_logps
+from .logprobs.packing import layout_of, token_counts
+from .losses import preference_loss
+from .losses.validation import check_options, resolve_loss_types
+from .output import PreferenceLossOutput
+
+
+def _padded(name, tensor):
+    if isinstance(tensor, torch.Tensor) and tensor.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, T, {'H' if 'hidden' in name else 'V'}), got "
+                         f"{tuple(tensor.shape)} (for packed sequences, compose sequence_logps / "
+                         "fused_linear_sequence_logps with preference_loss)")
+
+
+def _sequence_logps_and_counts(token_logps, labels, ignore_index, like):
+    layout = layout_of(labels.shape[0], labels.shape[1], None, labels.device)
+    return sum_per_sequence(token_logps, layout, like), token_counts(labels, layout, ignore_index)
+
+
+_LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence_type",
+                 "f_alpha_divergence_coef", "pair_weights")
+_OPTION_DEFAULTS = {"label_smoothing": 0.0, "simpo_gamma": 0.5, "discopop_tau": 0.05,
+                    "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
+
+
+def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, what, *, beta, gamma,
+                          detach_focal_weight, reduction, loss_options):
+    """The loss's options and reference log-probs, checked before any kernel runs (preference_loss checks
+    them again, with the log-probs)."""
+    unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss options are {list(_LOSS_OPTIONS)}")
+    names, _ = resolve_loss_types(loss_options.get("loss_type", "focal"), loss_options.get("loss_weights"))
+    options = {name: loss_options.get(name, default) for name, default in _OPTION_DEFAULTS.items()}
+    check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight, reduction=reduction,
+                  **options)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what)
+
+
+def _pair_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
+               reduction, loss_options):
+    (chosen_logps, chosen_counts), (rejected_logps, rejected_counts) = chosen, rejected
+    return preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+                           gamma=gamma, detach_focal_weight=detach_focal_weight, reduction=reduction,
+                           chosen_token_counts=chosen_counts, rejected_token_counts=rejected_counts,
+                           **loss_options)
+
+
+def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
+                  chosen_labels: torch.Tensor, rejected_labels: torch.Tensor,
+                  ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
+                  *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100, reduction: str = "mean",
+                  detach_focal_weight: bool = False, inplace_backward: bool = False, validate_labels: bool = True,
+                  **loss_options) -> PreferenceLossOutput:
+    """FocalPO loss −p^γ·log p, p = σ(β·((logp_c − ref_c) − (logp_r − ref_r))) by default (γ = 0 is DPO), or
+    any `preference_loss` loss type through `loss_type=` and its options.
+
+    chosen_logits (B, T, V) and rejected_logits (B, T2, V) of one dtype, labels (B, T) and (B, T2), aligned
+    with the logits (shift before calling: `logits[:, :-1]` with `labels[:, 1:]`). ref_*_logps: (B,)
+    reference-model log-probs, or None for reference-free (0). reduction: "mean" | "sum" | "none".
+    detach_focal_weight=True treats p^γ as a constant in the backward. inplace_backward=True writes the
+    logits' gradients into the logits' storage (they are consumed). validate_labels: see `sequence_logps`.
+    Token counts for the length-normalized losses come from the labels.
+
+    Returns PreferenceLossOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards,
+    metrics); the loss and both log-probs are differentiable, the rewards β·(logp − ref) are detached.
+    """
+    _padded("chosen_logits", chosen_logits)
+    _padded("rejected_logits", rejected_logits)
+    check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits", labels_name="chosen_labels",
+                            ignore_index=ignore_index)
+    check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
+                            labels_name="rejected_labels", ignore_index=ignore_index)
+    check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
+    if chosen_logits.dtype != rejected_logits.dtype:
+        raise TypeError(f"chosen_logits and rejected_logits must have the same dtype, got {chosen_logits.dtype} "
+                        f"and {rejected_logits.dtype}")
+    _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device,
+                          "logits", beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
+                          reduction=reduction, loss_options=loss_options)
+    check_flag(inplace_backward, "inplace_backward")
+    if inplace_backward:
+        from .checks import check_inplace_targets_disjoint
+        check_inplace_targets_disjoint(chosen_logits, rejected_logits)
+    if data_checks_enabled(validate_labels, chosen_logits):
+        check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
+                              chosen_logits.shape[2], ignore_index=ignore_index)
+    sides = [_sequence_logps_and_counts(token_logps(logits, labels, ignore_index, inplace_backward), labels,
+                                        ignore_index, logits)
+             for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels))]
+    return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
+                      loss_options)
+
+
+def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+                               chosen_labels: torch.Tensor, rejected_labels: torch.Tensor,
+                               ref_chosen_logps: torch.Tensor | None = None,
+                               ref_rejected_logps: torch.Tensor | None = None,
+                               *, bias: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.05,
+                               ignore_index: int = -100, reduction: str = "mean", detach_focal_weight: bool = False,
+                               chunk_size: int | None = None, logit_softcap: float | None = None,
+                               logit_scale: float = 1.0, temperature: float = 1.0, validate_labels: bool = True,
+                               **loss_options) -> PreferenceLossOutput:
+    """`focal_po_loss` on the logits transform(hidden · Wᵀ + bias), without ever materializing them.
+
+    chosen_hidden (B, T, H) and rejected_hidden (B, T2, H): final hidden states aligned with chosen_labels
+    (B, T) and rejected_labels (B, T2) (shift before calling: `hidden[:, :-1]` with `labels[:, 1:]`).
+    weight (V, H) the lm_head weight, bias (V,) or None; chunk_size and the logit transform as in
+    `fused_linear_sequence_logps`. Chosen and rejected share one pass over the weight. The other arguments and
+    the output are those of `focal_po_loss`; gradients reach both hidden states, the weight and the bias.
+    """
+    _padded("chosen_hidden", chosen_hidden)
+    _padded("rejected_hidden", rejected_hidden)
+    weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(weight, bias, chosen_hidden, rejected_hidden)
+
+    def pair_checks():
+        check_pair_shapes(chosen_hidden.shape, rejected_hidden.shape, chosen_hidden.device, rejected_hidden.device,
+                          what="hidden")
+        _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_hidden.shape[0], chosen_hidden.device,
+                              "hidden states", beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
+                              reduction=reduction, loss_options=loss_options)
+
+    groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
+              (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
+    (chosen_tokens,), (rejected_tokens,) = linear_token_logps(
+        groups, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
+        logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks)
+    sides = [_sequence_logps_and_counts(tokens, labels, ignore_index, weight)
+             for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
+    return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
+                      loss_options)
+
+
+class _OptionsModule(torch.nn.Module):
+    """The options kept as attributes (as PyTorch's losses keep `reduction`); `options` gathers them for the
+    functional form at each call, so they are validated there."""
+
+    def __init__(self, **options):
+        super().__init__()
+        for name, value in options.items():
+            setattr(self, name, value)
+        self._option_names = tuple(options)
+
+    @property
+    def options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+
+
+class FocalPOLoss(_OptionsModule):
+    """Module form of `focal_po_loss`: the options (any `preference_loss` option included) at construction,
+    the tensors at call."""
+
+    def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
+                 reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False,
+                 **loss_options):
+        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                         detach_focal_weight=detach_focal_weight, inplace_backward=inplace_backward, **loss_options)
+
+    def forward(self, chosen_logits, rejected_logits, chosen_labels, rejected_labels,
+                ref_chosen_logps=None, ref_rejected_logps=None) -> PreferenceLossOutput:
+        return focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
+                             ref_chosen_logps, ref_rejected_logps, **self.options)
+
+
+class FusedLinearFocalPOLoss(_OptionsModule):
+    """Module form of `fused_linear_focal_po_loss`: the options at construction, the tensors (the lm_head's
+    weight and bias included) at call."""
+
+    def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
+                 reduction: str = "mean", detach_focal_weight: bool = False, chunk_size: int | None = None,
+                 **loss_options):
+        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                         detach_focal_weight=detach_focal_weight, chunk_size=chunk_size, **loss_options)
+
+    def forward(self, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                ref_chosen_logps=None, ref_rejected_logps=None, bias=None) -> PreferenceLossOutput:
+        return fused_linear_focal_po_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                                          ref_chosen_logps, ref_rejected_logps, bias=bias, **self.options)

@@ -1,0 +1,187 @@
+"""Log-probs from final hidden states and the lm_head weight, never materializing the logits.
+
+`fused_linear_sequence_logps` gives per-sequence log-probs (padded or packed), `fused_linear_token_logps`
+per-token log-probs and, from the same pass, TRL's per-token statistics. linear_autograd.py holds the
+design and its memory account. Here: validation, the logit transform's options, and autocast (the inputs
+are cast to the autocast dtype first, as `torch.mm` would cast them for a model's lm_head; float64 is left
+alone).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_labels_in_range,
+                      check_linear, data_checks_enabled, is_real)
+from ..dtypes import compute_dtype
+from .linear_autograd import LinearOptions, LinearTokenLogps
+from .logits import sum_per_sequence
+from .ops import STATS
+from .packing import as_token_grid, layout_of, token_counts
+from .vocab_chunks import default_chunk_size
+
+
+class TokenLogps(NamedTuple):
+    """Per-token outputs of `fused_linear_token_logps`, each shaped like the labels, 0 (False) at ignored tokens.
+
+    log_probs:        log p(y_t), float32 (float64 for float64 inputs); differentiable.
+    entropy:          −Σ_v p_v log p_v                 (None unless requested in `stats`; detached)
+    mean_logits:      (1/V) Σ_v x_v                    (likewise)
+    is_top1:          y_t is the first argmax, bool    (likewise)
+    log_sum_sq_probs: log Σ_v p_v²                     (likewise; TRL's use_weighting)
+    """
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+
+
+def check_logit_transform(logit_softcap, logit_scale, temperature):
+    if logit_softcap is not None and not (is_real(logit_softcap) and 0 < logit_softcap < math.inf):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    if not (is_real(logit_scale) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    if not (is_real(temperature) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def transform_params(weight, logit_softcap, logit_scale, temperature):
+    """(params, has_softcap): (scale, softcap, 1 / temperature) as a compute-dtype device tensor (filled by
+    kernels, so CUDA-graph capture works), or None when the transform is the identity."""
+    if logit_softcap is None and logit_scale == 1 and temperature == 1:
+        return None, False
+    params = torch.empty(3, dtype=compute_dtype(weight.dtype), device=weight.device)
+    params[0] = float(logit_scale)
+    params[1] = float(logit_softcap) if logit_softcap is not None else 1.0
+    params[2] = 1.0 / float(temperature)
+    return params, logit_softcap is not None
+
+
+def autocast_inputs(weight, bias, *hiddens):
+    """Under autocast on the weight's device, weight, bias and hidden states cast to the autocast dtype as
+    `torch.mm` would cast them for a model's lm_head (float64 and non-tensors are left for the checks);
+    the casts are differentiable, so gradients reach the originals in their own dtype. Unchanged otherwise."""
+    tensors = (weight, bias, *hiddens)
+    dtype = autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
+    if dtype is None:
+        return tensors
+    castable = (torch.float32, torch.bfloat16, torch.float16)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
+
+
+def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_softcap, logit_scale, temperature,
+                       stats=(), validate_labels=True, cu_seqlens=(), more_checks=None):
+    """The shared entry: groups = [(hidden, labels, hidden_name, labels_name)], each already a (B, T, H) token
+    grid. Checks everything (more_checks(), when given, after the tensors' own checks), then one
+    LinearTokenLogps call; returns, per group, the list of its (B, T) outputs (log-probs, then the statistics
+    in `stats` order). cu_seqlens: [(cu_seqlens, tokens)] to check."""
+    check_linear(weight, bias)
+    for hidden, labels, hidden_name, labels_name in groups:
+        check_hidden_and_labels(hidden, labels, weight, hidden_name=hidden_name, labels_name=labels_name,
+                                ignore_index=ignore_index)
+    chunk_size = check_chunk_size(chunk_size)
+    check_logit_transform(logit_softcap, logit_scale, temperature)
+    if more_checks is not None:
+        more_checks()
+    if data_checks_enabled(validate_labels, weight):
+        check_labels_in_range([(labels, labels_name) for _, labels, _, labels_name in groups], weight.shape[0],
+                              ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    compact = not (torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if chunk_size is None:
+        tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, *_ in groups)
+        chunk_size = default_chunk_size(tokens, weight.shape[0], weight.shape[1], weight.element_size())
+    params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
+    options = LinearOptions(int(ignore_index), chunk_size, params, has_softcap, tuple(stats), compact)
+    outputs = LinearTokenLogps.apply(weight, bias, options, *(t for hidden, labels, *_ in groups
+                                                             for t in (hidden, labels)))
+    per_group = 1 + len(stats)
+    return [list(outputs[k:k + per_group]) for k in range(0, len(outputs), per_group)]
+
+
+def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             bias: torch.Tensor | None = None, ignore_index: int = -100, *,
+                             chunk_size: int | None = None, logit_softcap: float | None = None,
+                             logit_scale: float = 1.0, temperature: float = 1.0, stats=(),
+                             validate_labels: bool = True) -> TokenLogps:
+    """Per-token log p(labels[t]) under logits = transform(hidden · Wᵀ + bias), never materializing them.
+
+    hidden (B, T, H) with labels (B, T), or packed hidden (N, H) / (1, N, H) with labels (N,) / (1, N).
+    transform: z = logit_scale · raw, then logit_softcap · tanh(z / logit_softcap) when set, then
+    z / temperature (the order of the models and of TRL's fused head; `logit_options_from_config` reads
+    them from a model config). stats: any of "entropy", "mean_logits", "is_top1", "log_sum_sq_probs",
+    computed in the same pass over the vocabulary. Returns `TokenLogps`; the other arguments are those of
+    `fused_linear_sequence_logps`.
+    """
+    stats = tuple(stats)
+    unknown = [name for name in stats if name not in STATS]
+    if unknown or len(set(stats)) != len(stats):
+        raise ValueError(f"stats must be distinct names from {STATS}, got {stats!r}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    shape = labels.shape
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed tokens: one row of N
+        hidden, labels = hidden[None], labels.reshape(1, -1)
+    elif labels.dim() == 1:
+        labels = labels[None]
+    weight, bias, hidden = autocast_inputs(weight, bias, hidden)
+    (outputs,) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias, ignore_index=ignore_index,
+                                    chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
+                                    temperature=temperature, stats=stats, validate_labels=validate_labels)
+    named = dict(zip(("log_probs", *stats), (out.view(shape) for out in outputs)))
+    return TokenLogps(**named)
+
+
+def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                bias: torch.Tensor | None = None, ignore_index: int = -100, *,
+                                cu_seqlens: torch.Tensor | None = None, return_token_counts: bool = False,
+                                chunk_size: int | None = None, logit_softcap: float | None = None,
+                                logit_scale: float = 1.0, temperature: float = 1.0, validate_labels: bool = True):
+    """Σ_t log softmax(transform(hidden[t] · Wᵀ + bias))[labels[t]] per sequence, over the tokens not labelled
+    ignore_index, without ever materializing the logits.
+
+    Padded: hidden (B, T, H), labels (B, T) → (B,). Packed: hidden (N, H) or (1, N, H), labels (N,) or (1, N),
+    cu_seqlens (S + 1,) → (S,). weight (V, H) and hidden of one dtype (float32/bfloat16/float16/float64),
+    bias (V,) or None, labels int64/int32 aligned with hidden. The vocabulary is processed chunk_size rows at
+    a time (None: chosen from the shapes, see `default_chunk_size`). logit_scale / logit_softcap /
+    temperature: the model's logit transform (see `fused_linear_token_logps`). Returns float32 (float64 for
+    float64), differentiable with respect to hidden, weight and bias; with return_token_counts=True,
+    `(logps, counts)`. validate_labels: as for `sequence_logps`.
+    """
+    check_flag(return_token_counts, "return_token_counts")
+    hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
+                                               labels_name="labels", last_dim="H")
+    weight, bias, hidden = autocast_inputs(weight, bias, hidden)
+    checked_cu = [] if cu_seqlens is None else [(cu_seqlens, hidden.shape[1])]
+    ((token_logps,),) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias,
+                                           ignore_index=ignore_index, chunk_size=chunk_size,
+                                           logit_softcap=logit_softcap, logit_scale=logit_scale,
+                                           temperature=temperature, validate_labels=validate_labels,
+                                           cu_seqlens=checked_cu)
+    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens, hidden.device)
+    logps = sum_per_sequence(token_logps, layout, weight)
+    if return_token_counts:
+        return logps, token_counts(labels, layout, ignore_index)
+    return logps
+
+
+def logit_options_from_config(config) -> dict:
+    """The hidden-state path's logit options (logit_softcap, logit_scale) for a Hugging Face model config:
+    Gemma-2/3's `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling` (logits
+    divided by it). A multimodal config's `text_config` is read. Pass the result as keyword arguments."""
+    config = getattr(config, "text_config", None) or config
+    options = {"logit_softcap": None, "logit_scale": 1.0}
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        options["logit_softcap"] = float(softcap)
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        options["logit_scale"] = float(scale)
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        options["logit_scale"] = options["logit_scale"] / float(divisor)
+    return options

@@ -1,0 +1,79 @@
+"""Per-sequence log-probs from logits: `sequence_logps`, padded or packed."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import backend, reference
+from ..checks import (check_flag, check_inplace_target, check_labels_in_range, check_logits_and_labels,
+                      data_checks_enabled)
+from .packing import as_token_grid, layout_of, token_counts
+
+
+def unit_stride_logits(logits, inplace_backward, name="logits"):
+    """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
+    (inplace_backward=True refuses it, and a leaf that requires grad, which would be overwritten by its own
+    gradient)."""
+    if inplace_backward:
+        check_inplace_target(logits, name)
+        if logits.is_leaf and logits.requires_grad:
+            raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad, with "
+                             "its own gradient: pass the output of an op (e.g. the lm_head's), or turn it off")
+    if logits.stride(-1) == 1:
+        return logits
+    warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
+                  f"stride, so it is copied once ({logits.numel() * logits.element_size() / 2**20:.1f} MiB). "
+                  "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=3)
+    return logits.contiguous()
+
+
+def token_logps(logits, labels, ignore_index, inplace_backward):
+    """(B, T) differentiable token log-probs of checked (B, T, V) logits: the kernels, or the spec on a plain CPU."""
+    if not backend.use_triton(logits):  # a plain CPU: the spec itself (inplace_backward has no effect)
+        return reference.token_logps(logits, labels, ignore_index)
+    from .logits_autograd import TokenLogpsFromLogits
+
+    return TokenLogpsFromLogits.apply(unit_stride_logits(logits, inplace_backward), labels, int(ignore_index),
+                                      inplace_backward)
+
+
+def sum_per_sequence(token_values, layout, like):
+    """(S,) per-sequence sums of (B, T) token values: the deterministic segment kernel, or PyTorch."""
+    if not backend.use_triton(like):
+        return token_values.sum(-1) if not layout.packed else reference.segment_sums(token_values, layout.offsets)
+    from .logits_autograd import SegmentSum
+
+    return SegmentSum.apply(token_values.contiguous(), layout.offsets, layout.batch, layout.seq_len, layout.packed)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                   cu_seqlens: torch.Tensor | None = None, return_token_counts: bool = False,
+                   inplace_backward: bool = False, validate_labels: bool = True):
+    """Σ_t log softmax(logits[t])[labels[t]] per sequence, over the tokens whose label is not ignore_index.
+
+    Padded: logits (B, T, V), labels (B, T) → (B,). Packed: logits (N, V) or (1, N, V), labels (N,) or (1, N),
+    cu_seqlens (S + 1,) int32/int64 → (S,) (labels shifted within each sequence: `shift_packed_labels`).
+    logits float32/bfloat16/float16/float64, any batch and time strides (a shifted view such as
+    `logits[:, :-1]` is read without a copy); labels int64/int32. Returns float32 (float64 for float64
+    logits), differentiable; with return_token_counts=True, `(logps, counts)` with counts int64 scored tokens.
+
+    inplace_backward=True writes the gradient into the logits' own storage: they are consumed. validate_labels
+    (default True) reads the labels and cu_seqlens once to raise a clear error on bad values (one device
+    synchronization); False skips it, as does torch.compile or CUDA-graph capture: there a label outside
+    [0, V) is never read out of bounds and gives its sequence a NaN log-prob.
+    """
+    logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name="logits",
+                                               labels_name="labels", last_dim="V")
+    check_logits_and_labels(logits, labels, ignore_index=ignore_index)
+    check_flag(inplace_backward, "inplace_backward")
+    check_flag(return_token_counts, "return_token_counts")
+    if data_checks_enabled(validate_labels, logits):
+        check_labels_in_range([(labels, "labels")], logits.shape[2], ignore_index=ignore_index,
+                              cu_seqlens=[] if cu_seqlens is None else [(cu_seqlens, logits.shape[1])])
+    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens, logits.device)
+    logps = sum_per_sequence(token_logps(logits, labels, ignore_index, inplace_backward), layout, logits)
+    if return_token_counts:
+        return logps, token_counts(labels, layout, ignore_index)
+    return logps

@@ -1,0 +1,183 @@
+"""The Triton kernels as PyTorch operators (`torch.library.custom_op`), launched on their tensors' device.
+
+Each kernel launch is wrapped twice over:
+- a device guard, so tensors on cuda:1 run on cuda:1 whatever device is current (on the current stream);
+- a registered custom operator `focal_kernels::<name>` with a fake (meta) implementation, so that
+  `torch.compile(fullgraph=True)` sees one opaque operator with known output shapes instead of tracing
+  into Triton's launcher. In eager mode the implementation is called directly (the dispatcher costs tens
+  of microseconds per call, which the small-vocabulary case would feel); under compilation the operator is.
+
+Importing this module registers the operators; it does not import triton (the kernels load on first call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import backend
+from ..dtypes import compute_dtype
+from . import chunk_kernels as _chunks
+
+
+def _on_device(tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _dispatch(op, impl):
+    """`impl` in eager mode, the registered operator while torch.compile traces."""
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return impl(*args)
+    return call
+
+
+# ------------------------------------------------------------------ the logits path
+
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab_start: int,
+                 write_target: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.token_logps import token_logps_and_lse
+    with _on_device(logits):
+        return token_logps_and_lse(logits, labels, ignore_index, vocab_start, write_target)
+
+
+def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_sum_exp: torch.Tensor,
+                 grad_scale: torch.Tensor, ignore_index: int, vocab_start: int) -> torch.Tensor:
+    from ..kernels.logits_grad import logits_grad
+    with _on_device(logits):
+        return logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start)
+
+
+def _logits_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor,
+                         log_sum_exp: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int,
+                         vocab_start: int) -> None:
+    from ..kernels.logits_grad import logits_grad
+    with _on_device(logits):
+        logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start, out=logits)
+
+
+def _segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    from ..kernels.segment_sum import segment_block, segment_sum
+    with _on_device(values):
+        return segment_sum(values, offsets, segment_block(values.numel() // max(offsets.shape[0] - 1, 1)))
+
+
+_token_logps_op = torch.library.custom_op("focal_kernels::token_logps", _token_logps, mutates_args=())
+_logits_grad_op = torch.library.custom_op("focal_kernels::logits_grad", _logits_grad, mutates_args=())
+_logits_grad_inplace_op = torch.library.custom_op("focal_kernels::logits_grad_inplace", _logits_grad_inplace,
+                                                  mutates_args=("logits",))
+_segment_sum_op = torch.library.custom_op("focal_kernels::segment_sum", _segment_sum, mutates_args=())
+
+
+@_token_logps_op.register_fake
+def _(logits, labels, ignore_index, vocab_start, write_target):
+    out = logits.new_empty(labels.shape, dtype=compute_dtype(logits.dtype))
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@_logits_grad_op.register_fake
+def _(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start):
+    return torch.empty_like(logits)
+
+
+@_logits_grad_inplace_op.register_fake
+def _(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start):
+    return None
+
+
+@_segment_sum_op.register_fake
+def _(values, offsets):
+    return values.new_empty((offsets.shape[0] - 1,))
+
+
+token_logps = _dispatch(_token_logps_op, _token_logps)
+logits_grad = _dispatch(_logits_grad_op, _logits_grad)
+logits_grad_inplace = _dispatch(_logits_grad_inplace_op, _logits_grad_inplace)
+segment_sum = _dispatch(_segment_sum_op, _segment_sum)
+
+
+# ------------------------------------------------------------------ the hidden-state path
+# The whole walk over the vocabulary is one operator each way (vocab_chunks.py: GEMMs and per-chunk
+# kernels, or their PyTorch twins on a CPU without Triton), so compiled graphs hold two opaque calls.
+
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_STATE_OF_STAT = {"entropy": "wsum", "log_sum_sq_probs": "sqsum", "mean_logits": "xsum", "is_top1": "before"}
+STATE_NAMES = ("max", "sum", "target", "wsum", "sqsum", "xsum", "before")
+
+
+def _transform(params, has_softcap):
+    return None if params is None else (params, has_softcap)
+
+
+def _linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_labels: torch.Tensor,
+                    params: torch.Tensor | None, has_softcap: bool, vocab_start: int, chunk_size: int,
+                    stats: str) -> list[torch.Tensor]:
+    """The final running state (ops.STATE_NAMES) of every row; stats: requested names, comma-separated
+    (states not requested come back empty)."""
+    from .vocab_chunks import logits_pass
+    acc_dtype = compute_dtype(weight.dtype)
+    total = rows.shape[0]
+    state = {"max": torch.full((total,), -torch.inf, dtype=acc_dtype, device=rows.device),
+             "sum": torch.zeros((total,), dtype=acc_dtype, device=rows.device),
+             "target": torch.zeros((total,), dtype=acc_dtype, device=rows.device)}
+    for stat in filter(None, stats.split(",")):
+        name = _STATE_OF_STAT[stat]
+        state[name] = torch.full((total,), -torch.inf if name == "before" else 0.0, dtype=acc_dtype,
+                                 device=rows.device)
+    fold, _ = _chunks.chunk_kernels(backend.use_triton(weight))
+    transform = _transform(params, has_softcap)
+    if total:
+        with _on_device(rows), torch.autocast(device_type=rows.device.type, enabled=False):
+            logits_pass(rows, weight, bias, chunk_size,
+                        lambda chunk, start: fold(chunk, row_labels, start + vocab_start, state, transform))
+    return [state[name] if name in state else rows.new_empty((0,), dtype=acc_dtype) for name in STATE_NAMES]
+
+
+def _linear_backward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_labels: torch.Tensor,
+                     row_max: torch.Tensor, log_sum_exp: torch.Tensor, grad_scale: torch.Tensor,
+                     params: torch.Tensor | None, has_softcap: bool, vocab_start: int, chunk_size: int,
+                     needs_rows: bool, needs_weight: bool, needs_bias: bool) -> list[torch.Tensor]:
+    from .vocab_chunks import gradient_pass
+    acc_dtype = log_sum_exp.dtype
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs_weight else None
+    grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if needs_bias else None
+    grad_rows = torch.zeros(rows.shape, dtype=acc_dtype, device=rows.device) if needs_rows else None
+    _, to_gradient = _chunks.chunk_kernels(backend.use_triton(weight))
+    transform = _transform(params, has_softcap)
+    with _on_device(rows), torch.autocast(device_type=rows.device.type, enabled=False):
+        if rows.shape[0]:
+            gradient_pass(rows, weight, bias, chunk_size,
+                          lambda chunk, start: to_gradient(chunk, row_labels, start + vocab_start, row_max,
+                                                           log_sum_exp, grad_scale, transform),
+                          grad_weight, grad_bias, grad_rows)
+        else:  # no scored token: zero gradients
+            for grad in (grad_weight, grad_bias):
+                if grad is not None:
+                    grad.zero_()
+    return [rows.new_empty((0,)) if grad is None else grad for grad in (grad_rows, grad_weight, grad_bias)]
+
+
+_linear_forward_op = torch.library.custom_op("focal_kernels::linear_forward", _linear_forward, mutates_args=())
+_linear_backward_op = torch.library.custom_op("focal_kernels::linear_backward", _linear_backward, mutates_args=())
+
+
+@_linear_forward_op.register_fake
+def _(rows, weight, bias, row_labels, params, has_softcap, vocab_start, chunk_size, stats):
+    acc_dtype = compute_dtype(weight.dtype)
+    wanted = {"max", "sum", "target"} | {_STATE_OF_STAT[stat] for stat in filter(None, stats.split(","))}
+    return [rows.new_empty((rows.shape[0] if name in wanted else 0,), dtype=acc_dtype) for name in STATE_NAMES]
+
+
+@_linear_backward_op.register_fake
+def _(rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, params, has_softcap, vocab_start,
+      chunk_size, needs_rows, needs_weight, needs_bias):
+    grad_rows = rows.new_empty(rows.shape if needs_rows else (0,), dtype=log_sum_exp.dtype)
+    grad_weight = torch.empty_like(weight) if needs_weight else rows.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if needs_bias else rows.new_empty((0,))
+    return [grad_rows, grad_weight, grad_bias]
+
+
+linear_forward = _dispatch(_linear_forward_op, _linear_forward)
+linear_backward = _dispatch(_linear_backward_op, _linear_backward)

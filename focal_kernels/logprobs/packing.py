@@ -1,0 +1,156 @@
+"""Batch layouts: padded (B, T) sequences, or packed sequences told apart by `cu_seqlens`.
+
+Padded     logits (B, T, V) / hidden (B, T, H), labels (B, T): sequence b is row b.
+Packed     logits (N, V) or (1, N, V) / hidden (N, H) or (1, N, H), labels (N,) or (1, N), and cu_seqlens
+           (S + 1,) int32 / int64 on their device (the flash-attention varlen convention): sequence s is
+           tokens [cu_seqlens[s], cu_seqlens[s + 1]). An empty sequence has log-prob 0 and count 0.
+
+Both become one (B, T) token grid (packed: B = 1, T = N, a view, no copy) plus segment offsets into its
+flattened tokens (padded: 0, T, 2T, ..., BT), so every kernel sees one layout and the per-sequence sums are
+one segmented reduction. Labels must already be shifted per sequence (`shift_packed_labels`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Layout(NamedTuple):
+    """The token grid's shape, the segment offsets (S + 1,) on the device, and whether it came packed."""
+
+    batch: int
+    seq_len: int
+    offsets: torch.Tensor
+    packed: bool
+
+    @property
+    def num_sequences(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def broadcast(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """(S,) per-sequence values → (B, T), each token holding its sequence's value (padded: an expanded
+        view with time stride 0, no copy; packed: one gather)."""
+        if not self.packed:
+            return per_sequence[:, None].expand(self.batch, self.seq_len)
+        return per_sequence[segment_ids(self.offsets, self.seq_len)].view(1, self.seq_len)
+
+
+def segment_ids(offsets: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(tokens,) the sequence of each packed token (int64), with no host synchronization."""
+    positions = torch.arange(tokens, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:], positions, right=True)
+
+
+def padded_offsets(batch: int, seq_len: int, device) -> torch.Tensor:
+    return torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
+
+
+def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_dim):
+    """(values as (B, T, last), labels as (B, T), Layout). Packed inputs become a (1, N, ...) view.
+
+    Shapes are checked here; the cu_seqlens values are checked by `check_cu_seqlens_values`."""
+    if cu_seqlens is None:
+        if isinstance(values, torch.Tensor) and values.dim() != 3:
+            raise ValueError(f"{values_name} must have shape (B, T, {last_dim}) (or, packed with cu_seqlens, "
+                             f"(N, {last_dim}) or (1, N, {last_dim})), got {tuple(values.shape)}")
+        return values, labels, None
+    check_cu_seqlens(cu_seqlens, values)
+    if values.dim() == 3:
+        if values.shape[0] != 1:
+            raise ValueError(f"packed {values_name} (with cu_seqlens) must have shape (N, {last_dim}) or "
+                             f"(1, N, {last_dim}), got {tuple(values.shape)}")
+        values = values[0]
+    if values.dim() != 2:
+        raise ValueError(f"packed {values_name} (with cu_seqlens) must have shape (N, {last_dim}) or "
+                         f"(1, N, {last_dim}), got {tuple(values.shape)}")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1:
+        labels = labels[0]
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"packed {labels_name} (with cu_seqlens) must have shape (N,) or (1, N), got {shape}")
+    return values[None], labels[None], cu_seqlens
+
+
+def layout_of(batch, seq_len, cu_seqlens, device) -> Layout:
+    if cu_seqlens is None:
+        return Layout(batch, seq_len, padded_offsets(batch, seq_len, device), False)
+    return Layout(batch, seq_len, cu_seqlens, True)
+
+
+def check_cu_seqlens(cu_seqlens, values):
+    """Type, dtype, device and rank; the values are checked with the labels (one device read)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of shape (S + 1,) or None, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 0, got {tuple(cu_seqlens.shape)}")
+    if isinstance(values, torch.Tensor) and cu_seqlens.device != values.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {values.device}; "
+                         "they must be on the same device")
+
+
+def cu_seqlens_problems(cu_seqlens, tokens):
+    """Device-side (0-dim bool) flags, one per rule: [starts at 0, non-decreasing, ends at N]; read by the
+    caller together with the label checks, in one synchronization."""
+    first_ok = cu_seqlens[0] == 0
+    last_ok = cu_seqlens[-1] == tokens
+    monotone = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()  # True for a single entry (no sequences)
+    return torch.stack([first_ok, monotone, last_ok])
+
+
+CU_SEQLENS_RULES = ("cu_seqlens must start at 0", "cu_seqlens must be non-decreasing",
+                    "cu_seqlens must end at N, the number of packed tokens")
+
+
+def token_counts(labels: torch.Tensor, layout: Layout, ignore_index: int) -> torch.Tensor:
+    """(S,) int64 scored tokens per sequence (no host synchronization)."""
+    scored = (labels != ignore_index).to(torch.int64)
+    if not layout.packed:
+        return scored.sum(dim=1)
+    running = torch.cat([scored.new_zeros(1), scored.reshape(-1).cumsum(0)])
+    offsets = layout.offsets.to(torch.int64)
+    return running[offsets[1:]] - running[offsets[:-1]]
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(S + 1,) int32 cu_seqlens of packed sequences whose position ids restart at 0 ((N,) or (1, N)).
+
+    Eager only: the number of sequences depends on the values, so this reads them (one synchronization) and
+    is not for use inside torch.compile or CUDA-graph capture; compute cu_seqlens in the data loader there.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("position_ids must be an int32 or int64 tensor of shape (N,) or (1, N)")
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids[0]
+    if position_ids.dim() != 1:
+        raise ValueError(f"position_ids must have shape (N,) or (1, N), got {tuple(position_ids.shape)}")
+    tokens = position_ids.shape[0]
+    starts = (position_ids == 0).nonzero().squeeze(1)
+    if tokens and (starts.numel() == 0 or int(starts[0]) != 0):
+        raise ValueError("position_ids must start a sequence at 0 (the first position id must be 0)")
+    end = torch.tensor([tokens], device=position_ids.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def shift_packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = -100,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token labels for packed sequences, shifted within each sequence, never across a boundary.
+
+    Token i's label is labels[i + 1] (default input_ids[i + 1]) when i + 1 lies in the same sequence, and
+    ignore_index at each sequence's last token. (N,) or (1, N) in, the same shape out; no synchronization.
+    """
+    source = input_ids if labels is None else labels
+    flat = source.reshape(-1)
+    shifted = torch.full_like(flat, ignore_index)
+    if flat.shape[0] == 0:
+        return shifted.view(source.shape)
+    shifted[:-1] = flat[1:]
+    # Each sequence's last token; an empty sequence names the last token before it (or, first, token N − 1),
+    # which is some sequence's last token too.
+    last = (cu_seqlens[1:].to(torch.int64) - 1) % flat.shape[0]
+    shifted.index_fill_(0, last, ignore_index)
+    return shifted.view(source.shape)

@@ -1,0 +1,168 @@
+"""`preference_loss` and its module form: any of TRL 1.16's DPO loss types, FocalPO and SimPO, from
+per-sequence log-probs, combined with TRL's `loss_weights` rule. Plain PyTorch on (B,) tensors."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..output import PreferenceLossOutput
+from .batch import PairBatch
+from .divergence import f_divergence_scores
+from .pairwise import LOSS_TYPES
+from .validation import check_options, check_tensors, resolve_loss_types
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    """float64 if any log-prob tensor is float64, otherwise float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_pair.mean()
+    if reduction == "sum":
+        return per_pair.sum()
+    return per_pair
+
+
+def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """TRL's logged metrics, as detached 0-dim tensors (no .item(): the caller decides when to sync)."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
+    }
+
+
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: Optional[torch.Tensor] = None,
+    ref_rejected_logps: Optional[torch.Tensor] = None,
+    *,
+    loss_type: Union[str, Sequence[str]] = "focal",
+    loss_weights: Optional[Sequence[float]] = None,
+    beta: float = 0.1,
+    gamma: float = 0.05,
+    detach_focal_weight: bool = False,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_token_counts: Optional[torch.Tensor] = None,
+    rejected_token_counts: Optional[torch.Tensor] = None,
+    pair_weights: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> PreferenceLossOutput:
+    """A preference-optimization loss from per-sequence log-probs, as TRL 1.16's DPOTrainer computes it.
+
+    chosen_logps, rejected_logps:         (B,) floating, differentiable: Σ_t log p(y_t) per sequence.
+    ref_chosen_logps, ref_rejected_logps: (B,) the reference model's, or both None (reference-free: 0).
+    loss_type:    a name in `LOSS_TYPES` or a list of names; `loss_weights` one float per name (default
+                  1.0 each). The loss is Σ_k w_k · mean_i ℓ_k,i (TRL's rule; "sum" uses sums, "none" gives
+                  Σ_k w_k · ℓ_k,i per pair).
+    beta, gamma, detach_focal_weight: β for every type; γ and the detach switch for "focal".
+    label_smoothing: ε for robust, exo_pair, aot, aot_unpaired, simpo (refused when none of them is selected).
+    simpo_gamma, discopop_tau: the SimPO margin γ (divided by β) and DiscoPOP's τ.
+    f_divergence_type, f_alpha_divergence_coef: TRL's f-DPO scores, for the types built on the score
+                  difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft, focal).
+    chosen_token_counts, rejected_token_counts: (B,) scored tokens per sequence, needed by ipo,
+                  sigmoid_norm, simpo (both) and sft (chosen).
+    pair_weights: (B,) multiplies every loss type's per-pair loss before the reduction (TRL's
+                  use_weighting; TRL's WPO weights are computed without gradient, so pass detached weights
+                  to match it). Refused with aot / aot_unpaired, as TRL does.
+    reduction:    "mean" | "sum" | "none". With "none", entry i is pair i's loss, except for aot and
+                  aot_unpaired (entry i comes from the i-th smallest sorted margins) and sft (the batch
+                  token-mean NLL, repeated for every pair) — as TRL computes them.
+
+    Computed in float32 (float64 when any log-prob input is float64). Returns `PreferenceLossOutput`:
+    loss; chosen_logps and rejected_logps (the tensors given); chosen_rewards, rejected_rewards
+    = β·(logp − ref), detached; metrics (TRL's names, detached 0-dim tensors). No host synchronization.
+    """
+    names, weights = resolve_loss_types(loss_type, loss_weights)
+    options = check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
+                            label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
+                            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                            reduction=reduction)
+    check_tensors(names, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                  chosen_token_counts=chosen_token_counts, rejected_token_counts=rejected_token_counts,
+                  pair_weights=pair_weights)
+
+    dtype = _compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    policy_c, policy_r = chosen_logps.to(dtype), rejected_logps.to(dtype)
+    if ref_chosen_logps is None:
+        ref_c, ref_r = torch.zeros_like(policy_c), torch.zeros_like(policy_r)
+    else:
+        ref_c, ref_r = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
+    logratio_c, logratio_r = policy_c - ref_c, policy_r - ref_r
+    alpha = float(f_alpha_divergence_coef)
+    pairs = PairBatch(
+        chosen_logps=policy_c, rejected_logps=policy_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+        chosen_logratios=logratio_c, rejected_logratios=logratio_r,
+        chosen_scores=f_divergence_scores(logratio_c, f_divergence_type, alpha),
+        rejected_scores=f_divergence_scores(logratio_r, f_divergence_type, alpha),
+        chosen_token_counts=None if chosen_token_counts is None else chosen_token_counts.to(dtype),
+        rejected_token_counts=None if rejected_token_counts is None else rejected_token_counts.to(dtype),
+    )
+
+    per_pair = None
+    for name, weight in zip(names, weights):
+        term = LOSS_TYPES[name](pairs, options)
+        if pair_weights is not None:
+            term = term * pair_weights.to(dtype)
+        term = term * weight
+        per_pair = term if per_pair is None else per_pair + term
+
+    chosen_rewards = (options.beta * logratio_c).detach()
+    rejected_rewards = (options.beta * logratio_r).detach()
+    return PreferenceLossOutput(
+        loss=_reduce(per_pair, reduction),
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        metrics=_metrics(chosen_rewards, rejected_rewards, policy_c, policy_r),
+    )
+
+
+class PreferenceLoss(nn.Module):
+    """`preference_loss` as a module: the options are fixed (and checked) at construction.
+
+    loss_fn = PreferenceLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1], beta=0.1)
+    out = loss_fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_token_counts=n_chosen)
+
+    Stateless: every loss type, bco_pair included, depends on the current batch only (TRL 1.16 keeps no
+    running mean for bco_pair).
+    """
+
+    def __init__(self, *, loss_type: Union[str, Sequence[str]] = "focal",
+                 loss_weights: Optional[Sequence[float]] = None, beta: float = 0.1, gamma: float = 0.05,
+                 detach_focal_weight: bool = False, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
+                 discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl",
+                 f_alpha_divergence_coef: float = 0.5, reduction: str = "mean"):
+        super().__init__()
+        names, weights = resolve_loss_types(loss_type, loss_weights)
+        self.options = dict(loss_type=list(names), loss_weights=list(weights), beta=beta, gamma=gamma,
+                            detach_focal_weight=detach_focal_weight, label_smoothing=label_smoothing,
+                            simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
+                            f_divergence_type=f_divergence_type,
+                            f_alpha_divergence_coef=f_alpha_divergence_coef, reduction=reduction)
+        check_options(names, **{k: v for k, v in self.options.items() if k not in ("loss_type", "loss_weights")})
+
+    def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+                chosen_token_counts=None, rejected_token_counts=None, pair_weights=None) -> PreferenceLossOutput:
+        return preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                               chosen_token_counts=chosen_token_counts, rejected_token_counts=rejected_token_counts,
+                               pair_weights=pair_weights, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

@@ -116,13 +116,14 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                                ignore_index: int = -100, reduction: str = "mean", detach_focal_weight: bool = False,
                                chunk_size: int | None = None, logit_softcap: float | None = None,
                                logit_scale: float = 1.0, temperature: float = 1.0, validate_labels: bool = True,
-                               **loss_options) -> PreferenceLossOutput:
+                               memory_budget: int | None = None, **loss_options) -> PreferenceLossOutput:
     """`focal_po_loss` on the logits transform(hidden · Wᵀ + bias), without ever materializing them.
 
     chosen_hidden (B, T, H) and rejected_hidden (B, T2, H): final hidden states aligned with chosen_labels
     (B, T) and rejected_labels (B, T2) (shift before calling: `hidden[:, :-1]` with `labels[:, 1:]`).
     weight (V, H) the lm_head weight, bias (V,) or None; chunk_size and the logit transform as in
-    `fused_linear_sequence_logps`. Chosen and rejected share one pass over the weight. The other arguments and
+    `fused_linear_sequence_logps`, as are the frozen-weight path and memory_budget. Chosen and rejected share
+    one pass over the weight. The other arguments and
     the output are those of `focal_po_loss`; gradients reach both hidden states, the weight and the bias.
     """
     _padded("chosen_hidden", chosen_hidden)
@@ -140,7 +141,8 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
               (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
     (chosen_tokens,), (rejected_tokens,) = linear_token_logps(
         groups, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
-        logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks)
+        logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks,
+        memory_budget=memory_budget)
     sides = [_sequence_logps_and_counts(tokens, labels, ignore_index, weight)
              for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
     return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,

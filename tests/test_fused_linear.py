@@ -334,7 +334,7 @@ def test_mixed_precision_accumulation():
     b = torch.randn(7, 3, device=DEVICE).to(torch.bfloat16)
     acc = torch.ones(5, 3, device=DEVICE)
     for _ in range(2):
-        vocab_chunks._accumulate_product(acc, a, b)
+        vocab_chunks.accumulate_product(acc, a, b)
     torch.testing.assert_close(acc, 1 + 2 * (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
     works = vocab_chunks._MIXED_ADDMM_WORKS
     assert list(works) == [(acc.device.type, torch.bfloat16, torch.float32)]

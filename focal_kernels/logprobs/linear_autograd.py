@@ -21,6 +21,11 @@ Backward  with g_n the incoming gradient of token n's log-prob, one operator (op
               grad_hidden  += G · W[v0:v1]   (into an (N, H) float32 buffer, float64 for float64)
           and grad_hidden is scattered back into zero (B, T, H) gradients in the hidden states' dtype.
 
+A frozen weight (no gradient for W or b: LoRA, adapters) takes 2 GEMMs instead of 4: the forward walk also
+accumulates d logp / d hidden (vocab_chunks.py), saved as one (N, H) float32 tensor, and the backward only
+scales its rows. `memory_budget` keeps the first chunks' logits from the forward, so the backward skips
+their recompute (3 GEMMs for those chunks).
+
 Compaction (gathering only the scored rows) needs their number on the host: one synchronization. While
 torch.compile traces or a CUDA graph is captured, every row is processed instead, the ignored ones zeroed
 (their gradient scale is 0, so they contribute exactly nothing): same results, more FLOPs.
@@ -58,6 +63,8 @@ class LinearOptions(NamedTuple):
     has_softcap: bool
     stats: tuple                  # names from ops.STATS
     compact: bool                 # gather the scored rows (eager) or process every row (compile / capture)
+    frozen: bool = False          # no weight or bias gradient: accumulate d logp / d hidden in the forward
+    memory_budget: int = 0        # bytes of chunk logits to keep from the forward for the backward
 
 
 def _row_values(state, vocab, row_labels, stats):
@@ -80,13 +87,15 @@ def _row_values(state, vocab, row_labels, stats):
 
 
 class LinearTokenLogps(torch.autograd.Function):
-    """(weight, bias, options, hidden_1, labels_1, hidden_2, labels_2, ...) → for each group, its (B_k, T_k)
+    """(weight, bias, options, hidden_1, labels_1, hidden_2, labels_2, ..., None) → for each group, its (B_k, T_k)
     token log-probs followed by one (B_k, T_k) tensor per requested statistic (not differentiable).
     Inputs are assumed checked."""
 
     @staticmethod
     def forward(ctx, weight, bias, options, *hidden_and_labels):
-        hiddens, labels = hidden_and_labels[0::2], hidden_and_labels[1::2]
+        # The caller appends a None: with one group, five arguments would match the five parameters (varargs
+        # counted once), which dynamo takes, in a no-grad call, for a forward without ctx.
+        hiddens, labels = hidden_and_labels[0:-1:2], hidden_and_labels[1:-1:2]
         scored = [lab != options.ignore_index for lab in labels]
         if options.compact:
             positions = [scored_positions(mask) for mask in scored]
@@ -95,8 +104,11 @@ class LinearTokenLogps(torch.autograd.Function):
             positions = [None] * len(hiddens)
             rows = masked_rows(hiddens, scored)
         row_labels = _pick(labels, positions, scored, fill=0).to(torch.int64)
-        state = ops.linear_forward(rows, weight, bias, row_labels, options.params, options.has_softcap, 0,
-                                   options.chunk_size, ",".join(options.stats))
+        keep_chunks = min(options.memory_budget // (max(rows.shape[0], 1) * options.chunk_size * rows.element_size()),
+                          weight.shape[0] // options.chunk_size)
+        *state, unit, kept = ops.linear_forward(rows, weight, bias, row_labels, options.params, options.has_softcap,
+                                                0, options.chunk_size, ",".join(options.stats), options.frozen,
+                                                keep_chunks)
         del rows
         log_sum_exp, values = _row_values(state, weight.shape[0], row_labels, options.stats)
 
@@ -104,7 +116,7 @@ class LinearTokenLogps(torch.autograd.Function):
         for group in range(len(hiddens)):
             for value in values:
                 outputs.append(_scatter(value, group, hiddens, positions, scored))
-        ctx.save_for_backward(weight, bias, state[0], log_sum_exp, row_labels, *hiddens, *labels,
+        ctx.save_for_backward(weight, bias, state[0], log_sum_exp, row_labels, unit, kept, *hiddens, *labels,
                               *(index for index in positions if index is not None))
         ctx.options = options
         ctx.groups = len(hiddens)
@@ -116,7 +128,7 @@ class LinearTokenLogps(torch.autograd.Function):
     @first_order_only
     def backward(ctx, *grad_outputs):
         options, groups = ctx.options, ctx.groups
-        weight, bias, row_max, log_sum_exp, row_labels, *rest = ctx.saved_tensors
+        weight, bias, row_max, log_sum_exp, row_labels, unit, kept, *rest = ctx.saved_tensors
         hiddens, labels = rest[:groups], rest[groups:2 * groups]
         positions = list(rest[2 * groups:]) if options.compact else [None] * groups
         scored = [lab != options.ignore_index for lab in labels]
@@ -125,14 +137,18 @@ class LinearTokenLogps(torch.autograd.Function):
                  for grad, hidden in zip(grad_outputs[0::ctx.per_group], hiddens)]
         grad_scale = _pick([grad.to(row_max.dtype) for grad in grads], positions, scored, fill=0)
         needs_hidden = [ctx.needs_input_grad[3 + 2 * k] for k in range(groups)]
-        rows = gather_rows(hiddens, positions) if options.compact else masked_rows(hiddens, scored)
-        grad_rows, grad_weight, grad_bias = ops.linear_backward(
-            rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, options.params, options.has_softcap,
-            0, options.chunk_size, any(needs_hidden), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        del rows  # before the hidden-state gradients exist: the two never share the peak
+        if options.frozen:  # d logp / d row was accumulated in the forward: only scale the rows
+            grad_rows, grad_weight, grad_bias = grad_scale[:, None] * unit, None, None
+        else:
+            rows = gather_rows(hiddens, positions) if options.compact else masked_rows(hiddens, scored)
+            grad_rows, grad_weight, grad_bias = ops.linear_backward(
+                rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, options.params,
+                options.has_softcap, 0, options.chunk_size, any(needs_hidden), ctx.needs_input_grad[0],
+                ctx.needs_input_grad[1], kept if kept.numel() else None)
+            del rows  # before the hidden-state gradients exist: the two never share the peak
         grad_hiddens = hidden_gradients(hiddens, positions, needs_hidden, grad_rows)
         return (grad_weight if ctx.needs_input_grad[0] else None, grad_bias if ctx.needs_input_grad[1] else None,
-                None, *(g for grad in grad_hiddens for g in (grad, None)))
+                None, *(g for grad in grad_hiddens for g in (grad, None)), None)
 
 
 def _pick(per_token, positions, scored, fill):

@@ -18,15 +18,19 @@ def unit_stride_logits(logits, inplace_backward, name="logits"):
     gradient)."""
     if inplace_backward:
         check_inplace_target(logits, name)
-        if logits.is_leaf and logits.requires_grad:
-            raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad, with "
-                             "its own gradient: pass the output of an op (e.g. the lm_head's), or turn it off")
+        refuse_leaf(logits, name)
     if logits.stride(-1) == 1:
         return logits
     warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
                   f"stride, so it is copied once ({logits.numel() * logits.element_size() / 2**20:.1f} MiB). "
                   "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=3)
     return logits.contiguous()
+
+
+def refuse_leaf(logits, name="logits"):
+    if isinstance(logits, torch.Tensor) and logits.is_leaf and logits.requires_grad:
+        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad, with "
+                         "its own gradient: pass the output of an op (e.g. the lm_head's), or turn it off")
 
 
 def token_logps(logits, labels, ignore_index, inplace_backward):
@@ -64,10 +68,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     synchronization); False skips it, as does torch.compile or CUDA-graph capture: there a label outside
     [0, V) is never read out of bounds and gives its sequence a NaN log-prob.
     """
+    check_flag(inplace_backward, "inplace_backward")
+    if inplace_backward:  # on the caller's tensor: a packed one is viewed as (1, N, V) below
+        refuse_leaf(logits)
     logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name="logits",
                                                labels_name="labels", last_dim="V")
     check_logits_and_labels(logits, labels, ignore_index=ignore_index)
-    check_flag(inplace_backward, "inplace_backward")
     check_flag(return_token_counts, "return_token_counts")
     if data_checks_enabled(validate_labels, logits):
         check_labels_in_range([(labels, "labels")], logits.shape[2], ignore_index=ignore_index,

@@ -113,10 +113,12 @@ def _transform(params, has_softcap):
 
 def _linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_labels: torch.Tensor,
                     params: torch.Tensor | None, has_softcap: bool, vocab_start: int, chunk_size: int,
-                    stats: str) -> list[torch.Tensor]:
-    """The final running state (ops.STATE_NAMES) of every row; stats: requested names, comma-separated
-    (states not requested come back empty)."""
-    from .vocab_chunks import logits_pass
+                    stats: str, hidden_grad: bool = False, keep_chunks: int = 0) -> list[torch.Tensor]:
+    """The final running state (ops.STATE_NAMES) of every row, then `unit` and `kept`. stats: requested names,
+    comma-separated (states not requested come back empty). hidden_grad (a frozen weight): unit (N, H) is
+    d logp / d row, accumulated during the walk (vocab_chunks.py), else empty. keep_chunks: the first k
+    chunks' raw logits (k, N, chunk_size) for the backward (the memory budget), else empty."""
+    from .vocab_chunks import accumulate_product, logits_pass
     acc_dtype = compute_dtype(weight.dtype)
     total = rows.shape[0]
     state = {"max": torch.full((total,), -torch.inf, dtype=acc_dtype, device=rows.device),
@@ -126,19 +128,66 @@ def _linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         name = _STATE_OF_STAT[stat]
         state[name] = torch.full((total,), -torch.inf if name == "before" else 0.0, dtype=acc_dtype,
                                  device=rows.device)
-    fold, _ = _chunks.chunk_kernels(backend.use_triton(weight))
+    fold, to_gradient = _chunks.chunk_kernels(backend.use_triton(weight))
     transform = _transform(params, has_softcap)
+    kept = rows.new_empty((keep_chunks, total, chunk_size)) if keep_chunks else None
+    acc = torch.zeros((total, rows.shape[1]), dtype=acc_dtype, device=rows.device) if hidden_grad else None
+    if acc is not None:  # E = e^(x − m)·x' is written over each chunk by the gradient kernel with g = −1, s = 0
+        minus_one = torch.full((total,), -1.0, dtype=acc_dtype, device=rows.device)
+        zero = torch.zeros((total,), dtype=acc_dtype, device=rows.device)
+        no_label = torch.full((total,), -1, dtype=torch.int64, device=rows.device)
+
+    def fold_chunk(chunk, start):
+        previous_max = state["max"].clone() if acc is not None else None
+        fold(chunk, row_labels, start + vocab_start, state, transform)
+        if acc is not None:
+            new_max = torch.where(state["max"] == -torch.inf, 0.0, state["max"])
+            acc.mul_(torch.exp(previous_max - new_max)[:, None])
+            weights = to_gradient(chunk, no_label, 0, new_max, zero, minus_one, transform)
+            _zero_label_column(weights, row_labels - (start + vocab_start))
+            accumulate_product(acc, weights, weight[start:start + chunk.shape[1]])
+
     if total:
         with _on_device(rows), torch.autocast(device_type=rows.device.type, enabled=False):
-            logits_pass(rows, weight, bias, chunk_size,
-                        lambda chunk, start: fold(chunk, row_labels, start + vocab_start, state, transform))
-    return [state[name] if name in state else rows.new_empty((0,), dtype=acc_dtype) for name in STATE_NAMES]
+            logits_pass(rows, weight, bias, chunk_size, fold_chunk, kept)
+    unit = rows.new_empty((0,), dtype=acc_dtype)
+    if acc is not None:  # x'_y·W[y]·(1 − p_y) − Σ_{v≠y} p_v x'_v W_v, with 1 − p_y = (S − e^(x_y − m)) / S in float32
+        label_weight = state["sum"] - torch.exp(state["target"] - state["max"])
+        unit = _target_row(weight, row_labels, vocab_start, state["target"], params, has_softcap, acc_dtype)
+        unit.mul_(label_weight[:, None]).sub_(acc).div_(state["sum"][:, None])
+    outputs = [state[name] if name in state else rows.new_empty((0,), dtype=acc_dtype) for name in STATE_NAMES]
+    return outputs + [unit, kept if kept is not None else rows.new_empty((0,))]
+
+
+def _zero_label_column(weights, local_labels):
+    """weights[n, local_labels[n]] = 0 where the label falls in this chunk: the label's own term is taken
+    exactly from the float32 state rather than from a rounded chunk element (1 − p_y cancels)."""
+    in_chunk = (local_labels >= 0) & (local_labels < weights.shape[1])
+    column = local_labels.clamp(0, weights.shape[1] - 1)[:, None]
+    weights.scatter_(1, column, torch.where(in_chunk[:, None], 0, weights.gather(1, column)))
+
+
+def _target_row(weight, row_labels, vocab_start, target, params, has_softcap, acc_dtype):
+    """(N, H) x'_y · W[y] for the rows' labels (zero where the label is not in this weight's rows), x'_y the
+    transform's derivative at the label, recovered from the transformed target logit."""
+    local = row_labels - vocab_start
+    in_rows = (local >= 0) & (local < weight.shape[0])
+    rows = weight[local.clamp(0, weight.shape[0] - 1)].to(acc_dtype) * in_rows[:, None]
+    if params is None:
+        return rows
+    scale, cap, inv_temperature = params[0], params[1], params[2]
+    derivative = (scale * inv_temperature).expand_as(target)
+    if has_softcap:
+        tanh = target / (cap * inv_temperature)
+        derivative = derivative * (1 - tanh * tanh)
+    return rows * derivative[:, None]
 
 
 def _linear_backward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_labels: torch.Tensor,
                      row_max: torch.Tensor, log_sum_exp: torch.Tensor, grad_scale: torch.Tensor,
                      params: torch.Tensor | None, has_softcap: bool, vocab_start: int, chunk_size: int,
-                     needs_rows: bool, needs_weight: bool, needs_bias: bool) -> list[torch.Tensor]:
+                     needs_rows: bool, needs_weight: bool, needs_bias: bool,
+                     kept: torch.Tensor | None = None) -> list[torch.Tensor]:
     from .vocab_chunks import gradient_pass
     acc_dtype = log_sum_exp.dtype
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs_weight else None
@@ -151,7 +200,7 @@ def _linear_backward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             gradient_pass(rows, weight, bias, chunk_size,
                           lambda chunk, start: to_gradient(chunk, row_labels, start + vocab_start, row_max,
                                                            log_sum_exp, grad_scale, transform),
-                          grad_weight, grad_bias, grad_rows)
+                          grad_weight, grad_bias, grad_rows, kept)
         else:  # no scored token: zero gradients
             for grad in (grad_weight, grad_bias):
                 if grad is not None:
@@ -164,15 +213,19 @@ _linear_backward_op = torch.library.custom_op("focal_kernels::linear_backward", 
 
 
 @_linear_forward_op.register_fake
-def _(rows, weight, bias, row_labels, params, has_softcap, vocab_start, chunk_size, stats):
+def _(rows, weight, bias, row_labels, params, has_softcap, vocab_start, chunk_size, stats, hidden_grad=False,
+      keep_chunks=0):
     acc_dtype = compute_dtype(weight.dtype)
     wanted = {"max", "sum", "target"} | {_STATE_OF_STAT[stat] for stat in filter(None, stats.split(","))}
-    return [rows.new_empty((rows.shape[0] if name in wanted else 0,), dtype=acc_dtype) for name in STATE_NAMES]
+    state = [rows.new_empty((rows.shape[0] if name in wanted else 0,), dtype=acc_dtype) for name in STATE_NAMES]
+    unit = rows.new_empty(rows.shape if hidden_grad else (0,), dtype=acc_dtype)
+    kept = rows.new_empty((keep_chunks, rows.shape[0], chunk_size) if keep_chunks else (0,))
+    return state + [unit, kept]
 
 
 @_linear_backward_op.register_fake
 def _(rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, params, has_softcap, vocab_start,
-      chunk_size, needs_rows, needs_weight, needs_bias):
+      chunk_size, needs_rows, needs_weight, needs_bias, kept=None):
     grad_rows = rows.new_empty(rows.shape if needs_rows else (0,), dtype=log_sum_exp.dtype)
     grad_weight = torch.empty_like(weight) if needs_weight else rows.new_empty((0,))
     grad_bias = torch.empty_like(bias) if needs_bias else rows.new_empty((0,))

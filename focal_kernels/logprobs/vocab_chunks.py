@@ -8,6 +8,12 @@ into its gradient G in place and spends it on three reductions that each accumul
     grad_W[v0:v1] = Gᵀ · rows      (one GEMM, written straight into that slice: no running sum across chunks)
     grad_b[v0:v1] = Σ_n G
     grad_rows    += G · W[v0:v1]   (into an (N, H) float32 buffer, through cuBLAS where it can accumulate)
+Two variants save GEMMs. A memory budget keeps the first chunks' logits from the forward, so the backward
+copies them instead of recomputing (3 GEMMs for those chunks instead of 4). A frozen weight (no gradient
+for W or b) needs only grad_rows = g · (W[y]·x'_y − Σ_v p_v x'_v W_v) (x' = d logits / d raw), and Σ_v p_v x'_v W_v
+is accumulated during the forward walk with online rescaling, as flash-attention accumulates its output:
+acc ← acc · e^(m_old − m_new) + E · W[v0:v1] with E = e^(x − m_new) · x', and Σ p x' W = acc / Σ e^(x − m).
+That is 2 GEMMs in all (1 under no_grad), and the backward only scales rows.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def _mixed_addmm_works(acc, a):
     return _MIXED_ADDMM_WORKS[key]
 
 
-def _accumulate_product(acc, a, b):
+def accumulate_product(acc, a, b):
     """acc += a @ b with acc in float32 (float64) and a, b possibly bfloat16 / float16.
 
     Where `addmm(..., out_dtype=float32)` takes a float32 accumulator (CUDA), cuBLAS accumulates the
@@ -78,33 +84,42 @@ def _accumulate_product(acc, a, b):
         acc.add_(torch.mm(a, b))
 
 
-def _chunk_logits(hidden_rows, weight, bias, start, stop):
-    """(N, stop − start) logits of vocabulary rows [start, stop), in the inputs' dtype, contiguous."""
+def _chunk_logits(hidden_rows, weight, bias, start, stop, out=None):
+    """(N, stop − start) logits of vocabulary rows [start, stop), in the inputs' dtype, contiguous (into
+    `out` when given)."""
     weight_chunk = weight[start:stop]
     if bias is None:
-        return torch.mm(hidden_rows, weight_chunk.t())
-    return torch.addmm(bias[start:stop], hidden_rows, weight_chunk.t())
+        return torch.mm(hidden_rows, weight_chunk.t(), out=out)
+    return torch.addmm(bias[start:stop], hidden_rows, weight_chunk.t(), out=out)
 
 
-def logits_pass(hidden_rows, weight, bias, chunk_size, fold):
-    """The forward's loop: fold(logits_chunk, vocab_start) for every chunk of the rows' logits."""
+def logits_pass(hidden_rows, weight, bias, chunk_size, fold, kept=None):
+    """The forward's loop: fold(logits_chunk, vocab_start) for every chunk of the rows' logits. The first
+    len(kept) chunks are written into kept[i] ((k, N, chunk_size), the memory budget's buffer) and stay there."""
     vocab = weight.shape[0]
-    for start in range(0, vocab, chunk_size):
-        fold(_chunk_logits(hidden_rows, weight, bias, start, min(start + chunk_size, vocab)), start)
+    for index, start in enumerate(range(0, vocab, chunk_size)):
+        out = kept[index] if kept is not None and index < kept.shape[0] else None
+        fold(_chunk_logits(hidden_rows, weight, bias, start, min(start + chunk_size, vocab), out), start)
 
 
-def gradient_pass(hidden_rows, weight, bias, chunk_size, to_gradient, grad_weight, grad_bias, grad_hidden_rows):
-    """The backward's loop: each chunk of logits recomputed, turned into its gradient G by
+def gradient_pass(hidden_rows, weight, bias, chunk_size, to_gradient, grad_weight, grad_bias, grad_hidden_rows,
+                  kept=None):
+    """The backward's loop: each chunk of logits recomputed (or copied from the forward's kept[i], which
+    saves that GEMM and stays intact for another backward), turned into its gradient G by
     to_gradient(logits_chunk, vocab_start) (in place), then grad_weight[chunk] = Gᵀ · rows,
     grad_bias[chunk] = Σ_n G and grad_hidden_rows += G · W[chunk], for those of the three that are not None."""
     vocab = weight.shape[0]
-    for start in range(0, vocab, chunk_size):
+    for index, start in enumerate(range(0, vocab, chunk_size)):
         stop = min(start + chunk_size, vocab)
-        grad_chunk = to_gradient(_chunk_logits(hidden_rows, weight, bias, start, stop), start)
+        if kept is not None and index < kept.shape[0]:
+            logits_chunk = kept[index].clone()
+        else:
+            logits_chunk = _chunk_logits(hidden_rows, weight, bias, start, stop)
+        grad_chunk = to_gradient(logits_chunk, start)
         if grad_weight is not None:
             torch.mm(grad_chunk.t(), hidden_rows, out=grad_weight[start:stop])
         if grad_bias is not None:
             torch.sum(grad_chunk, dim=0, out=grad_bias[start:stop])
         if grad_hidden_rows is not None:
-            _accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
+            accumulate_product(grad_hidden_rows, grad_chunk, weight[start:stop])
         del grad_chunk

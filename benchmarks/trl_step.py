@@ -1,0 +1,233 @@
+"""`python -m benchmarks.trl_step`: FocalPOTrainer's training step against TRL's DPOTrainer on the same model.
+
+Both trainers train copies of one randomly initialised Llama-style model (with an explicit reference model) on
+the same synthetic preference data, with the same TrainingArguments; only the trainer class (and so the fused
+head and the loss) differs. Reported per trainer: the median step time (optimizer step included) over the timed
+steps, and the peak GPU memory during them, absolute and above the memory held when the step began.
+
+    python -m benchmarks.trl_step                      # GPU: Llama-3-8B head (H=4096, V=128256), 2 layers, bf16
+    python -m benchmarks.trl_step --layers 4 --batch 8 --prompt-len 512 --completion-len 1536
+    python -m benchmarks.trl_step --tiny               # tiny shapes (the default without a GPU): a smoke run
+
+If a trainer runs out of memory at the requested batch, the batch is halved (down to 1) and that trainer is
+retried, and the report says so: the table is at the largest batch that fits for both when --shrink is on.
+Without a GPU, times are CPU times through Triton's interpreter (for the smoke run only, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .environment import prepare_environment
+
+prepare_environment()  # TRITON_INTERPRET=1 without a GPU; before anything imports triton
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, help="hidden size (default 4096; 32 tiny)")
+    p.add_argument("--vocab", type=int, help="vocabulary rows of the head (default 128256; 256 tiny)")
+    p.add_argument("--layers", type=int, help="decoder layers (default 2)")
+    p.add_argument("--intermediate", type=int, help="MLP size (default 14336; 64 tiny)")
+    p.add_argument("--batch", type=int, help="pairs per device step (default 4; 2 tiny)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 256; 4 tiny)")
+    p.add_argument("--completion-len", type=int, help="completion tokens, chosen and rejected (default 768; 4 tiny)")
+    p.add_argument("--steps", type=int, help="timed steps (default 10; 2 tiny)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; 1 tiny)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="model dtype (default bf16)")
+    p.add_argument("--loss-type", default="focal", help="FocalPOTrainer's loss_type (default focal; DPO: sigmoid)")
+    p.add_argument("--impls", default="dpo,focalpo", help="comma list of dpo (TRL), focalpo (default both)")
+    p.add_argument("--padding-free", action="store_true", help="FocalPOTrainer with padding_free=True too")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on for both (TRL's default is on; "
+                   "off here so the head's share of the step shows)")
+    p.add_argument("--shrink", action="store_true", help="halve the batch on OOM until it fits")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    tiny = args.tiny or not torch.cuda.is_available()
+    defaults = dict(hidden=32, vocab=256, layers=2, intermediate=64, batch=2, prompt_len=4, completion_len=4,
+                    steps=2, warmup=1) if tiny else dict(hidden=4096, vocab=128256, layers=2, intermediate=14336,
+                                                         batch=4, prompt_len=256, completion_len=768, steps=10,
+                                                         warmup=3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.tiny = tiny
+    return args
+
+
+def make_tokenizer(n_words: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(n_words)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def make_dataset(n_rows: int, n_words: int, prompt_len: int, completion_len: int, seed: int = 0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return " ".join(f"w{i}" for i in torch.randint(n_words, (n,), generator=g).tolist())
+
+    # Completions end with the EOS TRL appends: completion_len - 1 words + EOS
+    return Dataset.from_dict({
+        "prompt": [text(prompt_len) for _ in range(n_rows)],
+        "chosen": [" " + text(completion_len - 1) for _ in range(n_rows)],
+        "rejected": [" " + text(completion_len - 1) for _ in range(n_rows)],
+    })
+
+
+def make_model(args, tokenizer, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 128) if not args.tiny else 4,
+        num_key_value_heads=max(1, args.hidden // 512) if not args.tiny else 2,
+        max_position_embeddings=args.prompt_len + args.completion_len + 8, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def run_one(impl: str, args, batch: int, tokenizer, dataset, out_dir: str) -> dict:
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, peaks, starts = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                starts.append(torch.cuda.memory_allocated())
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kw):
+            sync()
+            times.append(time.perf_counter() - self.t0)
+            if cuda:
+                peaks.append(torch.cuda.max_memory_allocated())
+
+    common = dict(
+        output_dir=out_dir, report_to="none", per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
+        learning_rate=1e-6, save_strategy="no", logging_steps=10**9, disable_tqdm=True, use_cpu=not cuda,
+        bf16=args.dtype == "bf16" and cuda, gradient_checkpointing=args.gradient_checkpointing, seed=0,
+        max_length=None, dataloader_num_workers=0,
+    )
+    if impl == "dpo":
+        config, trainer_cls = DPOConfig(loss_type="sigmoid", **common), DPOTrainer
+    else:
+        padding_free = impl == "focalpo_padding_free"
+        config = FocalPOConfig(loss_type=args.loss_type, padding_free=padding_free, **common)
+        trainer_cls = FocalPOTrainer
+    model = make_model(args, tokenizer, seed=0)
+    ref_model = make_model(args, tokenizer, seed=1)
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Timer()])
+    try:
+        trainer.train()
+        losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
+    finally:
+        del trainer, model, ref_model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    timed = times[args.warmup:]
+    row = {"impl": impl, "batch": batch, "status": "ok", "step_ms": 1e3 * statistics.median(timed),
+           "step_ms_all": [1e3 * t for t in timed], "train_loss": losses[-1] if losses else None}
+    if cuda:
+        row["peak_mib"] = max(peaks[args.warmup:]) / 2**20
+        row["peak_above_step_start_mib"] = max(p - s for p, s in zip(peaks[args.warmup:], starts[args.warmup:])) / 2**20
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if args.padding_free and "focalpo" in impls:
+        impls.append("focalpo_padding_free")
+    unknown = set(impls) - {"dpo", "focalpo", "focalpo_padding_free"}
+    if unknown:
+        raise SystemExit(f"unknown impls: {sorted(unknown)}")
+    n_words = min(args.vocab - 3, 30000)
+    tokenizer = make_tokenizer(n_words)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter: smoke run)"
+    shape = (f"H={args.hidden} V={args.vocab} layers={args.layers} {args.dtype}, "
+             f"{args.prompt_len}+{args.completion_len} tokens per sequence")
+    print(f"# FocalPOTrainer vs DPOTrainer step — {device}\n# {shape}, loss_type={args.loss_type}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for impl in impls:
+            batch = args.batch
+            while True:
+                dataset = make_dataset(batch * (args.warmup + args.steps), n_words, args.prompt_len,
+                                       args.completion_len)
+                try:
+                    row = run_one(impl, args, batch, tokenizer, dataset, out_dir)
+                except torch.cuda.OutOfMemoryError as e:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    if args.shrink and batch > 1:
+                        print(f"{impl}: out of memory at batch {batch}, retrying at {batch // 2}", flush=True)
+                        batch //= 2
+                        continue
+                    row = {"impl": impl, "batch": batch, "status": f"oom: {str(e).splitlines()[0]}"}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "step_ms_all"}), flush=True)
+                break
+
+    print("\n| trainer | pairs/step | step ms (median) | peak MiB | peak above step start MiB | last loss |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        def fmt(key, spec):
+            value = r.get(key)
+            return "—" if value is None else format(value, spec)
+        print(f"| {r['impl']} | {r['batch']} | {fmt('step_ms', '.1f')} | {fmt('peak_mib', '.0f')} | "
+              f"{fmt('peak_above_step_start_mib', '.0f')} | {fmt('train_loss', '.4f')} |"
+              + ("" if r["status"] == "ok" else f" {r['status']}"))
+    ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
+    if "dpo" in ok and "focalpo" in ok and ok["dpo"]["batch"] == ok["focalpo"]["batch"]:
+        d, f = ok["dpo"], ok["focalpo"]
+        print(f"\nDPOTrainer / FocalPOTrainer step time: {d['step_ms'] / f['step_ms']:.2f}x", end="")
+        if "peak_above_step_start_mib" in d:
+            print(f"; peak above step start: {d['peak_above_step_start_mib']:.0f} vs "
+                  f"{f['peak_above_step_start_mib']:.0f} MiB", end="")
+        print()
+    result = {"device": device, "shape": shape, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+              "complete": all(r["status"] == "ok" for r in rows)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0 if all(r["status"] == "ok" and math.isfinite(r["step_ms"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,711 @@
+"""TRL integration: `FocalPOTrainer`, a drop-in for TRL's `DPOTrainer` whose log-probs and loss come from this library.
+
+```python
+from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer
+
+args = FocalPOConfig(output_dir="out", loss_type="focal", focal_gamma=0.05, beta=0.1)
+trainer = FocalPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok)
+trainer.train()
+```
+
+What it changes in `DPOTrainer` (TRL 1.16), and nothing else:
+
+- The fused LM head. `DPOTrainer` patches the policy's and the reference's `forward` so that
+  `model(..., labels=..., fused_lm_head=True)` returns per-token log-probs from TRL's `ChunkedLogProbFunction`.
+  Here the same patch (same call, same output type, applied at the same points) runs the backbone, takes its final
+  hidden states and the `lm_head` weight, and calls `fk.fused_linear_token_logps` with the logit softcap / scale the
+  model's config defines (`fk.logit_options_from_config`). The per-token entropy, mean logit, top-1 flag and
+  `log Σ p²` (for `use_weighting`) come from that same pass (`stats=`). The loss still runs inside the model's
+  forward, so FSDP2's and DeepSpeed's forward hooks fire as they do for TRL.
+- The loss (`_compute_loss`, `compute_ref_log_probs`): `fk.preference_loss` computes every TRL loss type, `"focal"`
+  and `"simpo"`, alone or weighted (`loss_weights`); `ld_alpha`, `use_weighting`, `label_smoothing`,
+  `f_divergence_type`, `discopop_tau`, precomputed or live reference log-probs keep their TRL meaning, and the
+  logged metrics are TRL's names with TRL's definitions.
+- `padding_free=True` (which TRL 1.16 turns off): the collated batch is packed into one row of real tokens with
+  position ids restarting at 0 per sequence (transformers then keeps attention within each sequence), the first
+  token of each sequence is never scored, and the per-token results are laid back out through `cu_seqlens` onto the
+  padded grid, so everything downstream is the padded computation.
+
+Data (tokenization, collator, reference precompute and its cache) is TRL's, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+import focal_kernels as fk
+
+SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
+_SUPPORTED_RELEASE = (1, 16)
+
+
+def _check_trl_version(version: str | None = None) -> None:
+    """Raise `ImportError` unless the installed TRL (or `version`) is a 1.16.x release."""
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        try:
+            import trl
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "focal_kernels.integrations.trl needs TRL: pip install 'focal-kernels[trl]' "
+                f"(trl{SUPPORTED_TRL_VERSIONS})."
+            ) from e
+        version = trl.__version__
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = None
+    if release != _SUPPORTED_RELEASE:
+        raise ImportError(
+            f"focal_kernels.integrations.trl supports TRL {SUPPORTED_TRL_VERSIONS} only (it overrides DPOTrainer's "
+            f"loss and fused LM head, which change between TRL releases); found trl {version}. Install "
+            f"'trl{SUPPORTED_TRL_VERSIONS}' (pip install 'focal-kernels[trl]')."
+        )
+
+
+_check_trl_version()
+
+from accelerate.utils import is_peft_model  # noqa: E402
+from transformers import ProcessorMixin  # noqa: E402
+from transformers.utils import is_peft_available  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer import dpo_trainer as _trl_dpo  # noqa: E402
+from trl.trainer.utils import FusedCausalLMOutput, use_adapter  # noqa: E402
+
+__all__ = ["SUPPORTED_TRL_VERSIONS", "FocalPOConfig", "FocalPOTrainer"]
+
+
+def _preference_loss():
+    fn = getattr(fk, "preference_loss", None)
+    if fn is None:
+        from focal_kernels.losses import preference_loss as fn
+    return fn
+
+
+@dataclass
+class FocalPOConfig(DPOConfig):
+    """`DPOConfig` with FocalPO's options; every `DPOConfig` option keeps its meaning.
+
+    Args:
+        loss_type (`str` or `list[str]`, defaults to `["focal"]`):
+            `"focal"`, `"simpo"` or any TRL 1.16 DPO loss type; a list is combined with `loss_weights`.
+        focal_gamma (`float`, defaults to `0.05`):
+            FocalPO's γ: the pair loss is `-p^γ · log p` with `p = σ(β·margin)`; `0.0` is DPO's sigmoid loss.
+        detach_focal_weight (`bool`, defaults to `False`):
+            Treat `p^γ` as a constant in the backward.
+        simpo_gamma (`float`, defaults to `0.5`):
+            SimPO's target margin, for `loss_type="simpo"`.
+        logprob_chunk_size (`int`, *optional*):
+            Vocabulary rows per chunk of the fused head (`chunk_size` of `fk.fused_linear_token_logps`); `None`
+            lets the library choose.
+    """
+
+    loss_type: list[str] = field(
+        default_factory=lambda: ["focal"],
+        metadata={
+            "help": "Loss type: 'focal', 'simpo' or any TRL DPO loss type ('sigmoid', 'hinge', 'ipo', 'exo_pair', "
+            "'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', "
+            "'discopop', 'sft', 'sigmoid_norm'); several are combined with `loss_weights`."
+        },
+    )
+    focal_gamma: float = field(
+        default=0.05, metadata={"help": "FocalPO's gamma: loss = -p^gamma log p, p = sigmoid(beta*margin)."}
+    )
+    detach_focal_weight: bool = field(
+        default=False, metadata={"help": "Treat FocalPO's modulating factor p^gamma as a constant in the backward."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin."})
+    logprob_chunk_size: int | None = field(
+        default=None, metadata={"help": "Vocabulary rows per chunk of the fused LM head; None: the library's default."}
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fused head: the same contract as TRL's `add_fused_lm_head`, computed by fk
+
+
+def _is_zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _lora_head_unsupported_reason(head) -> str | None:
+    """Why a PEFT-wrapped `lm_head` can't be expressed as one weight (and bias); None if it can."""
+    if not is_peft_available():
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(head, BaseTunerLayer):
+        return None  # a plain Linear, or `modules_to_save` (whose `.weight` follows the active adapter)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if not isinstance(head, LoraLinear):
+        return f"a {type(head).__name__} adapter on `lm_head` (only plain LoRA is supported there)"
+    if getattr(head, "fan_in_fan_out", False):
+        return "LoRA with `fan_in_fan_out=True` on `lm_head`"
+    for name in head.lora_A:
+        if name in getattr(head, "lora_variant", {}):
+            return "a LoRA variant (DoRA, ...) on `lm_head`"
+        if getattr(head, "lora_bias", {}).get(name, False):
+            return "`lora_bias=True` on `lm_head`"
+        dropout = head.lora_dropout[name]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            return (
+                f"LoRA dropout ({dropout.p}) on `lm_head`: the head's output is computed from one effective weight "
+                "W + s·B·A, which dropout on the head's input can't be folded into; set `lora_dropout=0` or leave "
+                "`lm_head` out of `target_modules`"
+            )
+    return None
+
+
+def _head_weight_and_bias(head):
+    """The weight and bias `head(x)` applies, as differentiable tensors.
+
+    A plain `nn.Linear` and PEFT's `modules_to_save` wrapper give their parameters. A LoRA-wrapped head gives
+    W + Σ scaling·B·A over its active adapters (none while adapters are disabled or merged): one (V, H) tensor per
+    call, whose gradient reaches A and B.
+    """
+    reason = _lora_head_unsupported_reason(head)
+    if reason is not None:
+        raise NotImplementedError(f"FocalPOTrainer does not support {reason}.")
+    if is_peft_available():
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(head, BaseTunerLayer):
+            base = head.get_base_layer()
+            weight, bias = base.weight, base.bias
+            if not head.disable_adapters and not head.merged:
+                for name in head.active_adapters:
+                    if name in head.lora_A:
+                        weight = weight + head.get_delta_weight(name).to(weight.dtype)
+            return weight, bias
+    return head.weight, getattr(head, "bias", None)
+
+
+def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
+    """Patch `model.forward` like TRL's `add_fused_lm_head`, with the log-probs computed by fk.
+
+    `model(..., labels=labels, fused_lm_head=True)` runs the backbone and returns a `FusedCausalLMOutput` whose
+    per-token fields (log_probs and the requested `outputs`) are `(B, T-1)` (the usual next-token shift) or, with
+    `shift_labels=`, aligned with those; 0 where the label is -100. Without `fused_lm_head` the forward is the
+    original one.
+    """
+    original_forward = model.forward
+    text_config = model.config.get_text_config()
+    logit_options = fk.logit_options_from_config(text_config)  # raises on options fk can't honour
+    stats = tuple(name for name in outputs if name != "log_probs")
+
+    @functools.wraps(type(model).forward)
+    def _fk_fused_forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
+        if not fused_lm_head:
+            for key, value in (("labels", labels), ("shift_labels", shift_labels)):
+                if value is not None:
+                    kwargs[key] = value
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original_forward(*args, **kwargs)
+
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden = backbone_outputs.last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = self.get_output_embeddings()
+        weight, bias = _head_weight_and_bias(head)
+        hidden = hidden.to(weight.device)
+        labels = labels.to(weight.device)
+        # FSDP2 shards parameters as DTensors: gather the head once (differentiable: its backward reduce-scatters),
+        # as TRL does, so the fused head sees the whole weight in the forward and in its recomputing backward.
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            if bias is not None:
+                bias = bias.full_tensor()
+        token = fk.fused_linear_token_logps(
+            hidden, weight, labels, bias, -100, chunk_size=chunk_size, stats=stats, **logit_options
+        )
+        mask = labels != -100
+        log_probs = token.log_probs
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            aux_loss = load_balancing_loss_func(
+                backbone_outputs.router_logits,
+                text_config.num_experts if hasattr(text_config, "num_experts") else text_config.num_local_experts,
+                text_config.num_experts_per_tok,
+                kwargs.get("attention_mask"),
+            )
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+
+        return FusedCausalLMOutput(
+            loss=loss,
+            log_probs=log_probs,
+            entropy=token.entropy,
+            log_sum_sq_probs=token.log_sum_sq_probs,
+            mean_logits=token.mean_logits,
+            is_top1=token.is_top1,
+            label_mask=mask,
+            aux_loss=aux_loss,
+        )
+
+    model.forward = types.MethodType(_fk_fused_forward, model)
+
+
+class _NoTunerLayer:
+    """Matches no module: stands in for PEFT's `BaseTunerLayer` in TRL's lm_head-adapter refusal."""
+
+
+@contextlib.contextmanager
+def _swap_attribute(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class FocalPOTrainer(DPOTrainer):
+    """TRL's `DPOTrainer` with this library's fused log-probs and `preference_loss`.
+
+    Same arguments as `DPOTrainer`; `args` may be a `FocalPOConfig` (FocalPO's options) or a plain `DPOConfig`
+    (`focal_gamma=0.05`, `detach_focal_weight=False`, `simpo_gamma=0.5` then). Raises at construction on options it
+    does not support: vision-language models, `sync_ref_model`, `use_liger_kernel`, DeepSpeed ZeRO-3,
+    `compute_metrics`, `padding_free` with prompt-learning PEFT, and PEFT adapters on `lm_head` other than plain
+    LoRA without dropout.
+    """
+
+    _tag_names = ["trl", "dpo", "focal-kernels"]
+    _name = "FocalPO"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        _check_trl_version()
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = FocalPOConfig(f"{name.split('/')[-1]}-FocalPO")
+        self._check_supported(model, args, processing_class, train_dataset, compute_metrics, peft_config)
+
+        self.focal_gamma = getattr(args, "focal_gamma", 0.05)
+        self.detach_focal_weight = getattr(args, "detach_focal_weight", False)
+        self.simpo_gamma = getattr(args, "simpo_gamma", 0.5)
+        chunk_size = getattr(args, "logprob_chunk_size", None)
+        self._check_loss_options(args)
+
+        def install_head(m, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+            if temperature != 1.0 or cast_lm_head_to_fp32:
+                raise NotImplementedError("FocalPOTrainer's fused head takes no temperature / fp32 cast")
+            _install_fk_head(m, outputs=outputs, chunk_size=chunk_size)
+
+        # TRL's `__init__` checks its own loss names (f-divergence support, WPO) and turns `padding_free` off with
+        # a warning; FocalPO is a sigmoid-family loss of the reward margin, and padding-free is implemented here.
+        trl_loss_types = ["sigmoid" if t == "focal" else t for t in args.loss_type]
+        user_loss_types = list(args.loss_type)
+        # Set before TRL's `__init__` (whose reference precompute already runs padding-free); TRL's own
+        # `self.padding_free = False` is ignored while it runs (see the `padding_free` property).
+        self._fk_padding_free = bool(args.padding_free)
+        self._fk_constructing = True
+        with (
+            _swap_attribute(_trl_dpo, "add_fused_lm_head", install_head),
+            # TRL refuses any adapter on `lm_head` (its head reads `lm_head.weight` only); a LoRA head is supported
+            # here through its effective weight, and the variants that can't be are refused below.
+            _swap_attribute(_trl_dpo, "BaseTunerLayer", _NoTunerLayer) if hasattr(_trl_dpo, "BaseTunerLayer")
+            else contextlib.nullcontext(),
+            _swap_attribute(args, "loss_type", trl_loss_types),
+            _swap_attribute(args, "padding_free", False),
+        ):
+            super().__init__(
+                model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self._fk_constructing = False
+        self.loss_types = user_loss_types
+        self._check_model_supported()
+
+    @property
+    def padding_free(self) -> bool:
+        """Whether batches are packed into one row of real tokens (settable; TRL's init can't turn it off)."""
+        return self.__dict__.get("_fk_padding_free", False)
+
+    @padding_free.setter
+    def padding_free(self, value: bool) -> None:
+        if not self.__dict__.get("_fk_constructing", False):
+            self._fk_padding_free = bool(value)
+
+    # -- construction-time checks ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_supported(model, args, processing_class, train_dataset, compute_metrics, peft_config):
+        def refuse(what, advice):
+            raise NotImplementedError(f"FocalPOTrainer does not support {what}. {advice}")
+
+        if isinstance(processing_class, ProcessorMixin):
+            refuse("vision-language models (a `ProcessorMixin` processing class)", "Use TRL's DPOTrainer for them.")
+        if train_dataset is not None:
+            try:
+                sample = next(iter(train_dataset))
+            except (StopIteration, TypeError):
+                sample = {}
+            if "image" in sample or "images" in sample:
+                refuse("vision datasets ('image' / 'images' columns)", "Use TRL's DPOTrainer for them.")
+        if not isinstance(model, str):
+            config = getattr(model, "config", None)
+            if config is not None and config.get_text_config() is not config:
+                refuse(
+                    f"vision-language / multimodal models ({type(model).__name__})",
+                    "Use a text-only causal LM, or TRL's DPOTrainer.",
+                )
+        if args.sync_ref_model:
+            refuse("`sync_ref_model=True`", "Set `sync_ref_model=False` (the reference stays fixed).")
+        if args.use_liger_kernel:
+            refuse(
+                "`use_liger_kernel=True`",
+                "Its kernels replace the model's forward, which this trainer patches with its own fused head; "
+                "set `use_liger_kernel=False`.",
+            )
+        if compute_metrics is not None:
+            refuse(
+                "`compute_metrics`",
+                "It needs the full (batch, seq, vocab) logits, which this trainer never builds; the logged "
+                "rewards/logps/logits/entropy/accuracy metrics are computed from the fused pass.",
+            )
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if (plugin is not None and getattr(plugin, "zero_stage", None) == 3) or _is_zero3():
+            refuse(
+                "DeepSpeed ZeRO-3",
+                "fk's fused head recomputes the logits from `lm_head.weight` in its backward, after ZeRO-3 has "
+                "re-partitioned it. Use ZeRO-1/2 or FSDP2 (whose head weight is gathered as TRL gathers it).",
+            )
+        if args.padding_free and (
+            (peft_config is not None and getattr(peft_config, "is_prompt_learning", False))
+            or (is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False))
+        ):
+            refuse(
+                "`padding_free=True` with prompt-learning PEFT (virtual tokens)",
+                "Set `padding_free=False` or use LoRA.",
+            )
+
+    def _check_loss_options(self, args) -> None:
+        """Run `preference_loss` once on dummy values, so a bad loss option fails now, not at the first step."""
+        one = torch.zeros(2, dtype=torch.float32)
+        counts = torch.ones(2, dtype=torch.int64)
+        self._preference_loss(args, one, one, one, one, counts, counts, None)
+
+    def _check_model_supported(self) -> None:
+        config = self.model.config
+        if config.get_text_config() is not config:
+            raise NotImplementedError(
+                f"FocalPOTrainer does not support vision-language / multimodal models ({type(self.model).__name__})."
+            )
+        for m in (self.model, self.ref_model):
+            if m is None:
+                continue
+            base = m.get_base_model() if is_peft_model(m) else m
+            reason = _lora_head_unsupported_reason(base.get_output_embeddings())
+            if reason is not None:
+                raise NotImplementedError(f"FocalPOTrainer does not support {reason}.")
+
+    # -- the loss -----------------------------------------------------------------------------------------------------
+
+    def _preference_loss(self, args, chosen, rejected, ref_chosen, ref_rejected, chosen_counts, rejected_counts,
+                         pair_weights):
+        # After `DPOTrainer.__init__`, the trainer's attributes (which TRL's own loss reads) rule; before, `args`.
+        def option(attribute, arg=None):
+            return getattr(self, attribute, getattr(args, arg or attribute))
+
+        loss_types = list(option("loss_types", "loss_type"))
+        loss_weights = option("loss_weights")
+        return _preference_loss()(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            loss_type=loss_types,
+            loss_weights=None if loss_weights is None else list(loss_weights),
+            beta=option("beta"),
+            gamma=self.focal_gamma,
+            detach_focal_weight=self.detach_focal_weight,
+            label_smoothing=option("label_smoothing"),
+            simpo_gamma=self.simpo_gamma,
+            discopop_tau=args.discopop_tau,
+            f_divergence_type=option("f_divergence_type"),
+            f_alpha_divergence_coef=option("f_alpha_divergence_coef"),
+            chosen_token_counts=chosen_counts,
+            rejected_token_counts=rejected_counts,
+            pair_weights=pair_weights,
+        )
+
+    def _model_kwargs(self, inputs):
+        non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        kwargs = {k: v for k, v in inputs.items() if k not in non_model_keys}
+        kwargs["use_cache"] = False
+        return kwargs
+
+    def _fused_per_token(self, model, inputs, model_kwargs):
+        """Run `model(..., fused_lm_head=True)`; per-token fields on the padded, shifted `(2B, T-1)` grid.
+
+        Padded: the collated batch as is. Padding-free: one packed row of the real tokens, position ids restarting
+        at 0 per sequence, no attention mask (transformers keeps attention within each sequence from the position
+        ids); each sequence's first token is not scored (nothing of its own predicts it), and the packed results
+        are laid back onto the padded grid through `cu_seqlens`.
+        """
+        completion_mask = inputs["completion_mask"]
+        input_ids = inputs["input_ids"]
+        if not self.padding_free:
+            labels = input_ids.masked_fill(completion_mask == 0, -100)
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            seq_len = completion_mask.size(1) - 1
+            # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real tokens' positions
+            fields = {
+                name: (None if getattr(outputs, name) is None else getattr(outputs, name)[:, -seq_len:])
+                for name in ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+            }
+            return outputs, fields
+
+        extra = set(model_kwargs) - {"input_ids", "attention_mask", "use_cache", "output_router_logits"}
+        if extra:
+            raise NotImplementedError(f"padding_free=True with extra model inputs {sorted(extra)} is not supported")
+        real = inputs["attention_mask"].bool()
+        # The collator pads on the right: each row's real tokens are a prefix, so row-major order packs them.
+        position_ids = (real.long().cumsum(1) - 1)[real].unsqueeze(0)
+        cu_seqlens = fk.cu_seqlens_from_position_ids(position_ids).long()
+        packed_ids = input_ids[real].unsqueeze(0)
+        packed_labels = packed_ids.masked_fill(completion_mask[real].unsqueeze(0) == 0, -100)
+        packed_labels[0, cu_seqlens[:-1]] = -100  # the first token of a sequence: predicted by the previous one
+        kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
+        outputs = model(input_ids=packed_ids, position_ids=position_ids, labels=packed_labels, fused_lm_head=True,
+                        **kwargs)
+        # Packed output j predicts packed token j+1. Lay the N-1 outputs (+ a zero for the last token) onto the
+        # (2B, T) grid row by row: row i, position t ← packed cu_seqlens[i] + t, then drop the last column, as the
+        # padded path's shift does. A sequence's last position lands on its successor's first token: 0 (unscored).
+        lengths = cu_seqlens.diff()
+        grid_rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        grid_cols = torch.arange(int(cu_seqlens[-1]), device=lengths.device) - cu_seqlens[:-1][grid_rows]
+
+        def unpack(x):
+            if x is None:
+                return None
+            x = torch.cat([x[0], x.new_zeros(1)])
+            grid = x.new_zeros(real.shape)
+            grid = grid.index_put((grid_rows, grid_cols), x)
+            return grid[:, :-1]
+
+        fields = {
+            name: unpack(getattr(outputs, name))
+            for name in ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+        }
+        return outputs, fields
+
+    def _sequence_logps(self, per_token_logps, shift_completion_mask, masks=None):
+        """Per-sequence log-probs: the sum, or with `ld_alpha` LD-DPO's shared + α·tail split (TRL's definition)."""
+        if self.ld_alpha is None:
+            return per_token_logps.sum(dim=1), None
+        if masks is None:
+            comp_pos = shift_completion_mask.cumsum(dim=1)
+            comp_lens = shift_completion_mask.sum(dim=1).long()
+            chosen_lens, rejected_lens = comp_lens.chunk(2, dim=0)
+            shared_lens = torch.minimum(chosen_lens, rejected_lens).repeat(2)
+            shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))
+            tail_mask = comp_pos > shared_lens.unsqueeze(1)
+            masks = (shared_mask, tail_mask)
+        shared_mask, tail_mask = masks
+        logps = (per_token_logps * shared_mask).sum(dim=1) + self.ld_alpha * (per_token_logps * tail_mask).sum(dim=1)
+        return logps, masks
+
+    def _reference_context(self):
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one collated batch (used by `precompute_ref_log_probs`)."""
+        model_kwargs = self._model_kwargs(inputs)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+            self.accelerator.autocast(),
+        ):
+            _, fields = self._fused_per_token(model, inputs, model_kwargs)
+        ref_logps, _ = self._sequence_logps(fields["log_probs"], inputs["completion_mask"][..., 1:])
+        return ref_logps.chunk(2, dim=0)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = self._model_kwargs(inputs)
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        shift_completion_mask = completion_mask[..., 1:]
+
+        outputs, tok = self._fused_per_token(model, inputs, model_kwargs)
+        per_token_logps = tok["log_probs"]
+        logps, ld_masks = self._sequence_logps(per_token_logps, shift_completion_mask)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+
+        if self.precompute_ref_logps:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+            ref_model = self.model if self.ref_model is None else self.ref_model
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                self._reference_context(),
+            ):
+                _, ref_tok = self._fused_per_token(ref_model, inputs, ref_kwargs)
+            ref_logps, _ = self._sequence_logps(ref_tok["log_probs"], shift_completion_mask, ld_masks)
+            ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
+
+        token_counts = completion_mask.sum(dim=1)
+        chosen_counts, rejected_counts = token_counts.chunk(2, dim=0)
+        pair_weights = None
+        if self.use_weighting:
+            # WPO (Eq. 2 of https://huggingface.co/papers/2406.11827), as TRL weights it: per sequence
+            # exp(mean over completion tokens of log p(y_t) − log Σ_v p_v²), detached; a pair's weight is the
+            # product.
+            with torch.no_grad():
+                aligned = (per_token_logps - tok["log_sum_sq_probs"]) * shift_completion_mask
+                weights = torch.exp(aligned.sum(dim=1) / shift_completion_mask.sum(dim=1).clamp_min(1))
+                chosen_w, rejected_w = weights.chunk(2, dim=0)
+                pair_weights = chosen_w * rejected_w
+
+        # TRL's "sft" term averages the scored chosen tokens' log-probs: `preference_loss` forms it from the sequence
+        # log-probs and token counts, which is the same unless ld_alpha reweights the sums, or a completion starts
+        # at the sequence's first token (never scored, but counted by the completion mask the other types use).
+        sft_separately = "sft" in self.loss_types and (
+            self.ld_alpha is not None or bool(completion_mask[:, 0].any())
+        )
+        loss = self._loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_counts,
+            rejected_counts,
+            pair_weights,
+            per_token_logps,
+            shift_completion_mask,
+            sft_separately,
+        )
+
+        if self.aux_loss_enabled:
+            aux_loss = outputs.aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._log_metrics(mode, inputs, tok, shift_completion_mask, chosen_logps, rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps)
+
+        if return_outputs:  # TRL's deprecated path; `compute_metrics` is refused at construction
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_counts,
+              rejected_counts, pair_weights, per_token_logps, shift_completion_mask, sft_separately):
+        if not sft_separately:
+            return self._preference_loss(self.args, chosen_logps, rejected_logps, ref_chosen_logps,
+                                         ref_rejected_logps, chosen_counts, rejected_counts, pair_weights).loss
+        # TRL's "sft" term, the mean NLL of the scored chosen tokens, formed from the per-token log-probs; every
+        # other type by `preference_loss`, one at a time (the combination is Σ_k w_k · mean ℓ_k either way).
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sft":
+                chosen_mask, _ = shift_completion_mask.chunk(2, dim=0)
+                chosen_tok, _ = per_token_logps.chunk(2, dim=0)
+                term = -chosen_tok[chosen_mask.bool()].mean()
+                if pair_weights is not None:
+                    term = (term * pair_weights).mean()
+            else:
+                with _swap_attribute(self, "loss_types", [loss_type]), _swap_attribute(self, "loss_weights", None):
+                    term = self._preference_loss(self.args, chosen_logps, rejected_logps, ref_chosen_logps,
+                                                 ref_rejected_logps, chosen_counts, rejected_counts,
+                                                 pair_weights).loss
+            loss = loss + term * weight
+        return loss
+
+    def _log_metrics(self, mode, inputs, tok, shift_completion_mask, chosen_logps, rejected_logps, ref_chosen_logps,
+                     ref_rejected_logps):
+        """TRL 1.16's DPO metrics, same names and definitions, from the fused pass's per-token statistics."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        mask = shift_completion_mask
+        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+
+        entropy_sum = gather((tok["entropy"].detach() * mask).sum()).sum()
+        total_tokens = gather(mask.sum()).sum()
+        metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+
+        if mode == "train":
+            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        chosen_mean_logits, rejected_mean_logits = tok["mean_logits"].chunk(2, dim=0)
+        for name, values, m in (("chosen", chosen_mean_logits, chosen_mask), ("rejected", rejected_mean_logits,
+                                                                                rejected_mask)):
+            total = gather(values[m.bool()].sum()).sum().item()
+            count = gather(m.sum()).sum().item()
+            metrics[f"logits/{name}"].append(total / count if count > 0 else 0.0)
+
+        chosen_is_top1, _ = tok["is_top1"].chunk(2, dim=0)
+        correct = gather((chosen_is_top1.bool() & chosen_mask.bool()).sum()).sum()
+        count = gather(chosen_mask.sum()).sum()
+        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen_logps)
+        rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected_logps)
+        metrics["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        metrics["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
+        metrics["rewards/margins"].append(self.accelerator.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(self.accelerator.gather(rejected_logps.detach()).mean().item())

@@ -1,0 +1,599 @@
+"""Log-probs beyond one GPU on torch.distributed: a vocabulary split over ranks (tensor parallelism of the
+lm_head), and sequences split over ranks (context parallelism).
+
+Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_linear_sequence_logps`)
+    Each rank of `group` holds a contiguous slice of the vocabulary, the slices in rank order (rank r holds
+    ids [v_r, v_r + V_r), v_r = V_0 + ... + V_{r-1}; sizes may differ between ranks, as torch.chunk or an
+    uneven ColwiseParallel lm_head leaves them): logits (B, T, V_r), or the lm_head weight (V_r, H) and bias
+    (V_r,). Labels are global ids and the same on every rank, as are the hidden states of the second form.
+    Forward   each rank computes, per token, its slice's max m_r, s_r = log Σ_{v in slice} exp(x − m_r) and
+              the label's logit where the label falls in its slice (else 0) with the single-GPU kernels
+              (token_logps in WRITE_TARGET mode; the hidden path's chunked walk); then two all-reduces of
+              O(tokens) floats combine them:  m = max_r m_r (MAX),  Σ_r exp(s_r + m_r − m) and the target
+              (one SUM of two floats per token);  log p(y) = target − m − log Σ.  Every rank returns the same
+              log-probs. Nothing vocabulary-sized crosses the network.
+    Backward  the logits' gradient g·(1[v = y] − exp((x − m) − s)) needs only the global m and s, which every
+              rank already holds: no communication. The hidden path's rank computes its weight / bias slices'
+              gradients and a partial hidden-state gradient (its slice's share of G·W), all-reduced (SUM) so
+              that every rank returns the full hidden-state gradient (as ColwiseParallel's input does).
+    Labels outside [0, Σ_r V_r) raise ValueError (validate_labels), or give NaN. Inputs that disagree between
+    ranks (token or sequence counts, dtypes, labels, cu_seqlens, whether the hidden states need a gradient)
+    raise the same ValueError on every rank, from one all_gather of a few integers per rank (and one host
+    read) per call: never a hang. A rank whose own inputs fail a check raises its error and the other ranks
+    raise naming it.
+
+Sequence (context) parallel (`sequence_parallel_sum`)
+    Each rank holds a contiguous slice of every sequence's tokens (padded: (B, T_r, ...); packed: its own
+    cu_seqlens with the same number of sequences, some possibly empty). Compute the per-sequence log-probs
+    (and token counts) of the local tokens as usual, then `sequence_parallel_sum(values, group)` all-reduces
+    them (SUM) before the loss. Its backward passes the gradient through unchanged: every rank computes the
+    same loss from the same sums, so each rank's tokens receive the full dℓ/dlogp exactly once.
+
+    Gradients of shared weights (the lm_head, the whole model): each context rank's gradient holds only its
+    own tokens' share, so the full gradient is their SUM over the context group. With data parallelism on top:
+      - reduce the gradients SUM over the context group and MEAN over the data-parallel group; or
+      - with one gradient all-reduce over the whole data × context mesh (DDP / FSDP over all D·C ranks,
+        which AVERAGE): multiply the loss (or the gradients) by the context size C, since the mesh average
+        is (1 / (D·C)) Σ while the wanted value is (1 / D) Σ.
+    Token-local gradients (logits, hidden states) need nothing: each rank's slice of them is already exact.
+
+Both at once: `sequence_parallel_sum(vocab_parallel_sequence_logps(..., group=tp), cp)`.
+
+`dtensor_vocab_logits(logits)` takes logits as a DTensor sharded on the vocabulary dimension (a
+ColwiseParallel lm_head with use_local_output=False) and returns (local logits, process group).
+
+The group may be a ProcessGroup or a one-dimensional DeviceMesh. torch.compile and CUDA graphs are not
+supported here (the vocabulary offsets are read on the host every call).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import backend
+from ..checks import (check_chunk_size, check_flag, check_hidden_and_labels, check_linear, check_logits_and_labels,
+                      data_checks_enabled)
+from ..dtypes import compute_dtype
+from ..first_order import first_order_only
+from . import ops
+from .linear import autocast_inputs, check_logit_transform, transform_params
+from .logits import sum_per_sequence, unit_stride_logits
+from .packing import as_token_grid, cu_seqlens_problems, CU_SEQLENS_RULES, layout_of, token_counts
+from .scored_rows import masked_rows
+from .vocab_chunks import default_chunk_size
+
+__all__ = ["dtensor_vocab_logits", "sequence_parallel_sum", "vocab_parallel_fused_linear_sequence_logps",
+           "vocab_parallel_sequence_logps"]
+
+
+# ------------------------------------------------------------------ groups and agreement between ranks
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def check_group(group, what="group"):
+    """The ProcessGroup to use: `group` itself, or a one-dimensional DeviceMesh's group. Raises a clear error
+    when torch.distributed is unavailable or not initialized, or when this process is not in the group
+    (before any collective: nothing can hang here)."""
+    if not torch.distributed.is_available():
+        raise RuntimeError(f"{what} was given, but torch.distributed is not available in this PyTorch build")
+    dist = _dist()
+    if not dist.is_initialized():
+        raise RuntimeError(f"{what} was given, but torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group(...) on every rank first")
+    if group is None:
+        raise TypeError(f"{what} must be a torch.distributed ProcessGroup (dist.group.WORLD for all ranks) or a "
+                        "one-dimensional DeviceMesh, got None")
+    mesh_type = _device_mesh_type()
+    if mesh_type is not None and isinstance(group, mesh_type):
+        if group.ndim != 1:
+            raise ValueError(f"{what}: a DeviceMesh must be one-dimensional (pass mesh['name'] or "
+                             f"mesh.get_group(dim)), got a {group.ndim}-dimensional mesh")
+        group = group.get_group()
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {what}")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{what} must be a torch.distributed ProcessGroup or a one-dimensional DeviceMesh, got "
+                        f"{type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {what}")
+    return group
+
+
+def _device_mesh_type():
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover
+        return None
+    return DeviceMesh
+
+
+def _info_device(group, tensor):
+    """Where the small agreement tensors travel: the CPU for gloo, the inputs' device otherwise (NCCL)."""
+    if _dist().get_backend(group) == "gloo":
+        return torch.device("cpu")
+    if isinstance(tensor, torch.Tensor):
+        return tensor.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _agree(group, device, local_error, fields, what):
+    """One all_gather of every rank's int64 `fields` (a 1-D device tensor, or None when local_error) and one
+    host read. Every rank learns every rank's fields; when any rank's own checks failed (local_error), every
+    rank raises: the failing rank its own error, the others a ValueError naming it (messages exchanged with
+    all_gather_object, on this path only). Returns the fields as a list of lists, in group rank order."""
+    dist = _dist()
+    size = dist.get_world_size(group)
+    width = _INFO_WIDTH
+    if fields is None:
+        fields = torch.zeros(width, dtype=torch.int64)
+    ok = torch.ones(1, dtype=torch.int64, device=fields.device) * (local_error is None)
+    pad = torch.zeros(width - fields.numel(), dtype=torch.int64, device=fields.device)
+    mine = torch.cat([ok, fields, pad]).to(device)  # one copy to the collective's device
+    gathered = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).tolist()
+    if all(row[0] for row in rows):
+        return [row[1:] for row in rows]
+    messages = [None] * size
+    dist.all_gather_object(messages, None if local_error is None else f"{type(local_error).__name__}: "
+                                                                    f"{local_error}", group=group)
+    if local_error is not None:
+        raise local_error
+    bad = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    raise ValueError(f"{what}: the inputs of rank {bad[0][0]} of the group failed its checks ({bad[0][1]}); "
+                     "every rank stops")
+
+
+_INFO_WIDTH = 16  # int64 fields per rank (unused ones 0)
+
+
+def _ints_of(values, device):
+    """A 1-D int64 tensor on `device` from Python ints and 0-dim device tensors: one host-to-device copy and
+    one scatter, no host read."""
+    out = torch.tensor([0 if isinstance(v, torch.Tensor) else int(v) for v in values], dtype=torch.int64)
+    out = out.to(device)
+    positions = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if positions:
+        out[positions] = torch.stack([values[i].reshape(()).to(device=device, dtype=torch.int64) for i in positions])
+    return out
+
+
+def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
+    """Device-side int64 [min, max (ignored labels as 0), Σ labels, Σ labels·position, cu_seqlens rules ×3,
+    Σ cu_seqlens·position]: enough to check the range and that every rank holds the same labels, read with
+    the rest of the agreement in one synchronization."""
+    flat = labels.reshape(-1).to(torch.int64)
+    if flat.numel():
+        smallest, largest = torch.aminmax(torch.where(flat == ignore_index, 0, flat))
+        positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+        digest = [smallest, largest, flat.sum(), (flat * positions).sum()]
+    else:
+        digest = [0, 0, 0, 0]
+    if cu_seqlens is None:
+        digest += [1, 1, 1, 0]
+    else:
+        cu = cu_seqlens.to(torch.int64)
+        digest += list(cu_seqlens_problems(cu, tokens).long().unbind())
+        digest.append((cu * torch.arange(1, cu.numel() + 1, device=cu.device, dtype=torch.int64)).sum())
+    return digest
+
+
+# Field positions in the agreement vector.
+_F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED = range(8)
+_F_DIGEST = 8  # 8 fields: min, max, Σ, Σ·pos, 3 cu_seqlens flags, cu digest
+
+
+def _dtype_code(dtype):
+    return _DTYPE_CODES.get(dtype, 0)
+
+
+def _check_agreement(rows, what, *, hidden_path):
+    """The ValueErrors every rank raises alike (they all read the same gathered rows)."""
+    first = rows[0]
+    for rank, row in enumerate(rows):
+        if row[_F_BATCH:_F_SEQS + 1] != first[_F_BATCH:_F_SEQS + 1]:
+            def shape(r):
+                seqs = f", {r[_F_SEQS]} packed sequences" if r[_F_SEQS] >= 0 else ""
+                return f"(B, T) = ({r[_F_BATCH]}, {r[_F_TIME]}){seqs}"
+            raise ValueError(f"{what}: every rank of the vocabulary-parallel group must score the same tokens, "
+                             f"but rank 0 has {shape(first)} and rank {rank} has {shape(row)}")
+        if row[_F_DTYPE] != first[_F_DTYPE]:
+            kind = "hidden states" if hidden_path else "logits"
+            raise ValueError(f"{what}: every rank's {kind} must have the same dtype, but ranks 0 and {rank} differ")
+        if hidden_path and row[_F_HIDDEN] != first[_F_HIDDEN]:
+            raise ValueError(f"{what}: every rank's hidden size must match, got H = {first[_F_HIDDEN]} on rank 0 "
+                             f"and {row[_F_HIDDEN]} on rank {rank}")
+        if hidden_path and row[_F_GRAD] != first[_F_GRAD]:
+            raise ValueError(f"{what}: hidden must require a gradient on every rank or on none (the backward "
+                             f"all-reduces its gradient), but ranks 0 and {rank} differ")
+    checked = [row for row in rows if row[_F_CHECKED]]
+    for row in checked[1:]:
+        if row[_F_DIGEST + 2:_F_DIGEST + 4] != checked[0][_F_DIGEST + 2:_F_DIGEST + 4]:
+            raise ValueError(f"{what}: the labels must be the same on every rank of the vocabulary-parallel group "
+                             "(global vocabulary ids), but they differ")
+        if row[_F_DIGEST + 7] != checked[0][_F_DIGEST + 7]:
+            raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
+
+
+def _vocab_layout(rows, group):
+    """(vocab_start of this rank, total vocabulary) from the gathered local sizes, in group rank order."""
+    sizes = [row[_F_VOCAB] for row in rows]
+    rank = _dist().get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens):
+    checked = [row for row in rows if row[_F_CHECKED]]
+    if not checked:
+        return
+    digest = checked[0][_F_DIGEST:_F_DIGEST + 8]
+    smallest, largest = min(r[_F_DIGEST] for r in checked), max(r[_F_DIGEST + 1] for r in checked)
+    if smallest < 0 or largest >= vocab_total:
+        bad = smallest if smallest < 0 else largest
+        raise ValueError(f"labels must be in [0, {vocab_total}) (the vocabulary summed over the vocabulary-parallel "
+                         f"group) or equal ignore_index={ignore_index}; found {bad}")
+    for index, ok in enumerate(digest[4:7]):
+        if not ok:
+            raise ValueError(f"{CU_SEQLENS_RULES[index]} (N = {tokens}); got {cu_seqlens.tolist()}")
+
+
+def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
+                   needs_grad, labels, ignore_index, validate_labels):
+    """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total)."""
+    device = _info_device(group, tensor)
+    fields = None
+    if local_error is None:
+        checked = data_checks_enabled(validate_labels, tensor)
+        digest = _labels_digest(labels, ignore_index, cu_seqlens, seq_len) if checked else [0] * 8
+        fields = _ints_of([vocab, batch, seq_len, -1 if cu_seqlens is None else cu_seqlens.shape[0] - 1, hidden,
+                           _dtype_code(dtype), int(needs_grad), int(checked), *digest], tensor.device)
+    rows = _agree(group, device, local_error, fields, what)
+    _check_agreement(rows, what, hidden_path=hidden >= 0)
+    if any(row[_F_VOCAB] < 1 for row in rows):
+        raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
+                         f"{[row[_F_VOCAB] for row in rows]}")
+    vocab_start, vocab_total = _vocab_layout(rows, group)
+    _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens)
+    return vocab_start, vocab_total
+
+
+# ------------------------------------------------------------------ combining the slices' statistics
+
+def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, group):
+    """Global (max, s = log Σ_all exp(x − max), token log-probs) from every rank's slice statistics:
+    one MAX all-reduce of 1 float and one SUM all-reduce of 2 floats per token."""
+    dist = _dist()
+    scored = labels != ignore_index
+    # A slice whose row is all -inf (sum 0) must not pull the max up: its max takes no part.
+    empty = log_sum_exp == -math.inf
+    global_max = torch.where(empty, -math.inf, row_max)
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    global_max = torch.where(global_max == -math.inf, 0.0, global_max)
+    sums = torch.stack([torch.exp(log_sum_exp + (row_max - global_max)), target])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    log_sum = torch.where(scored, torch.log(sums[0]), 0.0)
+    global_max = torch.where(scored, global_max, 0.0)
+    in_range = scored & (labels >= 0) & (labels < vocab_total)
+    logps = torch.where(in_range, (sums[1] - global_max) - log_sum, math.nan)
+    return global_max, log_sum, torch.where(scored, logps, 0.0)
+
+
+def _local_stats_torch(logits, labels, ignore_index, vocab_start):
+    """PyTorch twin of the token_logps kernel in WRITE_TARGET mode: (target or 0, row max, log-sum-exp)."""
+    acc = compute_dtype(logits.dtype)
+    scored = labels != ignore_index
+    x = torch.where(scored[..., None], logits, 0).to(acc)
+    row_max = x.amax(dim=-1)
+    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
+    log_sum_exp = torch.log(torch.exp(x - row_max[..., None]).sum(dim=-1))
+    local = labels.to(torch.int64) - vocab_start
+    in_slice = scored & (local >= 0) & (local < logits.shape[-1])
+    target = x.gather(-1, torch.where(in_slice, local, 0)[..., None])[..., 0]
+    zero = torch.zeros((), dtype=acc)
+    return (torch.where(in_slice, target, zero), torch.where(scored, row_max, zero),
+            torch.where(scored, log_sum_exp, zero))
+
+
+def _logits_grad_torch(logits, labels, row_max, log_sum_exp, grad_tokens, ignore_index, vocab_start):
+    acc = row_max.dtype
+    scored = labels != ignore_index
+    x = torch.where(scored[..., None], logits, 0).to(acc)
+    probs = torch.exp((x - row_max[..., None]) - log_sum_exp[..., None])
+    columns = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
+    one_hot = (columns == labels.to(torch.int64)[..., None]).to(acc)
+    grad = torch.where(scored[..., None], grad_tokens[..., None] * (one_hot - probs), 0.0)
+    return grad.to(logits.dtype)
+
+
+class _Slice(NamedTuple):
+    ignore_index: int
+    vocab_start: int
+    vocab_total: int
+    group: object
+    kernels: bool
+
+
+class VocabParallelTokenLogps(torch.autograd.Function):
+    """(this rank's logits (B, T, V_r), global labels (B, T), _Slice) → (B, T) token log-probs over the whole
+    vocabulary (the same on every rank), 0 at ignored tokens. Backward: no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, where):
+        if where.kernels:
+            target, row_max, log_sum_exp = ops.token_logps(logits, labels, where.ignore_index, where.vocab_start,
+                                                           True)
+        else:
+            target, row_max, log_sum_exp = _local_stats_torch(logits, labels, where.ignore_index, where.vocab_start)
+        global_max, log_sum, logps = _combine(row_max, log_sum_exp, target, labels, where.ignore_index,
+                                              where.vocab_total, where.group)
+        ctx.save_for_backward(logits, labels, global_max, log_sum)
+        ctx.where = where
+        return logps
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_tokens):
+        logits, labels, global_max, log_sum = ctx.saved_tensors
+        where = ctx.where
+        grad_tokens = grad_tokens.to(global_max.dtype)
+        if where.kernels:
+            grad = ops.logits_grad(logits, labels, global_max, log_sum, grad_tokens, where.ignore_index,
+                                   where.vocab_start)
+        else:
+            grad = _logits_grad_torch(logits, labels, global_max, log_sum, grad_tokens, where.ignore_index,
+                                      where.vocab_start)
+        return grad, None, None
+
+
+class _LinearSlice(NamedTuple):
+    ignore_index: int
+    vocab_start: int
+    vocab_total: int
+    group: object
+    chunk_size: int
+    params: torch.Tensor | None
+    has_softcap: bool
+
+
+class VocabParallelLinearTokenLogps(torch.autograd.Function):
+    """(hidden (B, T, H), this rank's weight (V_r, H), bias (V_r,) or None, global labels (B, T), _LinearSlice)
+    → (B, T) token log-probs (the same on every rank). Every token is a row (ignored ones zeroed). Backward:
+    this rank's weight / bias slice gradients, and the hidden-state gradient all-reduced (SUM)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, where):
+        scored = labels != where.ignore_index
+        rows = masked_rows([hidden], [scored])
+        row_labels = torch.where(scored, labels, -1).reshape(-1).to(torch.int64)
+        state = ops.linear_forward(rows, weight, bias, row_labels, where.params, where.has_softcap,
+                                   where.vocab_start, where.chunk_size, "")
+        del rows
+        row_max, running_sum, target = state[0], state[1], state[2]
+        flat_labels = labels.reshape(-1)
+        global_max, log_sum, logps = _combine(row_max, torch.log(running_sum), target, flat_labels,
+                                              where.ignore_index, where.vocab_total, where.group)
+        ctx.save_for_backward(hidden, weight, bias, labels, global_max, log_sum)
+        ctx.where = where
+        return logps.view(labels.shape)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_tokens):
+        hidden, weight, bias, labels, global_max, log_sum = ctx.saved_tensors
+        where = ctx.where
+        scored = labels != where.ignore_index
+        rows = masked_rows([hidden], [scored])
+        row_labels = torch.where(scored, labels, -1).reshape(-1).to(torch.int64)
+        grad_scale = torch.where(scored, grad_tokens.to(global_max.dtype), 0.0).reshape(-1)
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_rows, grad_weight, grad_bias = ops.linear_backward(
+            rows, weight, bias, row_labels, global_max, log_sum, grad_scale, where.params, where.has_softcap,
+            where.vocab_start, where.chunk_size, needs_hidden, needs_weight, needs_bias)
+        del rows
+        grad_hidden = None
+        if needs_hidden:
+            dist = _dist()
+            dist.all_reduce(grad_rows, op=dist.ReduceOp.SUM, group=where.group)
+            grad_hidden = grad_rows.view(hidden.shape).to(hidden.dtype)
+        return (grad_hidden, grad_weight if needs_weight else None, grad_bias if needs_bias else None, None, None)
+
+
+# ------------------------------------------------------------------ entry points
+
+def dtensor_vocab_logits(logits):
+    """(local logits, ProcessGroup) of a DTensor sharded on its last (vocabulary) dimension, e.g. the output of
+    a ColwiseParallel lm_head with use_local_output=False: `Shard(2)` or `Shard(-1)` on exactly one mesh
+    dimension, Replicate on any other. The local tensor is differentiable (to_local): its gradient returns
+    to the DTensor with the same placements."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # PyTorch < 2.5
+        from torch.distributed._tensor import DTensor
+    if not isinstance(logits, DTensor):
+        raise TypeError(f"logits must be a DTensor sharded on the vocabulary dimension, got "
+                        f"{type(logits).__name__}")
+    ndim = logits.dim()
+    vocab_dims = []
+    for mesh_dim, placement in enumerate(logits.placements):
+        if placement.is_shard():
+            if placement.dim % ndim != ndim - 1:
+                raise ValueError(f"logits is a DTensor sharded on dimension {placement.dim} (placements "
+                                 f"{tuple(logits.placements)}); vocabulary-parallel log-probs need it sharded on the "
+                                 f"last (vocabulary) dimension only, Shard({ndim - 1}) or Shard(-1), e.g. from a "
+                                 "ColwiseParallel lm_head with use_local_output=False")
+            vocab_dims.append(mesh_dim)
+        elif placement.is_partial():
+            raise ValueError(f"logits is a DTensor with a pending reduction (placements {tuple(logits.placements)});"
+                             " redistribute it to Shard(-1) on the vocabulary dimension first")
+    if not vocab_dims:
+        raise ValueError(f"logits is a replicated DTensor (placements {tuple(logits.placements)}): every rank holds "
+                         "the whole vocabulary, so use fk.sequence_logps(logits.to_local(), ...) instead of the "
+                         "vocabulary-parallel path")
+    if len(vocab_dims) > 1:
+        raise ValueError(f"logits is a DTensor whose vocabulary is sharded over {len(vocab_dims)} mesh dimensions "
+                         f"(placements {tuple(logits.placements)}); only one is supported")
+    return logits.to_local(), logits.device_mesh.get_group(vocab_dims[0])
+
+
+def _is_dtensor(value):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return False
+    return isinstance(value, DTensor)
+
+
+def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, group=None, cu_seqlens=None,
+                                  return_token_counts: bool = False, validate_labels: bool = True):
+    """`fk.sequence_logps` with the vocabulary split over the ranks of `group` (see the module docstring).
+
+    logits: this rank's slice (B, T, V_r) (packed: (N, V_r) or (1, N, V_r) with cu_seqlens), or a DTensor
+    sharded on the vocabulary (then group may be None: the DTensor's). labels: global ids, identical on every
+    rank. Returns the (B,) or (S,) log-probs, the same on every rank, differentiable with respect to this
+    rank's logits; with return_token_counts=True, `(logps, counts)`. Must be called by every rank of the
+    group (it communicates).
+    """
+    if _is_dtensor(logits):
+        logits, mesh_group = dtensor_vocab_logits(logits)
+        group = mesh_group if group is None else group
+    group = check_group(group)
+    what = "vocab_parallel_sequence_logps"
+    error = None
+    try:
+        logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name="logits",
+                                                   labels_name="labels", last_dim="V")
+        check_logits_and_labels(logits, labels, ignore_index=ignore_index)
+        check_flag(return_token_counts, "return_token_counts")
+        check_flag(validate_labels, "validate_labels")
+    except (TypeError, ValueError) as exc:
+        error = exc
+    tensor = logits if isinstance(logits, torch.Tensor) else None
+    shape = (0, 0, 0) if error is not None else tuple(logits.shape)
+    vocab_start, vocab_total = _gather_layout(
+        group, what, tensor, error, vocab=shape[2], batch=shape[0], seq_len=shape[1], cu_seqlens=cu_seqlens,
+        hidden=-1, dtype=None if error is not None else logits.dtype, needs_grad=False, labels=labels,
+        ignore_index=ignore_index, validate_labels=validate_labels)
+    kernels = backend.use_triton(logits)
+    if kernels:
+        logits = unit_stride_logits(logits, False)
+    where = _Slice(int(ignore_index), vocab_start, vocab_total, group, kernels)
+    token_logps = VocabParallelTokenLogps.apply(logits, labels, where)
+    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens, logits.device)
+    logps = sum_per_sequence(token_logps, layout, logits)
+    if return_token_counts:
+        return logps, token_counts(labels, layout, ignore_index)
+    return logps
+
+
+def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_index: int = -100, *,
+                                               group, cu_seqlens=None, return_token_counts: bool = False,
+                                               chunk_size: int | None = None, logit_softcap: float | None = None,
+                                               logit_scale: float = 1.0, temperature: float = 1.0,
+                                               validate_labels: bool = True):
+    """`fk.fused_linear_sequence_logps` with the lm_head's vocabulary split over the ranks of `group`.
+
+    weight (V_r, H) and bias (V_r,) or None: this rank's rows of the lm_head, slices in rank order. hidden
+    (B, T, H) (packed: (N, H) or (1, N, H) with cu_seqlens) and labels (global ids): the same on every rank.
+    Returns the (B,) or (S,) log-probs, the same on every rank, differentiable with respect to hidden (the
+    full gradient on every rank), this rank's weight and bias slices. Every token is projected (no
+    compaction of the scored ones). Must be called by every rank of the group.
+    """
+    group = check_group(group)
+    what = "vocab_parallel_fused_linear_sequence_logps"
+    error = None
+    try:
+        check_flag(return_token_counts, "return_token_counts")
+        check_flag(validate_labels, "validate_labels")
+        hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
+                                                   labels_name="labels", last_dim="H")
+        weight, bias, hidden = autocast_inputs(weight, bias, hidden)
+        check_linear(weight, bias)
+        check_hidden_and_labels(hidden, labels, weight, ignore_index=ignore_index)
+        chunk_size = check_chunk_size(chunk_size)
+        check_logit_transform(logit_softcap, logit_scale, temperature)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    tensor = weight if isinstance(weight, torch.Tensor) else None
+    ok = error is None
+    vocab_start, vocab_total = _gather_layout(
+        group, what, tensor, error, vocab=weight.shape[0] if ok else 0, batch=hidden.shape[0] if ok else 0,
+        seq_len=hidden.shape[1] if ok else 0, cu_seqlens=cu_seqlens, hidden=hidden.shape[2] if ok else 0,
+        dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad, labels=labels,
+        ignore_index=ignore_index, validate_labels=validate_labels)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
+                                        weight.element_size())
+    params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
+    where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap)
+    token_logps = VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where)
+    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens, hidden.device)
+    logps = sum_per_sequence(token_logps, layout, weight)
+    if return_token_counts:
+        return logps, token_counts(labels, layout, ignore_index)
+    return logps
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: all-reduce (SUM) over the group. Backward: identity (every rank computes the same loss from
+    the same sums, so each rank's own terms get dℓ/dsum once; torch.distributed.nn's all_reduce would sum the
+    ranks' gradients instead, making them world-size times too large)."""
+
+    @staticmethod
+    def forward(ctx, values, group):
+        dist = _dist()
+        out = values.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sequence_parallel_sum(per_sequence_values, group):
+    """Context parallelism: the SUM over the ranks of `group` of per-sequence values computed from each rank's
+    slice of every sequence's tokens (log-probs, token counts). Forward: one all-reduce (after one small
+    all_gather checking that every rank passes the same shape and dtype); backward: the gradient unchanged.
+    See the module docstring for the data-parallel recipe. Must be called by every rank of the group."""
+    group = check_group(group, "sequence_parallel_group")
+    what = "sequence_parallel_sum"
+    error = None
+    if not isinstance(per_sequence_values, torch.Tensor):
+        error = TypeError(f"per_sequence_values must be a torch.Tensor, got {type(per_sequence_values).__name__}")
+    tensor = per_sequence_values if error is None else None
+    device = _info_device(group, tensor)
+    fields = None
+    if error is None:
+        shape = list(per_sequence_values.shape)[:_INFO_WIDTH - 2]
+        fields = _ints_of([per_sequence_values.dim(), _DTYPE_CODES.get(per_sequence_values.dtype, 99), *shape],
+                          torch.device("cpu"))  # host values only: no device copy before the gather
+    rows = _agree(group, device, error, fields, what)
+    for rank, row in enumerate(rows):
+        if row != rows[0]:
+            def describe(r):
+                dtype = {code: dt for dt, code in _DTYPE_CODES.items()}.get(r[1], "another dtype")
+                return f"shape {tuple(r[2:2 + r[0]])} {dtype}"
+            raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same number of "
+                             f"sequences (same shape and dtype), but rank 0 has {describe(rows[0])} and rank {rank} "
+                             f"has {describe(row)}")
+    if not (per_sequence_values.dtype.is_floating_point or per_sequence_values.dtype.is_complex):
+        out = per_sequence_values.clone()
+        dist = _dist()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+    return _SumOverRanks.apply(per_sequence_values, group)
+
+
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4, torch.int64: 5,
+                torch.int32: 6}

@@ -1,0 +1,204 @@
+"""torch.compile(fullgraph=True) over the log-prob primitive and a preference loss: one graph, eager results,
+no recompilation when only label values / the mask change; both the kernels (interpreted) and the PyTorch
+path. Plus gradients w.r.t. the returned log-probs and the late-TRITON_INTERPRET error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+from conftest import DEVICE
+from helpers import assert_close
+
+import focal_kernels as fk
+from focal_kernels import backend
+
+IGNORE = -100
+VOCAB = 37
+HIDDEN = 8
+
+
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch):
+    if request.param == "torch":
+        if DEVICE != "cpu":
+            pytest.skip("the plain-PyTorch path runs only for CPU tensors")
+        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    torch._dynamo.reset()
+    yield request.param
+    torch._dynamo.reset()
+
+
+def masks(shape):
+    """Label masks of one shape: nothing ignored, a prompt, a random pattern, a fully ignored sequence."""
+    none = torch.zeros(shape, dtype=torch.bool)
+    prompt = none.clone()
+    prompt[:, :2] = True
+    scattered = torch.rand(shape) < 0.4
+    whole = scattered.clone()
+    whole[0] = True
+    return [none, prompt, scattered, whole]
+
+
+def logits_step(logits, labels, ref_c, ref_r):
+    logps, counts = fk.sequence_logps(logits, labels, return_token_counts=True)
+    out = fk.preference_loss(logps[0::2], logps[1::2], ref_c, ref_r, loss_type=["focal", "ipo"], beta=0.1,
+                             gamma=0.5, chosen_token_counts=counts[0::2].clamp(min=1),
+                             rejected_token_counts=counts[1::2].clamp(min=1))
+    return out.loss, logps, counts
+
+
+def test_compiled_logits_step_matches_eager_without_recompiling(path):
+    batch, seq_len = 4, 6
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(logits_step, fullgraph=True, backend=counter)
+    values = torch.randn(batch, seq_len, VOCAB, dtype=torch.float64) * 3
+    ref_c, ref_r = -torch.rand(2) * 10, -torch.rand(2) * 10
+    for mask in masks((batch, seq_len)):
+        labels = torch.randint(0, VOCAB, (batch, seq_len))
+        labels[mask] = IGNORE
+        results = []
+        for fn in (compiled, logits_step):
+            logits = values.float().requires_grad_(True)
+            loss, logps, counts = fn(logits, labels, ref_c, ref_r)
+            (grad,) = torch.autograd.grad(loss + 0.01 * logps.sum(), [logits])
+            results.append((loss, logps, counts, grad))
+        (loss, logps, counts, grad), (e_loss, e_logps, e_counts, e_grad) = results
+        assert torch.equal(counts, e_counts) and counts.dtype == torch.int64
+        assert counts.tolist() == (labels != IGNORE).sum(1).tolist()
+        assert_close(loss, e_loss, (1e-6, 1e-6), "loss")
+        assert_close(logps, e_logps, (1e-6, 1e-6), "logps")
+        assert_close(grad, e_grad, (1e-6, 1e-7), "grad")
+        assert (grad[labels == IGNORE] == 0).all()
+        # And the reference, in float64.
+        expected = fk.reference.sequence_logps(values, labels)
+        assert_close(logps, expected, (2e-5, 2e-5), "logps vs reference")
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for one shape"
+
+
+def linear_step(hidden, weight, labels, cu_seqlens):
+    logps, counts = fk.fused_linear_sequence_logps(hidden, weight, labels, cu_seqlens=cu_seqlens, chunk_size=16,
+                                                   return_token_counts=True, logit_softcap=5.0)
+    out = fk.preference_loss(logps[0::2], logps[1::2], loss_type="focal", beta=0.2, gamma=0.3)
+    return out.loss, logps, counts
+
+
+def test_compiled_packed_linear_step_matches_eager_without_recompiling(path):
+    tokens = 14
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(linear_step, fullgraph=True, backend=counter)
+    hidden_values = torch.randn(tokens, HIDDEN, dtype=torch.float64)
+    weight_values = torch.randn(VOCAB, HIDDEN, dtype=torch.float64)
+    cus = [torch.tensor([0, 3, 7, 7, 14]), torch.tensor([0, 5, 6, 10, 14]), torch.tensor([0, 1, 2, 3, 14])]
+    for cu, mask in zip(cus + cus[:1], masks((1, tokens))):
+        labels = torch.randint(0, VOCAB, (tokens,))
+        labels[mask[0]] = IGNORE
+        results = []
+        for fn in (compiled, linear_step):
+            hidden, weight = hidden_values.float().requires_grad_(True), weight_values.float().requires_grad_(True)
+            loss, logps, counts = fn(hidden, weight, labels, cu)
+            grads = torch.autograd.grad(loss + 0.01 * logps.sum(), [hidden, weight])
+            results.append((loss, logps, counts, *grads))
+        (loss, logps, counts, g_h, g_w), (e_loss, e_logps, e_counts, e_h, e_w) = results
+        assert torch.equal(counts, e_counts)
+        assert_close(loss, e_loss, (1e-5, 1e-6), "loss")
+        assert_close(logps, e_logps, (1e-5, 1e-5), "logps")
+        assert_close(g_h, e_h, (1e-5, 1e-6), "grad hidden")
+        assert_close(g_w, e_w, (1e-5, 1e-6), "grad weight")
+        expected = fk.reference.sequence_logps(fk.reference.linear_logits(hidden_values, weight_values,
+                                                                          logit_softcap=5.0), labels, IGNORE, cu)
+        assert_close(logps, expected, (2e-5, 2e-5), "logps vs reference")
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for one shape"
+
+
+def test_grad_of_loss_with_respect_to_returned_logps():
+    """out.chosen_logps is the tensor the loss was computed from: autograd.grad(loss, it) works and equals the
+    pair loss's own derivative."""
+    batch, seq_len = 3, 4
+    chosen = torch.randn(batch, seq_len, VOCAB) * 2
+    rejected = torch.randn(batch, seq_len + 1, VOCAB) * 2
+    labels_c = torch.randint(0, VOCAB, (batch, seq_len))
+    labels_r = torch.randint(0, VOCAB, (batch, seq_len + 1))
+    labels_c[0, :2] = IGNORE
+    hidden_c, hidden_r = torch.randn(batch, seq_len, HIDDEN), torch.randn(batch, seq_len + 1, HIDDEN)
+    weight = torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    options = dict(beta=0.3, gamma=0.5)
+    outs = [fk.focal_po_loss(chosen.requires_grad_(True), rejected.requires_grad_(True), labels_c, labels_r,
+                             **options),
+            fk.fused_linear_focal_po_loss(hidden_c.requires_grad_(True), hidden_r.requires_grad_(True), weight,
+                                          labels_c, labels_r, **options)]
+    for out in outs:
+        grad_c, grad_r = torch.autograd.grad(out.loss, [out.chosen_logps, out.rejected_logps])
+        c = out.chosen_logps.detach().requires_grad_(True)
+        r = out.rejected_logps.detach().requires_grad_(True)
+        expected = fk.preference_loss(c, r, loss_type="focal", **options)
+        assert_close(expected.loss, out.loss, (1e-6, 1e-6), "loss from logps")
+        e_c, e_r = torch.autograd.grad(expected.loss, [c, r])
+        assert grad_c.abs().max() > 0
+        assert_close(grad_c, e_c, (1e-5, 1e-7), "d loss / d chosen_logps")
+        assert_close(grad_r, e_r, (1e-5, 1e-7), "d loss / d rejected_logps")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter check concerns CPU tensors")
+def test_late_triton_interpret_raises_a_clear_error():
+    script = textwrap.dedent("""
+        import os
+        import triton  # imported without the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        import focal_kernels as fk
+        try:
+            fk.sequence_logps(torch.randn(1, 3, 11), torch.zeros(1, 3, dtype=torch.int64))
+        except RuntimeError as error:
+            print("RAISED:", error)
+        else:
+            print("NO ERROR")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RAISED:" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "TRITON_INTERPRET=1" in result.stdout and "after triton" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("primitive", ["logits", "hidden"])
+def test_compiled_reference_logps_under_no_grad(path, primitive):
+    """The reference model's log-probs: compiled, under torch.no_grad(), padded and packed, nothing requiring
+    grad. Must trace as one graph and give eager's values."""
+    tokens = 10
+    cu = torch.tensor([0, 4, 4, 10])
+    labels = torch.randint(0, VOCAB, (tokens,))
+    labels[:2] = IGNORE
+    if primitive == "logits":
+        args = (torch.randn(tokens, VOCAB),)
+
+        def fn(x, lab, cu_seqlens):
+            packed = fk.sequence_logps(x, lab, cu_seqlens=cu_seqlens)
+            padded = fk.sequence_logps(x.view(2, 5, VOCAB), lab.view(2, 5))
+            return packed, padded
+    else:
+        args = (torch.randn(tokens, HIDDEN), torch.randn(VOCAB, HIDDEN))
+
+        def fn(h, w, lab, cu_seqlens):
+            packed = fk.fused_linear_sequence_logps(h, w, lab, cu_seqlens=cu_seqlens, chunk_size=16)
+            padded = fk.fused_linear_sequence_logps(h.view(2, 5, HIDDEN), w, lab.view(2, 5), chunk_size=16)
+            return packed, padded
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        eager = fn(*args, labels, cu)
+        got = compiled(*args, labels, cu)
+        labels[5] = IGNORE
+        again = compiled(*args, labels, cu)
+        eager_again = fn(*args, labels, cu)
+    for g, e in zip((*got, *again), (*eager, *eager_again)):
+        assert_close(g, e, (1e-6, 1e-6), "compiled under no_grad")
+    assert counter.frame_count == 1

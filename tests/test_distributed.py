@@ -1,0 +1,88 @@
+"""Vocabulary-parallel and sequence-parallel log-probs (focal_kernels.logprobs.parallel) on real process groups.
+
+Each test spawns one gloo group on 127.0.0.1 (start method "spawn") and runs several scenarios inside it
+(tests/dist_workers.py), each compared with a single-process float64 reference computed in the worker.
+Every spawn is bounded by a timeout: a hang fails the test (and its processes are killed) instead of blocking.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+
+import dist_workers
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from focal_kernels.logprobs.parallel import (dtensor_vocab_logits, sequence_parallel_sum,  # noqa: E402
+                                             vocab_parallel_fused_linear_sequence_logps,
+                                             vocab_parallel_sequence_logps)
+
+SPAWN_TIMEOUT_S = 150
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(world, scenarios):
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(dist_workers.run, args=(world, _free_port(), tuple(scenarios)),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world}-process group did not finish {scenarios} within {SPAWN_TIMEOUT_S} s: "
+                            "a hang")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
+ALL = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed", "dtensor", "sp_logits",
+       "sp_hidden", "errors")
+KERNELS = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed")
+
+
+@pytest.mark.parametrize("world, scenarios", [
+    # One group per world size (spawning dominates the run time): the Triton kernels through the interpreter,
+    # then the plain PyTorch path.
+    (2, [("interpret", name) for name in KERNELS + ("vp_logits_bf16", "sp_logits", "errors")]
+        + [("plain", name) for name in ALL]),
+    (3, [("interpret", name) for name in KERNELS] + [("plain", name) for name in ALL]),
+], ids=["world2", "world3"])
+def test_process_group(world, scenarios):
+    _spawn(world, scenarios)
+
+
+def test_context_by_vocabulary_mesh():
+    """Both at once on a 2 x 2 (context x vocabulary) mesh: four processes, the plain PyTorch path."""
+    _spawn(4, [("plain", "mesh_2x2")])
+
+
+def test_group_without_initialized_distributed_raises():
+    assert not dist.is_initialized()
+    logits = torch.randn(1, 3, 5)
+    labels = torch.zeros(1, 3, dtype=torch.int64)
+    for call in (lambda: vocab_parallel_sequence_logps(logits, labels, group=object()),
+                 lambda: vocab_parallel_fused_linear_sequence_logps(torch.randn(1, 3, 4), torch.randn(5, 4), labels,
+                                                                    group=object()),
+                 lambda: sequence_parallel_sum(torch.zeros(2), object())):
+        with pytest.raises(RuntimeError, match="not initialized"):
+            call()
+
+
+def test_dtensor_helper_rejects_plain_tensor():
+    with pytest.raises(TypeError, match="DTensor"):
+        dtensor_vocab_logits(torch.randn(1, 2, 3))

@@ -1,0 +1,137 @@
+"""The hidden-state path's GEMM-saving modes against the float64 reference and against the default path:
+a frozen lm_head (2 GEMMs: d logp / d hidden accumulated in the forward walk with online rescaling) and
+memory_budget (chunks of logits kept from the forward instead of recomputed)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import focal_kernels as fk
+from focal_kernels import backend
+from focal_kernels.logprobs import vocab_chunks
+
+TRANSFORMS = [{}, dict(logit_softcap=2.5, logit_scale=1.3, temperature=0.7)]
+# Values and hidden-state gradients against float64: (atol for log-probs, atol relative to the largest gradient).
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3),
+       torch.bfloat16: (6e-2, 3e-2)}
+
+
+def _inputs(dtype, *, batch=2, seq_len=6, hidden=8, vocab=53, scale=1.0, bias=False):
+    hidden_states = (torch.randn(batch, seq_len, hidden, dtype=torch.float64) * scale).to(DEVICE, dtype)
+    weight = torch.randn(vocab, hidden, dtype=torch.float64).to(DEVICE, dtype)
+    labels = torch.randint(0, vocab, (batch, seq_len), device=DEVICE)
+    labels[0, :2] = -100
+    labels[-1, -1] = -100
+    b = torch.randn(vocab, dtype=torch.float64).to(DEVICE, dtype) if bias else None
+    return hidden_states.requires_grad_(True), weight, labels, b
+
+
+def _reference(hidden, weight, labels, bias, upstream, **transform):
+    h64 = hidden.detach().double().requires_grad_(True)
+    logits = fk.reference.linear_logits(h64, weight.double(), None if bias is None else bias.double(), **transform)
+    logps = fk.reference.sequence_logps(logits, labels)
+    (grad,) = torch.autograd.grad((logps * upstream).sum(), [h64])
+    return logps, grad
+
+
+def _close(actual, expected, atol, what):
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=0, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_head_matches_reference(dtype, transform, bias):
+    hidden, weight, labels, b = _inputs(dtype, bias=bias)
+    assert not weight.requires_grad
+    upstream = torch.rand(hidden.shape[0], dtype=torch.float64, device=DEVICE)
+    logps = fk.fused_linear_sequence_logps(hidden, weight, labels, b, chunk_size=16, **transform)
+    (grad,) = torch.autograd.grad((logps.double() * upstream).sum(), [hidden])
+    expected, expected_grad = _reference(hidden, weight, labels, b, upstream, **transform)
+    value_tol, grad_tol = TOL[dtype]
+    _close(logps, expected, value_tol, "log-probs")
+    assert grad.dtype == dtype
+    _close(grad, expected_grad, grad_tol * expected_grad.abs().max().item(), "hidden gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_equals_trainable_path(dtype):
+    """Same log-probs bit for bit (same forward), and the hidden gradient of the one-pass accumulation equals
+    the two-pass backward's up to rounding."""
+    hidden, weight, labels, _ = _inputs(dtype, vocab=97)
+    frozen = fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=32)
+    (grad_frozen,) = torch.autograd.grad(frozen.sum(), [hidden])
+    trainable_weight = weight.clone().requires_grad_(True)
+    two_pass = fk.fused_linear_sequence_logps(hidden, trainable_weight, labels, chunk_size=32)
+    (grad_two_pass,) = torch.autograd.grad(two_pass.sum(), [hidden])
+    assert torch.equal(frozen, two_pass)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    _close(grad_frozen, grad_two_pass, tol * grad_two_pass.abs().max().item(), "frozen vs two-pass")
+
+
+def test_frozen_head_at_large_logits():
+    """Logits of ±3e4: the online rescaling and the label's own term (1 − p_y from the float32 state) stay exact."""
+    hidden, weight, labels, _ = _inputs(torch.float32, scale=3e3)
+    upstream = torch.rand(hidden.shape[0], dtype=torch.float64, device=DEVICE)
+    logps = fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)
+    (grad,) = torch.autograd.grad((logps.double() * upstream).sum(), [hidden])
+    expected, expected_grad = _reference(hidden, weight, labels, None, upstream)
+    assert torch.isfinite(grad).all()
+    _close(logps, expected, 1e-6 * expected.abs().max().item() + 1e-3, "log-probs")
+    _close(grad, expected_grad, 1e-5 * expected_grad.abs().max().item(), "hidden gradient")
+
+
+def test_frozen_head_saves_gemms(monkeypatch):
+    """2 GEMMs per chunk with grad (forward logits + accumulation), 1 under no_grad, none in the backward."""
+    hidden, weight, labels, _ = _inputs(torch.float32, vocab=64)
+    calls = []
+    original_chunk_logits, original_accumulate = vocab_chunks._chunk_logits, vocab_chunks.accumulate_product
+    monkeypatch.setattr(vocab_chunks, "_chunk_logits", lambda *a, **k: calls.append("logits") or
+                        original_chunk_logits(*a, **k))
+    monkeypatch.setattr(vocab_chunks, "accumulate_product", lambda *a: calls.append("acc") or original_accumulate(*a))
+    logps = fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)
+    assert calls == ["logits", "acc"] * 4
+    calls.clear()
+    torch.autograd.grad(logps.sum(), [hidden])
+    assert calls == []
+    with torch.no_grad():
+        fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)
+    assert calls == ["logits"] * 4
+
+
+@pytest.mark.parametrize("budget_chunks", [0, 2, 100])
+def test_memory_budget_keeps_chunks_and_matches(monkeypatch, budget_chunks):
+    """Kept chunks are not recomputed in the backward; values and every gradient equal the default path's."""
+    dtype = torch.float32
+    hidden, weight, labels, bias = _inputs(dtype, vocab=64, bias=True)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    rows = int((labels != -100).sum())
+    budget = budget_chunks * rows * 16 * weight.element_size()
+    expected = fk.fused_linear_sequence_logps(hidden, weight, labels, bias, chunk_size=16)
+    expected_grads = torch.autograd.grad(expected.sum(), [hidden, weight, bias])
+    calls = []
+    original = vocab_chunks._chunk_logits
+    monkeypatch.setattr(vocab_chunks, "_chunk_logits", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    logps = fk.fused_linear_sequence_logps(hidden, weight, labels, bias, chunk_size=16, memory_budget=budget)
+    calls.clear()
+    grads = torch.autograd.grad(logps.sum(), [hidden, weight, bias], retain_graph=True)
+    assert len(calls) == 4 - min(budget_chunks, 4), calls
+    assert torch.equal(logps, expected)
+    for got, want, name in zip(grads, expected_grads, ("hidden", "weight", "bias")):
+        assert torch.equal(got, want), name
+    again = torch.autograd.grad(logps.sum(), [hidden, weight, bias])  # the kept chunks survived the first backward
+    for got, want in zip(again, expected_grads):
+        assert torch.equal(got, want)
+
+
+def test_memory_budget_validated():
+    hidden, weight, labels, _ = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="memory_budget"):
+        fk.fused_linear_sequence_logps(hidden, weight, labels, memory_budget=-1)
+
+
+def test_frozen_head_on_plain_torch_path(monkeypatch):
+    monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    test_frozen_head_matches_reference(torch.float32, TRANSFORMS[1], True)

@@ -1,0 +1,267 @@
+"""The hidden-state path's logit transform (scale, soft-cap, temperature), its per-token statistics, and the
+options read from Hugging Face configs, against the float64 reference on materialized logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import assert_close
+
+import focal_kernels as fk
+from focal_kernels import backend
+
+IGNORE = -100
+VOCAB = 37
+HIDDEN = 12
+
+TRANSFORMS = {
+    "softcap": dict(logit_softcap=2.5),
+    "scale": dict(logit_scale=0.37),
+    "temperature": dict(temperature=0.7),
+    "all": dict(logit_softcap=4.0, logit_scale=1.9, temperature=1.3),
+}
+# (value tolerance, gradient tolerance relative to the largest reference gradient entry)
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (3e-5, 3e-5), torch.bfloat16: (1e-1, 5e-2)}
+
+
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch):
+    if request.param == "torch":
+        if DEVICE != "cpu":
+            pytest.skip("the plain-PyTorch path runs only for CPU tensors")
+        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    return request.param
+
+
+def inputs(batch, seq_len, dtype, vocab=VOCAB, hidden=HIDDEN, scale=3.0):
+    h = torch.randn(batch, seq_len, hidden, dtype=torch.float64).to(DEVICE, dtype)
+    w = (torch.randn(vocab, hidden, dtype=torch.float64) * scale * hidden ** -0.5).to(DEVICE, dtype)
+    b = (torch.randn(vocab, dtype=torch.float64) * 0.5).to(DEVICE, dtype)
+    labels = torch.randint(0, vocab, (batch, seq_len), device=DEVICE)
+    labels[torch.rand(batch, seq_len, device=DEVICE) < 0.3] = IGNORE
+    labels[0, 0] = IGNORE
+    labels[-1, -1] = 3
+    return h, w, b, labels
+
+
+def grads_of(fn, tensors, upstream):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    return out, torch.autograd.grad((out * upstream.to(out.dtype)).sum(), leaves)
+
+
+def reference_sequence(h, w, b, labels, transform, cu_seqlens=None):
+    logits = fk.reference.linear_logits(h, w, b, **transform)
+    return fk.reference.sequence_logps(logits, labels, IGNORE, cu_seqlens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_sequence_logps_with_transform_match_reference(path, name, dtype):
+    transform = TRANSFORMS[name]
+    h, w, b, labels = inputs(3, 5, dtype)
+    upstream = torch.rand(3, dtype=torch.float64, device=DEVICE) + 0.5
+    got, got_grads = grads_of(lambda *t: fk.fused_linear_sequence_logps(t[0], t[1], labels, t[2], chunk_size=8,
+                                                                        **transform), (h, w, b), upstream)
+    expected, expected_grads = grads_of(lambda *t: reference_sequence(*t[:3], labels, transform),
+                                        (h.double(), w.double(), b.double()), upstream)
+    identity, _ = grads_of(lambda *t: reference_sequence(*t[:3], labels, {}), (h.double(), w.double(), b.double()),
+                           upstream)
+    assert (identity - expected).abs().max() > 1e-2, "the transform must matter for this test to mean anything"
+    value_tol, grad_tol = TOL[dtype]
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, expected, (value_tol, value_tol), f"{name} logps")
+    for what, g, e in zip(("hidden", "weight", "bias"), got_grads, expected_grads):
+        assert g.dtype == dtype
+        assert_close(g, e, (grad_tol, grad_tol * e.abs().max().item()), f"{name} grad {what}")
+
+    # Packed, the same tokens: equal to the padded result.
+    cu = torch.arange(4, device=DEVICE) * 5
+    packed = fk.fused_linear_sequence_logps(h.reshape(15, HIDDEN), w, labels.reshape(15), b, cu_seqlens=cu,
+                                            chunk_size=8, **transform)
+    assert_close(packed, got, (value_tol, value_tol), f"{name} packed")
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_token_logps_with_transform_match_reference(path, name):
+    transform = TRANSFORMS[name]
+    h, w, b, labels = inputs(2, 4, torch.float64)
+    upstream = torch.rand(2, 4, dtype=torch.float64, device=DEVICE)
+    got, got_grads = grads_of(
+        lambda *t: fk.fused_linear_token_logps(t[0], t[1], labels, t[2], chunk_size=16, **transform).log_probs,
+        (h, w, b), upstream)
+    expected, expected_grads = grads_of(
+        lambda *t: fk.reference.token_logps(fk.reference.linear_logits(*t, **transform), labels, IGNORE),
+        (h, w, b), upstream)
+    assert got.shape == labels.shape
+    assert (got[labels == IGNORE] == 0).all()
+    assert_close(got, expected, (1e-10, 1e-10), "token log-probs")
+    for g, e in zip(got_grads, expected_grads):
+        assert_close(g, e, (1e-10, 1e-10), "token grads")
+
+
+STAT_NAMES = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def check_stats(out, expected, stats, what):
+    for stat in stats:
+        got, want = getattr(out, stat), expected[stat]
+        assert got is not None and got.shape == want.shape, f"{what} {stat}"
+        if stat == "is_top1":
+            assert got.dtype == torch.bool, f"{what} is_top1 dtype {got.dtype}"
+            assert torch.equal(got, want), f"{what} is_top1 {got.tolist()} != {want.tolist()}"
+        else:
+            assert not got.requires_grad
+            assert_close(got, want, (1e-10, 1e-10), f"{what} {stat}")
+    for stat in set(STAT_NAMES) - set(stats):
+        assert getattr(out, stat) is None, f"{stat} was not requested"
+
+
+@pytest.mark.parametrize("name", ["identity", "all"])
+@pytest.mark.parametrize("chunk_size", [8, 64], ids=["several-chunks", "one-chunk"])
+def test_stats_match_reference(path, name, chunk_size):
+    transform = TRANSFORMS.get(name, {})
+    h, w, b, labels = inputs(2, 6, torch.float64, scale=6.0)
+    # Make the label the argmax at some scored tokens, so that is_top1 is True somewhere.
+    raw = fk.reference.linear_logits(h, w, b, **transform)
+    labels[1, :3] = raw[1, :3].argmax(-1)
+    expected = fk.reference.token_stats(raw, labels, IGNORE)
+    assert expected["is_top1"].any() and not expected["is_top1"].all()
+    out = fk.fused_linear_token_logps(h, w, labels, b, chunk_size=chunk_size, stats=STAT_NAMES, **transform)
+    check_stats(out, expected, STAT_NAMES, f"{name}/{chunk_size}")
+    assert_close(out.log_probs, fk.reference.token_logps(raw, labels, IGNORE), (1e-10, 1e-10), "log_probs")
+    # A subset, in another order, and packed (N, H) input.
+    subset = ("log_sum_sq_probs", "is_top1")
+    packed = fk.fused_linear_token_logps(h.reshape(12, HIDDEN), w, labels.reshape(12), b, chunk_size=chunk_size,
+                                         stats=subset, **transform)
+    assert packed.log_probs.shape == (12,)
+    check_stats(packed, {k: v.reshape(12) for k, v in expected.items()}, subset, "packed subset")
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8, 64], ids=["tie-across-chunks", "tie-across-chunks-8", "one-chunk"])
+def test_is_top1_takes_the_first_argmax_on_ties(path, chunk_size):
+    """Rows 5 and 9 of the vocabulary give the same, largest logit at every token: a label of 5 is top-1,
+    a label of 9 is not (the first argmax wins), whichever chunks they fall in."""
+    h = torch.randn(1, 6, HIDDEN, dtype=torch.float64, device=DEVICE) * 0.1
+    h[..., 0] = 1.0
+    w = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, device=DEVICE) * 0.1
+    w[5] = 0.0
+    w[9] = 0.0
+    w[5, 0] = w[9, 0] = 10.0
+    labels = torch.tensor([[5, 9, 5, 9, 0, IGNORE]], device=DEVICE)
+    for transform in ({}, TRANSFORMS["all"]):
+        raw = fk.reference.linear_logits(h, w, None, **transform)
+        assert (raw[..., 5] == raw[..., 9]).all() and (raw.argmax(-1) == 5).all()
+        out = fk.fused_linear_token_logps(h, w, labels, chunk_size=chunk_size, stats=("is_top1", "entropy"),
+                                          **transform)
+        assert out.is_top1.tolist() == [[True, False, True, False, False, False]]
+        check_stats(out, fk.reference.token_stats(raw, labels, IGNORE), ("is_top1", "entropy"), "ties")
+
+
+def test_stats_in_float32_and_bfloat16(path):
+    h, w, b, labels = inputs(2, 5, torch.float32)
+    transform = TRANSFORMS["all"]
+    expected = fk.reference.token_stats(fk.reference.linear_logits(h.double(), w.double(), b.double(), **transform),
+                                        labels, IGNORE)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        out = fk.fused_linear_token_logps(h.to(dtype), w.to(dtype), labels, b.to(dtype), chunk_size=8,
+                                          stats=("entropy", "mean_logits", "log_sum_sq_probs"), **transform)
+        for stat in ("entropy", "mean_logits", "log_sum_sq_probs"):
+            got = getattr(out, stat)
+            assert got.dtype == torch.float32
+            assert_close(got, expected[stat], (tol, tol), f"{dtype} {stat}")
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(logit_softcap=0.0), "logit_softcap"),
+    (dict(logit_softcap=-1.0), "logit_softcap"),
+    (dict(logit_softcap=math.inf), "logit_softcap"),
+    (dict(logit_softcap=math.nan), "logit_softcap"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(logit_scale=math.nan), "logit_scale"),
+    (dict(logit_scale=0.0), "logit_scale"),
+    (dict(logit_scale=math.inf), "logit_scale"),
+])
+def test_bad_transform_options_raise(options, match):
+    h, w, b, labels = inputs(1, 3, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        fk.fused_linear_sequence_logps(h, w, labels, b, **options)
+    with pytest.raises(ValueError, match=match):
+        fk.fused_linear_token_logps(h, w, labels, b, **options)
+
+
+def test_bad_stats_raise():
+    h, w, b, labels = inputs(1, 3, torch.float32)
+    for stats in (("bogus",), ("entropy", "entropy"), ("entropy", "log_probs")):
+        with pytest.raises(ValueError, match="stats"):
+            fk.fused_linear_token_logps(h, w, labels, b, stats=stats)
+
+
+def test_zero3_placeholder_weight_is_refused():
+    h, _, _, labels = inputs(1, 3, torch.float32)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        fk.fused_linear_sequence_logps(h, torch.empty(0), labels)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        fk.fused_linear_token_logps(h, torch.empty(0), labels)
+
+
+# ------------------------------------------------------------------ Hugging Face configs
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_logit_options_from_config():
+    gemma = transformers.Gemma2Config(final_logit_softcapping=3.0)
+    assert fk.logit_options_from_config(gemma) == {"logit_softcap": 3.0, "logit_scale": 1.0}
+    cohere = transformers.CohereConfig(logit_scale=0.0625)
+    assert fk.logit_options_from_config(cohere) == {"logit_softcap": None, "logit_scale": 0.0625}
+    assert fk.logit_options_from_config(transformers.LlamaConfig()) == {"logit_softcap": None, "logit_scale": 1.0}
+    granite = transformers.GraniteConfig(logits_scaling=8.0)
+    assert fk.logit_options_from_config(granite) == {"logit_softcap": None, "logit_scale": 0.125}
+    no_cap = transformers.Gemma2Config(final_logit_softcapping=None)
+    assert fk.logit_options_from_config(no_cap) == {"logit_softcap": None, "logit_scale": 1.0}
+
+
+def tiny_gemma2():
+    config = transformers.Gemma2Config(vocab_size=101, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                       final_logit_softcapping=3.0, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # a spread of logits large enough for the soft-cap to bend them
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gemma2_logits_and_hidden_paths_agree(path, layout):
+    model = tiny_gemma2()
+    input_ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True)
+    logits, hidden = out.logits, out.hidden_states[-1]
+    assert logits.abs().max() > 2.0, "the soft-cap (3.0) should be active"
+    labels = input_ids[:, 1:].clone()
+    labels[0, :3] = IGNORE  # a prompt
+    options = fk.logit_options_from_config(model.config)
+    assert options == {"logit_softcap": 3.0, "logit_scale": 1.0}
+    weight = model.lm_head.weight.detach()
+    if layout == "padded":
+        from_logits = fk.sequence_logps(logits[:, :-1], labels)
+        from_hidden = fk.fused_linear_sequence_logps(hidden[:, :-1], weight, labels, **options)
+    else:
+        cu = torch.tensor([0, 8, 16])
+        from_logits = fk.sequence_logps(logits[:, :-1].reshape(16, -1), labels.reshape(16), cu_seqlens=cu)
+        from_hidden = fk.fused_linear_sequence_logps(hidden[:, :-1].reshape(16, -1), weight, labels.reshape(16),
+                                                     cu_seqlens=cu, **options)
+    assert from_logits.dtype == from_hidden.dtype == torch.float32
+    assert_close(from_hidden, from_logits, (1e-4, 1e-4), "hidden path vs model logits")
+    # Without the soft-cap the hidden path must disagree (the test would otherwise prove nothing).
+    uncapped = fk.fused_linear_sequence_logps(hidden[:, :-1], weight, labels)
+    padded_logits = fk.sequence_logps(logits[:, :-1], labels)
+    assert (uncapped - padded_logits).abs().max() > 1e-2

@@ -1,0 +1,352 @@
+"""`focal_kernels.integrations.trl`: FocalPOTrainer against TRL's DPOTrainer on a tiny model built in code.
+
+No downloads: the model comes from a config, the tokenizer is trained on the fly (tests/tiny_lm.py). Trainer
+constructions are the slow part, so each test builds few and varies the loss options on the built trainers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+datasets = pytest.importorskip("datasets")
+
+import tiny_lm  # noqa: E402
+
+from focal_kernels.integrations import trl as fk_trl  # noqa: E402
+from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+]
+TRL_LOSS_TYPES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_lm.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
+
+
+def _args(cls, tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
+    )
+    base.update(kw)
+    return cls(**base)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.zero_grad(set_to_none=True)
+    for values in trainer._metrics["train"].values():
+        values.clear()
+    trainer._total_train_tokens = 0  # num_tokens is cumulative
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), _grads(trainer.model), metrics
+
+
+def _assert_same(ours, theirs, *, rtol=2e-4, atol=1e-6):
+    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = ours, theirs
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_b:
+        # fp32 with different summation orders: entries near zero are judged against the tensor's scale
+        scale = grads_b[name].abs().max().item()
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=max(atol, 2e-5 * scale),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    for name in METRICS:
+        assert metrics_a[name] == pytest.approx(metrics_b[name], rel=1e-3, abs=1e-5), name
+
+
+def _build_pair(tmp_path, tok, dataset, *, setup, **config):
+    """A stock DPOTrainer and a FocalPOTrainer on identical copies of the same model, reference and data."""
+    model = tiny_lm.make_model(tok, seed=0)
+    ref = tiny_lm.make_model(tok, seed=1) if setup in ("ref_model", "precompute") else None
+    peft_config = None
+    if setup in ("peft_model", "peft_config"):
+        from peft import LoraConfig, get_peft_model
+
+        # Random B: the adapter changes the policy, so the reference (adapter disabled / its copy) differs
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                 lora_dropout=0.0)
+    trainers = []
+    for trainer_cls, config_cls in ((DPOTrainer, DPOConfig), (FocalPOTrainer, FocalPOConfig)):
+        m = tiny_lm.clone(model)
+        kwargs = {}
+        if setup == "peft_model":
+            torch.manual_seed(0)
+            m = get_peft_model(m, peft_config)
+        elif setup == "peft_config":
+            kwargs["peft_config"] = peft_config
+        args = _args(config_cls, tmp_path / trainer_cls.__name__, precompute_ref_log_probs=setup == "precompute",
+                     **config)
+        trainers.append(trainer_cls(model=m, ref_model=None if ref is None else tiny_lm.clone(ref), args=args,
+                                    train_dataset=dataset, processing_class=tok, **kwargs))
+    if setup == "peft_config":  # same adapter init in both (get_peft_model draws after set_seed in each)
+        stock, ours = trainers
+        ours.model.load_state_dict(stock.model.state_dict())
+    return trainers
+
+
+@pytest.mark.parametrize("setup", ["ref_model", "precompute", "peft_model", "peft_config"])
+def test_matches_dpo_trainer(tmp_path, tok, dataset, setup):
+    stock, ours = _build_pair(tmp_path, tok, dataset, setup=setup, loss_type="sigmoid", beta=0.5)
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    if setup == "precompute":
+        assert "ref_chosen_logps" in batch
+        stock_batch = stock._prepare_inputs(next(iter(stock.get_train_dataloader())))
+        torch.testing.assert_close(batch["ref_chosen_logps"], stock_batch["ref_chosen_logps"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch["ref_rejected_logps"], stock_batch["ref_rejected_logps"], rtol=1e-5,
+                                   atol=1e-5)
+        batch = stock_batch
+    reference = _loss_and_grads(stock, batch)
+    assert reference[0].item() != pytest.approx(0.6931, abs=1e-3) or setup == "peft_model"
+    _assert_same(_loss_and_grads(ours, batch), reference)
+
+    # FocalPO at gamma = 0 is DPO's sigmoid loss.
+    ours.loss_types, ours.focal_gamma = ["focal"], 0.0
+    _assert_same(_loss_and_grads(ours, batch), reference)
+
+    if setup == "ref_model":
+        # TRL's other options on the same trainers: LD-DPO's ld_alpha, WPO weighting, combined losses.
+        for trainer in (stock, ours):
+            trainer.ld_alpha = 0.5
+        ours.loss_types = ["sigmoid"]
+        _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+        for trainer in (stock, ours):
+            trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 0.5]
+        _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+        for trainer in (stock, ours):
+            trainer.ld_alpha = None
+            trainer.loss_types, trainer.loss_weights = ["hinge", "ipo"], [0.7, 0.3]
+        _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+        # Every TRL 1.16 loss type alone, and the f-divergences, on the same batch.
+        smoothed = {"exo_pair", "robust", "aot", "aot_unpaired"}
+        for loss_type in TRL_LOSS_TYPES:
+            for trainer in (stock, ours):
+                trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+                trainer.label_smoothing = 0.1 if loss_type in smoothed else 0.0
+            _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+        for divergence in ("forward_kl", "js_divergence", "alpha_divergence"):
+            for trainer in (stock, ours):
+                trainer.loss_types, trainer.label_smoothing = ["sigmoid"], 0.0
+                trainer.f_divergence_type, trainer.f_alpha_divergence_coef = divergence, 0.3
+            _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+
+
+def test_use_weighting_matches_dpo_trainer(tmp_path, tok, dataset):
+    stock, ours = _build_pair(tmp_path, tok, dataset, setup="ref_model", loss_type="sigmoid", use_weighting=True)
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+
+
+def test_padding_free_matches_padded(tmp_path, tok, dataset):
+    model = tiny_lm.make_model(tok, seed=0)
+    ref = tiny_lm.make_model(tok, seed=1)
+    args = _args(FocalPOConfig, tmp_path, padding_free=True, loss_type="focal", focal_gamma=0.5, beta=0.5)
+    trainer = FocalPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok)
+    assert trainer.padding_free
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert (batch["attention_mask"] == 0).any(), "the test batch must have padding"
+
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    packed = _loss_and_grads(trainer, batch)
+    hook.remove()
+    n_real = int(batch["attention_mask"].sum())
+    assert seen and all(shape == (1, n_real) for shape in seen), seen  # policy and reference: real tokens only
+
+    trainer.padding_free = False
+    _assert_same(packed, _loss_and_grads(trainer, batch), rtol=1e-4, atol=1e-6)
+
+
+def test_focal_training_learns_and_logs(tmp_path, tok, dataset):
+    model = tiny_lm.make_model(tok, seed=0)
+    args = _args(
+        FocalPOConfig,
+        tmp_path,
+        loss_type="focal",
+        focal_gamma=0.05,
+        beta=0.5,
+        learning_rate=3e-3,
+        max_steps=8,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        eval_strategy="no",
+        precompute_ref_log_probs=True,  # no ref_model: the reference is the initial policy, scored up front
+    )
+    trainer = FocalPOTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                             processing_class=tok)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 8
+    for name in METRICS:
+        assert name in logs[0], name
+        assert f"eval_{name}" in after, name
+    assert after["eval_loss"] < before["eval_loss"] - 1e-3
+    assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_bf16_autocast_on_cpu(tmp_path, tok, dataset):
+    model = tiny_lm.make_model(tok, seed=0)
+    args = _args(FocalPOConfig, tmp_path, bf16=True, max_steps=2, padding_free=True, loss_type="focal")
+    trainer = FocalPOTrainer(model=model, ref_model=tiny_lm.clone(model), args=args, train_dataset=dataset,
+                             processing_class=tok)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
+    """LoRA on lm_head (TRL refuses it) or the head in `modules_to_save`: the fused head's log-probs equal the PEFT
+    model's own full-logit forward, with the adapter on and off (the reference), and the head's adapter trains."""
+    from peft import LoraConfig
+
+    model = tiny_lm.make_model(tok, seed=0)
+    if head == "lora":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False,
+                            lora_dropout=0.0)
+    else:
+        config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    args = _args(FocalPOConfig, tmp_path, loss_type="focal")
+    trainer = FocalPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=config)
+    lm_head = trainer.model.get_base_model().lm_head
+    if head == "modules_to_save":  # make the trained copy differ from the original head
+        with torch.no_grad():
+            lm_head.modules_to_save["default"].weight.add_(0.5 * torch.randn_like(lm_head.weight))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for disabled in (False, True):
+        context = trainer.model.disable_adapter() if disabled else torch.enable_grad()
+        with context:
+            fused = trainer.model(**kwargs, labels=batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+                                  fused_lm_head=True).log_probs
+            logits = trainer.model(**kwargs).logits[:, :-1].double()
+        expected = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        expected = expected.masked_fill(labels == -100, 0).sum(1)
+        torch.testing.assert_close(fused.sum(1).double(), expected, rtol=1e-5, atol=1e-4)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    trained = lm_head.lora_B["default"] if head == "lora" else lm_head.modules_to_save["default"]
+    assert trained.weight.grad is not None and trained.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["sync_ref_model", "use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout"],
+)
+def test_unsupported_options_raise(tmp_path, tok, dataset, case):
+    model = tiny_lm.make_model(tok)
+    config, kwargs, error = {}, {}, NotImplementedError
+    if case == "sync_ref_model":
+        config["sync_ref_model"] = True
+    elif case == "use_liger_kernel":
+        config["use_liger_kernel"] = True
+    elif case == "processor":
+        from transformers import ProcessorMixin
+
+        class Processor(ProcessorMixin):
+            attributes = []
+
+            def __init__(self):
+                pass
+
+        kwargs["processing_class"] = Processor()
+    elif case == "compute_metrics":
+        kwargs["compute_metrics"] = lambda pred: {}
+    elif case == "unknown_loss":
+        config["loss_type"], error = "no_such_loss", ValueError
+    elif case == "lora_head_dropout":
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.1)
+        config["disable_dropout"] = False  # TRL's default zeroes every dropout, LoRA's included
+    kwargs.setdefault("processing_class", tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(error) as info:
+            FocalPOTrainer(model=model, args=_args(FocalPOConfig, tmp_path, **config), train_dataset=dataset, **kwargs)
+    message = str(info.value)
+    if case != "unknown_loss":
+        assert "FocalPOTrainer does not support" in message
+    assert "no_such_loss" in message or case != "unknown_loss"
+
+
+def test_trl_version_pin(monkeypatch, tmp_path, tok, dataset):
+    import trl
+
+    fk_trl._check_trl_version()  # the installed one is supported
+    for bad in ("1.17.0", "1.15.2", "2.0.0"):
+        with pytest.raises(ImportError, match=r"trl>=1\.16,<1\.17"):
+            fk_trl._check_trl_version(bad)
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    monkeypatch.delitem(sys.modules, "focal_kernels.integrations.trl")
+    with pytest.raises(ImportError, match=r"found trl 1\.17\.0"):
+        importlib.import_module("focal_kernels.integrations.trl")
+    with pytest.raises(ImportError, match=r"found trl 1\.17\.0"):  # an already-imported module checks again
+        FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path), train_dataset=dataset,
+                       processing_class=tok)
+
+
+def test_trl_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "trl_step.json"
+    cmd = [sys.executable, "-m", "benchmarks.trl_step", "--tiny", "--steps", "1", "--warmup", "1", "--padding-free",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["complete"] and {r["impl"] for r in result["rows"]} == {"dpo", "focalpo", "focalpo_padding_free"}
+
+
+def test_importing_focal_kernels_does_not_import_trl():
+    code = "import sys, focal_kernels, focal_kernels.integrations; assert 'trl' not in sys.modules, 'trl imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,8 +13,8 @@ import torch
 
 from .checks import (check_flag, check_labels_in_range, check_logits_and_labels, check_pair_shapes,
                      check_reference_logps, data_checks_enabled)
-from .logprobs.linear import autocast_inputs, linear_token_logps
-from .logprobs.logits import sum_per_sequence, token_logps
+from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
+from .logprobs.logits import is_dtensor, sequence_logps, sum_per_sequence, token_logps
 from .logprobs.packing import layout_of, token_counts
 from .losses import preference_loss
 from .losses.validation import check_options, resolve_loss_types
@@ -67,7 +67,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
                   ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
                   *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100, reduction: str = "mean",
                   detach_focal_weight: bool = False, inplace_backward: bool = False, validate_labels: bool = True,
-                  **loss_options) -> PreferenceLossOutput:
+                  vocab_parallel_group=None, sequence_parallel_group=None, **loss_options) -> PreferenceLossOutput:
     """FocalPO loss −p^γ·log p, p = σ(β·((logp_c − ref_c) − (logp_r − ref_r))) by default (γ = 0 is DPO), or
     any `preference_loss` loss type through `loss_type=` and its options.
 
@@ -76,11 +76,20 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     reference-model log-probs, or None for reference-free (0). reduction: "mean" | "sum" | "none".
     detach_focal_weight=True treats p^γ as a constant in the backward. inplace_backward=True writes the
     logits' gradients into the logits' storage (they are consumed). validate_labels: see `sequence_logps`.
-    Token counts for the length-normalized losses come from the labels.
+    Token counts for the length-normalized losses come from the labels. vocab_parallel_group /
+    sequence_parallel_group (or DTensor logits): as for `sequence_logps`, each side computed separately.
 
     Returns PreferenceLossOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards,
     metrics); the loss and both log-probs are differentiable, the rewards β·(logp − ref) are detached.
     """
+    if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
+        sides = [sequence_logps(logits, labels, ignore_index, return_token_counts=True,
+                                validate_labels=validate_labels, inplace_backward=inplace_backward,
+                                vocab_parallel_group=vocab_parallel_group,
+                                sequence_parallel_group=sequence_parallel_group)
+                 for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels))]
+        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
+                          reduction, loss_options)
     _padded("chosen_logits", chosen_logits)
     _padded("rejected_logits", rejected_logits)
     check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits", labels_name="chosen_labels",
@@ -116,19 +125,32 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                                ignore_index: int = -100, reduction: str = "mean", detach_focal_weight: bool = False,
                                chunk_size: int | None = None, logit_softcap: float | None = None,
                                logit_scale: float = 1.0, temperature: float = 1.0, validate_labels: bool = True,
-                               memory_budget: int | None = None, **loss_options) -> PreferenceLossOutput:
+                               memory_budget: int | None = None, vocab_parallel_group=None,
+                               sequence_parallel_group=None, **loss_options) -> PreferenceLossOutput:
     """`focal_po_loss` on the logits transform(hidden · Wᵀ + bias), without ever materializing them.
 
     chosen_hidden (B, T, H) and rejected_hidden (B, T2, H): final hidden states aligned with chosen_labels
     (B, T) and rejected_labels (B, T2) (shift before calling: `hidden[:, :-1]` with `labels[:, 1:]`).
     weight (V, H) the lm_head weight, bias (V,) or None; chunk_size and the logit transform as in
-    `fused_linear_sequence_logps`, as are the frozen-weight path and memory_budget. Chosen and rejected share
-    one pass over the weight. The other arguments and
+    `fused_linear_sequence_logps`, as are the frozen-weight path, memory_budget, vocab_parallel_group and
+    sequence_parallel_group (with a group, each side is computed separately; without, chosen and rejected
+    share one pass over the weight). The other arguments and
     the output are those of `focal_po_loss`; gradients reach both hidden states, the weight and the bias.
     """
+    if vocab_parallel_group is not None or sequence_parallel_group is not None:
+        sides = [fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, return_token_counts=True,
+                                             chunk_size=chunk_size, logit_softcap=logit_softcap,
+                                             logit_scale=logit_scale, temperature=temperature,
+                                             validate_labels=validate_labels, memory_budget=memory_budget,
+                                             vocab_parallel_group=vocab_parallel_group,
+                                             sequence_parallel_group=sequence_parallel_group)
+                 for hidden, labels in ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels))]
+        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
+                          reduction, loss_options)
     _padded("chosen_hidden", chosen_hidden)
     _padded("rejected_hidden", rejected_hidden)
-    weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(weight, bias, chosen_hidden, rejected_hidden)
+    weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(gathered(weight), gathered(bias), chosen_hidden,
+                                                                   rejected_hidden)
 
     def pair_checks():
         check_pair_shapes(chosen_hidden.shape, rejected_hidden.shape, chosen_hidden.device, rejected_hidden.device,

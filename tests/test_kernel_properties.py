@@ -110,3 +110,32 @@ def test_no_logits_sized_tensor_saved_for_backward(device):
         assert numel < logits_size or storage in input_storages, f"a tensor of {numel} elements was saved"
     assert sum(n for n, s in saved if s not in input_storages) <= 16 * batch * seq_len
     out.loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [37, 48, 16, 5])
+def test_forward_main_loop_and_tail(device, monkeypatch, dtype, vocab):
+    """Blocks of 16 columns: several unmasked full blocks then a masked tail (37), full blocks only (48), one
+    full block (16), a tail only (5); large and -inf logits among them. Matches the reference."""
+    from focal_kernels.kernels import config
+
+    if device != "cpu":
+        pytest.skip("the block sizes are patched for the interpreter")
+    monkeypatch.setattr(config, "_FORWARD_BLOCK_BYTES", 16 * 4)
+    monkeypatch.setattr(config, "_HALF_FORWARD_BLOCK_BYTES", 16 * 2)
+    assert config.reduction_config(vocab, torch.tensor([], dtype=dtype).element_size())[0] == min(
+        16, 1 << (vocab - 1).bit_length())
+    logits = random_logits(3, 4, vocab, dtype, device)
+    logits[0, 0, vocab // 2] = 3e4   # one lane far above the others
+    logits[1, 1, : vocab // 3] = float("-inf")  # whole lanes at -inf
+    labels = random_labels(3, 4, vocab, device)
+    labels[1, 1] = vocab - 1
+    leaf = logits.clone().requires_grad_(True)
+    logps = fk.sequence_logps(leaf, labels)
+    (grad,) = torch.autograd.grad(logps.sum(), [leaf])
+    dense = logits.double().requires_grad_(True)
+    expected = fk.reference.sequence_logps(dense, labels)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), [dense])
+    torch.testing.assert_close(logps.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-5)

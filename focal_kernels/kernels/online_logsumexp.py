@@ -1,9 +1,12 @@
-"""The online logsumexp step shared by the row kernels (a `@triton.jit` helper, inlined where it is called).
+"""The online logsumexp step of the logits path's forward, per lane (a `@triton.jit` helper, inlined where it
+is called).
 
-Given the running max m and running sum s = Σ exp(x_seen − m) of a row so far, and the next block x:
-    m' = max(m, max_j x_j),     s' = s · exp(m − m') + Σ_j exp(x_j − m')
-so that after the last block logsumexp(row) = m + log s. Masked-out columns must be loaded as −inf.
-A row that is −inf so far keeps m' = −inf and is rescaled by 0, not by exp(nan).
+Lane j keeps the running max m_j and sum s_j = Σ exp(x_seen − m_j) of the columns it has seen; for the next
+value x of each lane:
+    m_j' = max(m_j, x_j),     s_j' = s_j · exp(m_j − m_j') + exp(x_j − m_j')
+and, once the row is done, m = max_j m_j and s = Σ_j s_j · exp(m_j − m), so that logsumexp(row) = m + log s.
+Masked-out columns must be loaded as −inf. A lane that is −inf so far is rescaled by 0, not by exp(nan).
+(The hidden-state path's chunk kernel keeps one running state per row instead: it also carries statistics.)
 """
 
 import triton
@@ -11,8 +14,8 @@ import triton.language as tl
 
 
 @triton.jit
-def online_logsumexp_step(running_max, running_sum, x):
-    new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(running_sum.dtype)
-    new_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
+def online_logsumexp_lanes(lane_max, lane_sum, x):
+    new_max = tl.maximum(lane_max, x)
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(lane_sum.dtype)
+    new_sum = lane_sum * tl.exp(lane_max - safe_max) + tl.exp(x - safe_max)
     return new_max, new_sum

@@ -14,7 +14,8 @@ Writes  row_max[b, t] = max_v x[b, t, v],  log_sum_exp[b, t] = log Σ_v exp(x[b,
 Rows whose label is ignore_index read no logits and write 0 everywhere.
 
 One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
-exponentials, so any V works and nothing of size V is stored. Offsets are int64.
+exponentials kept per lane and reduced once at the end, so any V works and nothing of size V is stored.
+Offsets are int64.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from ..dtypes import compute_dtype
 from .config import reduction_config
-from .online_logsumexp import online_logsumexp_step
+from .online_logsumexp import online_logsumexp_lanes
 
 
 @triton.jit
@@ -47,17 +48,24 @@ def token_logps_kernel(
     row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     acc_dtype = row_max_ptr.dtype.element_ty
 
-    # Ignored rows run the loop zero times: their logits are never read.
+    # Each lane keeps its own running max and sum of exponentials over the columns it sees, and the lanes are
+    # reduced once at the end (no cross-warp reduction per block). Full blocks load without a mask; one masked
+    # tail covers V mod BLOCK_V. Ignored rows run neither: their logits are never read.
     vocab_end = tl.where(scored, V, 0)
-    running_max = tl.full((), float("-inf"), acc_dtype)
-    running_sum = tl.zeros((), acc_dtype)
-    for start in range(0, vocab_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_logits_ptr + cols, mask=cols < V, other=float("-inf")).to(acc_dtype)
-        running_max, running_sum = online_logsumexp_step(running_max, running_sum, x)
+    full_end = vocab_end // BLOCK_V * BLOCK_V
+    lane_max = tl.full((BLOCK_V,), float("-inf"), acc_dtype)
+    lane_sum = tl.zeros((BLOCK_V,), acc_dtype)
+    for start in range(0, full_end, BLOCK_V):
+        x = tl.load(row_logits_ptr + start + tl.arange(0, BLOCK_V)).to(acc_dtype)
+        lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
+    cols = full_end + tl.arange(0, BLOCK_V)
+    x = tl.load(row_logits_ptr + cols, mask=cols < vocab_end, other=float("-inf")).to(acc_dtype)
+    lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
+    running_max = tl.max(lane_max, axis=0)
     # An ignored row (or a scored row of all -inf, whose log-prob is then nan as in log_softmax) has no finite
     # max: shift by 0 rather than by -inf.
     row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
+    running_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
     log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))
 
     target_logit = tl.load(row_logits_ptr + tl.where(in_slice, local_label, 0), mask=in_slice,

@@ -18,7 +18,7 @@ from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden
                       check_linear, data_checks_enabled, is_integer, is_real)
 from ..dtypes import compute_dtype
 from .linear_autograd import LinearOptions, LinearTokenLogps
-from .logits import sum_per_sequence
+from .logits import is_dtensor, sum_per_sequence
 from .ops import STATS
 from .packing import as_token_grid, layout_of, token_counts
 from .vocab_chunks import default_chunk_size
@@ -60,6 +60,12 @@ def transform_params(weight, logit_softcap, logit_scale, temperature):
     params[1] = float(logit_softcap) if logit_softcap is not None else 1.0
     params[2] = 1.0 / float(temperature)
     return params, logit_softcap is not None
+
+
+def gathered(tensor):
+    """A DTensor parameter (FSDP2's shard of the lm_head, say) as the whole tensor, differentiably (its
+    gradient returns to the shard); anything else unchanged."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def autocast_inputs(weight, bias, *hiddens):
@@ -136,7 +142,7 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
         hidden, labels = hidden[None], labels.reshape(1, -1)
     elif labels.dim() == 1:
         labels = labels[None]
-    weight, bias, hidden = autocast_inputs(weight, bias, hidden)
+    weight, bias, hidden = autocast_inputs(gathered(weight), gathered(bias), hidden)
     (outputs,) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias, ignore_index=ignore_index,
                                     chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
                                     temperature=temperature, stats=stats, validate_labels=validate_labels,
@@ -150,7 +156,8 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
                                 cu_seqlens: torch.Tensor | None = None, return_token_counts: bool = False,
                                 chunk_size: int | None = None, logit_softcap: float | None = None,
                                 logit_scale: float = 1.0, temperature: float = 1.0, validate_labels: bool = True,
-                                memory_budget: int | None = None):
+                                memory_budget: int | None = None, vocab_parallel_group=None,
+                                sequence_parallel_group=None):
     """Σ_t log softmax(transform(hidden[t] · Wᵀ + bias))[labels[t]] per sequence, over the tokens not labelled
     ignore_index, without ever materializing the logits.
 
@@ -166,7 +173,24 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
     of 4 (1 under no_grad). memory_budget (bytes, default None: bounded memory, 4 GEMMs) keeps the first
     chunks of logits whose total fits in it from the forward for the backward, which then skips their
     recompute (3 GEMMs for those chunks).
+
+    vocab_parallel_group: weight and bias hold this rank's contiguous slice of the vocabulary (slices in
+    rank order). Without it, a DTensor weight (FSDP2 shards parameters on dim 0 too, over ranks that hold
+    different tokens) is gathered with `full_tensor()`, its gradient flowing back to the shard, as TRL does.
+    sequence_parallel_group: each rank holds a slice of every sequence's tokens. See logprobs/parallel.py.
     """
+    if vocab_parallel_group is not None or sequence_parallel_group is not None:
+        from .parallel import parallel_fused_linear_sequence_logps
+
+        if memory_budget is not None and vocab_parallel_group is not None:
+            raise ValueError("memory_budget is not supported with vocab_parallel_group")
+        return parallel_fused_linear_sequence_logps(
+            fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index, cu_seqlens=cu_seqlens,
+            return_token_counts=return_token_counts, chunk_size=chunk_size, logit_softcap=logit_softcap,
+            logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
+            memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
+            sequence_parallel_group=sequence_parallel_group)
+    weight, bias = gathered(weight), gathered(bias)
     check_flag(return_token_counts, "return_token_counts")
     hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
                                                labels_name="labels", last_dim="H")

@@ -12,6 +12,15 @@ from ..checks import (check_flag, check_inplace_target, check_labels_in_range, c
 from .packing import as_token_grid, layout_of, token_counts
 
 
+def is_dtensor(value) -> bool:
+    """Whether value is a torch.distributed DTensor (without importing torch.distributed unless it is loaded)."""
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    return dtensor is not None and isinstance(value, dtensor)
+
+
 def unit_stride_logits(logits, inplace_backward, name="logits"):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
     (inplace_backward=True refuses it, and a leaf that requires grad, which would be overwritten by its own
@@ -54,7 +63,8 @@ def sum_per_sequence(token_values, layout, like):
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
                    cu_seqlens: torch.Tensor | None = None, return_token_counts: bool = False,
-                   inplace_backward: bool = False, validate_labels: bool = True):
+                   inplace_backward: bool = False, validate_labels: bool = True, vocab_parallel_group=None,
+                   sequence_parallel_group=None):
     """Σ_t log softmax(logits[t])[labels[t]] per sequence, over the tokens whose label is not ignore_index.
 
     Padded: logits (B, T, V), labels (B, T) → (B,). Packed: logits (N, V) or (1, N, V), labels (N,) or (1, N),
@@ -67,7 +77,20 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     (default True) reads the labels and cu_seqlens once to raise a clear error on bad values (one device
     synchronization); False skips it, as does torch.compile or CUDA-graph capture: there a label outside
     [0, V) is never read out of bounds and gives its sequence a NaN log-prob.
+
+    vocab_parallel_group: logits hold this rank's contiguous slice of the vocabulary (slices in rank order);
+    a DTensor sharded on the vocabulary needs no group. sequence_parallel_group: each rank holds a slice of
+    every sequence's tokens; the per-sequence sums (and counts) are all-reduced. See logprobs/parallel.py.
     """
+    if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(logits):
+        from .parallel import parallel_sequence_logps
+
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with vocab_parallel_group or DTensor logits")
+        return parallel_sequence_logps(sequence_logps, logits, labels, ignore_index, cu_seqlens=cu_seqlens,
+                                       return_token_counts=return_token_counts, validate_labels=validate_labels,
+                                       vocab_parallel_group=vocab_parallel_group,
+                                       sequence_parallel_group=sequence_parallel_group)
     check_flag(inplace_backward, "inplace_backward")
     if inplace_backward:  # on the caller's tensor: a packed one is viewed as (1, N, V) below
         refuse_leaf(logits)

@@ -597,3 +597,49 @@ def sequence_parallel_sum(per_sequence_values, group):
 
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4, torch.int64: 5,
                 torch.int32: 6}
+
+
+# ------------------------------------------------------------------ the public entry points' parallel branch
+
+def _sequence_parallel(out, group, return_token_counts):
+    if group is None:
+        return out
+    if return_token_counts:
+        logps, counts = out
+        return sequence_parallel_sum(logps, group), sequence_parallel_sum(counts, group)
+    return sequence_parallel_sum(out, group)
+
+
+def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, return_token_counts,
+                            validate_labels, vocab_parallel_group, sequence_parallel_group):
+    """`fk.sequence_logps` with vocab_parallel_group / DTensor logits and / or sequence_parallel_group;
+    `local` is the single-rank function."""
+    if vocab_parallel_group is not None or _is_dtensor(logits):
+        out = vocab_parallel_sequence_logps(logits, labels, ignore_index, group=vocab_parallel_group,
+                                            cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
+                                            validate_labels=validate_labels)
+    else:
+        check_group(sequence_parallel_group, "sequence_parallel_group")
+        out = local(logits, labels, ignore_index, cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
+                    validate_labels=validate_labels)
+    return _sequence_parallel(out, sequence_parallel_group, return_token_counts)
+
+
+def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ignore_index, *, cu_seqlens,
+                                         return_token_counts, chunk_size, logit_softcap, logit_scale, temperature,
+                                         validate_labels, memory_budget, vocab_parallel_group,
+                                         sequence_parallel_group):
+    """`fk.fused_linear_sequence_logps` with vocab_parallel_group and / or sequence_parallel_group; `local` is
+    the single-rank function. A DTensor weight or bias is taken as this rank's vocabulary slice
+    (`to_local()`) only when vocab_parallel_group is given."""
+    options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, chunk_size=chunk_size,
+                   logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
+                   validate_labels=validate_labels)
+    if vocab_parallel_group is not None:
+        weight, bias = (t.to_local() if _is_dtensor(t) else t for t in (weight, bias))
+        out = vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index,
+                                                         group=vocab_parallel_group, **options)
+    else:
+        check_group(sequence_parallel_group, "sequence_parallel_group")
+        out = local(hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)
+    return _sequence_parallel(out, sequence_parallel_group, return_token_counts)

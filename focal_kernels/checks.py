@@ -88,8 +88,15 @@ def check_labels_in_range(named_labels, vocab, *, ignore_index=-100, cu_seqlens=
 
 def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
                *, beta, gamma, ignore_index, reduction, detach_focal_weight=False):
-    """Everything `focal_po_loss` takes, checked together (the label values are left to
+    """Everything the reference's `focal_po_loss` takes, checked together (the label values are left to
     `check_labels_in_range`)."""
+    check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
+    check_loss_options(beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
+
+
+def check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index):
+    """Both sides' logits and labels, and that they agree (batch, vocabulary, device, dtype)."""
     check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits",
                             labels_name="chosen_labels", ignore_index=ignore_index)
     check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
@@ -98,8 +105,6 @@ def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, r
     if chosen_logits.dtype != rejected_logits.dtype:
         raise TypeError(f"chosen_logits and rejected_logits must have the same dtype, got {chosen_logits.dtype} "
                         f"and {rejected_logits.dtype}")
-    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
-    check_loss_options(beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
 
 
 def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_device, what="logits"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (check_flag, check_labels_in_range, check_logits_and_labels, check_pair_shapes,
+from .checks import (check_flag, check_labels_in_range, check_logits_pair, check_pair_shapes,
                      check_reference_logps, data_checks_enabled)
 from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
 from .logprobs.logits import is_dtensor, sequence_logps, sum_per_sequence, token_logps
@@ -53,6 +53,12 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what)
 
 
+def _each_side(logps_fn, sides, **options):
+    """[(logps, counts)] of chosen and rejected, each through logps_fn(values, labels, **options) on its own
+    (the distributed forms, which communicate per call)."""
+    return [logps_fn(values, labels, return_token_counts=True, **options) for values, labels in sides]
+
+
 def _pair_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
                reduction, loss_options):
     (chosen_logps, chosen_counts), (rejected_logps, rejected_counts) = chosen, rejected
@@ -83,23 +89,15 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     metrics); the loss and both log-probs are differentiable, the rewards β·(logp − ref) are detached.
     """
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
-        sides = [sequence_logps(logits, labels, ignore_index, return_token_counts=True,
-                                validate_labels=validate_labels, inplace_backward=inplace_backward,
-                                vocab_parallel_group=vocab_parallel_group,
-                                sequence_parallel_group=sequence_parallel_group)
-                 for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels))]
+        sides = _each_side(sequence_logps, ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)),
+                           ignore_index=ignore_index, validate_labels=validate_labels,
+                           inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
+                           sequence_parallel_group=sequence_parallel_group)
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
                           reduction, loss_options)
     _padded("chosen_logits", chosen_logits)
     _padded("rejected_logits", rejected_logits)
-    check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits", labels_name="chosen_labels",
-                            ignore_index=ignore_index)
-    check_logits_and_labels(rejected_logits, rejected_labels, logits_name="rejected_logits",
-                            labels_name="rejected_labels", ignore_index=ignore_index)
-    check_pair_shapes(chosen_logits.shape, rejected_logits.shape, chosen_logits.device, rejected_logits.device)
-    if chosen_logits.dtype != rejected_logits.dtype:
-        raise TypeError(f"chosen_logits and rejected_logits must have the same dtype, got {chosen_logits.dtype} "
-                        f"and {rejected_logits.dtype}")
+    check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index)
     _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device,
                           "logits", beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
                           reduction=reduction, loss_options=loss_options)
@@ -138,13 +136,12 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     the output are those of `focal_po_loss`; gradients reach both hidden states, the weight and the bias.
     """
     if vocab_parallel_group is not None or sequence_parallel_group is not None:
-        sides = [fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, return_token_counts=True,
-                                             chunk_size=chunk_size, logit_softcap=logit_softcap,
-                                             logit_scale=logit_scale, temperature=temperature,
-                                             validate_labels=validate_labels, memory_budget=memory_budget,
-                                             vocab_parallel_group=vocab_parallel_group,
-                                             sequence_parallel_group=sequence_parallel_group)
-                 for hidden, labels in ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels))]
+        sides = _each_side(lambda hidden, labels, **kw: fused_linear_sequence_logps(hidden, weight, labels, bias, **kw),
+                           ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)),
+                           ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
+                           logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
+                           memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
+                           sequence_parallel_group=sequence_parallel_group)
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
                           reduction, loss_options)
     _padded("chosen_hidden", chosen_hidden)

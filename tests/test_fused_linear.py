@@ -328,14 +328,18 @@ def test_large_logits_keep_their_precision(monkeypatch, through_triton):
 
 def test_mixed_precision_accumulation():
     """acc += a @ b into a float32 buffer from bfloat16 factors: through addmm(out_dtype=float32) where this
-    PyTorch and device take it (probed once and remembered), else a rounded product added in float32."""
+    PyTorch and device take it (probed once and remembered), else upcast factors. Either way the product is
+    never rounded to bfloat16 before the addition: a product whose bf16 rounding is visible comes out exact."""
     vocab_chunks._MIXED_ADDMM_WORKS.clear()
     a = torch.randn(5, 7, device=DEVICE).to(torch.bfloat16)
     b = torch.randn(7, 3, device=DEVICE).to(torch.bfloat16)
     acc = torch.ones(5, 3, device=DEVICE)
     for _ in range(2):
         vocab_chunks.accumulate_product(acc, a, b)
-    torch.testing.assert_close(acc, 1 + 2 * (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
+    expected = 1 + 2 * (a.double() @ b.double())
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-6, atol=1e-6)
+    rounded = 1 + 2 * (a.double() @ b.double()).to(torch.bfloat16).double()
+    assert (rounded - expected).abs().max() > 1e-4, "the inputs should make bf16 rounding visible"
     works = vocab_chunks._MIXED_ADDMM_WORKS
     assert list(works) == [(acc.device.type, torch.bfloat16, torch.float32)]
     if DEVICE == "cpu":

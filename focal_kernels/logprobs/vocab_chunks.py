@@ -71,17 +71,17 @@ def _mixed_addmm_works(acc, a):
 def accumulate_product(acc, a, b):
     """acc += a @ b with acc in float32 (float64) and a, b possibly bfloat16 / float16.
 
-    Where `addmm(..., out_dtype=float32)` takes a float32 accumulator (CUDA), cuBLAS accumulates the
-    low-precision product straight into the float32 buffer. Elsewhere (older PyTorch, the CPU) the product
-    is rounded to the inputs' dtype by its GEMM (which accumulates in float32 internally), then added in
-    float32.
+    Where `addmm(..., out_dtype=float32)` takes a float32 accumulator (CUDA, recent PyTorch), cuBLAS
+    accumulates the low-precision product straight into the float32 buffer. Elsewhere (older PyTorch, the
+    CPU) both factors are upcast first, so that no chunk's product is rounded to bfloat16 / float16 before it
+    is added (a float32 GEMM and chunk-sized float32 copies: slower, never less exact).
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif _mixed_addmm_works(acc, a):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
-        acc.add_(torch.mm(a, b))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _chunk_logits(hidden_rows, weight, bias, start, stop, out=None):

@@ -18,13 +18,13 @@ def _batch(device, vocab=1000, hidden=64, seed=0):
     labels[:, :2] = -100
     h = torch.randn(2, 7, hidden, device=device)
     weight = torch.randn(vocab, hidden, device=device) * hidden ** -0.5
-    return logits, labels, h, weight
+    cu_seqlens = torch.tensor([0, 5, 5, 14], device=device, dtype=torch.int32)  # made outside any capture
+    return logits, labels, h, weight, cu_seqlens
 
 
-def _everything(logits, labels, h, weight):
+def _everything(logits, labels, h, weight, cu_seqlens):
     """Both paths, packed and padded, forward and backward."""
     logits, h, weight = (t.detach().requires_grad_(True) for t in (logits, h, weight))
-    cu_seqlens = torch.tensor([0, 5, 5, 14], device=logits.device, dtype=torch.int32)
     out = fk.focal_po_loss(logits, logits.detach() * 0.5, labels, labels)
     packed = fk.sequence_logps(logits.reshape(14, -1), labels.reshape(14), cu_seqlens=cu_seqlens)
     linear = fk.fused_linear_sequence_logps(h, weight, labels, logit_softcap=3.0)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (check_flag, check_labels_in_range, check_logits_pair, check_pair_shapes,
-                     check_reference_logps, data_checks_enabled)
+from .checks import (check_flag, check_inplace_targets_disjoint, check_labels_in_range, check_logits_pair,
+                     check_pair_shapes, check_reference_logps, data_checks_enabled)
 from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
 from .logprobs.logits import is_dtensor, sequence_logps, sum_per_sequence, token_logps
 from .logprobs.packing import layout_of, token_counts
@@ -103,7 +103,6 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
                           reduction=reduction, loss_options=loss_options)
     check_flag(inplace_backward, "inplace_backward")
     if inplace_backward:
-        from .checks import check_inplace_targets_disjoint
         check_inplace_targets_disjoint(chosen_logits, rejected_logits)
     if data_checks_enabled(validate_labels, chosen_logits):
         check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],

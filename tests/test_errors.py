@@ -157,3 +157,21 @@ def test_numpy_numbers_and_flags(device):
     with pytest.raises(TypeError, match="inplace_backward must be True or False"):
         fk.sequence_logps(torch.randn(1, 2, 5, device=device), torch.zeros(1, 2, dtype=torch.long, device=device),
                           inplace_backward=None)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "plain-cpu"])
+def test_inplace_checks_run_on_every_backend(device, kernels, monkeypatch):
+    """The plain-CPU path ignores inplace_backward, but refuses what the kernels would refuse."""
+    from focal_kernels import backend
+
+    if not kernels:
+        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    leaf = torch.randn(2, 3, 10, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="a leaf tensor that requires grad"):
+        fk.sequence_logps(leaf, labels, inplace_backward=True)
+    with pytest.raises(ValueError, match="do not overlap in memory"):
+        fk.sequence_logps(torch.randn(1, 3, 10, device=device).expand(2, 3, 10), labels, inplace_backward=True)
+    both = torch.randn(2, 3, 10, device=device)
+    with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):
+        fk.focal_po_loss(both, both, labels, labels, inplace_backward=True)

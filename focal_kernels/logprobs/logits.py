@@ -21,13 +21,9 @@ def is_dtensor(value) -> bool:
     return dtensor is not None and isinstance(value, dtensor)
 
 
-def unit_stride_logits(logits, inplace_backward, name="logits"):
+def unit_stride_logits(logits, name="logits"):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
-    (inplace_backward=True refuses it, and a leaf that requires grad, which would be overwritten by its own
-    gradient)."""
-    if inplace_backward:
-        check_inplace_target(logits, name)
-        refuse_leaf(logits, name)
+    (inplace_backward=True has refused it already: `check_inplace`)."""
     if logits.stride(-1) == 1:
         return logits
     warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
@@ -42,14 +38,23 @@ def refuse_leaf(logits, name="logits"):
                          "its own gradient: pass the output of an op (e.g. the lm_head's), or turn it off")
 
 
+def check_inplace(logits, name="logits"):
+    """What inplace_backward=True needs, on every backend (the plain-CPU path then ignores the flag): rows of
+    unit stride that do not overlap, and not a leaf that requires grad (it would be overwritten by its own
+    gradient)."""
+    check_inplace_target(logits, name)
+    refuse_leaf(logits, name)
+
+
 def token_logps(logits, labels, ignore_index, inplace_backward):
     """(B, T) differentiable token log-probs of checked (B, T, V) logits: the kernels, or the spec on a plain CPU."""
+    if inplace_backward:
+        check_inplace(logits)
     if not backend.use_triton(logits):  # a plain CPU: the spec itself (inplace_backward has no effect)
         return reference.token_logps(logits, labels, ignore_index)
     from .logits_autograd import TokenLogpsFromLogits
 
-    return TokenLogpsFromLogits.apply(unit_stride_logits(logits, inplace_backward), labels, int(ignore_index),
-                                      inplace_backward)
+    return TokenLogpsFromLogits.apply(unit_stride_logits(logits), labels, int(ignore_index), inplace_backward)
 
 
 def sum_per_sequence(token_values, layout, like):

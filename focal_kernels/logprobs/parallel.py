@@ -486,7 +486,7 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
         ignore_index=ignore_index, validate_labels=validate_labels)
     kernels = backend.use_triton(logits)
     if kernels:
-        logits = unit_stride_logits(logits, False)
+        logits = unit_stride_logits(logits)
     where = _Slice(int(ignore_index), vocab_start, vocab_total, group, kernels)
     token_logps = VocabParallelTokenLogps.apply(logits, labels, where)
     layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens, logits.device)

@@ -10,14 +10,16 @@ Without a GPU every run uses tiny shapes through Triton's interpreter, and says 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from . import shapes as shape_lib
-from .baselines import BASELINES, build_implementations, default_baselines
+from .baselines import BASELINES, default_baselines
 from .environment import bench_device, describe
+from .impls import build_impls
 from .plot import save_plot
-from .report import header_lines, markdown_table, print_end, print_start, save
+from .report import header_lines, markdown_table, print_end, print_start, save, written_files
 from .runner import run
 from .timing import copy_bandwidth, make_timer
 
@@ -37,6 +39,8 @@ def parse_args(argv=None):
                    help="V=128256 16K bf16 at 0%% and 40%% ignored, plus V=32000 16K bf16 (tiny without a GPU)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (a fast smoke run)")
     p.add_argument("--max-sets", type=int, default=3, help="input sets rotated through timed calls (default 3)")
+    p.add_argument("--reps", type=int, help="timed calls per phase on the CPU (default 3 with --quick, else 5); "
+                                            "on a GPU do_bench sizes the count to a time budget")
     p.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, bench.png")
     return p.parse_args(argv)
 
@@ -83,12 +87,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(f"bad shape option: {exc}")
     meta = describe(device)
-    timer = make_timer(device, args.quick)
+    timer = make_timer(device, args.quick, args.reps)
     meta["timer"] = timer.kind
     meta["args"] = vars(args)
     print_start(meta, device)
 
-    impls, skipped = build_implementations(choose_baselines(args.baselines, device), device)
+    impls, skipped = build_impls(BASELINES, choose_baselines(args.baselines, device), device)
     for name, reason in skipped:
         print(f"skipping {name}: {reason}", flush=True)
     if device.type != "cuda" and "compile" not in (args.baselines or ""):
@@ -113,12 +117,18 @@ def main(argv=None) -> int:
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     results["complete"] = True
     save(results, args.out)
+    written = ["bench.json", "bench.md"]
     try:
-        save_plot(results, args.out)
+        if save_plot(results, args.out):
+            written.append("bench.png")
     except Exception as exc:
         print(f"plot failed: {type(exc).__name__}: {exc}", flush=True)
+    stale = os.path.join(args.out, "bench.png")
+    if "bench.png" not in written and os.path.exists(stale):  # an earlier run's plot would pass for this one's
+        os.remove(stale)
+        print(f"removed {stale} (an earlier run's plot)", flush=True)
 
-    print(f"\nfinished in {meta['wall_s']} s; results in {args.out}/bench.json, bench.md, bench.png\n")
+    print(f"\nfinished in {meta['wall_s']} s; results in {written_files(args.out, written)}\n")
     # An out-of-memory row of ours is reported, not counted as a failure.
     return print_end(header_lines(meta), markdown_table(results["rows"]), results["rows"], ("error",))
 

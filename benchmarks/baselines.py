@@ -2,12 +2,16 @@
 
     ours            focal_kernels.focal_po_loss
     ours (inplace)  the same with inplace_backward=True (the gradient overwrites the logits)
+    ours (no label check)  the same with validate_labels=False (no label read-back, no device sync)
+    seqlogps padded fk.sequence_logps on each side's (B, T, V) logits, then the same loss in torch
+    seqlogps packed the same tokens laid out packed: (B·T, V) logits with cu_seqlens (no copy); with
+                    "seqlogps padded" it shows what the packed layout costs at equal scored tokens
     eager           what trainers write today: .float(), log_softmax, gather, masked sum, loss in torch
     torch.compile   that same function under torch.compile
     trl             trl.trainer.utils.selective_log_softmax → the same masked sum and loss
     liger           Liger-Kernel cross-entropy, reduction="none" → the same sum and loss
 
-Each exposes `loss(inputs) -> scalar tensor`. `overwrites_inputs` marks the ones that write into the
+Each is an impls.Impl: `loss(inputs) -> scalar tensor`. `overwrites_inputs` marks the ones that write into the
 logits (ours in place in its backward, Liger in its forward): the runner hands them a private copy
 refilled before every timed call, so the shared input sets stay intact.
 """
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .environment import import_baseline
+from .impls import Impl
 from .inputs import IGNORE_INDEX, InputSet
 
 BETA = 0.1
@@ -51,52 +56,81 @@ def _args(x: InputSet):
             x.ref_chosen_logps, x.ref_rejected_logps)
 
 
-class Implementation:
-    name = ""
-    is_ours = False
-    overwrites_inputs = False
+class Ours(Impl):
+    key = name = "ours"
+    inplace_backward = False
+    validate_labels = True
 
-    def unavailable_reason(self, device: torch.device):
-        """None when it can run here, else why not (printed once, then skipped)."""
-        return None
-
-    def prepare(self, shape) -> None:
-        """Called once per shape before the first call."""
-
-    def loss(self, inputs: InputSet) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class Ours(Implementation):
-    name = "ours"
-    is_ours = True
-
-    def __init__(self, inplace_backward: bool = False):
+    def __init__(self):
         import focal_kernels
 
         self._focal_po_loss = focal_kernels.focal_po_loss
-        self._inplace = inplace_backward
-        if inplace_backward:
-            self.name = "ours (inplace)"
-            self.overwrites_inputs = True
 
     def loss(self, x):
-        return self._focal_po_loss(*_args(x), beta=BETA, gamma=GAMMA, ignore_index=IGNORE_INDEX,
-                                   inplace_backward=self._inplace).loss
+        logits = (x.chosen_logits, x.rejected_logits)
+        if self.inplace_backward:  # in training the logits are the lm_head's output, not a leaf: a view stands
+            logits = tuple(t.view_as(t) for t in logits)  # for it (inplace_backward refuses a leaf that needs grad)
+        return self._focal_po_loss(*logits, *_args(x)[2:], beta=BETA, gamma=GAMMA, ignore_index=IGNORE_INDEX,
+                                   inplace_backward=self.inplace_backward, validate_labels=self.validate_labels).loss
 
 
-class Eager(Implementation):
-    name = "eager"
+class OursInplace(Ours):
+    """The gradient overwrites the logits (a private copy, refilled before every timed call)."""
+
+    key, name = "inplace", "ours (inplace)"
+    inplace_backward = True
+    overwrites_inputs = True
+
+
+class OursNoLabelCheck(Ours):
+    key, name = "novalidate", "ours (no label check)"
+    validate_labels = False
+    note = "validate_labels=False"
+
+
+class SequenceLogpsPadded(Impl):
+    """fk.sequence_logps per side on the padded (B, T, V) logits, then the FocalPO loss in torch."""
+
+    key, name = "padded", "seqlogps padded"
+    packed = False
+
+    def __init__(self):
+        import focal_kernels
+
+        self._sequence_logps = focal_kernels.sequence_logps
+
+    def _side(self, logits, labels):
+        if not self.packed:
+            return self._sequence_logps(logits, labels, IGNORE_INDEX)
+        batch, seq_len, vocab = logits.shape  # every sequence is full length: packing is a view
+        cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=logits.device)
+        return self._sequence_logps(logits.view(batch * seq_len, vocab), labels.reshape(-1), IGNORE_INDEX,
+                                    cu_seqlens=cu_seqlens)
+
+    def loss(self, x):
+        return focal_po_from_logps(self._side(x.chosen_logits, x.chosen_labels),
+                                   self._side(x.rejected_logits, x.rejected_labels),
+                                   x.ref_chosen_logps, x.ref_rejected_logps, BETA, GAMMA)
+
+
+class SequenceLogpsPacked(SequenceLogpsPadded):
+    key, name = "packed", "seqlogps packed"
+    packed = True
+    note = "the same tokens packed: (B·T, V) with cu_seqlens"
+
+
+class Eager(Impl):
+    key = name = "eager"
 
     def loss(self, x):
         return eager_focal_po_loss(*_args(x))
 
 
-class Compiled(Implementation):
+class Compiled(Impl):
     """torch.compile of `eager_focal_po_loss`, static shapes, recompiled (after a reset) per shape so that
     the recompile limit never silently sends a shape back to eager."""
 
-    name = "torch.compile"
+    key, name = "compile", "torch.compile"
 
     def __init__(self):
         self._key = None
@@ -107,7 +141,7 @@ class Compiled(Implementation):
             return f"torch {torch.__version__} has no torch.compile"
         return None
 
-    def prepare(self, shape):
+    def prepare(self, shape, earlier_rows):
         if shape.compile_key != self._key:
             reset = getattr(getattr(torch, "compiler", None), "reset", None) or torch._dynamo.reset
             reset()
@@ -118,8 +152,8 @@ class Compiled(Implementation):
         return self._fn(*_args(x))
 
 
-class TRLSelectiveLogSoftmax(Implementation):
-    name = "trl"
+class TRLSelectiveLogSoftmax(Impl):
+    key = name = "trl"
 
     def __init__(self):
         self._select = None
@@ -142,11 +176,11 @@ class TRLSelectiveLogSoftmax(Implementation):
                                    x.ref_chosen_logps, x.ref_rejected_logps, BETA, GAMMA)
 
 
-class LigerCrossEntropy(Implementation):
+class LigerCrossEntropy(Impl):
     """Liger's kernel writes the gradient into its input during the forward. Older releases scale that
     gradient by only the first element of a reduction="none" upstream gradient; the work is the same."""
 
-    name = "liger"
+    key = name = "liger"
     overwrites_inputs = True
 
     def __init__(self):
@@ -175,31 +209,13 @@ class LigerCrossEntropy(Implementation):
 
 # Baseline names accepted by --baselines, in the order they run. Ours always runs first; the ones
 # that overwrite inputs work on private copies, so order does not change what the others see.
-BASELINES = {
-    "inplace": lambda: Ours(inplace_backward=True),
-    "eager": Eager,
-    "compile": Compiled,
-    "trl": TRLSelectiveLogSoftmax,
-    "liger": LigerCrossEntropy,
-}
+BASELINES = {cls.key: cls for cls in (Ours, OursInplace, OursNoLabelCheck, SequenceLogpsPadded, SequenceLogpsPacked,
+                                      Eager, Compiled, TRLSelectiveLogSoftmax, LigerCrossEntropy)}
 
 
 def default_baselines(device: torch.device):
     """All of them; on the CPU, torch.compile is left out (its compile alone would outlast the run)."""
-    names = list(BASELINES)
+    names = [k for k in BASELINES if k != "ours"]  # ours always runs
     if device.type != "cuda":
         names.remove("compile")
     return names
-
-
-def build_implementations(names, device: torch.device):
-    """(implementations to run, [(name, reason)] skipped). Ours is always first."""
-    runnable, skipped = [Ours()], []
-    for name in names:
-        impl = BASELINES[name]()
-        reason = impl.unavailable_reason(device)
-        if reason is None:
-            runnable.append(impl)
-        else:
-            skipped.append((impl.name, reason))
-    return runnable, skipped

@@ -6,6 +6,7 @@ import gc
 import importlib
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -54,6 +55,7 @@ def describe(device: torch.device) -> dict:
         "python": platform.python_version(),
         "triton_interpreter": interpreter_on(),
         "gpu_timings": device.type == "cuda",
+        **git_commit(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -61,6 +63,23 @@ def describe(device: torch.device) -> dict:
         info["device_memory_gb"] = round(props.total_memory / 1e9, 1)
         info["sm_count"] = props.multi_processor_count
     return info
+
+
+def git_commit() -> dict:
+    """{"commit": the full hash of HEAD or None, "commit_dirty": whether tracked files differ from it (None:
+    unknown)}. Without a git checkout (a copied tree) the caller may name the commit in BENCH_COMMIT."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        given = os.environ.get("BENCH_COMMIT", "").strip()
+        return {"commit": given or None, "commit_dirty": None}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -5,33 +5,46 @@ everything that builds the logits.
     python -m benchmarks.fused_linear             # also 4 pairs x 4096 tokens and (d), where importable
     python -m benchmarks.fused_linear --tiny      # tiny shapes even on a GPU (a smoke run)
     python -m benchmarks.fused_linear --chunk-sizes 2048,8192   # ours again at other chunk widths
+    python -m benchmarks.fused_linear --impls ours,ours_frozen,trl_frozen --phases fwdbwd   # a subset
 
 Shapes: the Llama-3-8B head, H = 4096, V = 128256, bf16; "4 pairs x T tokens" is chosen (4, T, H) plus
 rejected (4, T, H) hidden states, so N = 8·T rows. "40% ignored" labels the first round(0.4·T) tokens of
 every sequence ignore_index (the prompt). Gradients are taken with respect to both hidden states and the
-weight (torch.autograd.grad: fresh gradients, no accumulation into .grad).
+weight (torch.autograd.grad: fresh gradients, no accumulation into .grad), except in the frozen-head rows.
 
 Implementations, all on the same inputs:
     ours             focal_kernels.fused_linear_focal_po_loss (the logits never exist)
     ours GEMMs only  ours' chunk loop with the same chunks, gathers and scatters but no Triton kernel and no
                      loss: the four GEMMs as ours runs them, so ours minus this row is the cost of the rest
                      (full run only; its "loss" is a dummy, not compared)
+    ours (frozen head)  ours with a weight that does not require grad (LoRA, adapters): gradients to both
+                     hidden states only; ours takes its 2-GEMM path (the forward accumulates d logp / d hidden)
+    ours (memory_budget)  ours with memory_budget = the net extra memory (peak net of the returned gradients)
+                     of Liger's row on the same shape in this run, else a fixed 2 GiB (the CPU, or no Liger):
+                     chunk logits that fit are kept from the forward, 3 GEMMs instead of 4 for those chunks
     matmul+fpo       focal_po_loss(chosen_hidden @ W.T, rejected_hidden @ W.T, ...): the logits path
     matmul+fpo (ip)  the same with inplace_backward=True (full run only: the logits are a temporary there)
     eager            hidden @ W.T, .float(), log_softmax, gather, masked sum, FocalPO in torch
     trl              trl.kernels.ChunkedLogProbFunction on the scored rows, then the same sum and loss
+    trl (frozen weight)  the same with a weight that does not require grad (TRL then skips grad_W: 3 GEMMs)
     liger            liger_kernel.chunked_loss.LigerFusedLinearDPOLoss, reference-free DPO (gamma = 0):
                      a different loss, so its loss value is not compared
     cce              cut_cross_entropy.linear_cross_entropy(reduction="none"), then the same sum and loss
 (d) trl / liger / cce run only where importable (and never in --quick); each is skipped with its reason.
 
-Per row: fwd+bwd median ms (triton.testing.do_bench, a 1 ms warm-up, i.e. one call, and a few timed calls);
-the GEMM floor, four GEMMs of 2·N_valid·H·V FLOPs (forward logits, their recompute, grad_W, grad_hidden)
-at the bf16 matmul rate measured in this run (8192³ torch.mm, do_bench median), N_valid = scored tokens;
-time / floor; peak extra memory of one fwd+bwd (max_memory_allocated minus memory_allocated before it),
-also net of the returned gradients (both hidden states' and the weight's); that as % of the bf16 logits'
-size N·V·2; and each row's time and memory over ours'. Without CUDA: tiny shapes (H=32, V=300, 2 pairs x 8
-tokens) through Triton's interpreter, CPU timings (NOT GPU timings), no matmul rate, no memory figures.
+Per row, measured by the same code as the logits benchmark (measure.py, runner.py): fwd, bwd and fwd+bwd
+median ms (triton.testing.do_bench, a 1 ms warm-up, i.e. one call, and --reps timed calls); bwd re-runs the
+backward of one graph built once with retain_graph=True (fresh graphs, each built untimed, where an
+implementation refuses that; the note says so). Liger computes its gradients in its forward, so its bwd is
+only their scaling. The GEMM floor: floor_gemms GEMMs of 2·N_valid·H·V FLOPs (4 for a trainable head:
+forward logits, their recompute, grad_W, grad_hidden; 2 for a frozen one: logits and grad_hidden;
+N_valid = scored tokens) at two rates measured in this run: the sustained rate of the very GEMMs ours runs
+(the (N_valid, H) × (H, chunk) products over the whole vocabulary at ours' default chunk, timed as one loop
+per shape) and the 8192³ torch.mm burst rate; time / each floor; peak extra memory of one fwd+bwd
+(max_memory_allocated minus memory_allocated before it), also net of the returned gradients; that as % of
+the bf16 logits' size N·V·2; and each row's time and memory over ours'. A target table (targets.py) reads
+the issue's goals off the rows. Without CUDA: tiny shapes (H=16, V=128, 2 pairs x 4 tokens) through Triton's
+interpreter, CPU timings (NOT GPU timings), no 8192³ rate, no memory figures.
 
 Output: the Markdown table on stdout; fused.json (rewritten after every row) and fused.md in --out.
 """
@@ -39,35 +52,40 @@ Output: the Markdown table on stdout; fused.json (rewritten after every row) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
 
 from .baselines import BETA, GAMMA, eager_sequence_logps, focal_po_from_logps
-from .environment import (bench_device, describe, import_baseline, is_out_of_memory, release_memory,
-                          synchronize)
+from . import targets
+from .environment import bench_device, describe, import_baseline, release_memory
+from .impls import Impl, build_impls
 from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
-from .report import _clean, _write_atomically, header_lines, print_end, print_start, skip_notes
-from .runner import _describe_failure, record_row
+from .measure import PHASES
+from .report import (_clean, _write_atomically, header_lines, print_end, print_start, skip_notes,
+                     written_files)
+from .runner import compare_with_ours, describe_failure, fill_timings, record_row, run_implementation
 from .shapes import PairedTokens, parse_list, parse_names
-from .timing import CpuTimer, GpuTimer, peak_extra_bytes
+from .timing import CpuTimer, GpuTimer, RepsTimer
 
 HIDDEN, VOCAB, PAIRS = 4096, 128256, 4            # Llama-3-8B lm_head
 SEQ_LENS, QUICK_SEQ_LENS = (2048, 4096), (2048,)
-TINY_HIDDEN, TINY_VOCAB, TINY_PAIRS, TINY_SEQ_LEN = 32, 300, 2, 8
+TINY_HIDDEN, TINY_VOCAB, TINY_PAIRS, TINY_SEQ_LEN = 16, 128, 2, 4
 IGNORED = (0.0, 0.4)
 DTYPE, DTYPE_NAME = torch.bfloat16, "bf16"
 MATMUL_SIZE = 8192
-GEMMS_IN_FLOOR = 4
+DEFAULT_MEMORY_BUDGET = 2 << 30  # "ours (memory_budget)" when no Liger row measured its memory on the shape
 
-QUICK_IMPLS = ("ours", "matmul", "eager")
-ALL_IMPLS = ("ours", "gemms", "matmul", "matmul_inplace", "eager", "trl", "liger", "cce")
+QUICK_IMPLS = ("ours", "ours_frozen", "ours_budget", "matmul", "eager")
+# Liger before ours (memory_budget), which takes its budget from Liger's row.
+ALL_IMPLS = ("ours", "gemms", "ours_frozen", "matmul", "matmul_inplace", "eager", "trl", "trl_frozen", "liger",
+             "ours_budget", "cce")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -86,7 +104,11 @@ class Shape(PairedTokens):
         return self.tokens * self.vocab * 2
 
     def gemm_flops(self) -> int:
-        return GEMMS_IN_FLOOR * 2 * self.valid_tokens * self.hidden * self.vocab
+        """One GEMM's FLOPs over the whole vocabulary for the scored rows: 2·N_valid·H·V."""
+        return 2 * self.valid_tokens * self.hidden * self.vocab
+
+    def group(self) -> str:
+        return f"{self.pairs} × {self.seq_len}, {self.ignored_fraction:.0%} ignored"
 
     def label(self) -> str:
         return (f"H={self.hidden} V={self.vocab} {self.pairs} pairs x {self.seq_len} tokens per side "
@@ -97,7 +119,7 @@ class Shape(PairedTokens):
 class Inputs:
     chosen_hidden: torch.Tensor    # (pairs, T, H) leaf, requires_grad
     rejected_hidden: torch.Tensor
-    weight: torch.Tensor           # (V, H) leaf, requires_grad
+    weight: torch.Tensor           # (V, H) leaf, requires_grad (a detached view of it for a frozen head)
     chosen_labels: torch.Tensor    # (pairs, T) int64, prompt = IGNORE_INDEX
     rejected_labels: torch.Tensor
     ref_chosen_logps: torch.Tensor
@@ -105,7 +127,7 @@ class Inputs:
 
     @property
     def grad_inputs(self):
-        return (self.chosen_hidden, self.rejected_hidden, self.weight)
+        return tuple(t for t in (self.chosen_hidden, self.rejected_hidden, self.weight) if t.requires_grad)
 
     @property
     def grad_bytes(self) -> int:
@@ -137,21 +159,9 @@ def make_inputs(shape: Shape, weight: torch.Tensor, seed: int = 1000) -> Inputs:
 
 # ----------------------------------------------------------------------------------------- implementations
 
-class Impl:
-    key = ""
-    name = ""
-    comparable = True  # computes the very same loss as ours (its loss value is checked against ours')
-    note = ""
-
-    def unavailable_reason(self, device):
-        return None
-
-    def loss(self, x: Inputs) -> torch.Tensor:
-        raise NotImplementedError
-
-
 class Ours(Impl):
     key, name = "ours", "ours"
+    memory_budget = None
 
     def __init__(self, chunk_size=None):
         import focal_kernels
@@ -165,7 +175,39 @@ class Ours(Impl):
     def loss(self, x):
         return self._fn(x.chosen_hidden, x.rejected_hidden, x.weight, x.chosen_labels, x.rejected_labels,
                         x.ref_chosen_logps, x.ref_rejected_logps, beta=BETA, gamma=GAMMA,
-                        ignore_index=IGNORE_INDEX, chunk_size=self.chunk_size).loss
+                        ignore_index=IGNORE_INDEX, chunk_size=self.chunk_size, memory_budget=self.memory_budget).loss
+
+
+class FrozenHead:
+    """Mixin: the same inputs with a weight that does not require grad (a detached view, no copy), so the
+    gradients reach both hidden states only; the task's GEMM floor is 2 GEMMs (logits, grad_hidden)."""
+
+    floor_gemms = 2
+
+    def inputs(self, x: Inputs) -> Inputs:
+        return dataclasses.replace(x, weight=x.weight.detach())
+
+
+class OursFrozen(FrozenHead, Ours):
+    key, name = "ours_frozen", "ours (frozen head)"
+    note = "weight without grad: gradients to both hidden states only"
+
+
+class OursMemoryBudget(Ours):
+    """memory_budget = Liger's net extra memory on the same shape in this run, else DEFAULT_MEMORY_BUDGET."""
+
+    key, name = "ours_budget", "ours (memory_budget)"
+
+    def prepare(self, shape, earlier_rows):
+        liger = next((r for r in earlier_rows if r["impl"] == "liger" and r["status"] == "ok"
+                      and (r["peak_extra_bytes_without_grads"] or 0) > 0), None)
+        if liger is not None:
+            self.memory_budget = int(liger["peak_extra_bytes_without_grads"])
+            source = "Liger's net extra memory in this run"
+        else:
+            self.memory_budget = DEFAULT_MEMORY_BUDGET
+            source = "fixed: no Liger memory figure on this shape"
+        self.note = f"memory_budget={self.memory_budget / 2**20:.0f} MiB ({source})"
 
 
 class _OursGemmsOnly(torch.autograd.Function):
@@ -305,13 +347,19 @@ class TRLChunkedLogProb(Impl):
         return _pair_loss_from_token_logps(x, token_logps, positions)
 
 
+class TRLChunkedLogProbFrozen(FrozenHead, TRLChunkedLogProb):
+    key, name = "trl_frozen", "trl (frozen weight)"
+    note = "trl.kernels.ChunkedLogProbFunction, weight without grad"
+
+
 class LigerFusedLinearDPO(Impl):
     """Liger's fused-linear DPO (gamma = 0), reference-free (it does not take precomputed reference
     log-probs): the same GEMM work on a different loss, so its loss value is not compared with ours."""
 
     key, name = "liger", "liger DPO γ=0"
     comparable = False
-    note = "LigerFusedLinearDPOLoss, γ=0, reference-free: loss not compared"
+    note = "LigerFusedLinearDPOLoss, γ=0, reference-free: loss not compared; bwd only scales the gradients " \
+           "its forward computed"
 
     def __init__(self):
         self._module = None
@@ -375,24 +423,9 @@ class CutCrossEntropy(Impl):
                                    x.ref_rejected_logps, BETA, GAMMA)
 
 
-IMPLS = {cls.key: cls for cls in (Ours, OursGemmsOnly, MatmulThenFocalPO, MatmulThenFocalPOInplace, Eager,
-                                   TRLChunkedLogProb, LigerFusedLinearDPO, CutCrossEntropy)}
-
-
-def build_impls(keys, device):
-    """(runnable implementations, [(name, reason)] skipped). Ours first."""
-    runnable, skipped = [], []
-    for key in ["ours"] + [k for k in keys if k != "ours"]:
-        try:
-            impl = IMPLS[key]()
-            reason = impl.unavailable_reason(device)
-        except Exception as exc:
-            impl, reason = None, f"set-up failed ({_describe_failure(exc)})"
-        if reason is None:
-            runnable.append(impl)
-        else:
-            skipped.append((IMPLS[key].name, reason))
-    return runnable, skipped
+IMPLS = {cls.key: cls for cls in (Ours, OursGemmsOnly, OursFrozen, OursMemoryBudget, MatmulThenFocalPO,
+                                   MatmulThenFocalPOInplace, Eager, TRLChunkedLogProb, TRLChunkedLogProbFrozen,
+                                   LigerFusedLinearDPO, CutCrossEntropy)}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -413,8 +446,20 @@ def matmul_rate(device) -> dict | None:
     return {"size": n, "dtype": DTYPE_NAME, "ms": ms, "tflops": 2 * n ** 3 / ms / 1e9}
 
 
-def _step(impl, x: Inputs):
-    return torch.autograd.grad(impl.loss(x), x.grad_inputs)
+def chunk_gemm_loop(shape: Shape, weight: torch.Tensor, device, reps: int) -> dict:
+    """The sustained rate of the GEMMs ours runs on this shape: (N_valid, H) × (H, chunk) products over the
+    whole vocabulary at ours' default chunk, through ours' own loop (vocab_chunks.logits_pass), timed as one
+    call (do_bench median on a GPU, L2 flushed before each loop)."""
+    from focal_kernels.logprobs import vocab_chunks
+
+    rows = torch.randn((shape.valid_tokens, shape.hidden), dtype=DTYPE, device=device)
+    chunk = vocab_chunks.default_chunk_size(shape.valid_tokens, shape.vocab, shape.hidden, rows.element_size())
+    timer = GpuTimer(device, warmup_ms=25, rep_ms=100) if device.type == "cuda" else CpuTimer(reps)
+    weight = weight.detach()
+    ms = timer.median_ms(lambda: vocab_chunks.logits_pass(rows, weight, None, chunk, lambda logits, start: None))
+    del rows
+    return {"shape": shape.group(), "valid_tokens": shape.valid_tokens, "chunk": chunk, "ms": ms,
+            "tflops": shape.gemm_flops() / ms / 1e9}
 
 
 def new_row(shape: Shape, impl, grad_bytes: int) -> dict:
@@ -422,82 +467,49 @@ def new_row(shape: Shape, impl, grad_bytes: int) -> dict:
         "impl": impl.key, "name": impl.name, "hidden": shape.hidden, "vocab": shape.vocab, "pairs": shape.pairs,
         "seq_len": shape.seq_len, "tokens": shape.tokens, "valid_tokens": shape.valid_tokens,
         "ignored_fraction": shape.ignored_fraction, "dtype": DTYPE_NAME, "status": "ok", "note": impl.note,
-        "fwdbwd_ms": None, "gemm_flops": shape.gemm_flops(), "gemm_floor_ms": None, "floor_ratio": None,
+        **{f"{p}_ms": None for p in PHASES}, "bwd_method": None, "floor_gemms": impl.floor_gemms,
+        "gemm_flops": impl.floor_gemms * shape.gemm_flops(), "gemm_floor_sustained_ms": None,
+        "floor_ratio_sustained": None, "gemm_floor_ms": None, "floor_ratio": None,
         "peak_extra_bytes": None, "grad_bytes": grad_bytes, "peak_extra_bytes_without_grads": None,
         "logits_bytes": shape.logits_bytes, "peak_pct_of_logits": None, "peak_without_grads_pct_of_logits": None,
-        "loss": None, "loss_comparable": impl.comparable, "loss_rel_diff_vs_ours": None, "ours_speedup": None,
-        "memory_vs_ours": None, "memory_without_grads_vs_ours": None, "timed_calls": None, "wall_s": None,
+        "loss": None, "loss_comparable": impl.comparable, "loss_rel_diff_vs_ours": None,
+        **{f"speedup_{p}": None for p in PHASES}, "memory_vs_ours": None, "memory_without_grads_vs_ours": None,
+        "timed_calls": None, "warmup_s": None, "wall_s": None,
     }
 
 
-def measure_row(impl, shape: Shape, x: Inputs, device, reps: int, tflops) -> dict:
-    """One implementation on one shape: warm-up call, peak memory of one fwd+bwd, then the timed median."""
-    row = new_row(shape, impl, x.grad_bytes)
-    started = time.perf_counter()
-    status = note = None
-    try:
-        loss = impl.loss(x)  # first call: Triton JIT / torch.compile / cuBLAS heuristics, untimed
-        row["loss"] = float(loss.detach())
-        grads = torch.autograd.grad(loss, x.grad_inputs)
-        del loss, grads
-        synchronize(device)
-
-        one_call = time.perf_counter()
-        peak = peak_extra_bytes(device, lambda: _step(impl, x))
-        synchronize(device)
-        estimate_ms = (time.perf_counter() - one_call) * 1e3
-        if device.type == "cuda":
-            # do_bench: 1 + 5 estimate calls, then warmup/estimate (at least 1) and rep/estimate calls.
-            # The extra half call keeps int(rep / estimate) from rounding down to reps - 1.
-            timer = GpuTimer(device, warmup_ms=1, rep_ms=max(1, int((reps + 0.5) * estimate_ms)))
-        else:
-            timer = CpuTimer(reps=reps)
-        row["timed_calls"] = reps
-        row["fwdbwd_ms"] = timer.median_ms(lambda: _step(impl, x))
-        if peak is not None:
-            row["peak_extra_bytes"] = peak
-            row["peak_extra_bytes_without_grads"] = peak - x.grad_bytes
-            row["peak_pct_of_logits"] = 100.0 * peak / shape.logits_bytes
-            row["peak_without_grads_pct_of_logits"] = 100.0 * (peak - x.grad_bytes) / shape.logits_bytes
-    except Exception as exc:  # one implementation's failure must not end the run
-        status = "oom" if is_out_of_memory(exc) else "error"
-        note = _describe_failure(exc)
-        if status == "error":
-            print(f"  {impl.name}: error\n" + "".join(traceback.format_exc(limit=-4)), flush=True)
-    if status is not None:
-        release_memory()  # outside the except block: the traceback no longer holds the tensors
-        row["status"], row["note"] = status, note
-        row["fwdbwd_ms"] = None
-    elif tflops:
-        row["gemm_floor_ms"] = shape.gemm_flops() / (tflops * 1e9)
-        row["floor_ratio"] = row["fwdbwd_ms"] / row["gemm_floor_ms"]
-    row["wall_s"] = round(time.perf_counter() - started, 2)
-    return row
+def _fill(row: dict, m, shape: Shape, reps: int, tflops, loop) -> None:
+    """The shared timings, then this benchmark's floors (sustained loop, 8192³ burst) and memory shares."""
+    fill_timings(row, m)
+    row["timed_calls"] = reps
+    peak = m.peak_extra_bytes
+    if peak is not None:
+        row["peak_extra_bytes_without_grads"] = peak - row["grad_bytes"]
+        row["peak_pct_of_logits"] = 100.0 * peak / shape.logits_bytes
+        row["peak_without_grads_pct_of_logits"] = 100.0 * (peak - row["grad_bytes"]) / shape.logits_bytes
+    if row["fwdbwd_ms"]:
+        if loop:
+            row["gemm_floor_sustained_ms"] = row["floor_gemms"] * loop["ms"]
+            row["floor_ratio_sustained"] = row["fwdbwd_ms"] / row["gemm_floor_sustained_ms"]
+        if tflops:
+            row["gemm_floor_ms"] = row["gemm_flops"] / (tflops * 1e9)
+            row["floor_ratio"] = row["fwdbwd_ms"] / row["gemm_floor_ms"]
 
 
-def compare_with_ours(shape_rows: list) -> None:
-    """Each row's time and peak memory over ours' (>1: ours faster / smaller), and the loss' difference."""
-    ours = next((r for r in shape_rows if r["impl"] == "ours" and r["status"] == "ok"), None)
-    if ours is None:
-        return
-    for row in shape_rows:
-        if row["status"] != "ok" or row is ours:
-            continue
-        if ours["fwdbwd_ms"]:
-            row["ours_speedup"] = row["fwdbwd_ms"] / ours["fwdbwd_ms"]
-        if row["peak_extra_bytes"] is not None and ours["peak_extra_bytes"]:
-            row["memory_vs_ours"] = row["peak_extra_bytes"] / ours["peak_extra_bytes"]
-        mine, theirs = ours["peak_extra_bytes_without_grads"], row["peak_extra_bytes_without_grads"]
-        if mine is not None and theirs is not None and mine > 0:
-            row["memory_without_grads_vs_ours"] = theirs / mine
-        if row["loss"] is not None and ours["loss"] is not None and row["loss_comparable"]:
-            row["loss_rel_diff_vs_ours"] = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-6)
+def _memory_vs_ours(row: dict, ours: dict) -> None:
+    """Each row's peak memory over ours' (>1: ours smaller), with and without the returned gradients."""
+    if row["peak_extra_bytes"] is not None and ours["peak_extra_bytes"]:
+        row["memory_vs_ours"] = row["peak_extra_bytes"] / ours["peak_extra_bytes"]
+    mine, theirs = ours["peak_extra_bytes_without_grads"], row["peak_extra_bytes_without_grads"]
+    if mine is not None and theirs is not None and mine > 0:
+        row["memory_without_grads_vs_ours"] = theirs / mine
 
 
 # ---------------------------------------------------------------------------------------------- reporting
 
-COLUMNS = ("T/side", "ignored", "N_valid", "impl", "fwd+bwd ms", "GEMM floor ms", "× floor", "peak extra MiB",
-           "net of grads MiB", "% of logits (peak / net)", "ours faster", "ours less mem (peak / net)", "note")
+COLUMNS = ("T/side", "ignored", "N_valid", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "× floor (sustained)",
+           "× floor (8192³)", "peak extra MiB", "net of grads MiB", "% of logits (peak / net)", "ours faster",
+           "ours less mem (peak / net)", "note")
 
 
 def _num(value, digits=3) -> str:
@@ -510,23 +522,26 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def _times(value, digits=3) -> str:
+    return "—" if value is None else f"{value:.{digits}g}×"
+
+
 def _row_cells(row: dict) -> list:
     note = row["note"] if row["status"] == "ok" else f"{row['status'].upper()}: {row['note']}"
+    if row["status"] == "ok" and row.get("bwd_method") == "fresh_graph":
+        note = "bwd on fresh graphs" + (f"; {note}" if note else "")
     if row["status"] == "ok" and row["peak_extra_bytes"] is not None:
         pct = f"{row['peak_pct_of_logits']:.1f}% / {row['peak_without_grads_pct_of_logits']:.1f}%"
     else:
         pct = "n/a"
-    speedup = "—" if row["ours_speedup"] is None else f"{row['ours_speedup']:.3g}×"
-    if row["memory_vs_ours"] is None:
-        memory = "—"
-    else:
-        net = row["memory_without_grads_vs_ours"]
-        memory = f"{row['memory_vs_ours']:.3g}× / " + ("—" if net is None else f"{net:.3g}×")
-    floor_ratio = "—" if row["floor_ratio"] is None else f"{row['floor_ratio']:.2f}"
+    memory = "—" if row["memory_vs_ours"] is None else (
+        f"{_times(row['memory_vs_ours'])} / {_times(row['memory_without_grads_vs_ours'])}")
+    floors = [("—" if ratio is None else f"{ratio:.2f}") + (f" ({row['floor_gemms']})" if ratio is not None else "")
+              for ratio in (row["floor_ratio_sustained"], row["floor_ratio"])]
     return [str(row["seq_len"]), f"{row['ignored_fraction']:.0%}", str(row["valid_tokens"]), row["name"],
-            _num(row["fwdbwd_ms"], 4), _num(row["gemm_floor_ms"], 4), floor_ratio,
-            _mib(row["peak_extra_bytes"]), _mib(row["peak_extra_bytes_without_grads"]), pct, speedup, memory,
-            (note or "").replace("|", "/")]
+            *(_num(row[f"{p}_ms"], 4) for p in PHASES), *floors,
+            _mib(row["peak_extra_bytes"]), _mib(row["peak_extra_bytes_without_grads"]), pct,
+            "—" if row["impl"] == "ours" else _times(row["speedup_fwdbwd"]), memory, (note or "").replace("|", "/")]
 
 
 def markdown_table(rows: list) -> str:
@@ -542,9 +557,13 @@ def report_header(meta: dict) -> list:
         lines.append(f"bf16 matmul rate (same run, {matmul['size']}³ torch.mm): {matmul['tflops']:.0f} TFLOP/s "
                      f"({matmul['ms']:.3f} ms)")
     else:
-        lines.append(f"bf16 matmul rate: n/a ({meta.get('matmul_note', 'not measured')}); no GEMM floor")
+        lines.append(f"bf16 matmul rate: n/a ({meta.get('matmul_note', 'not measured')}); no 8192³ GEMM floor")
+    for loop in meta.get("gemm_loops", []):
+        lines.append(f"Sustained GEMM rate (same run), {loop['shape']}: ({loop['valid_tokens']} × {meta['hidden']}) "
+                     f"× ({meta['hidden']} × {loop['chunk']}) over V: {loop['tflops']:.4g} TFLOP/s "
+                     f"({loop['ms']:.4g} ms per pass over the vocabulary)")
     lines.append(f"Head: H={meta['hidden']}, V={meta['vocab']}, {DTYPE_NAME}; β={BETA}, γ={GAMMA}; "
-                 f"gradients w.r.t. both hidden states and the weight")
+                 f"gradients w.r.t. both hidden states and the weight (frozen rows: the hidden states only)")
     used = meta.get("float32_addmm")
     if used is not None:
         lines.append("Ours' hidden-state gradient: " + (
@@ -563,17 +582,23 @@ def float32_addmm_used(device):
 def markdown_report(results: dict) -> str:
     meta = results["meta"]
     parts = ["# focal-kernels fused-linear benchmark", "", *(f"{line}  " for line in report_header(meta)), ""]
-    parts.append(f"GEMM floor = {GEMMS_IN_FLOOR} GEMMs × 2·N_valid·H·V FLOPs at the measured matmul rate. "
-                 "Peak extra = max_memory_allocated − memory_allocated before one fwd+bwd; \"net\" subtracts the "
-                 "returned gradients (both hidden states and the weight). % of logits: of N·V·2 bytes. "
-                 "\"ours faster\" / \"ours less mem\" = that row's time / peak ÷ ours' (>1: ours better).")
+    parts.append("GEMM floor = n GEMMs × 2·N_valid·H·V FLOPs (n in brackets: 4 for a trainable head, 2 for a "
+                 "frozen one) at the sustained rate of ours' own chunk GEMMs on that shape, and at the 8192³ burst "
+                 "rate. bwd: backward of a retained graph unless the note says fresh graphs. Peak extra = "
+                 "max_memory_allocated − memory_allocated before one fwd+bwd; \"net\" subtracts the returned "
+                 "gradients (the hidden states' and, for a trainable head, the weight's). % of logits: of N·V·2 "
+                 "bytes. \"ours faster\" / \"ours less mem\" = that row's time / peak ÷ ours' (>1: ours better).")
     parts += skip_notes(results)
-    parts += ["", markdown_table(results["rows"])]
+    parts += targets.markdown(results["targets"], meta["gpu_timings"])
+    parts += ["", "## Rows", "", markdown_table(results["rows"])]
     return "\n".join(parts) + "\n"
 
 
 def save(results: dict, out_dir: str) -> None:
     """fused.json and fused.md, flat in out_dir (rewritten after every row)."""
+    results["targets"] = targets.evaluate(targets.FUSED_TARGETS, results["rows"],
+                                          lambda row: f"{row['pairs']} × {row['seq_len']}, "
+                                                      f"{row['ignored_fraction']:.0%} ignored")
     os.makedirs(out_dir, exist_ok=True)
     _write_atomically(os.path.join(out_dir, "fused.json"), json.dumps(_clean(results), indent=1) + "\n")
     _write_atomically(os.path.join(out_dir, "fused.md"), markdown_report(results))
@@ -582,7 +607,9 @@ def save(results: dict, out_dir: str) -> None:
 def _summary(row: dict) -> str:
     if row["status"] != "ok":
         return f"  {row['name']}: {row['status'].upper()} {row['note']}"
-    text = f"  {row['name']}: fwd+bwd {row['fwdbwd_ms']:.3f} ms"
+    text = f"  {row['name']}: " + "  ".join(f"{p} {row[f'{p}_ms']:.3f} ms" for p in PHASES if row[f"{p}_ms"])
+    if row["floor_ratio_sustained"] is not None:
+        text += f" ({row['floor_ratio_sustained']:.2f}× sustained floor {row['gemm_floor_sustained_ms']:.3f} ms)"
     if row["floor_ratio"] is not None:
         text += f" ({row['floor_ratio']:.2f}× GEMM floor {row['gemm_floor_ms']:.3f} ms)"
     if row["peak_extra_bytes"] is not None:
@@ -597,7 +624,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.fused_linear", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="4 pairs x 2048 tokens only, 0%% and 40%% ignored, ours / matmul+fpo / eager")
+                   help=f"4 pairs x 2048 tokens only, 0%% and 40%% ignored, {' / '.join(QUICK_IMPLS)}")
     p.add_argument("--tiny", action="store_true",
                    help=f"tiny shapes even on a GPU (H={TINY_HIDDEN}, V={TINY_VOCAB}, {TINY_PAIRS} pairs x "
                         f"{TINY_SEQ_LEN} tokens; always so without a GPU)")
@@ -605,17 +632,19 @@ def parse_args(argv=None):
                                    f"{','.join(QUICK_IMPLS)} with --quick, all otherwise)")
     p.add_argument("--chunk-sizes", help="comma list of chunk_size values: ours again at each, after ours at the "
                                          "default chunk (e.g. 2048,8192)")
-    p.add_argument("--reps", type=int, help="timed calls per row (default 3 with --quick, else 5)")
+    p.add_argument("--ignored-fraction", help="comma list of ignored fractions (default 0,0.4)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)} (default all)")
+    p.add_argument("--reps", type=int, help="timed calls per phase (default 3 with --quick, else 5)")
     p.add_argument("--out", default="bench_out", help="directory for fused.json and fused.md (default ./bench_out)")
     return p.parse_args(argv)
 
 
 def choose_shapes(args, device) -> list:
-    tiny = args.tiny or device.type != "cuda"
-    if tiny:
-        return [Shape(TINY_HIDDEN, TINY_VOCAB, TINY_PAIRS, TINY_SEQ_LEN, f) for f in IGNORED]
+    ignored = parse_list(args.ignored_fraction, float) if args.ignored_fraction else IGNORED
+    if args.tiny or device.type != "cuda":
+        return [Shape(TINY_HIDDEN, TINY_VOCAB, TINY_PAIRS, TINY_SEQ_LEN, f) for f in ignored]
     seq_lens = QUICK_SEQ_LENS if args.quick else SEQ_LENS
-    return [Shape(HIDDEN, VOCAB, PAIRS, t, f) for t in seq_lens for f in IGNORED]
+    return [Shape(HIDDEN, VOCAB, PAIRS, t, f) for t in seq_lens for f in ignored]
 
 
 def parse_chunk_sizes(text: str) -> list:
@@ -639,15 +668,16 @@ def main(argv=None) -> int:
     chunk_sizes = parse_chunk_sizes(args.chunk_sizes) if args.chunk_sizes else []
     device = bench_device()
     shapes = choose_shapes(args, device)
+    phases = parse_names(args.phases, PHASES, "phase")
     reps = args.reps or (3 if args.quick else 5)
+    timer = RepsTimer(device, reps)
     meta = describe(device)
-    meta.update(timer=(GpuTimer.kind if device.type == "cuda" else CpuTimer.kind) + f", {reps} timed calls",
-                args=vars(args), hidden=shapes[0].hidden, vocab=shapes[0].vocab, dtype=DTYPE_NAME,
-                beta=BETA, gamma=GAMMA, gemms_in_floor=GEMMS_IN_FLOOR, matmul=None)
+    meta.update(timer=timer.kind, args=vars(args), hidden=shapes[0].hidden, vocab=shapes[0].vocab, dtype=DTYPE_NAME,
+                beta=BETA, gamma=GAMMA, matmul=None, gemm_loops=[])
     print_start(meta, device)
 
     keys = choose_impls(args)
-    impls, skipped = build_impls(keys, device)
+    impls, skipped = build_impls(IMPLS, keys, device)
     if impls and impls[0].key == "ours":
         impls[1:1] = [Ours(chunk_size=c) for c in chunk_sizes]
     if args.quick and not args.impls:
@@ -667,12 +697,12 @@ def main(argv=None) -> int:
             print(f"bf16 matmul rate: {tflops:.0f} TFLOP/s ({MATMUL_SIZE}³ torch.mm, {meta['matmul']['ms']:.3f} ms)",
                   flush=True)
         except Exception as exc:  # the rows still get times and memory, only the GEMM floor goes missing
-            meta["matmul_note"] = f"measurement failed: {_describe_failure(exc)}"
+            meta["matmul_note"] = f"measurement failed: {describe_failure(exc)}"
             release_memory()
             print(f"matmul rate not measured: {meta['matmul_note']}", flush=True)
     else:
         meta["matmul_note"] = "CPU run, not measured"
-        print("bf16 matmul rate: n/a on the CPU (no GEMM floor)", flush=True)
+        print("bf16 matmul rate: n/a on the CPU (no 8192³ GEMM floor)", flush=True)
     save(results, args.out)
 
     weight = None
@@ -686,7 +716,7 @@ def main(argv=None) -> int:
                 weight = make_weight(shape.hidden, shape.vocab, device)
             x = make_inputs(shape, weight)
         except Exception as exc:
-            reason = f"could not make inputs: {_describe_failure(exc)}"
+            reason = f"could not make inputs: {describe_failure(exc)}"
         if reason is not None:
             x = weight = None
             release_memory()
@@ -694,10 +724,21 @@ def main(argv=None) -> int:
             results["skipped_shapes"].append({"shape": shape.label(), "reason": reason})
             save(results, args.out)
             continue
+        loop = None
+        try:
+            loop = chunk_gemm_loop(shape, weight, device, reps)
+            meta["gemm_loops"].append(loop)
+            print(f"  sustained GEMM rate: {loop['tflops']:.4g} TFLOP/s (chunk {loop['chunk']}, "
+                  f"{loop['ms']:.4g} ms per pass over V)", flush=True)
+        except Exception as exc:  # the rows keep the 8192³ floor
+            print(f"  sustained GEMM rate not measured: {describe_failure(exc)}", flush=True)
+        release_memory()
         shape_rows = []
         for impl in impls:
-            row = measure_row(impl, shape, x, device, reps, tflops)
-            record_row(row, shape_rows, results, compare_with_ours, _summary)
+            row = new_row(shape, impl, impl.inputs(x).grad_bytes)
+            run_implementation(impl, shape, [x], timer, device, row, shape_rows,
+                               lambda r, m: _fill(r, m, shape, reps, tflops, loop), phases)
+            record_row(row, shape_rows, results, lambda rows: compare_with_ours(rows, _memory_vs_ours), _summary)
             save(results, args.out)
             release_memory()
         del x, shape_rows
@@ -709,7 +750,7 @@ def main(argv=None) -> int:
     meta["float32_addmm"] = float32_addmm_used(device)
     results["complete"] = True
     save(results, args.out)
-    print(f"\nfinished in {meta['wall_s']} s; results in {os.path.join(args.out, 'fused.json')}, fused.md\n")
+    print(f"\nfinished in {meta['wall_s']} s; results in {written_files(args.out, ['fused.json', 'fused.md'])}\n")
     return print_end(report_header(meta), markdown_table(results["rows"]), results["rows"], ("error", "oom"))
 
 

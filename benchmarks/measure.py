@@ -1,8 +1,10 @@
-"""Timing one implementation on one shape: forward, backward, forward+backward and peak memory.
+"""Timing one implementation on one shape: forward, backward, forward+backward and peak memory. Both
+benchmarks (logits path, hidden-state path) measure every implementation through `measure` below.
 
 What each phase times:
   fwd      the loss with autograd recording, as in training (the graph is built, then dropped).
-  fwd+bwd  the loss, then torch.autograd.grad(loss, [chosen_logits, rejected_logits]). autograd.grad
+  fwd+bwd  the loss, then torch.autograd.grad(loss, x.grad_inputs) (the logits; or the hidden states and,
+           unless frozen, the weight). autograd.grad
            returns fresh gradients instead of accumulating into .grad, so repeats do not add the extra
            read-modify-write of an accumulation that a single training step never pays.
   bwd      for implementations that leave their inputs alone: one graph per input set is built once,
@@ -28,13 +30,15 @@ from .environment import is_out_of_memory, release_memory, synchronize
 from .inputs import refill, work_copy
 from .timing import peak_extra_bytes
 
+PHASES = ("fwd", "bwd", "fwdbwd")
+
 
 @dataclass
 class Measurement:
-    fwd_ms: float
-    bwd_ms: float
-    fwdbwd_ms: float
-    bwd_method: str      # "retain_graph" or "fresh_graph"
+    fwd_ms: float | None           # None: that phase was not asked for
+    bwd_ms: float | None
+    fwdbwd_ms: float | None
+    bwd_method: str | None         # "retain_graph" or "fresh_graph" (None: bwd not timed)
     bwd_note: str
     peak_extra_bytes: int | None
     loss: float
@@ -45,46 +49,60 @@ def _grads(loss, inputs, retain_graph=False):
     return torch.autograd.grad(loss, inputs, retain_graph=retain_graph)
 
 
-def measure(impl, sets, timer, device) -> Measurement:
-    if impl.overwrites_inputs:
-        return _measure_on_private_copy(impl, sets, timer, device)
-    return _measure_shared(impl, sets, timer, device)
+def measure(impl, sets, timer, device, phases=PHASES) -> Measurement:
+    """Warm-up call, peak memory of one fwd+bwd, then the median of each phase in `phases`.
 
+    `timer.for_step(ms of that one fwd+bwd)` gives the timer used (a fixed call count for long steps).
+    Implementations that overwrite their inputs get a private copy refilled from the next set before every
+    timed call (logits path only: inputs.work_copy)."""
+    sets = [impl.inputs(x) for x in sets]
+    work = work_copy(sets[0]) if impl.overwrites_inputs else None
 
-def _measure_shared(impl, sets, timer, device) -> Measurement:
+    def take(source):
+        return source if work is None else refill(work, source)
+
+    def step(x):
+        return _grads(impl.loss(x), x.grad_inputs)
+
     started = time.perf_counter()
-    first = sets[0]
-    loss = impl.loss(first)  # warm-up: JIT / torch.compile happen here, outside any timing
+    first = take(sets[0])
+    loss = impl.loss(first)  # warm-up: JIT / torch.compile / cuBLAS heuristics happen here, untimed
     loss_value = float(loss.detach())
     _grads(loss, first.grad_inputs)
     del loss
     synchronize(device)
     warmup_s = time.perf_counter() - started
 
-    peak = peak_extra_bytes(device, lambda: _grads(impl.loss(first), first.grad_inputs))
+    started = time.perf_counter()
+    first = take(sets[0])
+    peak = peak_extra_bytes(device, lambda: step(first))
+    timer = timer.for_step((time.perf_counter() - started) * 1e3)
     rotation = itertools.cycle(sets)
-    fwd = timer.median_ms(lambda: impl.loss(next(rotation)))
 
-    def step():
-        x = next(rotation)
-        return _grads(impl.loss(x), x.grad_inputs)
+    def timed(fn):
+        if work is None:
+            return timer.median_ms(lambda: fn(next(rotation)))
+        return timer.median_ms_with_setup(lambda: take(next(rotation)), fn)
 
-    fwdbwd = timer.median_ms(step)
-    bwd, method, note = _backward_ms(impl, sets, timer)
+    fwd = timed(impl.loss) if "fwd" in phases else None
+    fwdbwd = timed(step) if "fwdbwd" in phases else None
+    bwd, method, note = _backward_ms(impl, sets, timer, take, work is None) if "bwd" in phases else (None, None, "")
     return Measurement(fwd, bwd, fwdbwd, method, note, peak, loss_value, warmup_s)
 
 
-def _backward_ms(impl, sets, timer):
+def _backward_ms(impl, sets, timer, take, shared: bool):
     """(ms, method, note): retain_graph re-runs when the implementation allows them, else fresh graphs."""
-    try:
-        return _backward_on_retained_graphs(impl, sets, timer), "retain_graph", ""
-    except Exception as exc:
-        if is_out_of_memory(exc):
-            raise
-        text = str(exc).strip().splitlines()
-        note = f"retain_graph refused ({type(exc).__name__}: {text[0][:100] if text else ''})"
-    release_memory()  # the retained graphs died with the exception's traceback
-    return _backward_on_fresh_graphs(impl, sets, timer, lambda x: x), "fresh_graph", note
+    note = ""
+    if shared:
+        try:
+            return _backward_on_retained_graphs(impl, sets, timer), "retain_graph", ""
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            text = str(exc).strip().splitlines()
+            note = f"retain_graph refused ({type(exc).__name__}: {text[0][:100] if text else ''})"
+        release_memory()  # the retained graphs died with the exception's traceback
+    return _backward_on_fresh_graphs(impl, sets, timer, take), "fresh_graph", note
 
 
 def _backward_on_retained_graphs(impl, sets, timer):
@@ -99,35 +117,12 @@ def _backward_on_retained_graphs(impl, sets, timer):
     return timer.median_ms(backward)
 
 
-def _backward_on_fresh_graphs(impl, sets, timer, prepare_inputs):
+def _backward_on_fresh_graphs(impl, sets, timer, take):
     """Median of single backwards, each on a graph built (untimed) just before it."""
     rotation = itertools.cycle(sets)
 
     def fresh_graph():
-        x = prepare_inputs(next(rotation))
+        x = take(next(rotation))
         return impl.loss(x), x.grad_inputs
 
     return timer.median_ms_with_setup(fresh_graph, lambda graph: _grads(*graph))
-
-
-def _measure_on_private_copy(impl, sets, timer, device) -> Measurement:
-    work = work_copy(sets[0])
-    started = time.perf_counter()
-    loss = impl.loss(refill(work, sets[0]))
-    loss_value = float(loss.detach())
-    _grads(loss, work.grad_inputs)
-    del loss
-    synchronize(device)
-    warmup_s = time.perf_counter() - started
-
-    refill(work, sets[0])
-    peak = peak_extra_bytes(device, lambda: _grads(impl.loss(work), work.grad_inputs))
-    rotation = itertools.cycle(sets)
-
-    def fresh():
-        return refill(work, next(rotation))
-
-    fwd = timer.median_ms_with_setup(fresh, lambda x: impl.loss(x))
-    fwdbwd = timer.median_ms_with_setup(fresh, lambda x: _grads(impl.loss(x), x.grad_inputs))
-    bwd = _backward_on_fresh_graphs(impl, sets, timer, lambda source: refill(work, source))
-    return Measurement(fwd, bwd, fwdbwd, "fresh_graph", "", peak, loss_value, warmup_s)

@@ -29,7 +29,7 @@ def save_plot(results: dict, out_dir: str):
         return None
     tokens = _main_tokens(rows)
     rows = [r for r in rows if r["tokens"] == tokens]
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    impls = list(dict.fromkeys(r["name"] for r in rows))
     panels = sorted({(r["dtype"], r["ignored_fraction"]) for r in rows})
 
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.5), squeeze=False)
@@ -38,7 +38,7 @@ def save_plot(results: dict, out_dir: str):
     for ax, (dtype, ignored) in zip(axes, panels):
         for impl in impls:
             points = sorted((r["vocab"], r["fwdbwd_gbps"]) for r in rows
-                            if r["impl"] == impl and r["dtype"] == dtype and r["ignored_fraction"] == ignored)
+                            if r["name"] == impl and r["dtype"] == dtype and r["ignored_fraction"] == ignored)
             if points:
                 ax.plot(*zip(*points), marker="o", label=impl)
         if copy:
@@ -55,7 +55,7 @@ def save_plot(results: dict, out_dir: str):
     for i, impl in enumerate(impls):
         heights = []
         for vocab, dtype in groups:
-            match = [r["peak_extra_bytes"] for r in rows if r["impl"] == impl and r["vocab"] == vocab
+            match = [r["peak_extra_bytes"] for r in rows if r["name"] == impl and r["vocab"] == vocab
                      and r["dtype"] == dtype and r["peak_extra_bytes"] is not None]
             heights.append(max(match) / 2**30 if match else 0.0)
         ax.bar([g + i * width for g in range(len(groups))], heights, width, label=impl)

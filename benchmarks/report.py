@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+from . import targets
+
 COLUMNS = ("vocab", "tokens", "dtype", "ignored", "impl", "fwd ms", "bwd ms", "fwd+bwd ms",
            "fwd GB/s (% copy)", "bwd GB/s (% copy)", "fwd+bwd GB/s (% copy)", "peak extra MiB",
            "ours faster (fwd+bwd)", "note")
@@ -30,15 +32,14 @@ def _row_cells(row: dict) -> list:
     peak = row["peak_extra_bytes"]
     note = row["note"] if row["status"] == "ok" else f"{row['status'].upper()}: {row['note']}"
     if row["status"] == "ok" and row.get("bwd_method") == "fresh_graph":
-        refused = note.startswith("retain_graph refused")
-        note = "bwd on fresh graphs" + (" (retain_graph refused)" if refused else f"; {note}" if note else "")
+        note = "bwd on fresh graphs" + (f"; {note}" if note else "")
     if row["impl"] == "ours":
         speedup = "—"
     elif row["speedup_fwdbwd"] is not None:
         speedup = f"{row['speedup_fwdbwd']:.3g}×"
     else:
         speedup = "—"
-    return [str(row["vocab"]), str(row["tokens"]), row["dtype"], f"{row['ignored_fraction']:.0%}", row["impl"],
+    return [str(row["vocab"]), str(row["tokens"]), row["dtype"], f"{row['ignored_fraction']:.0%}", row["name"],
             *(_ms(row[f"{p}_ms"]) for p in phases),
             *(_bandwidth(row[f"{p}_gbps"], row[f"{p}_pct_copy"]) for p in phases),
             f"{peak / 2**20:.0f}" if peak is not None else "n/a", speedup, note.replace("|", "/")]
@@ -50,8 +51,17 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def commit_line(meta: dict) -> str:
+    commit = meta.get("commit")
+    if not commit:
+        return "Commit: unknown (no git checkout and no BENCH_COMMIT)"
+    dirty = {True: " + uncommitted changes to tracked files", False: " (clean tree)", None: " (tree state unknown)"}
+    return f"Commit: {commit[:12]}{dirty[meta.get('commit_dirty')]}"
+
+
 def header_lines(meta: dict) -> list:
-    lines = [f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
+    lines = [commit_line(meta),
+             f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
              f"CUDA {meta['cuda']}",
              f"Timing: {meta['timer']}",
              f"Device copy bandwidth (same run, read+write): {meta['copy']['gbps']:.0f} GB/s"
@@ -99,8 +109,18 @@ def markdown_report(results: dict) -> str:
     parts.append("Floor bytes: fwd reads valid rows' logits once; bwd reads them once and writes the whole "
                  "gradient once. \"ours faster\" = that row's fwd+bwd time / ours'.")
     parts += skip_notes(results)
-    parts += ["", markdown_table(results["rows"])]
+    parts += targets.markdown(results["targets"], meta["gpu_timings"])
+    parts += ["", "## Rows", "", markdown_table(results["rows"])]
     return "\n".join(parts) + "\n"
+
+
+def _shape_label(row: dict) -> str:
+    return f"V={row['vocab']}, {row['tokens']} tokens, {row['dtype']}, {row['ignored_fraction']:.0%} ignored"
+
+
+def written_files(out_dir: str, names) -> str:
+    """"dir/a, b" for the files this run wrote (names in out_dir)."""
+    return ", ".join([os.path.join(out_dir, names[0]), *names[1:]]) if names else "(none)"
 
 
 def _clean(value):
@@ -123,6 +143,7 @@ def _write_atomically(path: str, text: str) -> None:
 
 def save(results: dict, out_dir: str) -> None:
     """bench.json and bench.md in out_dir (rewritten after every row)."""
+    results["targets"] = targets.evaluate(targets.LOGITS_TARGETS, results["rows"], _shape_label)
     os.makedirs(out_dir, exist_ok=True)
     _write_atomically(os.path.join(out_dir, "bench.json"), json.dumps(_clean(results), indent=1) + "\n")
     _write_atomically(os.path.join(out_dir, "bench.md"), markdown_report(results))

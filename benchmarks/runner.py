@@ -1,8 +1,10 @@
 """The benchmark loop: for each shape, make the input sets, time every implementation, record a row.
 
-A failure stays local: an implementation that runs out of memory is retried once with a single input
-set (the others freed), then recorded as OOM; any other exception is recorded as an error with its
-message. `on_update` is called after every row so partial results reach disk as the run goes.
+`run_implementation`, `compare_with_ours` and `record_row` are shared with the hidden-state benchmark
+(fused_linear.py): one way to measure, fail, retry and compare. A failure stays local: an implementation
+that runs out of memory is retried once with a single input set (the others freed), then recorded as OOM;
+any other exception is recorded as an error with its message. `on_update` is called after every row so
+partial results reach disk as the run goes.
 """
 
 from __future__ import annotations
@@ -12,29 +14,34 @@ import traceback
 
 from .environment import is_out_of_memory, release_memory
 from .inputs import make_input_set, plan_input_sets
-from .measure import measure
+from .measure import PHASES, measure
 
-PHASES = ("fwd", "bwd", "fwdbwd")
 LOSS_MISMATCH = 1e-2
 
 
-def new_row(shape, impl_name: str, input_sets: int) -> dict:
+def new_row(shape, impl, input_sets: int) -> dict:
     return {
         "vocab": shape.vocab, "tokens": shape.tokens, "pairs": shape.pairs, "seq_len": shape.seq_len,
         "dtype": shape.dtype_name, "ignored_fraction": shape.ignored_fraction,
-        "valid_tokens": shape.valid_tokens, "impl": impl_name, "status": "ok", "note": "",
-        "input_sets": input_sets,
+        "valid_tokens": shape.valid_tokens, "impl": impl.key, "name": impl.name, "status": "ok",
+        "note": impl.note, "input_sets": input_sets,
         **{f"{p}_ms": None for p in PHASES}, "bwd_method": None,
         **{f"{p}_bytes": b for p, b in shape.floor_bytes().items()},
         **{f"{p}_gbps": None for p in PHASES}, **{f"{p}_pct_copy": None for p in PHASES},
-        "peak_extra_bytes": None, "loss": None, "loss_rel_diff_vs_ours": None, "warmup_s": None,
-        **{f"speedup_{p}": None for p in PHASES},
+        "peak_extra_bytes": None, "loss": None, "loss_comparable": impl.comparable, "loss_rel_diff_vs_ours": None,
+        "warmup_s": None, **{f"speedup_{p}": None for p in PHASES},
     }
 
 
-def _fill_timings(row: dict, m, copy_gbps: float) -> None:
-    row.update(fwd_ms=m.fwd_ms, bwd_ms=m.bwd_ms, fwdbwd_ms=m.fwdbwd_ms, bwd_method=m.bwd_method,
-               note=m.bwd_note, peak_extra_bytes=m.peak_extra_bytes, loss=m.loss, warmup_s=round(m.warmup_s, 3))
+def fill_timings(row: dict, m) -> None:
+    """The measurement's fields every row has (both benchmarks)."""
+    note = "; ".join(text for text in (row["note"], m.bwd_note) if text)
+    row.update(fwd_ms=m.fwd_ms, bwd_ms=m.bwd_ms, fwdbwd_ms=m.fwdbwd_ms, bwd_method=m.bwd_method, note=note,
+               peak_extra_bytes=m.peak_extra_bytes, loss=m.loss, warmup_s=round(m.warmup_s, 3))
+
+
+def _fill_bandwidth(row: dict, m, copy_gbps: float) -> None:
+    fill_timings(row, m)
     for phase in PHASES:
         ms = row[f"{phase}_ms"]
         if ms and ms > 0:
@@ -43,8 +50,9 @@ def _fill_timings(row: dict, m, copy_gbps: float) -> None:
             row[f"{phase}_pct_copy"] = 100.0 * gbps / copy_gbps if copy_gbps else None
 
 
-def _compare_with_ours(shape_rows: list) -> None:
-    """Speed-up of ours over each row (row time / ours' time) and the loss' relative difference."""
+def compare_with_ours(shape_rows: list, more=None) -> None:
+    """Per phase, each row's time over ours' (speedup_<phase>: >1 ours faster), the loss' relative difference
+    where the row computes the same loss, and `more(row, ours)` for a benchmark's own comparisons."""
     ours = next((r for r in shape_rows if r["impl"] == "ours" and r["status"] == "ok"), None)
     if ours is None:
         return
@@ -52,33 +60,37 @@ def _compare_with_ours(shape_rows: list) -> None:
         if row["status"] != "ok":
             continue
         for phase in PHASES:
-            mine, theirs = ours[f"{phase}_ms"], row[f"{phase}_ms"]
+            mine, theirs = ours.get(f"{phase}_ms"), row.get(f"{phase}_ms")
             if mine and theirs:
                 row[f"speedup_{phase}"] = theirs / mine
-        if row["loss"] is not None and ours["loss"] is not None:
+        if row["loss"] is not None and ours["loss"] is not None and row["loss_comparable"]:
             row["loss_rel_diff_vs_ours"] = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-6)
+        if more is not None:
+            more(row, ours)
 
 
-def _describe_failure(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def run_implementation(impl, shape, sets: list, timer, device, copy_gbps: float) -> dict:
-    row = new_row(shape, impl.name, len(sets))
+def run_implementation(impl, shape, sets: list, timer, device, row: dict, shape_rows: list, fill,
+                       phases=PHASES) -> dict:
+    """Measure impl on sets into row (`fill(row, measurement)`), or record why it could not be."""
     started = time.perf_counter()
     while True:
         status = note = None
         try:
-            impl.prepare(shape)
-            m = measure(impl, sets, timer, device)
+            impl.prepare(shape, shape_rows)
+            row["note"] = impl.note  # prepare may have set it (e.g. the memory budget chosen)
+            m = measure(impl, sets, timer, device, phases)
         except Exception as exc:  # one implementation's failure must not end the run
             status = "oom" if is_out_of_memory(exc) else "error"
-            note = _describe_failure(exc)
+            note = describe_failure(exc)
             if status == "error":
                 print(f"  {impl.name}: error\n" + "".join(traceback.format_exc(limit=-4)), flush=True)
         if status is None:
-            _fill_timings(row, m, copy_gbps)
+            fill(row, m)
             break
         release_memory()  # outside the except block: the traceback no longer holds the tensors
         if status == "oom" and len(sets) > 1:
@@ -95,10 +107,10 @@ def run_implementation(impl, shape, sets: list, timer, device, copy_gbps: float)
 
 def _summary(row: dict) -> str:
     if row["status"] != "ok":
-        return f"  {row['impl']}: {row['status'].upper()} {row['note']}"
+        return f"  {row['name']}: {row['status'].upper()} {row['note']}"
     peak = row["peak_extra_bytes"]
     peak_text = f"  peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
-    return (f"  {row['impl']}: fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  "
+    return (f"  {row['name']}: fwd {row['fwd_ms']:.3f} ms  bwd {row['bwd_ms']:.3f} ms  "
             f"fwd+bwd {row['fwdbwd_ms']:.3f} ms{peak_text}  ({row['wall_s']} s, warm-up {row['warmup_s']} s)")
 
 
@@ -111,8 +123,7 @@ def record_row(row: dict, shape_rows: list, results: dict, compare, summarize) -
     print(summarize(row), flush=True)
     diff = row["loss_rel_diff_vs_ours"]
     if diff is not None and diff > LOSS_MISMATCH:
-        name = row.get("name", row["impl"])
-        print(f"  WARNING: {name} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
+        print(f"  WARNING: {row['name']} loss {row['loss']:.6g} differs from ours by {diff:.2%}", flush=True)
 
 
 def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: dict, on_update) -> None:
@@ -125,7 +136,7 @@ def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: 
             try:
                 sets = [make_input_set(shape, device, seed=1000 + i) for i in range(n_sets)]
             except Exception as exc:
-                reason = f"could not make inputs: {_describe_failure(exc)}"
+                reason = f"could not make inputs: {describe_failure(exc)}"
         if reason is not None:
             sets = []
             release_memory()
@@ -136,8 +147,10 @@ def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: 
         print(f"  {len(sets)} input set(s) of {shape.logits_bytes / 1e9:.3g} GB logits", flush=True)
         shape_rows = []
         for impl in impls:
-            row = run_implementation(impl, shape, sets, timer, device, copy_gbps)
-            record_row(row, shape_rows, results, _compare_with_ours, _summary)
+            row = new_row(shape, impl, len(sets))
+            run_implementation(impl, shape, sets, timer, device, row, shape_rows,
+                               lambda r, m: _fill_bandwidth(r, m, copy_gbps))
+            record_row(row, shape_rows, results, compare_with_ours, _summary)
             on_update()
         del sets, shape_rows
         release_memory()

@@ -26,6 +26,10 @@ class GpuTimer:
         self.min_reps, self.max_reps = min_reps, max_reps
         self._flush = None
 
+    def for_step(self, step_ms: float):
+        """The timer for an implementation whose one training step took about step_ms: this one."""
+        return self
+
     def median_ms(self, fn) -> float:
         import triton.testing
 
@@ -58,11 +62,14 @@ class CpuTimer:
     def __init__(self, reps: int):
         self.reps = reps
 
+    def for_step(self, step_ms: float):
+        return self
+
     def median_ms(self, fn) -> float:
         return self.median_ms_with_setup(lambda: None, lambda _state: fn())
 
     def median_ms_with_setup(self, setup, fn) -> float:
-        fn(setup())  # warm-up (the interpreter and autograd caches)
+        """No warm-up call of its own: measure.measure makes an untimed first call of every implementation."""
         times = []
         for _ in range(self.reps):
             state = setup()
@@ -71,6 +78,22 @@ class CpuTimer:
             times.append((time.perf_counter() - start) * 1e3)
             del out, state
         return statistics.median(times)
+
+
+class RepsTimer:
+    """A fixed number of timed calls whatever a call costs (the hidden-state path's 100-400 ms steps): on a GPU,
+    do_bench with a 1 ms warm-up (one call) and a time budget of reps calls of the step's measured length."""
+
+    def __init__(self, device: torch.device, reps: int):
+        self.device, self.reps = device, reps
+        self.kind = (GpuTimer.kind if device.type == "cuda" else CpuTimer.kind) + f", {reps} timed calls"
+
+    def for_step(self, step_ms: float):
+        if self.device.type != "cuda":
+            return CpuTimer(self.reps)
+        # do_bench: 1 + 5 estimate calls, then warmup/estimate (at least 1) and rep/estimate calls.
+        # The extra half call keeps int(rep / estimate) from rounding down to reps - 1.
+        return GpuTimer(self.device, warmup_ms=1, rep_ms=max(1, int((self.reps + 0.5) * step_ms)))
 
 
 def peak_extra_bytes(device: torch.device, fn):
@@ -102,7 +125,7 @@ def copy_bandwidth(device: torch.device, timer) -> dict:
     return {"buffer_bytes": numel * 4, "bytes_moved": moved, "ms": ms, "gbps": moved / ms / 1e6}
 
 
-def make_timer(device: torch.device, quick: bool):
+def make_timer(device: torch.device, quick: bool, cpu_reps: int | None = None):
     if device.type == "cuda":
         return GpuTimer(device, warmup_ms=25, rep_ms=100 if quick else 250)
-    return CpuTimer(reps=3 if quick else 5)
+    return CpuTimer(reps=cpu_reps or (3 if quick else 5))

@@ -17,7 +17,7 @@ from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathe
 from .logprobs.logits import is_dtensor, sequence_logps, sum_per_sequence, token_logps
 from .logprobs.packing import layout_of, token_counts
 from .losses import preference_loss
-from .losses.validation import check_options, resolve_loss_types
+from .losses.validation import check_options, check_tensors, resolve_loss_types
 from .output import PreferenceLossOutput
 
 
@@ -51,6 +51,12 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight, reduction=reduction,
                   **options)
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what)
+    # The (B,) tensors the primitive will produce, as empty stand-ins: preference_loss's own tensor checks
+    # (reference-free losses given references, pair_weights' shape, ...) run before any kernel.
+    logps, counts = torch.empty((batch,), device=device), torch.empty((batch,), dtype=torch.int64, device=device)
+    check_tensors(names, chosen_logps=logps, rejected_logps=logps, ref_chosen_logps=ref_chosen_logps,
+                  ref_rejected_logps=ref_rejected_logps, chosen_token_counts=counts, rejected_token_counts=counts,
+                  pair_weights=loss_options.get("pair_weights"))
 
 
 def _each_side(logps_fn, sides, **options):

@@ -49,6 +49,42 @@ def run(rank, world, port, scenarios):
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------ the parent's side: spawning a bounded group
+
+SPAWN_TIMEOUT_S = 150
+
+
+def free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(world, scenarios, target=None, timeout_s=SPAWN_TIMEOUT_S):
+    """Runs target(rank, world, port, scenarios) (default: `run`) in `world` spawned processes; a worker's
+    exception is raised here (ProcessRaisedException), and a group still running after timeout_s fails the
+    test (its processes killed) instead of blocking."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(target or run, args=(world, free_port(), tuple(scenarios)), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world}-process group did not finish {scenarios} within {timeout_s} s: a hang")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
 # ------------------------------------------------------------------ helpers
 
 def _world():
@@ -345,6 +381,245 @@ def errors(rank, world):
     _close(vocab_parallel_sequence_logps(full[..., start:stop], labels, group=group), ref, "after the errors")
 
 
+# ------------------------------------------------------------------ the public entry points with group keywords
+
+def _counts(labels, cu_seqlens=None):
+    if cu_seqlens is None:
+        return (labels != -100).long().sum(-1)
+    bounds = cu_seqlens.tolist()
+    return torch.stack([(labels[a:b] != -100).sum() for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def _pair_reference(chosen_logits64, rejected_logits64, chosen_labels, rejected_labels, leaves, **options):
+    """float64: (loss, gradients of the loss with respect to `leaves`) of fk.preference_loss on the reference
+    log-probs (token counts from the labels)."""
+    import focal_kernels as fk
+    from focal_kernels import reference
+
+    out = fk.preference_loss(reference.sequence_logps(chosen_logits64, chosen_labels),
+                             reference.sequence_logps(rejected_logits64, rejected_labels),
+                             chosen_token_counts=_counts(chosen_labels),
+                             rejected_token_counts=_counts(rejected_labels), **options)
+    return out.loss.detach(), torch.autograd.grad(out.loss, leaves)
+
+
+def api_logits(rank, world):
+    """fk.sequence_logps with vocab_parallel_group (padded and packed, with token counts), with
+    sequence_parallel_group, with DTensor logits and no group; inplace_backward=True refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import focal_kernels as fk
+
+    group = _world()
+    start, stop = _slice(rank, world)
+    for packed in (False, True):
+        cu = torch.tensor([0, 3, 3, 8, 11], dtype=torch.int64) if packed else None
+        full = _logits((11, V), 81) if packed else _logits((3, 5, V), 82)
+        labels = _labels((11,), 83) if packed else _labels((3, 5), 84)
+        ref, ref_grad = _reference_logits(full, labels, cu)
+        local = full[..., start:stop].clone().requires_grad_(True)
+        logps, counts = fk.sequence_logps(local, labels, cu_seqlens=cu, return_token_counts=True,
+                                          vocab_parallel_group=group)
+        _close(logps, ref, f"fk.sequence_logps vocab-parallel logps (packed={packed})")
+        assert torch.equal(counts, _counts(labels, cu)), (counts, _counts(labels, cu))
+        _loss(logps).backward()
+        _close(local.grad, ref_grad[..., start:stop], f"fk.sequence_logps vocab-parallel grad (packed={packed})",
+               1e-5, 1e-6)
+        # the same logits through the single-rank path give the single-rank answer (no group: no communication)
+        _close(fk.sequence_logps(full, labels, cu_seqlens=cu), ref, "fk.sequence_logps without a group")
+
+    # sequence-parallel: each rank holds a slice of every sequence's time steps (padded) or of the packed tokens
+    full = _logits((2, 7, V), 85)
+    labels = _labels((2, 7), 86)
+    ref, ref_grad = _reference_logits(full, labels)
+    a, b = _token_split(7, rank, world)
+    local = full[:, a:b].clone().requires_grad_(True)
+    logps, counts = fk.sequence_logps(local, labels[:, a:b], return_token_counts=True, sequence_parallel_group=group)
+    _close(logps, ref, "fk.sequence_logps sequence-parallel logps")
+    assert torch.equal(counts, _counts(labels)), (counts, _counts(labels))
+    _loss(logps).backward()
+    _close(local.grad, ref_grad[:, a:b], "fk.sequence_logps sequence-parallel grad", 1e-5, 1e-6)
+    cu = torch.tensor([0, 4, 4, 9, 12])
+    full = _logits((12, V), 87)
+    labels = _labels((12,), 88)
+    ref, ref_grad = _reference_logits(full, labels, cu)
+    a, b = _token_split(12, rank, world)
+    local = full[a:b].clone().requires_grad_(True)
+    logps, counts = fk.sequence_logps(local, labels[a:b], cu_seqlens=cu.clamp(a, b) - a, return_token_counts=True,
+                                      sequence_parallel_group=group)
+    _close(logps, ref, "fk.sequence_logps sequence-parallel packed logps")
+    assert torch.equal(counts, _counts(labels, cu)), (counts, _counts(labels, cu))
+    _loss(logps).backward()
+    _close(local.grad, ref_grad[a:b], "fk.sequence_logps sequence-parallel packed grad", 1e-5, 1e-6)
+
+    # DTensor logits sharded on the vocabulary: no group needed
+    mesh = init_device_mesh("cpu", (world,))
+    full = _logits((2, 4, V), 89)
+    labels = _labels((2, 4), 90)
+    ref, ref_grad = _reference_logits(full, labels)
+    sharded = distribute_tensor(full, mesh, [Shard(2)]).requires_grad_(True)
+    logps, counts = fk.sequence_logps(sharded, labels, return_token_counts=True)
+    _close(logps, ref, "fk.sequence_logps DTensor logps")
+    assert torch.equal(counts, _counts(labels))
+    _loss(logps).backward()
+    _close(sharded.grad.full_tensor(), ref_grad, "fk.sequence_logps DTensor grad", 1e-5, 1e-6)
+
+    # inplace_backward=True is refused with any group and with DTensor logits, before any communication
+    local = full[..., start:stop] * 1.0
+    for keywords in (dict(vocab_parallel_group=group), dict(sequence_parallel_group=group)):
+        _raises(ValueError, ["inplace_backward"],
+                lambda: fk.sequence_logps(local, labels, inplace_backward=True, **keywords))
+    _raises(ValueError, ["inplace_backward"],
+            lambda: fk.sequence_logps(distribute_tensor(full, mesh, [Shard(2)]), labels, inplace_backward=True))
+    _raises(ValueError, ["inplace_backward"],
+            lambda: fk.focal_po_loss(local, local * 1.0, labels, labels, inplace_backward=True,
+                                     vocab_parallel_group=group))
+
+
+def api_hidden(rank, world):
+    """fk.fused_linear_sequence_logps with vocab_parallel_group (padded with bias and the logit transform,
+    packed; token counts; a DTensor weight taken as this rank's slice), with sequence_parallel_group;
+    memory_budget refused with vocab_parallel_group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import focal_kernels as fk
+    from focal_kernels import reference
+
+    group = _world()
+    start, stop = _slice(rank, world)
+    H = 8
+    for packed in (False, True):
+        options = {} if packed else dict(logit_softcap=5.0, logit_scale=0.8, temperature=1.2)
+        cu = torch.tensor([0, 4, 4, 10], dtype=torch.int32) if packed else None
+        weight = _logits((V, H), 91) / 2
+        bias = None if packed else _logits((V,), 92)
+        hidden = _logits((10, H), 93) if packed else _logits((2, 5, H), 94)
+        labels = _labels((10,), 95) if packed else _labels((2, 5), 96)
+        leaves = [hidden.double().requires_grad_(True), weight.double().requires_grad_(True)]
+        if bias is not None:
+            leaves.append(bias.double().requires_grad_(True))
+        ref = reference.sequence_logps(reference.linear_logits(*leaves, **options), labels, cu_seqlens=cu)
+        ref_grads = torch.autograd.grad(_loss(ref), leaves)
+        h = hidden.clone().requires_grad_(True)
+        w = weight[start:stop].clone().requires_grad_(True)
+        b = None if bias is None else bias[start:stop].clone().requires_grad_(True)
+        logps, counts = fk.fused_linear_sequence_logps(h, w, labels, b, cu_seqlens=cu, return_token_counts=True,
+                                                       chunk_size=6, vocab_parallel_group=group, **options)
+        what = f"fk.fused_linear_sequence_logps vocab-parallel (packed={packed})"
+        _close(logps, ref, f"{what} logps")
+        assert torch.equal(counts, _counts(labels, cu)), (counts, _counts(labels, cu))
+        _loss(logps).backward()
+        _close(h.grad, ref_grads[0], f"{what} hidden grad", 1e-5, 1e-5)
+        _close(w.grad, ref_grads[1][start:stop], f"{what} weight grad", 1e-5, 1e-5)
+        if b is not None:
+            _close(b.grad, ref_grads[2][start:stop], f"{what} bias grad", 1e-5, 1e-5)
+
+    # a DTensor weight with vocab_parallel_group is this rank's slice (torch.chunk sizes: 19 and 18)
+    mesh = init_device_mesh("cpu", (world,))
+    weight = _logits((V, H), 97) / 2
+    hidden = _logits((2, 4, H), 98)
+    labels = _labels((2, 4), 99)
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref = reference.sequence_logps(reference.linear_logits(h64, w64), labels)
+    ref_h, ref_w = torch.autograd.grad(_loss(ref), [h64, w64])
+    sharded = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    logps = fk.fused_linear_sequence_logps(h, sharded, labels, vocab_parallel_group=group)
+    _close(logps, ref, "DTensor weight with vocab_parallel_group: logps")
+    _loss(logps).backward()
+    _close(h.grad, ref_h, "DTensor weight with vocab_parallel_group: hidden grad", 1e-5, 1e-5)
+    _close(sharded.grad.full_tensor(), ref_w, "DTensor weight with vocab_parallel_group: weight grad", 1e-5, 1e-4)
+
+    # sequence-parallel: each rank holds a slice of the time steps and the whole weight
+    a, b = _token_split(4, rank, world)
+    h = hidden[:, a:b].clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    logps, counts = fk.fused_linear_sequence_logps(h, w, labels[:, a:b], return_token_counts=True,
+                                                   sequence_parallel_group=group)
+    _close(logps, ref, "fk.fused_linear_sequence_logps sequence-parallel logps")
+    assert torch.equal(counts, _counts(labels)), (counts, _counts(labels))
+    _loss(logps).backward()
+    _close(h.grad, ref_h[:, a:b], "fk.fused_linear_sequence_logps sequence-parallel hidden grad", 1e-5, 1e-5)
+    torch.distributed.all_reduce(w.grad, group=group)  # SUM over the context group
+    _close(w.grad, ref_w, "fk.fused_linear_sequence_logps sequence-parallel weight grad (summed)", 1e-5, 1e-5)
+
+    # memory_budget is refused with vocab_parallel_group (before any communication)
+    w = weight[start:stop]
+    _raises(ValueError, ["memory_budget"],
+            lambda: fk.fused_linear_sequence_logps(hidden, w, labels, memory_budget=1 << 20,
+                                                   vocab_parallel_group=group))
+    _raises(ValueError, ["memory_budget"],
+            lambda: fk.fused_linear_focal_po_loss(hidden, hidden, w, labels, labels, memory_budget=1 << 20,
+                                                  vocab_parallel_group=group))
+
+
+def api_losses(rank, world):
+    """fk.focal_po_loss and fk.fused_linear_focal_po_loss with vocab_parallel_group (and focal_po_loss with
+    sequence_parallel_group and a loss that uses the token counts): loss and gradients against float64."""
+    import focal_kernels as fk
+    from focal_kernels import reference
+
+    group = _world()
+    start, stop = _slice(rank, world)
+    options = dict(beta=0.5, gamma=0.3)
+    ref_c, ref_r = torch.tensor([-20.0, -15.5]), torch.tensor([-18.0, -21.0])
+
+    chosen, rejected = _logits((2, 5, V), 101), _logits((2, 4, V), 102)
+    chosen_labels, rejected_labels = _labels((2, 5), 103), _labels((2, 4), 104)
+    c64, r64 = chosen.double().requires_grad_(True), rejected.double().requires_grad_(True)
+    expected, (grad_c, grad_r) = _pair_reference(c64, r64, chosen_labels, rejected_labels, [c64, r64],
+                                                 ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, **options)
+    # the spec's own FocalPO agrees with preference_loss's
+    _close(reference.focal_po_loss(c64, r64, chosen_labels, rejected_labels, ref_c, ref_r, **options).loss,
+           expected, "reference.focal_po_loss", 1e-12, 1e-12)
+    c = chosen[..., start:stop].clone().requires_grad_(True)
+    r = rejected[..., start:stop].clone().requires_grad_(True)
+    out = fk.focal_po_loss(c, r, chosen_labels, rejected_labels, ref_c, ref_r, vocab_parallel_group=group,
+                           **options)
+    _close(out.loss, expected, "fk.focal_po_loss vocab-parallel loss")
+    out.loss.backward()
+    _close(c.grad, grad_c[..., start:stop], "fk.focal_po_loss vocab-parallel chosen grad", 1e-5, 1e-6)
+    _close(r.grad, grad_r[..., start:stop], "fk.focal_po_loss vocab-parallel rejected grad", 1e-5, 1e-6)
+
+    # sequence-parallel, with a loss that needs the (summed) token counts
+    a, b = _token_split(5, rank, world)
+    a2, b2 = _token_split(4, rank, world)
+    expected, (grad_c, grad_r) = _pair_reference(c64, r64, chosen_labels, rejected_labels, [c64, r64],
+                                                 loss_type="ipo", beta=0.5)
+    c = chosen[:, a:b].clone().requires_grad_(True)
+    r = rejected[:, a2:b2].clone().requires_grad_(True)
+    out = fk.focal_po_loss(c, r, chosen_labels[:, a:b], rejected_labels[:, a2:b2], loss_type="ipo", beta=0.5,
+                           sequence_parallel_group=group)
+    _close(out.loss, expected, "fk.focal_po_loss sequence-parallel ipo loss")
+    out.loss.backward()
+    _close(c.grad, grad_c[:, a:b], "fk.focal_po_loss sequence-parallel chosen grad", 1e-5, 1e-6)
+    _close(r.grad, grad_r[:, a2:b2], "fk.focal_po_loss sequence-parallel rejected grad", 1e-5, 1e-6)
+
+    # from hidden states, with a bias
+    H = 6
+    weight, bias = _logits((V, H), 105) / 2, _logits((V,), 106)
+    chosen_hidden, rejected_hidden = _logits((2, 5, H), 107), _logits((2, 4, H), 108)
+    leaves = [t.double().requires_grad_(True) for t in (chosen_hidden, rejected_hidden, weight, bias)]
+    expected, ref_grads = _pair_reference(reference.linear_logits(leaves[0], leaves[2], leaves[3]),
+                                          reference.linear_logits(leaves[1], leaves[2], leaves[3]),
+                                          chosen_labels, rejected_labels, leaves, ref_chosen_logps=ref_c,
+                                          ref_rejected_logps=ref_r, **options)
+    hc, hr = chosen_hidden.clone().requires_grad_(True), rejected_hidden.clone().requires_grad_(True)
+    w = weight[start:stop].clone().requires_grad_(True)
+    bb = bias[start:stop].clone().requires_grad_(True)
+    out = fk.fused_linear_focal_po_loss(hc, hr, w, chosen_labels, rejected_labels, ref_c, ref_r, bias=bb,
+                                        chunk_size=8, vocab_parallel_group=group, **options)
+    what = "fk.fused_linear_focal_po_loss vocab-parallel"
+    _close(out.loss, expected, f"{what} loss")
+    out.loss.backward()
+    _close(hc.grad, ref_grads[0], f"{what} chosen hidden grad", 1e-5, 1e-5)
+    _close(hr.grad, ref_grads[1], f"{what} rejected hidden grad", 1e-5, 1e-5)
+    _close(w.grad, ref_grads[2][start:stop], f"{what} weight grad", 1e-5, 1e-5)
+    _close(bb.grad, ref_grads[3][start:stop], f"{what} bias grad", 1e-5, 1e-5)
+
+
 # ------------------------------------------------------------------ both at once: a (context 2) x (vocabulary 2) mesh
 
 def mesh_2x2(rank, world):
@@ -387,6 +662,48 @@ def mesh_2x2(rank, world):
     dist.all_reduce(w.grad, group=mesh.get_group("cp"))  # the weight slice's gradient: SUM over context ranks
     _close(w.grad, ref_w[start:stop], "2x2 mesh weight-slice grad", 1e-5, 1e-5)
 
+    # the same through the public entry points: both group keywords in one call (1-D meshes as the groups)
+    import focal_kernels as fk
+
+    ref, ref_grad = _reference_logits(full, labels)
+    local = full[:, a:b, start:stop].clone().requires_grad_(True)
+    logps, counts = fk.sequence_logps(local, labels[:, a:b], return_token_counts=True, vocab_parallel_group=mesh["tp"],
+                                      sequence_parallel_group=mesh["cp"])
+    _close(logps, ref, "2x2 mesh fk.sequence_logps logps")
+    assert torch.equal(counts, _counts(labels)), (counts, _counts(labels))
+    _loss(logps).backward()
+    _close(local.grad, ref_grad[:, a:b, start:stop], "2x2 mesh fk.sequence_logps grad", 1e-5, 1e-6)
+
+    ref = reference.sequence_logps(reference.linear_logits(h64, w64), labels)
+    h = hidden[:, a:b].clone().requires_grad_(True)
+    w = weight[start:stop].clone().requires_grad_(True)
+    logps, counts = fk.fused_linear_sequence_logps(h, w, labels[:, a:b], return_token_counts=True,
+                                                   vocab_parallel_group=mesh.get_group("tp"),
+                                                   sequence_parallel_group=mesh.get_group("cp"))
+    _close(logps, ref, "2x2 mesh fk.fused_linear_sequence_logps logps")
+    assert torch.equal(counts, _counts(labels)), (counts, _counts(labels))
+    _loss(logps).backward()
+    _close(h.grad, ref_h[:, a:b], "2x2 mesh fk.fused_linear_sequence_logps hidden grad", 1e-5, 1e-5)
+    dist.all_reduce(w.grad, group=mesh.get_group("cp"))
+    _close(w.grad, ref_w[start:stop], "2x2 mesh fk.fused_linear_sequence_logps weight-slice grad", 1e-5, 1e-5)
+
+    # a pair loss over both groups: the FocalPO loss of the full sequences
+    chosen, rejected = _logits((2, 7, V), 75), _logits((2, 6, V), 76)
+    chosen_labels, rejected_labels = labels, _labels((2, 6), 77)
+    c64, r64 = chosen.double().requires_grad_(True), rejected.double().requires_grad_(True)
+    expected, (grad_c, grad_r) = _pair_reference(c64, r64, chosen_labels, rejected_labels, [c64, r64], beta=0.5,
+                                                 gamma=0.3)
+    a2, b2 = _token_split(6, cp, 2)
+    c = chosen[:, a:b, start:stop].clone().requires_grad_(True)
+    r = rejected[:, a2:b2, start:stop].clone().requires_grad_(True)
+    out = fk.focal_po_loss(c, r, chosen_labels[:, a:b], rejected_labels[:, a2:b2], beta=0.5, gamma=0.3,
+                           vocab_parallel_group=mesh["tp"], sequence_parallel_group=mesh["cp"])
+    _close(out.loss, expected, "2x2 mesh fk.focal_po_loss loss")
+    out.loss.backward()
+    _close(c.grad, grad_c[:, a:b, start:stop], "2x2 mesh fk.focal_po_loss chosen grad", 1e-5, 1e-6)
+    _close(r.grad, grad_r[:, a2:b2, start:stop], "2x2 mesh fk.focal_po_loss rejected grad", 1e-5, 1e-6)
+
 
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,
-                                        vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, mesh_2x2)}
+                                        vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, api_logits,
+                                        api_hidden, api_losses, mesh_2x2)}

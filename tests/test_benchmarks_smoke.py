@@ -1,13 +1,15 @@
-"""Smoke test of the benchmark harness: `python -m benchmarks --quick` runs end to end and writes JSON.
+"""Smoke test of the logits-path benchmark: `python -m benchmarks` runs end to end with every implementation
+that runs here (ours, in place, without the label check, sequence_logps padded and packed, eager, TRL where
+installed), writes JSON and Markdown with the commit and the target table, and names only files it wrote.
 
-Without a GPU the harness picks tiny shapes and runs the kernels through Triton's interpreter. With a
-GPU the test adds --tiny and keeps to the eager baseline, so it stays short (the real --quick run is
-benchmarks/gpu_check.sh's job).
+Without a GPU the harness runs the kernels through Triton's interpreter on one tiny shape, in this process
+(a few seconds). With a GPU it adds --tiny (the real runs are benchmarks/gpu_check.sh's job).
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,37 +17,77 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY = ["--tiny", "--reps", "1", "--max-sets", "1"]
 
 
-def run_benchmark(module: str, *args: str):
-    """`python -m module args...` from the repository root; (the completed process, its output's tails),
-    asserting that it exited 0."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    output = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, output
-    return proc, output
+def run_main(main, argv, capsys):
+    """main(argv) in this process; (its stdout, stdout + stderr tails for messages), asserting exit 0."""
+    rc = main(argv)
+    captured = capsys.readouterr()
+    output = f"stdout:\n{captured.out[-6000:]}\nstderr:\n{captured.err[-4000:]}"
+    assert rc == 0, output
+    return captured.out, output
 
 
-def test_quick_benchmark_writes_finite_rows(tmp_path):
-    args = ["--quick", "--out", str(tmp_path)]
-    if torch.cuda.is_available():
-        args += ["--tiny", "--baselines", "eager,inplace"]
-    proc, output = run_benchmark("benchmarks", *args)
+def check_written_files(stdout: str, out_dir: Path, output: str) -> None:
+    """The final "results in DIR/a, b" line names exactly the result files that exist."""
+    line = next(line for line in stdout.splitlines() if "; results in " in line)
+    listed = line.split("; results in ", 1)[1].strip()
+    names = [os.path.basename(name.strip()) for name in listed.split(",")]
+    assert names and all((out_dir / name).is_file() for name in names), output
+    assert sorted(names) == sorted(p.name for p in out_dir.iterdir() if p.suffix in (".json", ".md", ".png")), output
+
+
+def check_commit(meta: dict, markdown: str) -> None:
+    if (ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", meta["commit"] or ""), meta.get("commit")
+        assert meta["commit_dirty"] in (True, False)
+        assert f"Commit: {meta['commit'][:12]}" in markdown
+    else:
+        assert "Commit:" in markdown
+
+
+def test_logits_benchmark_every_row(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    impls = ["ours", "inplace", "novalidate", "padded", "packed", "eager"]
+    argv = [*TINY, "--shapes", "256x20", "--dtypes", "bf16", "--ignored-fraction", "0.4",
+            "--baselines", ",".join(impls[1:] + ["trl"]), "--out", str(tmp_path)]
+    stdout, output = run_main(main, argv, capsys)
 
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["complete"], output
     rows = results["rows"]
-    for impl in ("ours", "eager"):
+    for impl in impls:
         ok = [r for r in rows if r["impl"] == impl and r["status"] == "ok"]
-        assert ok, f"no successful {impl!r} row\n{output}"
-        for row in ok:
-            for phase in ("fwd", "bwd", "fwdbwd"):
-                ms = row[f"{phase}_ms"]
-                assert ms is not None and math.isfinite(ms) and ms > 0, (impl, phase, ms)
-            assert row["loss"] is not None and math.isfinite(row["loss"])
-            assert row["loss_rel_diff_vs_ours"] < 1e-3, row
-    assert (tmp_path / "bench.md").read_text().count("| ours |") == len([r for r in rows if r["impl"] == "ours"])
-    assert "| vocab |" in proc.stdout
+        assert len(ok) == 1, f"no successful {impl!r} row\n{output}"
+        row = ok[0]
+        for phase in ("fwd", "bwd", "fwdbwd"):
+            ms = row[f"{phase}_ms"]
+            assert ms is not None and math.isfinite(ms) and ms > 0, (impl, phase, ms)
+        assert row["loss"] is not None and math.isfinite(row["loss"])
+        assert row["loss_rel_diff_vs_ours"] < 1e-3, row  # all compute the same loss on the same inputs
+        assert row["bwd_method"] == ("fresh_graph" if impl == "inplace" else "retain_graph"), row
+    markdown = (tmp_path / "bench.md").read_text()
+    assert markdown.count("| ours |") == 1 and "| seqlogps packed |" in markdown
+    check_commit(results["meta"], markdown)
+    packed = [t for t in results["targets"] if t["target"].startswith("packed layout")]
+    assert len(packed) == 1 and packed[0]["met"] is not None, results["targets"]  # evaluated, whatever the verdict
+    assert "## Targets" in markdown and "not in this run" in markdown  # the V=32000... lines: no such shape
+    assert "| vocab |" in stdout
+    if not torch.cuda.is_available():
+        assert "NOT GPU timings" in stdout
+    check_written_files(stdout, tmp_path, output)
+
+
+def test_gpu_check_script_parses_and_refuses_unknown_phases():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    proc = subprocess.run(["bash", str(script), "no-such-phase"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+    text = script.read_text()
+    for phase in ("tests)", "bench)", "logits-small)", "fused)", "all)"):
+        assert phase in text

@@ -7,9 +7,6 @@ Every spawn is bounded by a timeout: a hang fails the test (and its processes ar
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 import torch
 
@@ -23,43 +20,22 @@ from focal_kernels.logprobs.parallel import (dtensor_vocab_logits, sequence_para
                                              vocab_parallel_fused_linear_sequence_logps,
                                              vocab_parallel_sequence_logps)
 
-SPAWN_TIMEOUT_S = 150
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _spawn(world, scenarios):
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(dist_workers.run, args=(world, _free_port(), tuple(scenarios)),
-                                 nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-process group did not finish {scenarios} within {SPAWN_TIMEOUT_S} s: "
-                            "a hang")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+    dist_workers.spawn(world, scenarios)
 
 
 ALL = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed", "dtensor", "sp_logits",
        "sp_hidden", "errors")
 KERNELS = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed")
+API = ("api_logits", "api_hidden", "api_losses")  # the public entry points' group keywords (world 2: uneven slices)
 
 
 @pytest.mark.parametrize("world, scenarios", [
     # One group per world size (spawning dominates the run time): the Triton kernels through the interpreter,
     # then the plain PyTorch path.
-    (2, [("interpret", name) for name in KERNELS + ("vp_logits_bf16", "sp_logits", "errors")]
-        + [("plain", name) for name in ALL]),
+    (2, [("interpret", name) for name in KERNELS + ("vp_logits_bf16", "sp_logits", "errors") + API]
+        + [("plain", name) for name in ALL + API]),
     (3, [("interpret", name) for name in KERNELS] + [("plain", name) for name in ALL]),
 ], ids=["world2", "world3"])
 def test_process_group(world, scenarios):
@@ -67,7 +43,8 @@ def test_process_group(world, scenarios):
 
 
 def test_context_by_vocabulary_mesh():
-    """Both at once on a 2 x 2 (context x vocabulary) mesh: four processes, the plain PyTorch path."""
+    """Both at once on a 2 x 2 (context x vocabulary) mesh: four processes, the plain PyTorch path (the
+    parallel functions, then the public entry points with both group keywords)."""
     _spawn(4, [("plain", "mesh_2x2")])
 
 

@@ -1,9 +1,11 @@
-"""Smoke test of the fused-linear benchmark: `python -m benchmarks fused-linear --quick` (the same as
-`python -m benchmarks.fused_linear --quick`) runs end to end, with ours' GEMMs-only row and ours at
-another chunk size added.
+"""Smoke test of the fused-linear benchmark: `python -m benchmarks fused-linear` (the same as
+`python -m benchmarks.fused_linear`) runs end to end with every row that runs here: ours, ours at another
+chunk size, ours' GEMMs-only row, ours with a frozen head and with memory_budget, the logits path, eager,
+and TRL's fused head trainable and frozen where TRL is installed; each phase timed, the sustained GEMM loop
+measured, the target table written, the commit named.
 
-Without a GPU the benchmark picks tiny shapes and runs the kernels through Triton's interpreter (a few
-seconds). With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
+Without a GPU the benchmark runs tiny shapes through Triton's interpreter in this process (a few seconds).
+With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
 """
 
 import json
@@ -11,33 +13,52 @@ import math
 
 import torch
 
-from test_benchmarks_smoke import run_benchmark
+from test_benchmarks_smoke import TINY, check_commit, check_written_files, run_main
+
+IMPLS = ("ours", "gemms", "ours_frozen", "matmul", "eager", "trl", "trl_frozen", "ours_budget")
 
 
-def test_fused_linear_quick_benchmark_writes_finite_rows(tmp_path):
-    args = ["--quick", "--impls", "ours,gemms,matmul,eager", "--chunk-sizes", "64", "--out", str(tmp_path)]
-    if torch.cuda.is_available():
-        args.append("--tiny")
-    proc, output = run_benchmark("benchmarks", "fused-linear", *args)
+def test_fused_linear_benchmark_every_row(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    argv = ["fused-linear", *TINY[:3], "--ignored-fraction", "0.4", "--impls", ",".join(IMPLS),
+            "--chunk-sizes", "64", "--out", str(tmp_path)]
+    stdout, output = run_main(main, argv, capsys)
 
     results = json.loads((tmp_path / "fused.json").read_text())
     assert results["complete"], output
-    rows = results["rows"]
-    ours = [r for r in rows if r["impl"] == "ours"]
-    assert len(ours) == 2 and all(r["status"] == "ok" for r in ours), output  # 0% and 40% ignored
-    for row in ours:
-        assert row["fwdbwd_ms"] is not None and math.isfinite(row["fwdbwd_ms"]) and row["fwdbwd_ms"] > 0, row
+    rows = {r["impl"]: r for r in results["rows"]}
+    expected = {"ours", "ours_chunk64", *IMPLS}
+    trl_missing = any(name.startswith("trl") for name, _ in results["skipped_implementations"])
+    if trl_missing:
+        expected -= {"trl", "trl_frozen"}
+    assert set(rows) == expected and all(r["status"] == "ok" for r in rows.values()), output
+    for key, row in rows.items():
+        for phase in ("fwd", "bwd", "fwdbwd"):
+            ms = row[f"{phase}_ms"]
+            assert ms is not None and math.isfinite(ms) and ms > 0, (key, phase, ms)
+        assert row["bwd_method"] == "retain_graph", row
         assert row["loss"] is not None and math.isfinite(row["loss"]), row
-    for row in rows:  # the logits path and eager compute the same loss from the same inputs
-        if row["impl"] != "ours" and row["status"] == "ok" and row["loss_comparable"]:
+        if key != "ours" and row["loss_comparable"]:  # everything but the GEMMs-only row computes our loss
             assert row["loss_rel_diff_vs_ours"] < 1e-2, row
-    assert {r["impl"] for r in rows if r["status"] == "ok"} == {"ours", "ours_chunk64", "gemms", "matmul",
-                                                                "eager"}, output
-    assert (tmp_path / "fused.md").read_text().count("| ours |") == len(ours)
-    assert "| impl |" in proc.stdout
+        assert row["floor_ratio_sustained"] is not None and row["floor_ratio_sustained"] > 0, row
+    assert rows["ours_frozen"]["floor_gemms"] == 2 and rows["ours"]["floor_gemms"] == 4
+    # Frozen rows differentiate w.r.t. the hidden states only: their gradients are smaller than ours'.
+    assert rows["ours_frozen"]["grad_bytes"] < rows["ours"]["grad_bytes"]
+    assert "memory_budget=2048 MiB (fixed" in rows["ours_budget"]["note"]  # no Liger row on the CPU
+
+    loops = results["meta"]["gemm_loops"]
+    assert len(loops) == 1 and loops[0]["ms"] > 0 and loops[0]["chunk"] > 0, loops
+    met = {t["target"]: t for t in results["targets"]}
+    assert met["frozen head: trainable ours / ours (frozen head)"]["met"] is not None
+    assert met["trainable head, default: ours / ours GEMMs only"]["met"] is not None
+    markdown = (tmp_path / "fused.md").read_text()
+    assert markdown.count("| ours |") == 1 and "## Targets" in markdown and "| ours (frozen head) |" in markdown
+    check_commit(results["meta"], markdown)
+    assert "| impl |" in stdout
     if not torch.cuda.is_available():  # no float32-output addmm on the CPU: the fallback, and the header says so
         assert results["meta"]["float32_addmm"] is False
-        assert "rounded to bf16, then added to the float32 buffer" in proc.stdout
-    if not torch.cuda.is_available():
-        assert "NOT GPU timings" in proc.stdout
+        assert "rounded to bf16, then added to the float32 buffer" in stdout
+        assert "NOT GPU timings" in stdout
         assert results["meta"]["matmul"] is None
+    check_written_files(stdout, tmp_path, output)

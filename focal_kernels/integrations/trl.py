@@ -82,13 +82,6 @@ from trl.trainer.utils import FusedCausalLMOutput, use_adapter  # noqa: E402
 __all__ = ["SUPPORTED_TRL_VERSIONS", "FocalPOConfig", "FocalPOTrainer"]
 
 
-def _preference_loss():
-    fn = getattr(fk, "preference_loss", None)
-    if fn is None:
-        from focal_kernels.losses import preference_loss as fn
-    return fn
-
-
 @dataclass
 class FocalPOConfig(DPOConfig):
     """`DPOConfig` with FocalPO's options; every `DPOConfig` option keeps its meaning.
@@ -200,7 +193,7 @@ def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
     """
     original_forward = model.forward
     text_config = model.config.get_text_config()
-    logit_options = fk.logit_options_from_config(text_config)  # raises on options fk can't honour
+    logit_options = fk.logit_options_from_config(text_config)  # softcap / logit scale the model applies
     stats = tuple(name for name in outputs if name != "log_probs")
 
     @functools.wraps(type(model).forward)
@@ -228,14 +221,7 @@ def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
         weight, bias = _head_weight_and_bias(head)
         hidden = hidden.to(weight.device)
         labels = labels.to(weight.device)
-        # FSDP2 shards parameters as DTensors: gather the head once (differentiable: its backward reduce-scatters),
-        # as TRL does, so the fused head sees the whole weight in the forward and in its recomputing backward.
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            if bias is not None:
-                bias = bias.full_tensor()
+        # A DTensor head (FSDP2 outside its own gather) is gathered by fk, its gradient averaged back to the shard.
         token = fk.fused_linear_token_logps(
             hidden, weight, labels, bias, -100, chunk_size=chunk_size, stats=stats, **logit_options
         )
@@ -460,7 +446,7 @@ class FocalPOTrainer(DPOTrainer):
 
         loss_types = list(option("loss_types", "loss_type"))
         loss_weights = option("loss_weights")
-        return _preference_loss()(
+        return fk.preference_loss(
             chosen,
             rejected,
             ref_chosen,

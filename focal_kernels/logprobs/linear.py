@@ -63,9 +63,15 @@ def transform_params(weight, logit_softcap, logit_scale, temperature):
 
 
 def gathered(tensor):
-    """A DTensor parameter (FSDP2's shard of the lm_head, say) as the whole tensor, differentiably (its
-    gradient returns to the shard); anything else unchanged."""
-    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+    """A DTensor parameter (FSDP2's shard of the lm_head, say) as the whole tensor, differentiably; anything
+    else unchanged. Its gradient returns to the shard averaged over the mesh, as FSDP averages every other
+    parameter's (each rank's gradient comes from its own data: a plain full_tensor() would keep each rank's
+    own rows unreduced)."""
+    if not is_dtensor(tensor):
+        return tensor
+    from torch.distributed.tensor import Partial
+
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
 def autocast_inputs(weight, bias, *hiddens):
@@ -176,7 +182,8 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
 
     vocab_parallel_group: weight and bias hold this rank's contiguous slice of the vocabulary (slices in
     rank order). Without it, a DTensor weight (FSDP2 shards parameters on dim 0 too, over ranks that hold
-    different tokens) is gathered with `full_tensor()`, its gradient flowing back to the shard, as TRL does.
+    different tokens) is gathered with `full_tensor()`, its gradient flowing back to the shard averaged over
+    the ranks (as FSDP averages the other parameters' gradients).
     sequence_parallel_group: each rank holds a slice of every sequence's tokens. See logprobs/parallel.py.
     """
     if vocab_parallel_group is not None or sequence_parallel_group is not None:

@@ -41,7 +41,7 @@ class TokenLogpsFromLogits(torch.autograd.Function):
             # Tell autograd the logits changed, so that any other op that saved them fails loudly in its
             # backward instead of reading the gradient as if it were the logits.
             torch.autograd.graph.increment_version(logits)
-        return logits, None, None, None
+        return logits.detach(), None, None, None  # the logits' storage, without their autograd history
 
 
 class SegmentSum(torch.autograd.Function):

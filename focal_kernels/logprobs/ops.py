@@ -79,7 +79,7 @@ def _(logits, labels, ignore_index, vocab_start, write_target):
 
 @_logits_grad_op.register_fake
 def _(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, as the kernel writes it (not empty_like's strides)
 
 
 @_logits_grad_inplace_op.register_fake
@@ -226,9 +226,9 @@ def _(rows, weight, bias, row_labels, params, has_softcap, vocab_start, chunk_si
 @_linear_backward_op.register_fake
 def _(rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, params, has_softcap, vocab_start,
       chunk_size, needs_rows, needs_weight, needs_bias, kept=None):
-    grad_rows = rows.new_empty(rows.shape if needs_rows else (0,), dtype=log_sum_exp.dtype)
-    grad_weight = torch.empty_like(weight) if needs_weight else rows.new_empty((0,))
-    grad_bias = torch.empty_like(bias) if needs_bias else rows.new_empty((0,))
+    grad_rows = rows.new_empty(rows.shape, dtype=log_sum_exp.dtype) if needs_rows else rows.new_empty((0,))
+    grad_weight = weight.new_empty(weight.shape) if needs_weight else rows.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape) if needs_bias else rows.new_empty((0,))
     return [grad_rows, grad_weight, grad_bias]
 
 

@@ -34,11 +34,21 @@ class Layout(NamedTuple):
         view with time stride 0, no copy; packed: one gather)."""
         if not self.packed:
             return per_sequence[:, None].expand(self.batch, self.seq_len)
-        return per_sequence[segment_ids(self.offsets, self.seq_len)].view(1, self.seq_len)
+        if self.num_sequences == 0:
+            return per_sequence.new_zeros((1, self.seq_len))
+        ids = segment_ids(self.offsets, self.seq_len)
+        # Tokens outside [offsets[0], offsets[S]) (unvalidated cu_seqlens) belong to no sequence: 0, and no
+        # out-of-range index.
+        inside = ids < self.num_sequences
+        if self.offsets.shape[0]:
+            inside = inside & (torch.arange(self.seq_len, device=ids.device) >= self.offsets[0])
+        values = per_sequence[ids.clamp(max=self.num_sequences - 1)]
+        return torch.where(inside, values, 0).view(1, self.seq_len)
 
 
 def segment_ids(offsets: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(tokens,) the sequence of each packed token (int64), with no host synchronization."""
+    """(tokens,) the sequence of each packed token (int64; S for a token past offsets[S]), with no host
+    synchronization."""
     positions = torch.arange(tokens, device=offsets.device, dtype=offsets.dtype)
     return torch.searchsorted(offsets[1:], positions, right=True)
 

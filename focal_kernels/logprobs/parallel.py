@@ -60,7 +60,7 @@ from ..dtypes import compute_dtype
 from ..first_order import first_order_only
 from . import ops
 from .linear import autocast_inputs, check_logit_transform, transform_params
-from .logits import sum_per_sequence, unit_stride_logits
+from .logits import is_dtensor, sum_per_sequence, unit_stride_logits
 from .packing import as_token_grid, cu_seqlens_problems, CU_SEQLENS_RULES, layout_of, token_counts
 from .scored_rows import masked_rows
 from .vocab_chunks import default_chunk_size
@@ -443,17 +443,6 @@ def dtensor_vocab_logits(logits):
     return logits.to_local(), logits.device_mesh.get_group(vocab_dims[0])
 
 
-def _is_dtensor(value):
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return False
-    return isinstance(value, DTensor)
-
-
 def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, group=None, cu_seqlens=None,
                                   return_token_counts: bool = False, validate_labels: bool = True):
     """`fk.sequence_logps` with the vocabulary split over the ranks of `group` (see the module docstring).
@@ -464,7 +453,7 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
     rank's logits; with return_token_counts=True, `(logps, counts)`. Must be called by every rank of the
     group (it communicates).
     """
-    if _is_dtensor(logits):
+    if is_dtensor(logits):
         logits, mesh_group = dtensor_vocab_logits(logits)
         group = mesh_group if group is None else group
     group = check_group(group)
@@ -614,7 +603,7 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
                             validate_labels, vocab_parallel_group, sequence_parallel_group):
     """`fk.sequence_logps` with vocab_parallel_group / DTensor logits and / or sequence_parallel_group;
     `local` is the single-rank function."""
-    if vocab_parallel_group is not None or _is_dtensor(logits):
+    if vocab_parallel_group is not None or is_dtensor(logits):
         out = vocab_parallel_sequence_logps(logits, labels, ignore_index, group=vocab_parallel_group,
                                             cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
                                             validate_labels=validate_labels)
@@ -636,7 +625,7 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
                    logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
                    validate_labels=validate_labels)
     if vocab_parallel_group is not None:
-        weight, bias = (t.to_local() if _is_dtensor(t) else t for t in (weight, bias))
+        weight, bias = (t.to_local() if is_dtensor(t) else t for t in (weight, bias))
         out = vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index,
                                                          group=vocab_parallel_group, **options)
     else:

@@ -1,0 +1,45 @@
+"""The kernels' PyTorch operators: fake (meta) implementations that agree with the real ones in shape, dtype
+and strides (torch.compile plans memory from the fakes; inductor checks them), for non-contiguous inputs."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from focal_kernels.logprobs import ops
+
+CHECKS = ("test_schema", "test_faketensor")
+
+
+def _logits_case():
+    logits = torch.randn(5, 3, 11, device=DEVICE).transpose(0, 1)  # (3, 5, 11), batch stride < time stride
+    labels = torch.randint(0, 11, (3, 5), device=DEVICE)
+    labels[0, 0] = -100
+    _, row_max, log_sum_exp = ops._token_logps(logits, labels, -100, 0, False)
+    return logits, labels, row_max, log_sum_exp
+
+
+def test_logits_path_operators():
+    logits, labels, row_max, log_sum_exp = _logits_case()
+    per_sequence = torch.randn(3, 1, device=DEVICE).expand(3, 5)  # time stride 0, as autograd passes it
+    torch.library.opcheck(ops._token_logps_op, (logits, labels, -100, 0, False), test_utils=CHECKS)
+    torch.library.opcheck(ops._token_logps_op, (logits, labels, -100, 4, True), test_utils=CHECKS)
+    torch.library.opcheck(ops._logits_grad_op, (logits, labels, row_max, log_sum_exp, per_sequence, -100, 0),
+                          test_utils=CHECKS)
+    offsets = torch.tensor([0, 2, 2, 7], device=DEVICE)
+    torch.library.opcheck(ops._segment_sum_op, (torch.randn(7, device=DEVICE), offsets), test_utils=CHECKS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
+def test_hidden_path_operators(dtype, needs):
+    rows = torch.randn(6, 4, device=DEVICE).to(dtype)
+    weight = torch.randn(4, 9, device=DEVICE).to(dtype).t()  # a transposed (V, H) weight
+    bias = torch.randn(9, device=DEVICE).to(dtype)
+    labels = torch.randint(0, 9, (6,), device=DEVICE)
+    params = torch.tensor([1.5, 3.0, 0.5], device=DEVICE)
+    forward = (rows, weight, bias, labels, params, True, 0, 4, "entropy,is_top1", not needs[1], 1)
+    torch.library.opcheck(ops._linear_forward_op, forward, test_utils=CHECKS)
+    state = ops._linear_forward(*forward)
+    backward = (rows, weight, bias, labels, state[0], torch.log(state[1]), torch.randn(6, device=DEVICE), params,
+                True, 0, 4, *needs, None)
+    torch.library.opcheck(ops._linear_backward_op, backward, test_utils=CHECKS)

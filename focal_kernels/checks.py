@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 from .dtypes import FLOAT_DTYPES
 
-REDUCTIONS = ("mean", "sum", "none")
 
 
 _LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
@@ -86,15 +84,6 @@ def check_labels_in_range(named_labels, vocab, *, ignore_index=-100, cu_seqlens=
             raise ValueError(f"{CU_SEQLENS_RULES[index % 3]} (N = {tokens}); got {cu.tolist()}")
 
 
-def check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
-               *, beta, gamma, ignore_index, reduction, detach_focal_weight=False):
-    """Everything the reference's `focal_po_loss` takes, checked together (the label values are left to
-    `check_labels_in_range`)."""
-    check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index)
-    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
-    check_loss_options(beta=beta, gamma=gamma, reduction=reduction, detach_focal_weight=detach_focal_weight)
-
-
 def check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index):
     """Both sides' logits and labels, and that they agree (batch, vocabulary, device, dtype)."""
     check_logits_and_labels(chosen_logits, chosen_labels, logits_name="chosen_logits",
@@ -138,16 +127,6 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, w
             raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(ref.shape)}")
         if ref.device != device:
             raise ValueError(f"{name} is on {ref.device} but the {what} are on {device}")
-
-
-def check_loss_options(*, beta, gamma, reduction, detach_focal_weight=False):
-    if not is_real(beta) or not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not is_real(gamma) or not (gamma >= 0 and math.isfinite(gamma)):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_flag(detach_focal_weight, "detach_focal_weight")
 
 
 def check_flag(value, name):
@@ -195,14 +174,6 @@ def is_real(value):
 def is_integer(value):
     """A Python or NumPy integer (not a bool, not a tensor)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def reduce_loss(per_pair_loss, reduction):
-    if reduction == "mean":
-        return per_pair_loss.mean()
-    if reduction == "sum":
-        return per_pair_loss.sum()
-    return per_pair_loss
 
 
 # ------------------------------------------------------------------ the hidden-state path

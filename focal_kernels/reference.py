@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_labels_in_range, check_pair, reduce_loss
+from .checks import check_labels_in_range, check_logits_pair, check_reference_logps
+from .losses.validation import check_options
 from .dtypes import compute_dtype
 from .output import PreferenceLossOutput
 
@@ -97,9 +98,11 @@ def focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels
                   ref_chosen_logps=None, ref_rejected_logps=None,
                   *, beta=0.1, gamma=0.05, ignore_index=-100, reduction="mean", detach_focal_weight=False):
     """FocalPO on padded logits: the loss, log-probs and rewards of `focal_kernels.focal_po_loss`."""
-    check_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps,
-               beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
-               detach_focal_weight=detach_focal_weight)
+    check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device)
+    check_options(("focal",), beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight, label_smoothing=0.0,
+                  simpo_gamma=0.5, discopop_tau=0.05, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+                  reduction=reduction)
     check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
                           chosen_logits.shape[2], ignore_index=ignore_index)
     chosen_logps = sequence_logps(chosen_logits, chosen_labels, ignore_index)
@@ -107,7 +110,7 @@ def focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels
     per_pair = focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                   beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight)
     return PreferenceLossOutput(
-        loss=reduce_loss(per_pair, reduction),
+        loss=per_pair.mean() if reduction == "mean" else per_pair.sum() if reduction == "sum" else per_pair,
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
         chosen_rewards=rewards(chosen_logps, ref_chosen_logps, beta),

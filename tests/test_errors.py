@@ -175,3 +175,25 @@ def test_inplace_checks_run_on_every_backend(device, kernels, monkeypatch):
     both = torch.randn(2, 3, 10, device=device)
     with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):
         fk.focal_po_loss(both, both, labels, labels, inplace_backward=True)
+
+
+def test_loss_tensor_errors_come_before_any_kernel(device, monkeypatch):
+    """A reference-free loss given references, or pair_weights of the wrong length, is refused before the
+    log-prob kernels (or GEMMs) run."""
+    from focal_kernels.logprobs import ops
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel ran before validation")
+
+    for name in ("token_logps", "linear_forward"):
+        monkeypatch.setattr(ops, name, forbidden)
+    inputs = _inputs(device)
+    refs = torch.zeros(2, device=device), torch.zeros(2, device=device)
+    with pytest.raises(ValueError, match="reference-free"):
+        _call(fk.focal_po_loss, device, ref_chosen_logps=refs[0], ref_rejected_logps=refs[1], loss_type="simpo")
+    with pytest.raises(ValueError, match="pair_weights must have shape"):
+        _call(fk.focal_po_loss, device, pair_weights=torch.ones(3, device=device))
+    hidden = torch.randn(2, 3, 4, device=device)
+    with pytest.raises(ValueError, match="pair_weights must have shape"):
+        fk.fused_linear_focal_po_loss(hidden, hidden, torch.randn(10, 4, device=device), inputs["chosen_labels"],
+                                      inputs["chosen_labels"], pair_weights=torch.ones(3, device=device))

@@ -240,6 +240,7 @@ def test_inplace_backward_gives_equal_gradients(device):
         grad_c, grad_r = torch.autograd.grad(total, [base_c, base_r])
         assert torch.equal(grad_c, expected_c) and torch.equal(grad_r, expected_r)
         assert torch.equal(logits_r.detach(), grad_r), "the gradient was not written into the logits' storage"
+        assert not grad_c.requires_grad and not grad_r.requires_grad
 
 
 def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):

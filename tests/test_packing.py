@@ -563,3 +563,24 @@ def test_packed_with_a_real_batch_dimension_is_refused():
         fk.fused_linear_sequence_logps(h, w, labels, cu_seqlens=cu)
     with pytest.raises(ValueError, match="logits"):
         fk.sequence_logps(logits[0], labels[0])  # (N, V) without cu_seqlens
+
+
+def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds():
+    """With validate_labels=False (as under torch.compile or CUDA graphs) cu_seqlens are not read on the host:
+    offsets past N or below 0 are clamped into [0, N] by the segment kernel, and the backward gives exactly the
+    gradient of what the forward summed (tokens outside every sequence get none)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.randint(0, 8, (6,))
+    token = fk.reference.token_logps(logits, labels)
+    for cu, spans in (([0, 3, 9], [(0, 3), (3, 6)]), ([-4, 3, 6], [(0, 3), (3, 6)]), ([0, 3, 4], [(0, 3), (3, 4)]),
+                      ([2, 3, 6], [(2, 3), (3, 6)])):
+        leaf = logits.clone().requires_grad_(True)
+        logps = fk.sequence_logps(leaf, labels, cu_seqlens=torch.tensor(cu), validate_labels=False)
+        expected = torch.stack([token[a:b].sum() for a, b in spans])
+        torch.testing.assert_close(logps, expected)
+        (grad,) = torch.autograd.grad(logps.sum(), [leaf])
+        covered = torch.zeros(6, dtype=torch.bool)
+        for a, b in spans:
+            covered[a:b] = True
+        assert (grad[~covered] == 0).all() and (grad[covered].abs().sum(-1) > 0).all(), cu

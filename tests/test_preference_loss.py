@@ -674,3 +674,14 @@ def test_torch_compile_fullgraph(case):
     assert set(out.metrics) == METRIC_NAMES
     for key in METRIC_NAMES:
         torch.testing.assert_close(out.metrics[key], expected.metrics[key])
+
+
+def test_focal_at_minus_infinite_log_prob():
+    """log p = −inf (a −inf log-prob): γ = 0 is exactly sigmoid's +inf; γ > 0 takes the limit p^γ·log p → 0."""
+    chosen = torch.tensor([-math.inf, -1.0], dtype=torch.float64)
+    rejected = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    dpo = preference_loss(chosen, rejected, loss_type="sigmoid", reduction="none").loss
+    focal0 = preference_loss(chosen, rejected, loss_type="focal", gamma=0.0, reduction="none").loss
+    assert torch.equal(focal0, dpo) and focal0[0] == math.inf
+    focal = preference_loss(chosen, rejected, loss_type="focal", gamma=0.5, reduction="none").loss
+    assert focal[0] == 0 and torch.isfinite(focal[1])

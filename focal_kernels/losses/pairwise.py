@@ -42,10 +42,13 @@ def focal(p: PairBatch, o: LossOptions) -> torch.Tensor:
     constant in the backward. Not in TRL; takes the f-divergence scores like `sigmoid` (see the README).
     """
     log_p = F.logsigmoid(o.beta * p.delta_score)
+    if o.gamma == 0:  # exactly `sigmoid`, also where log p = −inf (exp(0 · −inf) would be NaN)
+        return -log_p
     focal_weight = torch.exp(o.gamma * log_p)
     if o.detach_focal_weight:
         focal_weight = focal_weight.detach()
-    return -focal_weight * log_p
+    # p^γ · log p → 0 as p → 0 (γ > 0): the limit where log p = −inf, not 0 · −inf.
+    return torch.where(log_p == -torch.inf, 0.0, -focal_weight * log_p)
 
 
 @loss_spec(f_divergence=True)

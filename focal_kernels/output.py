@@ -18,8 +18,8 @@ class PreferenceLossOutput(NamedTuple):
     rejected_rewards: (B,) β·(rejected_logps − ref_rejected_logps), detached.
     metrics:          dict of detached 0-dim tensors under TRL's names ("rewards/chosen", "rewards/rejected",
                       "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"); filled by
-                      `preference_loss`. Outputs built without it (the logits paths) get the shared empty
-                      default: treat it as read-only.
+                      `preference_loss` (and so by every fused entry point). Only `fk.reference.focal_po_loss`
+                      builds the output without it and gets the shared empty default: treat it as read-only.
     """
 
     loss: torch.Tensor

@@ -34,7 +34,8 @@ Memory: besides the inputs and the gradients themselves, one chunk of logits (N 
 (N × H), in the backward the float32 grad_hidden buffer (N × H) and O(N) per-token values; nothing scales
 with V. The gathered rows are freed before the hidden-state gradients are allocated, and those are filled
 from the float32 buffer without a temporary of their size. Only the inputs, the row index, the int64 labels
-of those rows and each row's max and log-sum-exp (O(tokens)) are saved for the backward.
+of those rows and each row's max and log-sum-exp (O(tokens)) are saved for the backward, plus, for a frozen
+weight, the (N, H) float32 d logp / d row, and, with memory_budget, the kept chunks of logits.
 
 The chunk GEMMs run in the inputs' dtype with autocast off, forward and backward (cuBLAS accumulates in
 float32 and rounds its output to bfloat16 / float16), so the logits the kernels see are exactly what

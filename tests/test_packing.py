@@ -584,3 +584,13 @@ def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds():
         for a, b in spans:
             covered[a:b] = True
         assert (grad[~covered] == 0).all() and (grad[covered].abs().sum(-1) > 0).all(), cu
+
+
+def test_shift_packed_labels_validates_its_inputs():
+    cu = torch.tensor([0, 2, 5])
+    with pytest.raises(TypeError, match="input_ids must be an int32 or int64"):
+        fk.shift_packed_labels(torch.zeros(5), cu)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\) or \(1, N\)"):
+        fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu, labels=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32 or int64"):
+        fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu.float())

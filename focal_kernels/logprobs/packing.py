@@ -154,6 +154,12 @@ def shift_packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignor
     ignore_index at each sequence's last token. (N,) or (1, N) in, the same shape out; no synchronization.
     """
     source = input_ids if labels is None else labels
+    name = "input_ids" if labels is None else "labels"
+    if not isinstance(source, torch.Tensor) or source.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor of shape (N,) or (1, N)")
+    if not (source.dim() == 1 or (source.dim() == 2 and source.shape[0] == 1)):
+        raise ValueError(f"{name} must have shape (N,) or (1, N), got {tuple(source.shape)}")
+    check_cu_seqlens(cu_seqlens, source)
     flat = source.reshape(-1)
     shifted = torch.full_like(flat, ignore_index)
     if flat.shape[0] == 0:

@@ -202,3 +202,41 @@ def test_compiled_reference_logps_under_no_grad(path, primitive):
     for g, e in zip((*got, *again), (*eager, *eager_again)):
         assert_close(g, e, (1e-6, 1e-6), "compiled under no_grad")
     assert counter.frame_count == 1
+
+
+def test_inductor_with_strided_inputs():
+    """The default backend (inductor) plans memory from the operators' fake implementations: with logits
+    whose batch stride is smaller than their time stride and a transposed lm_head weight, the compiled step
+    must run and match eager (a fake whose strides differ from the kernel's output fails here)."""
+    torch._dynamo.reset()
+
+    def step(chosen, rejected, chosen_labels, rejected_labels, hidden, weight, labels, cu_seqlens):
+        c, nc = fk.sequence_logps(chosen, chosen_labels, return_token_counts=True)
+        r, nr = fk.sequence_logps(rejected, rejected_labels, return_token_counts=True)
+        packed = fk.fused_linear_sequence_logps(hidden, weight, labels, cu_seqlens=cu_seqlens, logit_softcap=3.0)
+        return fk.preference_loss(c, r, loss_type=["focal", "ipo"], chosen_token_counts=nc,
+                                  rejected_token_counts=nr).loss + packed.sum()
+
+    chosen_base = torch.randn(5, 2, 11, requires_grad=True)
+    chosen = chosen_base.transpose(0, 1)  # a view: its gradient goes on through the transpose
+    rejected = torch.randn(2, 5, 11, requires_grad=True)
+    chosen_labels, rejected_labels = torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5))
+    chosen_labels[0, :2] = -100
+    hidden = torch.randn(10, 4, requires_grad=True)
+    weight = torch.randn(4, 11).t().requires_grad_(True)
+    inputs = (chosen, rejected, chosen_labels, rejected_labels, hidden, weight, torch.randint(0, 11, (10,)),
+              torch.tensor([0, 4, 10]))
+    leaves = [chosen_base, rejected, hidden, weight]
+    compiled = torch.compile(step, fullgraph=True)(*inputs)
+    got = torch.autograd.grad(compiled, leaves)
+    eager = step(*inputs)
+    want = torch.autograd.grad(eager, leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # The log-probs' gradient straight back through the transposed view.
+    base = torch.randn(5, 3, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    torch.compile(lambda x, y: fk.sequence_logps(x, y).sum(), fullgraph=True)(base.transpose(0, 1), labels).backward()
+    (expected,) = torch.autograd.grad(fk.sequence_logps(base.transpose(0, 1), labels).sum(), [base])
+    torch.testing.assert_close(base.grad, expected)

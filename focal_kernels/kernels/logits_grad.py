@@ -72,7 +72,7 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, 
     """
     batch, seq_len, vocab = logits.shape
     if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out = torch.empty_like(logits)  # the logits' own layout where dense, else contiguous (as the fake)
     rows = batch * seq_len
     if rows == 0:
         return out

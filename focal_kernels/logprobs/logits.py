@@ -54,7 +54,14 @@ def token_logps(logits, labels, ignore_index, inplace_backward):
         return reference.token_logps(logits, labels, ignore_index)
     from .logits_autograd import TokenLogpsFromLogits
 
-    return TokenLogpsFromLogits.apply(unit_stride_logits(logits), labels, int(ignore_index), inplace_backward)
+    logits = unit_stride_logits(logits)
+    if (torch.compiler.is_compiling() and not inplace_backward and logits.shape[0] > 1 and logits.shape[1] > 1
+            and logits.stride(0) < logits.stride(1)):
+        # Batch-minor logits (e.g. a transposed (T, B, V) tensor): inductor may lay out the saved tensor
+        # differently from how it traced it, so they are made contiguous once (a shifted view such as
+        # logits[:, :-1] keeps its zero-copy path).
+        logits = logits.contiguous()
+    return TokenLogpsFromLogits.apply(logits, labels, int(ignore_index), inplace_backward)
 
 
 def sum_per_sequence(token_values, layout, like):

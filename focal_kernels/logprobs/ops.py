@@ -64,10 +64,15 @@ def _segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return segment_sum(values, offsets, segment_block(values.numel() // max(offsets.shape[0] - 1, 1)))
 
 
-_token_logps_op = torch.library.custom_op("focal_kernels::token_logps", _token_logps, mutates_args=())
-_logits_grad_op = torch.library.custom_op("focal_kernels::logits_grad", _logits_grad, mutates_args=())
+# The kernels read their inputs through strides and the gradient takes the logits' layout: inductor must pass
+# these operators the very layouts they were traced with.
+_EXACT_STRIDES = (getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order),)
+_token_logps_op = torch.library.custom_op("focal_kernels::token_logps", _token_logps, mutates_args=(),
+                                          tags=_EXACT_STRIDES)
+_logits_grad_op = torch.library.custom_op("focal_kernels::logits_grad", _logits_grad, mutates_args=(),
+                                          tags=_EXACT_STRIDES)
 _logits_grad_inplace_op = torch.library.custom_op("focal_kernels::logits_grad_inplace", _logits_grad_inplace,
-                                                  mutates_args=("logits",))
+                                                  mutates_args=("logits",), tags=_EXACT_STRIDES)
 _segment_sum_op = torch.library.custom_op("focal_kernels::segment_sum", _segment_sum, mutates_args=())
 
 
@@ -79,7 +84,7 @@ def _(logits, labels, ignore_index, vocab_start, write_target):
 
 @_logits_grad_op.register_fake
 def _(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start):
-    return logits.new_empty(logits.shape)  # contiguous, as the kernel writes it (not empty_like's strides)
+    return torch.empty_like(logits)  # the layout the kernel allocates (kernels/logits_grad.py)
 
 
 @_logits_grad_inplace_op.register_fake

@@ -22,6 +22,10 @@ SPLITS = {2: [20, 17], 3: [13, 12, 12]}
 
 
 def run(rank, world, port, scenarios):
+    run_group(rank, world, port, scenarios, lambda name, mode: SCENARIOS[name](rank, world))
+
+
+def run_group(rank, world, port, scenarios, call):
     """scenarios: (mode, name) pairs; mode "interpret" runs the Triton kernels through the interpreter,
     "plain" the PyTorch path. The kernels are imported once under TRITON_INTERPRET=1 (it must precede
     `import triton`); the variable is then switched per scenario, which the CPU dispatch reads at every call."""
@@ -43,7 +47,7 @@ def run(rank, world, port, scenarios):
         for mode, name in scenarios:
             os.environ["TRITON_INTERPRET"] = "1" if mode == "interpret" else "0"
             assert backend.use_triton(torch.zeros(1)) == (mode == "interpret")
-            SCENARIOS[name](rank, world)
+            call(name, mode)
             dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -13,9 +13,6 @@ switches it per scenario ("interpret": the Triton kernels through the interprete
 
 from __future__ import annotations
 
-import os
-import sys
-from datetime import timedelta
 
 import torch
 
@@ -24,28 +21,9 @@ UNSUPPORTED = "FULLY_SHARD_UNSUPPORTED"  # marks an error raised by fully_shard 
 
 
 def run(rank, world, port, scenarios):
-    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
-    os.environ["TRITON_INTERPRET"] = "1"
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+    from dist_workers import run_group
 
-    from focal_kernels import backend
-
-    if any(mode == "interpret" for mode, _ in scenarios):
-        import focal_kernels.kernels.token_logps  # noqa: F401  (decorated as interpreter functions)
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
-    try:
-        for mode, name in scenarios:
-            os.environ["TRITON_INTERPRET"] = "1" if mode == "interpret" else "0"
-            assert backend.use_triton(torch.zeros(1)) == (mode == "interpret")
-            SCENARIOS[name](rank, world, f"{name} ({mode})")
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_group(rank, world, port, scenarios, lambda name, mode: SCENARIOS[name](rank, world, f"{name} ({mode})"))
     if FAILURES:
         raise AssertionError(f"rank {rank}: {len(FAILURES)} mismatch(es):\n\n" + "\n\n".join(FAILURES))
 

@@ -17,21 +17,17 @@ from conftest import DEVICE
 from helpers import assert_close
 
 import focal_kernels as fk
-from focal_kernels import backend
 
 IGNORE = -100
 VOCAB = 37
 HIDDEN = 8
 
 
-@pytest.fixture(params=["triton", "torch"])
-def path(request, monkeypatch):
-    if request.param == "torch":
-        if DEVICE != "cpu":
-            pytest.skip("the plain-PyTorch path runs only for CPU tensors")
-        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch (its frame counts are its own) and leaves no cache behind."""
     torch._dynamo.reset()
-    yield request.param
+    yield
     torch._dynamo.reset()
 
 

@@ -11,7 +11,6 @@ from conftest import DEVICE
 from helpers import assert_close
 
 import focal_kernels as fk
-from focal_kernels import backend
 
 IGNORE = -100
 VOCAB = 37
@@ -27,13 +26,6 @@ TRANSFORMS = {
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (3e-5, 3e-5), torch.bfloat16: (1e-1, 5e-2)}
 
 
-@pytest.fixture(params=["triton", "torch"])
-def path(request, monkeypatch):
-    if request.param == "torch":
-        if DEVICE != "cpu":
-            pytest.skip("the plain-PyTorch path runs only for CPU tensors")
-        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
-    return request.param
 
 
 def inputs(batch, seq_len, dtype, vocab=VOCAB, hidden=HIDDEN, scale=3.0):

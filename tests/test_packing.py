@@ -9,7 +9,6 @@ from conftest import DEVICE
 from helpers import ACCUMULATED_TOL, DTYPES, GRAD_TOL, assert_close, poison_empty, random_labels, random_logits
 
 import focal_kernels as fk
-from focal_kernels import backend
 
 IGNORE = -100
 VOCAB = 37  # not a power of two
@@ -26,14 +25,6 @@ LENGTHS = [0, 3, 1, 0, 4, 5, 2, 0]
 ALL_IGNORED = (4,)
 
 
-@pytest.fixture(params=["triton", "torch"])
-def path(request, monkeypatch):
-    """'triton': the kernels (interpreted on a CPU); 'torch': the plain-PyTorch path of a CPU tensor."""
-    if request.param == "torch":
-        if DEVICE != "cpu":
-            pytest.skip("the plain-PyTorch path runs only for CPU tensors")
-        monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
-    return request.param
 
 
 def make_cu(lengths, dtype=torch.int64):

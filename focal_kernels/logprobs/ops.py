@@ -13,6 +13,7 @@ Importing this module registers the operators; it does not import triton (the ke
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -67,12 +68,19 @@ def _segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 # The kernels read their inputs through strides and the gradient takes the logits' layout: inductor must pass
 # these operators the very layouts they were traced with.
 _EXACT_STRIDES = (getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order),)
-_token_logps_op = torch.library.custom_op("focal_kernels::token_logps", _token_logps, mutates_args=(),
-                                          tags=_EXACT_STRIDES)
-_logits_grad_op = torch.library.custom_op("focal_kernels::logits_grad", _logits_grad, mutates_args=(),
-                                          tags=_EXACT_STRIDES)
-_logits_grad_inplace_op = torch.library.custom_op("focal_kernels::logits_grad_inplace", _logits_grad_inplace,
-                                                  mutates_args=("logits",), tags=_EXACT_STRIDES)
+
+
+def _strided_op(name, fn, mutates_args=()):
+    """custom_op with the exact-strides tag, where this PyTorch's custom_op takes tags."""
+    if "tags" in inspect.signature(torch.library.custom_op).parameters:
+        return torch.library.custom_op(name, fn, mutates_args=mutates_args, tags=_EXACT_STRIDES)
+    return torch.library.custom_op(name, fn, mutates_args=mutates_args)
+
+
+_token_logps_op = _strided_op("focal_kernels::token_logps", _token_logps)
+_logits_grad_op = _strided_op("focal_kernels::logits_grad", _logits_grad)
+_logits_grad_inplace_op = _strided_op("focal_kernels::logits_grad_inplace", _logits_grad_inplace,
+                                      mutates_args=("logits",))
 _segment_sum_op = torch.library.custom_op("focal_kernels::segment_sum", _segment_sum, mutates_args=())
 
 

@@ -568,7 +568,7 @@ def report_header(meta: dict) -> list:
     if used is not None:
         lines.append("Ours' hidden-state gradient: " + (
             "cuBLAS accumulates each chunk into the float32 buffer (addmm with out_dtype=float32)" if used else
-            "each chunk's product rounded to bf16, then added to the float32 buffer (no float32-output addmm here)"))
+            "each chunk's factors upcast to float32 first (no float32-output addmm here)"))
     return lines
 
 

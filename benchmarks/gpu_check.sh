@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh bench          # logits path: --quick, larger shapes, logits-small (~3-4 min)
 #   bash benchmarks/gpu_check.sh logits-small   # only V = 32000 and 50257 at 16K tokens, validate_labels on/off
 #   bash benchmarks/gpu_check.sh fused          # the hidden-state (fused linear) benchmark (~4-5 min)
+#   bash benchmarks/gpu_check.sh trl            # the TRL integration's tests and FocalPOTrainer vs DPOTrainer steps
 #   bash benchmarks/gpu_check.sh all            # tests, bench, fused in turn (longer than one device call)
 #
 # Results go into $OUT/<short commit>[-dirty]/ (else ./bench_out/<...>/), so every folder names the commit it
@@ -20,8 +21,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-all}"
 case "$phase" in
-    tests|bench|logits-small|fused|all) ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [tests|bench|logits-small|fused|all]" >&2; exit 2 ;;
+    tests|bench|logits-small|fused|trl|all) ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [tests|bench|logits-small|fused|trl|all]" >&2; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1
 # TRITON_INTERPRET=1 (set for CPU runs) would send the kernels through the interpreter on the GPU too; on a
@@ -91,8 +92,14 @@ run_fused() {
     tables+=(fused.md)
 }
 
+run_trl() {  # TRL, transformers and PEFT are not on the GPU image: they travel as wheels in ./.whl
+    step trl-tests 200 python -m pytest -q -x tests/test_trl_integration.py
+    step trl-step 300 python -m benchmarks.trl_step --out "$out_dir/trl_step.json"
+}
+
 case "$phase" in
     tests) run_tests ;;
+    trl) run_trl ;;
     bench) run_bench ;;
     logits-small) run_small ;;
     fused) run_fused ;;

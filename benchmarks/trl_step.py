@@ -9,8 +9,9 @@ steps, and the peak GPU memory during them, absolute and above the memory held w
     python -m benchmarks.trl_step --layers 4 --batch 8 --prompt-len 512 --completion-len 1536
     python -m benchmarks.trl_step --tiny               # tiny shapes (the default without a GPU): a smoke run
 
-If a trainer runs out of memory at the requested batch, the batch is halved (down to 1) and that trainer is
-retried, and the report says so: the table is at the largest batch that fits for both when --shrink is on.
+With --shrink, a trainer that runs out of memory at the requested batch is retried at half the batch (down to
+1), and its row says at which batch it ran: the trainers' rows may then be at different batches (the other is
+not re-run), so compare per-pair times there.
 Without a GPU, times are CPU times through Triton's interpreter (for the smoke run only, not a measurement).
 """
 
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in row.items() if k != "step_ms_all"}), flush=True)
                 break
 
-    print("\n| trainer | pairs/step | step ms (median) | peak MiB | peak above step start MiB | last loss |")
+    print("\n| trainer | pairs/step | step ms (median) | peak MiB | peak above step start MiB | mean train loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         def fmt(key, spec):

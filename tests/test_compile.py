@@ -25,9 +25,14 @@ HIDDEN = 8
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles from scratch (its frame counts are its own) and leaves no cache behind."""
+    """Each test compiles from scratch (its frame counts are its own) and leaves no cache behind. On a GPU the
+    tests' tensors are made there (the default device), so the compiled Triton kernels are what is traced."""
     torch._dynamo.reset()
+    if DEVICE != "cpu":
+        torch.set_default_device(DEVICE)
     yield
+    if DEVICE != "cpu":
+        torch.set_default_device(None)
     torch._dynamo.reset()
 
 

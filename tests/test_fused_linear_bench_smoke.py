@@ -58,7 +58,7 @@ def test_fused_linear_benchmark_every_row(tmp_path, capsys):
     assert "| impl |" in stdout
     if not torch.cuda.is_available():  # no float32-output addmm on the CPU: the fallback, and the header says so
         assert results["meta"]["float32_addmm"] is False
-        assert "rounded to bf16, then added to the float32 buffer" in stdout
+        assert "factors upcast to float32 first" in stdout
         assert "NOT GPU timings" in stdout
         assert results["meta"]["matmul"] is None
     check_written_files(stdout, tmp_path, output)

@@ -257,3 +257,17 @@ def test_gemma2_logits_and_hidden_paths_agree(path, layout):
     uncapped = fk.fused_linear_sequence_logps(hidden[:, :-1], weight, labels)
     padded_logits = fk.sequence_logps(logits[:, :-1], labels)
     assert (uncapped - padded_logits).abs().max() > 1e-2
+
+
+def test_logit_options_from_other_configs():
+    """The multipliers TRL's fused head also reads, and a width scaling this cannot reproduce."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    assert fk.logit_options_from_config(transformers.FalconH1Config(lm_head_multiplier=0.5))["logit_scale"] == 0.5
+    hyperclovax = SimpleNamespace(model_type="hyperclovax", logits_scaling=4.0)
+    assert fk.logit_options_from_config(hyperclovax)["logit_scale"] == 4.0
+    assert fk.logit_options_from_config(SimpleNamespace(output_multiplier=2.0))["logit_scale"] == 2.0
+    with pytest.raises(ValueError, match="dim_model_base"):
+        fk.logit_options_from_config(SimpleNamespace(dim_model_base=256, hidden_size=1024))

@@ -339,7 +339,8 @@ def test_trl_step_benchmark_smoke(tmp_path):
     out = tmp_path / "trl_step.json"
     cmd = [sys.executable, "-m", "benchmarks.trl_step", "--tiny", "--steps", "1", "--warmup", "1", "--padding-free",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
 
@@ -349,4 +350,33 @@ def test_trl_step_benchmark_smoke(tmp_path):
 
 def test_importing_focal_kernels_does_not_import_trl():
     code = "import sys, focal_kernels, focal_kernels.integrations; assert 'trl' not in sys.modules, 'trl imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_simpo_is_reference_free_inside_the_trainer(tmp_path, tok, dataset):
+    """SimPO (reference-free) alone and in a weighted list with a reference-based type: the trainer computes it
+    without the reference log-probs TRL provides, and the list is Σ w_k · mean ℓ_k."""
+    model = tiny_lm.make_model(tok, seed=0)
+    config = dict(loss_type=["sigmoid", "simpo"], loss_weights=[1.0, 0.5], beta=0.5, simpo_gamma=0.3)
+    losses = {}
+    for seed in (1, 2):  # two different reference models: the SimPO term must not depend on them
+        trainer = FocalPOTrainer(model=tiny_lm.clone(model), ref_model=tiny_lm.make_model(tok, seed=seed),
+                                 args=_args(FocalPOConfig, tmp_path / str(seed), **config), train_dataset=dataset,
+                                 processing_class=tok)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        combined = _loss_and_grads(trainer, batch)[0]
+        parts = {}
+        for loss_type in ("sigmoid", "simpo"):
+            trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+            parts[loss_type] = _loss_and_grads(trainer, batch)[0]
+        torch.testing.assert_close(combined, parts["sigmoid"] + 0.5 * parts["simpo"], rtol=1e-5, atol=1e-6)
+        losses[seed] = parts
+    torch.testing.assert_close(losses[1]["simpo"], losses[2]["simpo"], rtol=1e-6, atol=1e-7)
+    assert abs(losses[1]["sigmoid"].item() - losses[2]["sigmoid"].item()) > 1e-4  # the reference does matter there
+
+
+def test_label_smoothing_no_loss_type_reads_raises(tmp_path, tok, dataset):
+    with pytest.raises(ValueError, match="label_smoothing=0.1 is read by none"):
+        FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path, loss_type="sigmoid",
+                                                                 label_smoothing=0.1),
+                       train_dataset=dataset, processing_class=tok)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 import focal_kernels as fk
+from focal_kernels.losses.batch import spec_of
 
 SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
 _SUPPORTED_RELEASE = (1, 16)
@@ -421,6 +422,10 @@ class FocalPOTrainer(DPOTrainer):
         one = torch.zeros(2, dtype=torch.float32)
         counts = torch.ones(2, dtype=torch.int64)
         self._preference_loss(args, one, one, one, one, counts, counts, None)
+        loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+        if args.label_smoothing and not any(spec_of(fk.LOSS_TYPES[name])["label_smoothing"] for name in loss_types):
+            raise ValueError(f"label_smoothing={args.label_smoothing} is read by none of the loss types {loss_types} "
+                             "(TRL 1.16 ignores it silently there); set it to 0 or choose a loss type that uses it")
 
     def _check_model_supported(self) -> None:
         config = self.model.config
@@ -440,31 +445,48 @@ class FocalPOTrainer(DPOTrainer):
 
     def _preference_loss(self, args, chosen, rejected, ref_chosen, ref_rejected, chosen_counts, rejected_counts,
                          pair_weights):
+        """The loss of the configured loss types, Σ_k w_k · mean ℓ_k. Reference-free types (simpo) are computed
+        without the reference log-probs TRL always provides, in a call of their own, and label smoothing goes
+        only to the calls whose types read it."""
         # After `DPOTrainer.__init__`, the trainer's attributes (which TRL's own loss reads) rule; before, `args`.
         def option(attribute, arg=None):
             return getattr(self, attribute, getattr(args, arg or attribute))
 
         loss_types = list(option("loss_types", "loss_type"))
         loss_weights = option("loss_weights")
-        return fk.preference_loss(
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            loss_type=loss_types,
-            loss_weights=None if loss_weights is None else list(loss_weights),
-            beta=option("beta"),
-            gamma=self.focal_gamma,
-            detach_focal_weight=self.detach_focal_weight,
-            label_smoothing=option("label_smoothing"),
-            simpo_gamma=self.simpo_gamma,
-            discopop_tau=args.discopop_tau,
-            f_divergence_type=option("f_divergence_type"),
-            f_alpha_divergence_coef=option("f_alpha_divergence_coef"),
-            chosen_token_counts=chosen_counts,
-            rejected_token_counts=rejected_counts,
-            pair_weights=pair_weights,
-        )
+        weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+        if len(weights) != len(loss_types):
+            raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
+                             f"{len(loss_types)} loss types {loss_types}")
+        unknown = [name for name in loss_types if name not in fk.LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"Unknown loss_type {unknown}; valid loss types are {sorted(fk.LOSS_TYPES)}")
+        free = [spec_of(fk.LOSS_TYPES[name])["reference_free"] for name in loss_types]
+        loss = 0.0
+        for reference_free, refs in ((False, (ref_chosen, ref_rejected)), (True, (None, None))):
+            names = [name for name, is_free in zip(loss_types, free) if is_free == reference_free]
+            if not names:
+                continue
+            reads_smoothing = any(spec_of(fk.LOSS_TYPES[name])["label_smoothing"] for name in names)
+            loss = loss + fk.preference_loss(
+                chosen,
+                rejected,
+                *refs,
+                loss_type=names,
+                loss_weights=[w for w, is_free in zip(weights, free) if is_free == reference_free],
+                beta=option("beta"),
+                gamma=self.focal_gamma,
+                detach_focal_weight=self.detach_focal_weight,
+                label_smoothing=option("label_smoothing") if reads_smoothing else 0.0,
+                simpo_gamma=self.simpo_gamma,
+                discopop_tau=args.discopop_tau,
+                f_divergence_type=option("f_divergence_type"),
+                f_alpha_divergence_coef=option("f_alpha_divergence_coef"),
+                chosen_token_counts=chosen_counts,
+                rejected_token_counts=rejected_counts,
+                pair_weights=pair_weights,
+            ).loss
+        return loss
 
     def _model_kwargs(self, inputs):
         non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -498,6 +520,9 @@ class FocalPOTrainer(DPOTrainer):
             raise NotImplementedError(f"padding_free=True with extra model inputs {sorted(extra)} is not supported")
         real = inputs["attention_mask"].bool()
         # The collator pads on the right: each row's real tokens are a prefix, so row-major order packs them.
+        if not bool((real[:, 1:] <= real[:, :-1]).all()):
+            raise NotImplementedError("padding_free=True needs right-padded batches (each row's tokens a prefix of "
+                                      "the row); this batch's attention_mask has padding before real tokens")
         position_ids = (real.long().cumsum(1) - 1)[real].unsqueeze(0)
         cu_seqlens = fk.cu_seqlens_from_position_ids(position_ids).long()
         packed_ids = input_ids[real].unsqueeze(0)
@@ -638,7 +663,7 @@ class FocalPOTrainer(DPOTrainer):
               rejected_counts, pair_weights, per_token_logps, shift_completion_mask, sft_separately):
         if not sft_separately:
             return self._preference_loss(self.args, chosen_logps, rejected_logps, ref_chosen_logps,
-                                         ref_rejected_logps, chosen_counts, rejected_counts, pair_weights).loss
+                                         ref_rejected_logps, chosen_counts, rejected_counts, pair_weights)
         # TRL's "sft" term, the mean NLL of the scored chosen tokens, formed from the per-token log-probs; every
         # other type by `preference_loss`, one at a time (the combination is Σ_k w_k · mean ℓ_k either way).
         loss = 0.0
@@ -652,8 +677,7 @@ class FocalPOTrainer(DPOTrainer):
             else:
                 with _swap_attribute(self, "loss_types", [loss_type]), _swap_attribute(self, "loss_weights", None):
                     term = self._preference_loss(self.args, chosen_logps, rejected_logps, ref_chosen_logps,
-                                                 ref_rejected_logps, chosen_counts, rejected_counts,
-                                                 pair_weights).loss
+                                                 ref_rejected_logps, chosen_counts, rejected_counts, pair_weights)
             loss = loss + term * weight
         return loss
 

@@ -21,7 +21,6 @@ from .linear_autograd import LinearOptions, LinearTokenLogps
 from .logits import is_dtensor, sum_per_sequence
 from .ops import STATS
 from .packing import as_token_grid, layout_of, token_counts
-from .vocab_chunks import default_chunk_size
 
 
 class TokenLogps(NamedTuple):
@@ -106,9 +105,6 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
         check_labels_in_range([(labels, labels_name) for _, labels, _, labels_name in groups], weight.shape[0],
                               ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     compact = not (torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
-    if chunk_size is None:
-        tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, *_ in groups)
-        chunk_size = default_chunk_size(tokens, weight.shape[0], weight.shape[1], weight.element_size())
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
     frozen = (torch.is_grad_enabled() and not weight.requires_grad and (bias is None or not bias.requires_grad)
               and any(hidden.requires_grad for hidden, *_ in groups))
@@ -216,18 +212,27 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
 
 
 def logit_options_from_config(config) -> dict:
-    """The hidden-state path's logit options (logit_softcap, logit_scale) for a Hugging Face model config:
-    Gemma-2/3's `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling` (logits
-    divided by it). A multimodal config's `text_config` is read. Pass the result as keyword arguments."""
-    config = getattr(config, "text_config", None) or config
+    """The hidden-state path's logit options (logit_softcap, logit_scale) for a Hugging Face model config, so
+    that the log-probs are those of the model's own logits. Read: `final_logit_softcapping` (Gemma-2/3), and
+    the first multiplier present of `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier`
+    (Falcon-H1), `logits_scaling` (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies). A multimodal
+    config's text config is read. Raises ValueError for a config whose logits this cannot reproduce (MiniCPM's
+    `dim_model_base` width scaling). Pass the result as keyword arguments."""
+    getter = getattr(config, "get_text_config", None)
+    config = getter() if callable(getter) else (getattr(config, "text_config", None) or config)
     options = {"logit_softcap": None, "logit_scale": 1.0}
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap is not None:
         options["logit_softcap"] = float(softcap)
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        options["logit_scale"] = float(scale)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, name, None) is not None:
+            options["logit_scale"] = float(getattr(config, name))
+            return options
     divisor = getattr(config, "logits_scaling", None)
     if divisor is not None:
-        options["logit_scale"] = options["logit_scale"] / float(divisor)
+        multiplies = getattr(config, "model_type", None) == "hyperclovax"
+        options["logit_scale"] = float(divisor) if multiplies else 1.0 / float(divisor)
+    elif getattr(config, "dim_model_base", None) is not None:
+        raise ValueError("this config scales the lm_head's input by dim_model_base / hidden_size (MiniCPM); "
+                         "logit_options_from_config does not reproduce it: pass logit_scale yourself")
     return options

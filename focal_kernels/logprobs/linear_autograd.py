@@ -55,11 +55,12 @@ import torch
 from ..first_order import first_order_only
 from . import ops
 from .scored_rows import gather_rows, hidden_gradients, masked_rows, scored_positions
+from .vocab_chunks import default_chunk_size
 
 
 class LinearOptions(NamedTuple):
     ignore_index: int
-    chunk_size: int
+    chunk_size: int | None         # None: `default_chunk_size` of the rows actually projected
     params: torch.Tensor | None    # (scale, softcap, 1 / temperature) in the compute dtype, or None
     has_softcap: bool
     stats: tuple                  # names from ops.STATS
@@ -105,11 +106,12 @@ class LinearTokenLogps(torch.autograd.Function):
             positions = [None] * len(hiddens)
             rows = masked_rows(hiddens, scored)
         row_labels = _pick(labels, positions, scored, fill=0).to(torch.int64)
-        keep_chunks = min(options.memory_budget // (max(rows.shape[0], 1) * options.chunk_size * rows.element_size()),
-                          weight.shape[0] // options.chunk_size)
+        chunk_size = options.chunk_size or default_chunk_size(rows.shape[0], weight.shape[0], weight.shape[1],
+                                                              weight.element_size())
+        keep_chunks = min(options.memory_budget // (max(rows.shape[0], 1) * chunk_size * rows.element_size()),
+                          weight.shape[0] // chunk_size)
         *state, unit, kept = ops.linear_forward(rows, weight, bias, row_labels, options.params, options.has_softcap,
-                                                0, options.chunk_size, ",".join(options.stats), options.frozen,
-                                                keep_chunks)
+                                                0, chunk_size, ",".join(options.stats), options.frozen, keep_chunks)
         del rows
         log_sum_exp, values = _row_values(state, weight.shape[0], row_labels, options.stats)
 
@@ -120,6 +122,7 @@ class LinearTokenLogps(torch.autograd.Function):
         ctx.save_for_backward(weight, bias, state[0], log_sum_exp, row_labels, unit, kept, *hiddens, *labels,
                               *(index for index in positions if index is not None))
         ctx.options = options
+        ctx.chunk_size = chunk_size
         ctx.groups = len(hiddens)
         ctx.per_group = len(values)
         ctx.mark_non_differentiable(*(out for k, out in enumerate(outputs) if k % len(values)))
@@ -144,7 +147,7 @@ class LinearTokenLogps(torch.autograd.Function):
             rows = gather_rows(hiddens, positions) if options.compact else masked_rows(hiddens, scored)
             grad_rows, grad_weight, grad_bias = ops.linear_backward(
                 rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, options.params,
-                options.has_softcap, 0, options.chunk_size, any(needs_hidden), ctx.needs_input_grad[0],
+                options.has_softcap, 0, ctx.chunk_size, any(needs_hidden), ctx.needs_input_grad[0],
                 ctx.needs_input_grad[1], kept if kept.numel() else None)
             del rows  # before the hidden-state gradients exist: the two never share the peak
         grad_hiddens = hidden_gradients(hiddens, positions, needs_hidden, grad_rows)

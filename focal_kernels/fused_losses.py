@@ -16,7 +16,8 @@ from .checks import (check_flag, check_inplace_targets_disjoint, check_labels_in
 from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
 from .logprobs.logits import is_dtensor, sequence_logps, sum_per_sequence, token_logps
 from .logprobs.packing import layout_of, token_counts
-from .losses import preference_loss
+from .losses import LOSS_TYPES, preference_loss
+from .losses.batch import spec_of
 from .losses.validation import check_options, check_tensors, resolve_loss_types
 from .output import PreferenceLossOutput
 
@@ -28,9 +29,16 @@ def _padded(name, tensor):
                          "fused_linear_sequence_logps with preference_loss)")
 
 
-def _sequence_logps_and_counts(token_logps, labels, ignore_index, like):
+def _counts_needed(loss_options):
+    """Whether a selected loss type is length-normalized (needs token counts): only then are they computed."""
+    names, _ = resolve_loss_types(loss_options.get("loss_type", "focal"), loss_options.get("loss_weights"))
+    return any(spec_of(LOSS_TYPES[name])["token_counts"] for name in names)
+
+
+def _sequence_logps_and_counts(token_logps, labels, ignore_index, like, with_counts):
     layout = layout_of(labels.shape[0], labels.shape[1], None, labels.device)
-    return sum_per_sequence(token_logps, layout, like), token_counts(labels, layout, ignore_index)
+    counts = token_counts(labels, layout, ignore_index) if with_counts else None
+    return sum_per_sequence(token_logps, layout, like), counts
 
 
 _LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence_type",
@@ -53,15 +61,19 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what)
     # The (B,) tensors the primitive will produce, as empty stand-ins: preference_loss's own tensor checks
     # (reference-free losses given references, pair_weights' shape, ...) run before any kernel.
-    logps, counts = torch.empty((batch,), device=device), torch.empty((batch,), dtype=torch.int64, device=device)
+    logps = torch.empty((batch,), device=device)
+    counts = torch.empty((batch,), dtype=torch.int64, device=device) if _counts_needed(loss_options) else None
     check_tensors(names, chosen_logps=logps, rejected_logps=logps, ref_chosen_logps=ref_chosen_logps,
                   ref_rejected_logps=ref_rejected_logps, chosen_token_counts=counts, rejected_token_counts=counts,
                   pair_weights=loss_options.get("pair_weights"))
+    return counts is not None
 
 
-def _each_side(logps_fn, sides, **options):
-    """[(logps, counts)] of chosen and rejected, each through logps_fn(values, labels, **options) on its own
-    (the distributed forms, which communicate per call)."""
+def _each_side(logps_fn, sides, loss_options, **options):
+    """[(logps, counts or None)] of chosen and rejected, each through logps_fn(values, labels, **options) on
+    its own (the distributed forms, which communicate per call)."""
+    if not _counts_needed(loss_options):
+        return [(logps_fn(values, labels, **options), None) for values, labels in sides]
     return [logps_fn(values, labels, return_token_counts=True, **options) for values, labels in sides]
 
 
@@ -96,7 +108,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     """
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
         sides = _each_side(sequence_logps, ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)),
-                           ignore_index=ignore_index, validate_labels=validate_labels,
+                           loss_options, ignore_index=ignore_index, validate_labels=validate_labels,
                            inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
                            sequence_parallel_group=sequence_parallel_group)
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
@@ -104,9 +116,10 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     _padded("chosen_logits", chosen_logits)
     _padded("rejected_logits", rejected_logits)
     check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index)
-    _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0], chosen_logits.device,
-                          "logits", beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
-                          reduction=reduction, loss_options=loss_options)
+    with_counts = _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0],
+                                        chosen_logits.device, "logits", beta=beta, gamma=gamma,
+                                        detach_focal_weight=detach_focal_weight, reduction=reduction,
+                                        loss_options=loss_options)
     check_flag(inplace_backward, "inplace_backward")
     if inplace_backward:
         check_inplace_targets_disjoint(chosen_logits, rejected_logits)
@@ -114,7 +127,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
         check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
                               chosen_logits.shape[2], ignore_index=ignore_index)
     sides = [_sequence_logps_and_counts(token_logps(logits, labels, ignore_index, inplace_backward), labels,
-                                        ignore_index, logits)
+                                        ignore_index, logits, with_counts)
              for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels))]
     return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
                       loss_options)
@@ -142,7 +155,7 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     """
     if vocab_parallel_group is not None or sequence_parallel_group is not None:
         sides = _each_side(lambda hidden, labels, **kw: fused_linear_sequence_logps(hidden, weight, labels, bias, **kw),
-                           ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)),
+                           ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), loss_options,
                            ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
                            logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
                            memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
@@ -167,7 +180,8 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
         groups, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
         logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks,
         memory_budget=memory_budget)
-    sides = [_sequence_logps_and_counts(tokens, labels, ignore_index, weight)
+    with_counts = _counts_needed(loss_options)
+    sides = [_sequence_logps_and_counts(tokens, labels, ignore_index, weight, with_counts)
              for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
     return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
                       loss_options)

@@ -258,3 +258,39 @@ def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):
     assert torch_gc.dtype == torch.bfloat16
     assert_close(torch_gc, kernel_gc, (1.6e-2, 1e-5), "grad chosen")
     assert_close(torch_gr, kernel_gr, (1.6e-2, 1e-5), "grad rejected")
+
+
+@pytest.mark.parametrize("loss_type", [["ipo", "sigmoid"], "simpo", "focal"])
+def test_fused_entry_points_equal_primitive_then_preference_loss(device, loss_type):
+    """The fused losses, with and without a length-normalized loss type (token counts computed only then), give
+    what the primitive's log-probs and counts fed to preference_loss give, values and gradients."""
+    vocab, hidden_size = 53, 8
+    chosen, rejected = random_logits(2, 5, vocab, torch.float64, device), random_logits(2, 4, vocab, torch.float64,
+                                                                                          device)
+    labels_c, labels_r = random_labels(2, 5, vocab, device), random_labels(2, 4, vocab, device)
+    refs = (None, None) if loss_type == "simpo" else (torch.randn(2, device=device, dtype=torch.float64),) * 2
+    options = dict(loss_type=loss_type, beta=0.3)
+
+    def composed(c, r):
+        (lc, nc), (lr, nr) = (fk.sequence_logps(x, y, return_token_counts=True) for x, y in ((c, labels_c),
+                                                                                            (r, labels_r)))
+        return fk.preference_loss(lc, lr, *refs, chosen_token_counts=nc, rejected_token_counts=nr, **options).loss
+
+    leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
+    fused = fk.focal_po_loss(*leaves, labels_c, labels_r, *refs, **options).loss
+    expected = composed(*(x.detach().clone().requires_grad_(True) for x in (chosen, rejected)))
+    torch.testing.assert_close(fused, expected)
+    got = torch.autograd.grad(fused, leaves)
+    leaves2 = [x.detach().clone().requires_grad_(True) for x in (chosen, rejected)]
+    want = torch.autograd.grad(composed(*leaves2), leaves2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+    hc = torch.randn(2, 5, hidden_size, dtype=torch.float64, device=device, requires_grad=True)
+    hr = torch.randn(2, 4, hidden_size, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, device=device)
+    fused = fk.fused_linear_focal_po_loss(hc, hr, weight, labels_c, labels_r, *refs, **options).loss
+    (lc, nc), (lr, nr) = (fk.fused_linear_sequence_logps(h, weight, y, return_token_counts=True)
+                          for h, y in ((hc, labels_c), (hr, labels_r)))
+    expected = fk.preference_loss(lc, lr, *refs, chosen_token_counts=nc, rejected_token_counts=nr, **options).loss
+    torch.testing.assert_close(fused, expected)

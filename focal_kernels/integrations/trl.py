@@ -40,6 +40,7 @@ import torch
 
 import focal_kernels as fk
 from focal_kernels.losses.batch import spec_of
+from focal_kernels.losses.validation import resolve_loss_types
 
 SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
 _SUPPORTED_RELEASE = (1, 16)
@@ -452,15 +453,9 @@ class FocalPOTrainer(DPOTrainer):
         def option(attribute, arg=None):
             return getattr(self, attribute, getattr(args, arg or attribute))
 
-        loss_types = list(option("loss_types", "loss_type"))
         loss_weights = option("loss_weights")
-        weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-        if len(weights) != len(loss_types):
-            raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
-                             f"{len(loss_types)} loss types {loss_types}")
-        unknown = [name for name in loss_types if name not in fk.LOSS_TYPES]
-        if unknown:
-            raise ValueError(f"Unknown loss_type {unknown}; valid loss types are {sorted(fk.LOSS_TYPES)}")
+        loss_types, weights = resolve_loss_types(list(option("loss_types", "loss_type")),
+                                                 None if loss_weights is None else list(loss_weights))
         free = [spec_of(fk.LOSS_TYPES[name])["reference_free"] for name in loss_types]
         loss = 0.0
         for reference_free, refs in ((False, (ref_chosen, ref_rejected)), (True, (None, None))):

@@ -14,7 +14,7 @@ import torch
 from .checks import (check_flag, check_inplace_targets_disjoint, check_labels_in_range, check_logits_pair,
                      check_pair_shapes, check_reference_logps, data_checks_enabled)
 from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
-from .logprobs.logits import is_dtensor, sequence_logps, sum_per_sequence, token_logps
+from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
@@ -35,10 +35,8 @@ def _counts_needed(loss_options):
     return any(spec_of(LOSS_TYPES[name])["token_counts"] for name in names)
 
 
-def _sequence_logps_and_counts(token_logps, labels, ignore_index, like, with_counts):
-    layout = layout_of(labels.shape[0], labels.shape[1], None, labels.device)
-    counts = token_counts(labels, layout, ignore_index) if with_counts else None
-    return sum_per_sequence(token_logps, layout, like), counts
+def _padded_counts(labels, ignore_index):
+    return token_counts(labels, layout_of(labels.shape[0], labels.shape[1], None), ignore_index)
 
 
 _LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence_type",
@@ -126,9 +124,10 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     if data_checks_enabled(validate_labels, chosen_logits):
         check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
                               chosen_logits.shape[2], ignore_index=ignore_index)
-    sides = [_sequence_logps_and_counts(token_logps(logits, labels, ignore_index, inplace_backward), labels,
-                                        ignore_index, logits, with_counts)
-             for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels))]
+    chosen_logps, rejected_logps = pair_sequence_logps(chosen_logits, rejected_logits, chosen_labels,
+                                                       rejected_labels, ignore_index, inplace_backward)
+    sides = [(logps, _padded_counts(labels, ignore_index) if with_counts else None)
+             for logps, labels in ((chosen_logps, chosen_labels), (rejected_logps, rejected_labels))]
     return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
                       loss_options)
 
@@ -181,7 +180,8 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
         logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks,
         memory_budget=memory_budget)
     with_counts = _counts_needed(loss_options)
-    sides = [_sequence_logps_and_counts(tokens, labels, ignore_index, weight, with_counts)
+    sides = [(sum_per_sequence(tokens, layout_of(labels.shape[0], labels.shape[1], None), weight),
+              _padded_counts(labels, ignore_index) if with_counts else None)
              for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
     return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
                       loss_options)

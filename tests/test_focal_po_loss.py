@@ -294,3 +294,38 @@ def test_fused_entry_points_equal_primitive_then_preference_loss(device, loss_ty
                           for h, y in ((hc, labels_c), (hr, labels_r)))
     expected = fk.preference_loss(lc, lr, *refs, chosen_token_counts=nc, rejected_token_counts=nr, **options).loss
     torch.testing.assert_close(fused, expected)
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_chosen_and_rejected_share_each_launch(device, monkeypatch, inplace_backward):
+    """The logits path launches each kernel once for both sides (token log-probs and per-sequence sums
+    forward, the logits' gradient backward), and stays exact when the sides differ: lengths (T = 1 on one
+    side), label dtypes, strides, a side whose every token is ignored."""
+    if not backend.use_triton(torch.empty(0, device=device)):
+        pytest.skip("counts kernel launches")
+    from focal_kernels.kernels import logits_grad, segment_sum, token_logps
+
+    launches = []
+    for module, name in ((token_logps, "token_logps_and_lse"), (logits_grad, "logits_grad"),
+                         (segment_sum, "segment_sum")):
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            launches.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    vocab = 301
+    chosen = random_logits(3, 6, vocab, torch.float32, device, extra_time=2)[:, 1:-1]  # a strided view
+    rejected = random_logits(3, 1, vocab, torch.float32, device)
+    labels_c = random_labels(3, 4, vocab, device, dtype=torch.int32)
+    labels_r = random_labels(3, 1, vocab, device, ignored_fraction=0.0)
+    labels_r[1] = -100
+    if not inplace_backward:
+        compare_with_reference(chosen, rejected, labels_c, labels_r, beta=0.4, gamma=0.5)
+    else:  # the logits are consumed: pass the output of an op, and compare with the default's gradients
+        leaves = [x.detach().clone().requires_grad_(True) for x in (chosen, rejected)]
+        want = torch.autograd.grad(fk.focal_po_loss(*leaves, labels_c, labels_r, beta=0.4).loss, leaves)
+        launches.clear()
+        leaves = [x.detach().clone().requires_grad_(True) for x in (chosen, rejected)]
+        loss = fk.focal_po_loss(*(x * 1 for x in leaves), labels_c, labels_r, beta=0.4, inplace_backward=True).loss
+        for got, expected in zip(torch.autograd.grad(loss, leaves), want):
+            torch.testing.assert_close(got, expected)
+    assert launches == ["token_logps_and_lse", "segment_sum", "logits_grad"]

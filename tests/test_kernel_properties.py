@@ -39,18 +39,25 @@ def test_every_output_element_is_written(device, dtype, monkeypatch):
     rejected = random_logits(3, 4, vocab, dtype, device)
     labels_c, labels_r = random_labels(3, 5, vocab, device), random_labels(3, 4, vocab, device)
     labels_c[2] = -100
+    labels_r[1, 2:] = -100
     poison_empty(monkeypatch)
-    token_logps, row_max, log_sum_exp = token_logps_and_lse(chosen, labels_c, -100)
-    for t in (token_logps, row_max, log_sum_exp):
-        assert not torch.isnan(t).any()
-    grad = logits_grad(chosen, labels_c, row_max, log_sum_exp,
-                       torch.randn(3, 1, dtype=row_max.dtype, device=device).expand(3, 5), -100)
-    assert not torch.isnan(grad).any()
-    assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+    for logits, labels in (([chosen], [labels_c]), ([chosen, rejected], [labels_c, labels_r])):  # one grid, a pair
+        token_logps, row_max, log_sum_exp = token_logps_and_lse(logits, labels, -100)
+        for t in (token_logps, row_max, log_sum_exp):
+            assert not torch.isnan(t).any()
+        scales = [torch.randn(3, 1, dtype=row_max.dtype, device=device).expand(part.shape) for part in labels]
+        grads = logits_grad(logits, labels, row_max, log_sum_exp, scales, -100)
+        assert len(grads) == len(logits)
+        assert not any(torch.isnan(grad).any() for grad in grads)
+        assert torch.equal(grads[0][2], torch.zeros_like(grads[0][2]))
+    assert torch.equal(grads[1][1, 2:], torch.zeros_like(grads[1][1, 2:]))
     from focal_kernels.kernels.segment_sum import segment_sum
     offsets = torch.tensor([0, 0, 3, 4, 4, 7], device=device)  # empty segments included
-    sums = segment_sum(torch.randn(7, device=device), offsets, 16)
+    (sums,) = segment_sum(torch.randn(7, device=device), offsets)
     assert sums.shape == (5,) and not torch.isnan(sums).any() and sums[0] == 0 and sums[3] == 0
+    first, second = segment_sum(torch.randn(3 * 2 + 2 * 0, device=device), None, [3, 2], [2, 0])
+    assert first.shape == (3,) and second.shape == (2,) and not torch.isnan(first).any()
+    assert torch.equal(second, torch.zeros_like(second))  # empty sequences
     out, = torch.autograd.grad(fk.focal_po_loss(chosen.requires_grad_(True), rejected, labels_c, labels_r).loss,
                                [chosen])
     assert not torch.isnan(out).any()

@@ -14,19 +14,37 @@ def _logits_case():
     logits = torch.randn(5, 3, 11, device=DEVICE).transpose(0, 1)  # (3, 5, 11), batch stride < time stride
     labels = torch.randint(0, 11, (3, 5), device=DEVICE)
     labels[0, 0] = -100
-    _, row_max, log_sum_exp = ops._token_logps(logits, labels, -100, 0, False)
+    _, row_max, log_sum_exp = ops._token_logps([logits], [labels], -100, 0, False)
     return logits, labels, row_max, log_sum_exp
 
 
 def test_logits_path_operators():
     logits, labels, row_max, log_sum_exp = _logits_case()
     per_sequence = torch.randn(3, 1, device=DEVICE).expand(3, 5)  # time stride 0, as autograd passes it
-    torch.library.opcheck(ops._token_logps_op, (logits, labels, -100, 0, False), test_utils=CHECKS)
-    torch.library.opcheck(ops._token_logps_op, (logits, labels, -100, 4, True), test_utils=CHECKS)
-    torch.library.opcheck(ops._logits_grad_op, (logits, labels, row_max, log_sum_exp, per_sequence, -100, 0),
+    torch.library.opcheck(ops._token_logps_op, ([logits], [labels], -100, 0, False), test_utils=CHECKS)
+    torch.library.opcheck(ops._token_logps_op, ([logits], [labels], -100, 4, True), test_utils=CHECKS)
+    torch.library.opcheck(ops._logits_grad_op, ([logits], [labels], row_max, log_sum_exp, [per_sequence], -100, 0),
                           test_utils=CHECKS)
     offsets = torch.tensor([0, 2, 2, 7], device=DEVICE)
-    torch.library.opcheck(ops._segment_sum_op, (torch.randn(7, device=DEVICE), offsets), test_utils=CHECKS)
+    torch.library.opcheck(ops._segment_sum_op, (torch.randn(7, device=DEVICE), offsets, [3], [2]),
+                          test_utils=CHECKS)
+    torch.library.opcheck(ops._segment_sum_op, (torch.randn(11, device=DEVICE), None, [2, 1], [4, 3]),
+                          test_utils=CHECKS)
+
+
+def test_pair_operators():
+    """Chosen and rejected in one launch: two grids of different lengths, strides and label dtypes."""
+    chosen, labels_c, _, _ = _logits_case()
+    rejected = torch.randn(3, 2, 16, device=DEVICE)[:, :, :11]  # (3, 2, 11) with a row stride of 16
+    labels_r = torch.randint(0, 11, (3, 2), device=DEVICE, dtype=torch.int32)
+    sides = ([chosen, rejected], [labels_c, labels_r])
+    torch.library.opcheck(ops._token_logps_op, (*sides, -100, 0, False), test_utils=CHECKS)
+    _, row_max, log_sum_exp = ops._token_logps(*sides, -100, 0, False)
+    assert row_max.shape == (3 * 5 + 3 * 2,)
+    scales = [torch.randn(3, 1, device=DEVICE).expand(3, 5), torch.randn(3, 1, device=DEVICE).expand(3, 2)]
+    torch.library.opcheck(ops._logits_grad_op, (*sides, row_max, log_sum_exp, scales, -100, 0), test_utils=CHECKS)
+    inplace = ([chosen.clone(), rejected.clone()], sides[1], row_max, log_sum_exp, scales, -100, 0)
+    torch.library.opcheck(ops._logits_grad_inplace_op, inplace, test_utils=CHECKS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,6 +8,9 @@ Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V), labels y[b, t]
 Writes  grad[b, t, v] = g[b, t] · m_t · (1[v0 + v = y_t] − exp((x[b, t, v] − row_max) − log_sum_exp))  in the logits' dtype,
         computed in float32 (float64), into `grad` (a fresh tensor, or the logits themselves in place).
 Rows whose label is ignore_index read no logits and write zeros; every element of `grad` is written.
+One grid (B, T, V), or two of one dtype, (B, T, V) and (B2, T2, V), in one launch (chosen and rejected:
+pair_rows.py), each with its own labels, g and gradient tensor; row_max and log_sum_exp are the forward's
+flat (rows,) statistics of both.
 
 Grid: (rows, vocabulary splits). Each program covers blocks_per_program · BLOCK_V columns of one row;
 the vocabulary is split only when there are too few rows to fill the GPU. Offsets are int64.
@@ -20,36 +23,45 @@ import triton
 import triton.language as tl
 
 from .config import gradient_config
+from .pair_rows import pair_row
 
 
 @triton.jit
 def logits_grad_kernel(
-    logits_ptr, labels_ptr, row_max_ptr, log_sum_exp_ptr, grad_scale_ptr, grad_ptr,
-    T, V, vocab_start, blocks_per_program,
-    stride_logits_b, stride_logits_t,
-    stride_labels_b, stride_labels_t,
-    stride_scale_b, stride_scale_t,
-    stride_grad_b, stride_grad_t,
+    logits_ptr, labels_ptr, grad_scale_ptr, grad_ptr,
+    second_logits_ptr, second_labels_ptr, second_grad_scale_ptr, second_grad_ptr,
+    row_max_ptr, log_sum_exp_ptr,
+    first_rows, T, second_T, V, vocab_start, blocks_per_program,
+    stride_logits_b, stride_logits_t, stride_labels_b, stride_labels_t,
+    stride_scale_b, stride_scale_t, stride_grad_b, stride_grad_t,
+    second_stride_logits_b, second_stride_logits_t, second_stride_labels_b, second_stride_labels_t,
+    second_stride_scale_b, second_stride_scale_t, second_stride_grad_b, second_stride_grad_t,
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    b = row // T
-    t = row % T
-    label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
+    second, b, t = pair_row(row, first_rows, T, second_T)
+    if second:
+        label = tl.load(second_labels_ptr + b * second_stride_labels_b + t * second_stride_labels_t).to(tl.int64)
+        row_logits_ptr = second_logits_ptr + b * second_stride_logits_b + t * second_stride_logits_t
+        row_grad_ptr = second_grad_ptr + b * second_stride_grad_b + t * second_stride_grad_t
+        row_scale_ptr = second_grad_scale_ptr + b * second_stride_scale_b + t * second_stride_scale_t
+    else:
+        label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
+        row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
+        row_grad_ptr = grad_ptr + b * stride_grad_b + t * stride_grad_t
+        row_scale_ptr = grad_scale_ptr + b * stride_scale_b + t * stride_scale_t
     scored = label != ignore_index
     local_label = label - vocab_start
     acc_dtype = row_max_ptr.dtype.element_ty
-    row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    row_grad_ptr = grad_ptr + b * stride_grad_b + t * stride_grad_t
     first_col = split * blocks_per_program * BLOCK_V
     # One branch per row kind, so that every mask is the plain `cols < V` (its alignment is known to the
     # compiler through V's divisibility specialization; a row-dependent bound's is not).
     if scored:
         row_max = tl.load(row_max_ptr + row)
         log_sum_exp = tl.load(log_sum_exp_ptr + row)
-        grad_scale = tl.load(grad_scale_ptr + b * stride_scale_b + t * stride_scale_t).to(acc_dtype)
+        grad_scale = tl.load(row_scale_ptr).to(acc_dtype)
         for i in range(0, blocks_per_program):
             cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
             in_row = cols < V
@@ -64,27 +76,36 @@ def logits_grad_kernel(
             tl.store(row_grad_ptr + cols, zeros, mask=cols < V)
 
 
-def logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start=0, out=None):
-    """Write the logits' gradient into `out` (default: a new tensor shaped like `logits`) and return it.
+def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start=0, out=None):
+    """Write the gradients of one or two logits tensors into `out` (default: new tensors shaped like the
+    logits) and return them, a list.
 
-    grad_scale is (B, T), any strides, in row_max's dtype. `out`, when given, must have the logits' shape and dtype and
-    stride(-1) == 1; passing `logits` itself computes the gradient in place.
+    logits, labels, grad_scales: lists of one or two; each grad_scale is (B, T), any strides, in row_max's
+    dtype; row_max and log_sum_exp flat (rows,). `out`, when given, is a list of tensors with the logits'
+    shapes and dtype and stride(-1) == 1; passing the logits themselves computes the gradients in place.
     """
-    batch, seq_len, vocab = logits.shape
-    if out is None:
-        out = torch.empty_like(logits)  # the logits' own layout where dense, else contiguous (as the fake)
-    rows = batch * seq_len
+    if out is None:  # the logits' own layout where dense, else contiguous (as the fake)
+        out = [torch.empty_like(part) for part in logits]
+    first, first_labels, first_scale, first_out = logits[0], labels[0], grad_scales[0], out[0]
+    second, second_labels, second_scale, second_out = (
+        (logits[1], labels[1], grad_scales[1], out[1]) if len(logits) > 1
+        else (first, first_labels, first_scale, first_out))
+    first_rows = first.shape[0] * first.shape[1]
+    rows = row_max.numel()
     if rows == 0:
         return out
-    block_v, num_warps, blocks_per_program = gradient_config(rows, vocab, logits.element_size())
+    vocab = first.shape[2]
+    block_v, num_warps, blocks_per_program = gradient_config(rows, vocab, first.element_size())
     splits = triton.cdiv(triton.cdiv(vocab, block_v), blocks_per_program)
     logits_grad_kernel[(rows, splits)](
-        logits, labels, row_max, log_sum_exp, grad_scale, out,
-        seq_len, vocab, vocab_start, blocks_per_program,
-        logits.stride(0), logits.stride(1),
-        labels.stride(0), labels.stride(1),
-        grad_scale.stride(0), grad_scale.stride(1),
-        out.stride(0), out.stride(1),
+        first, first_labels, first_scale, first_out,
+        second, second_labels, second_scale, second_out,
+        row_max, log_sum_exp,
+        first_rows, first.shape[1], second.shape[1], vocab, vocab_start, blocks_per_program,
+        first.stride(0), first.stride(1), first_labels.stride(0), first_labels.stride(1),
+        first_scale.stride(0), first_scale.stride(1), first_out.stride(0), first_out.stride(1),
+        second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
+        second_scale.stride(0), second_scale.stride(1), second_out.stride(0), second_out.stride(1),
         ignore_index,
         BLOCK_V=block_v, num_warps=num_warps,
     )

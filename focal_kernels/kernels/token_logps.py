@@ -3,14 +3,17 @@
 Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V) (float32 / bfloat16 / float16 / float64;
         any batch and time strides, last dimension contiguous) and labels y[b, t] (int32 / int64, any
         strides), global vocabulary ids; v0 = vocab_start is 0 unless the vocabulary is split over ranks.
+        One grid (B, T, V), or two of one dtype, (B, T, V) and (B2, T2, V), read in one launch (chosen and
+        rejected: pair_rows.py); their rows follow each other in the outputs.
 Writes  row_max[b, t] = max_v x[b, t, v],  log_sum_exp[b, t] = log Σ_v exp(x[b, t, v] − row_max), and
           token_logps[b, t] = (x[b, t, y − v0] − row_max) − log_sum_exp   when v0 <= y < v0 + V,
                               NaN                                         for any other label,
         or, with WRITE_TARGET (the vocabulary-parallel forward, whose ranks combine the statistics),
           token_logps[b, t] = x[b, t, y − v0] when the label lies in this slice, else 0;
-        all three (B, T) contiguous, in float32 (float64 for float64 logits). The backward uses row_max and
-        log_sum_exp separately: x − row_max is exact, where x − lse would lose lse's rounding (large at
-        logits of ±3e4). A label outside the slice is never read out of bounds.
+        all three contiguous, (B, T) for one grid and flat (B·T + B2·T2,) for two, in float32 (float64 for
+        float64 logits). The backward uses row_max and log_sum_exp separately: x − row_max is exact, where
+        x − lse would lose lse's rounding (large at logits of ±3e4). A label outside the slice is never read
+        out of bounds.
 Rows whose label is ignore_index read no logits and write 0 everywhere.
 
 One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
@@ -27,25 +30,30 @@ import triton.language as tl
 from ..dtypes import compute_dtype
 from .config import reduction_config
 from .online_logsumexp import online_logsumexp_lanes
+from .pair_rows import pair_row
 
 
 @triton.jit
 def token_logps_kernel(
-    logits_ptr, labels_ptr, token_logps_ptr, row_max_ptr, log_sum_exp_ptr,
-    T, V, vocab_start,
-    stride_logits_b, stride_logits_t,
-    stride_labels_b, stride_labels_t,
+    logits_ptr, labels_ptr, second_logits_ptr, second_labels_ptr,
+    token_logps_ptr, row_max_ptr, log_sum_exp_ptr,
+    first_rows, T, second_T, V, vocab_start,
+    stride_logits_b, stride_logits_t, stride_labels_b, stride_labels_t,
+    second_stride_logits_b, second_stride_logits_t, second_stride_labels_b, second_stride_labels_t,
     ignore_index,
     BLOCK_V: tl.constexpr, WRITE_TARGET: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
+    second, b, t = pair_row(row, first_rows, T, second_T)
+    if second:
+        row_logits_ptr = second_logits_ptr + b * second_stride_logits_b + t * second_stride_logits_t
+        label = tl.load(second_labels_ptr + b * second_stride_labels_b + t * second_stride_labels_t).to(tl.int64)
+    else:
+        row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
+        label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
     scored = label != ignore_index
     local_label = label - vocab_start
     in_slice = scored & (local_label >= 0) & (local_label < V)
-    row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     acc_dtype = row_max_ptr.dtype.element_ty
 
     # Each lane keeps its own running max and sum of exponentials over the columns it sees, and the lanes are
@@ -80,24 +88,29 @@ def token_logps_kernel(
     tl.store(log_sum_exp_ptr + row, tl.where(scored, log_sum_exp, 0.0))
 
 
-def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab_start: int = 0,
-                        write_target: bool = False):
-    """(token_logps, row_max, log_sum_exp), each (B, T) contiguous in the compute dtype (see above).
+def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], ignore_index: int,
+                        vocab_start: int = 0, write_target: bool = False):
+    """(token_logps, row_max, log_sum_exp), contiguous in the compute dtype (see above): (B, T) for one grid,
+    flat (B·T + B2·T2,) for two.
 
-    `logits` (B, T, V) must have stride(-1) == 1; labels (B, T)."""
-    batch, seq_len, vocab = logits.shape
-    acc_dtype = compute_dtype(logits.dtype)
-    token_logps = torch.empty((batch, seq_len), dtype=acc_dtype, device=logits.device)
+    logits: one or two (B, T, V) tensors of one dtype and V, each with stride(-1) == 1; labels: their (B, T)."""
+    (first, *rest), (first_labels, *rest_labels) = logits, labels
+    second, second_labels = (rest[0], rest_labels[0]) if rest else (first, first_labels)
+    first_rows = first.shape[0] * first.shape[1]
+    rows = first_rows + (second.shape[0] * second.shape[1] if rest else 0)
+    acc_dtype = compute_dtype(first.dtype)
+    token_logps = torch.empty(first_labels.shape if not rest else (rows,), dtype=acc_dtype, device=first.device)
     row_max = torch.empty_like(token_logps)
     log_sum_exp = torch.empty_like(token_logps)
-    if batch * seq_len == 0:
+    if rows == 0:
         return token_logps, row_max, log_sum_exp
-    block_v, num_warps = reduction_config(vocab, logits.element_size())
-    token_logps_kernel[(batch * seq_len,)](
-        logits, labels, token_logps, row_max, log_sum_exp,
-        seq_len, vocab, vocab_start,
-        logits.stride(0), logits.stride(1),
-        labels.stride(0), labels.stride(1),
+    block_v, num_warps = reduction_config(first.shape[2], first.element_size())
+    token_logps_kernel[(rows,)](
+        first, first_labels, second, second_labels,
+        token_logps, row_max, log_sum_exp,
+        first_rows, first.shape[1], second.shape[1], first.shape[2], vocab_start,
+        first.stride(0), first.stride(1), first_labels.stride(0), first_labels.stride(1),
+        second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
         ignore_index,
         BLOCK_V=block_v, WRITE_TARGET=write_target, num_warps=num_warps,
     )

@@ -204,7 +204,7 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
                                            logit_softcap=logit_softcap, logit_scale=logit_scale,
                                            temperature=temperature, validate_labels=validate_labels,
                                            cu_seqlens=checked_cu, memory_budget=memory_budget)
-    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens, hidden.device)
+    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
     logps = sum_per_sequence(token_logps, layout, weight)
     if return_token_counts:
         return logps, token_counts(labels, layout, ignore_index)

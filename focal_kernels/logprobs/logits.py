@@ -21,14 +21,14 @@ def is_dtensor(value) -> bool:
     return dtensor is not None and isinstance(value, dtensor)
 
 
-def unit_stride_logits(logits, name="logits"):
+def unit_stride_logits(logits, name="logits", stacklevel=3):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
     (inplace_backward=True has refused it already: `check_inplace`)."""
     if logits.stride(-1) == 1:
         return logits
     warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
                   f"stride, so it is copied once ({logits.numel() * logits.element_size() / 2**20:.1f} MiB). "
-                  "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=3)
+                  "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=stacklevel)
     return logits.contiguous()
 
 
@@ -46,6 +46,19 @@ def check_inplace(logits, name="logits"):
     refuse_leaf(logits, name)
 
 
+def _kernel_ready(logits, inplace_backward, name="logits"):
+    """The logits as the kernels read them: unit last stride (else copied, with a warning), and contiguous
+    when batch-minor under torch.compile."""
+    logits = unit_stride_logits(logits, name, stacklevel=5)  # the warning names the caller of the public function
+    if (torch.compiler.is_compiling() and not inplace_backward and logits.shape[0] > 1 and logits.shape[1] > 1
+            and logits.stride(0) < logits.stride(1)):
+        # Batch-minor logits (e.g. a transposed (T, B, V) tensor): inductor may lay out the saved tensor
+        # differently from how it traced it, so they are made contiguous once (a shifted view such as
+        # logits[:, :-1] keeps its zero-copy path).
+        logits = logits.contiguous()
+    return logits
+
+
 def token_logps(logits, labels, ignore_index, inplace_backward):
     """(B, T) differentiable token log-probs of checked (B, T, V) logits: the kernels, or the spec on a plain CPU."""
     if inplace_backward:
@@ -54,14 +67,27 @@ def token_logps(logits, labels, ignore_index, inplace_backward):
         return reference.token_logps(logits, labels, ignore_index)
     from .logits_autograd import TokenLogpsFromLogits
 
-    logits = unit_stride_logits(logits)
-    if (torch.compiler.is_compiling() and not inplace_backward and logits.shape[0] > 1 and logits.shape[1] > 1
-            and logits.stride(0) < logits.stride(1)):
-        # Batch-minor logits (e.g. a transposed (T, B, V) tensor): inductor may lay out the saved tensor
-        # differently from how it traced it, so they are made contiguous once (a shifted view such as
-        # logits[:, :-1] keeps its zero-copy path).
-        logits = logits.contiguous()
-    return TokenLogpsFromLogits.apply(logits, labels, int(ignore_index), inplace_backward)
+    return TokenLogpsFromLogits.apply(_kernel_ready(logits, inplace_backward), labels, int(ignore_index),
+                                      inplace_backward)
+
+
+def pair_sequence_logps(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index,
+                        inplace_backward):
+    """(chosen (B,), rejected (B,)) differentiable log-probs of checked padded logits of one dtype and V:
+    one launch of each kernel for both sides (logits_autograd.PairSequenceLogps), or the spec on a plain CPU."""
+    sides = ((chosen_logits, "chosen_logits"), (rejected_logits, "rejected_logits"))
+    if inplace_backward:
+        for logits, name in sides:
+            check_inplace(logits, name)
+    if not backend.use_triton(chosen_logits):
+        return tuple(reference.token_logps(logits, labels, ignore_index).sum(-1)
+                     for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)))
+    from .logits_autograd import PairSequenceLogps
+
+    chosen_logits = _kernel_ready(chosen_logits, inplace_backward, "chosen_logits")
+    rejected_logits = _kernel_ready(rejected_logits, inplace_backward, "rejected_logits")
+    return PairSequenceLogps.apply(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
+                                   int(ignore_index), inplace_backward)
 
 
 def sum_per_sequence(token_values, layout, like):
@@ -115,7 +141,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if data_checks_enabled(validate_labels, logits):
         check_labels_in_range([(labels, "labels")], logits.shape[2], ignore_index=ignore_index,
                               cu_seqlens=[] if cu_seqlens is None else [(cu_seqlens, logits.shape[1])])
-    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens, logits.device)
+    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens)
     logps = sum_per_sequence(token_logps(logits, labels, ignore_index, inplace_backward), layout, logits)
     if return_token_counts:
         return logps, token_counts(labels, layout, ignore_index)

@@ -6,8 +6,11 @@
                  sequence's gradient arrives broadcast over its tokens with time stride 0: no copy)
     SegmentSum: token values (B, T) → per-sequence sums (S,) through the deterministic segment_sum kernel;
         backward broadcasts each sequence's gradient to its tokens (packing.Layout.broadcast)
+    PairSequenceLogps: padded chosen and rejected logits → their per-sequence log-probs (B,) and (B,), with
+        one launch of each kernel for both sides: token_logps, then segment_sum, forward; logits_grad
+        backward, reading each sequence's gradient broadcast over its tokens (time stride 0)
 
-Only the logits themselves (the caller's tensor, not a copy) and O(B·T) values are saved.
+Only the logits themselves (the caller's tensors, not copies) and O(B·T) values are saved.
 """
 
 from __future__ import annotations
@@ -19,10 +22,23 @@ from . import ops
 from .packing import Layout
 
 
+def _logits_grads(ctx, logits, labels, row_max, log_sum_exp, grad_scales):
+    """The logits' gradients, fresh tensors or (inplace_backward) written over the logits themselves."""
+    if not ctx.inplace_backward:
+        return ops.logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ctx.ignore_index, 0)
+    ops.logits_grad_inplace(logits, labels, row_max, log_sum_exp, grad_scales, ctx.ignore_index, 0)
+    if not torch.compiler.is_compiling():
+        # Tell autograd the logits changed, so that any other op that saved them fails loudly in its
+        # backward instead of reading the gradient as if it were the logits.
+        for part in logits:
+            torch.autograd.graph.increment_version(part)
+    return [part.detach() for part in logits]  # the logits' storage, without their autograd history
+
+
 class TokenLogpsFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, inplace_backward):
-        token_logps, row_max, log_sum_exp = ops.token_logps(logits, labels, ignore_index, 0, False)
+        token_logps, row_max, log_sum_exp = ops.token_logps([logits], [labels], ignore_index, 0, False)
         ctx.save_for_backward(logits, labels, row_max, log_sum_exp)
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
@@ -32,16 +48,8 @@ class TokenLogpsFromLogits(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_tokens):
         logits, labels, row_max, log_sum_exp = ctx.saved_tensors
-        grad_tokens = grad_tokens.to(row_max.dtype)
-        if not ctx.inplace_backward:
-            return ops.logits_grad(logits, labels, row_max, log_sum_exp, grad_tokens, ctx.ignore_index, 0), \
-                None, None, None
-        ops.logits_grad_inplace(logits, labels, row_max, log_sum_exp, grad_tokens, ctx.ignore_index, 0)
-        if not torch.compiler.is_compiling():
-            # Tell autograd the logits changed, so that any other op that saved them fails loudly in its
-            # backward instead of reading the gradient as if it were the logits.
-            torch.autograd.graph.increment_version(logits)
-        return logits.detach(), None, None, None  # the logits' storage, without their autograd history
+        (grad,) = _logits_grads(ctx, [logits], [labels], row_max, log_sum_exp, [grad_tokens.to(row_max.dtype)])
+        return grad, None, None, None
 
 
 class SegmentSum(torch.autograd.Function):
@@ -49,9 +57,36 @@ class SegmentSum(torch.autograd.Function):
     def forward(ctx, token_values, offsets, batch, seq_len, packed):
         ctx.save_for_backward(offsets)
         ctx.shape = (batch, seq_len, packed)
-        return ops.segment_sum(token_values.reshape(-1), offsets)
+        (sums,) = ops.segment_sum(token_values.reshape(-1), offsets, [batch], [seq_len])
+        return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
         (offsets,) = ctx.saved_tensors
         return Layout(*ctx.shape[:2], offsets, ctx.shape[2]).broadcast(grad_sums), None, None, None, None
+
+
+class PairSequenceLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index,
+                inplace_backward):
+        logits, labels = [chosen_logits, rejected_logits], [chosen_labels, rejected_labels]
+        token_logps, row_max, log_sum_exp = ops.token_logps(logits, labels, ignore_index, 0, False)
+        chosen_logps, rejected_logps = ops.segment_sum(token_logps, None, [part.shape[0] for part in labels],
+                                                       [part.shape[1] for part in labels])
+        ctx.save_for_backward(*logits, *labels, row_max, log_sum_exp)
+        ctx.ignore_index = ignore_index
+        ctx.inplace_backward = inplace_backward
+        return chosen_logps, rejected_logps
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_chosen, grad_rejected):
+        chosen_logits, rejected_logits, chosen_labels, rejected_labels, row_max, log_sum_exp = ctx.saved_tensors
+        labels = [chosen_labels, rejected_labels]
+        # Each sequence's gradient, broadcast over its tokens with time stride 0 (autograd passes zeros for an
+        # output that was not used).
+        scales = [grad.to(row_max.dtype)[:, None].expand(part.shape) for grad, part in
+                  zip((grad_chosen, grad_rejected), labels)]
+        grads = _logits_grads(ctx, [chosen_logits, rejected_logits], labels, row_max, log_sum_exp, scales)
+        return *grads, None, None, None, None

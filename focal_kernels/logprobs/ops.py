@@ -37,32 +37,36 @@ def _dispatch(op, impl):
 
 # ------------------------------------------------------------------ the logits path
 
-def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab_start: int,
+def _token_logps(logits: list[torch.Tensor], labels: list[torch.Tensor], ignore_index: int, vocab_start: int,
                  write_target: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch over one or two logits tensors (chosen and rejected); for two, flat statistics of both."""
     from ..kernels.token_logps import token_logps_and_lse
-    with _on_device(logits):
+    with _on_device(logits[0]):
         return token_logps_and_lse(logits, labels, ignore_index, vocab_start, write_target)
 
 
-def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_sum_exp: torch.Tensor,
-                 grad_scale: torch.Tensor, ignore_index: int, vocab_start: int) -> torch.Tensor:
+def _logits_grad(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
+                 log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
+                 vocab_start: int) -> list[torch.Tensor]:
     from ..kernels.logits_grad import logits_grad
-    with _on_device(logits):
-        return logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start)
+    with _on_device(logits[0]):
+        return logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start)
 
 
-def _logits_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor,
-                         log_sum_exp: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int,
+def _logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
+                         log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
                          vocab_start: int) -> None:
     from ..kernels.logits_grad import logits_grad
-    with _on_device(logits):
-        logits_grad(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start, out=logits)
+    with _on_device(logits[0]):
+        logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start, out=logits)
 
 
-def _segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    from ..kernels.segment_sum import segment_block, segment_sum
+def _segment_sum(values: torch.Tensor, offsets: torch.Tensor | None, batches: list[int],
+                 seq_lens: list[int]) -> list[torch.Tensor]:
+    """Packed (offsets) or padded (one or two grids of batches × seq_lens) per-sequence sums."""
+    from ..kernels.segment_sum import segment_sum
     with _on_device(values):
-        return segment_sum(values, offsets, segment_block(values.numel() // max(offsets.shape[0] - 1, 1)))
+        return segment_sum(values, offsets, batches, seq_lens)
 
 
 # The kernels read their inputs through strides and the gradient takes the logits' layout: inductor must pass
@@ -86,23 +90,26 @@ _segment_sum_op = torch.library.custom_op("focal_kernels::segment_sum", _segment
 
 @_token_logps_op.register_fake
 def _(logits, labels, ignore_index, vocab_start, write_target):
-    out = logits.new_empty(labels.shape, dtype=compute_dtype(logits.dtype))
+    rows = sum(part.shape[0] * part.shape[1] for part in labels)
+    out = logits[0].new_empty(labels[0].shape if len(labels) == 1 else (rows,), dtype=compute_dtype(logits[0].dtype))
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
 @_logits_grad_op.register_fake
-def _(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start):
-    return torch.empty_like(logits)  # the layout the kernel allocates (kernels/logits_grad.py)
+def _(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start):
+    return [torch.empty_like(part) for part in logits]  # the layout the kernel allocates (kernels/logits_grad.py)
 
 
 @_logits_grad_inplace_op.register_fake
-def _(logits, labels, row_max, log_sum_exp, grad_scale, ignore_index, vocab_start):
+def _(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start):
     return None
 
 
 @_segment_sum_op.register_fake
-def _(values, offsets):
-    return values.new_empty((offsets.shape[0] - 1,))
+def _(values, offsets, batches, seq_lens):
+    if offsets is not None:
+        return [values.new_empty((offsets.shape[0] - 1,))]
+    return [values.new_empty((batch,)) for batch in batches]
 
 
 token_logps = _dispatch(_token_logps_op, _token_logps)

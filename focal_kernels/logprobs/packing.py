@@ -5,9 +5,10 @@ Packed     logits (N, V) or (1, N, V) / hidden (N, H) or (1, N, H), labels (N,) 
            (S + 1,) int32 / int64 on their device (the flash-attention varlen convention): sequence s is
            tokens [cu_seqlens[s], cu_seqlens[s + 1]). An empty sequence has log-prob 0 and count 0.
 
-Both become one (B, T) token grid (packed: B = 1, T = N, a view, no copy) plus segment offsets into its
-flattened tokens (padded: 0, T, 2T, ..., BT), so every kernel sees one layout and the per-sequence sums are
-one segmented reduction. Labels must already be shifted per sequence (`shift_packed_labels`).
+Both become one (B, T) token grid (packed: B = 1, T = N, a view, no copy), so every kernel sees one layout,
+and the per-sequence sums are one segmented reduction over its flattened tokens: padded, segments of T
+tokens (computed in the kernel, no offsets tensor); packed, the segments cu_seqlens names. Labels must
+already be shifted per sequence (`shift_packed_labels`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 
 class Layout(NamedTuple):
-    """The token grid's shape, the segment offsets (S + 1,) on the device, and whether it came packed."""
+    """The token grid's shape, the segment offsets (S + 1,) on the device (packed; None when padded: sequence
+    b is row b), and whether it came packed."""
 
     batch: int
     seq_len: int
@@ -27,7 +29,7 @@ class Layout(NamedTuple):
 
     @property
     def num_sequences(self) -> int:
-        return self.offsets.shape[0] - 1
+        return self.offsets.shape[0] - 1 if self.packed else self.batch
 
     def broadcast(self, per_sequence: torch.Tensor) -> torch.Tensor:
         """(S,) per-sequence values → (B, T), each token holding its sequence's value (padded: an expanded
@@ -51,10 +53,6 @@ def segment_ids(offsets: torch.Tensor, tokens: int) -> torch.Tensor:
     synchronization."""
     positions = torch.arange(tokens, device=offsets.device, dtype=offsets.dtype)
     return torch.searchsorted(offsets[1:], positions, right=True)
-
-
-def padded_offsets(batch: int, seq_len: int, device) -> torch.Tensor:
-    return torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
 
 
 def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_dim):
@@ -83,10 +81,8 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
     return values[None], labels[None], cu_seqlens
 
 
-def layout_of(batch, seq_len, cu_seqlens, device) -> Layout:
-    if cu_seqlens is None:
-        return Layout(batch, seq_len, padded_offsets(batch, seq_len, device), False)
-    return Layout(batch, seq_len, cu_seqlens, True)
+def layout_of(batch, seq_len, cu_seqlens) -> Layout:
+    return Layout(batch, seq_len, cu_seqlens, cu_seqlens is not None)
 
 
 def check_cu_seqlens(cu_seqlens, values):

@@ -327,8 +327,8 @@ class VocabParallelTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, where):
         if where.kernels:
-            target, row_max, log_sum_exp = ops.token_logps(logits, labels, where.ignore_index, where.vocab_start,
-                                                           True)
+            target, row_max, log_sum_exp = ops.token_logps([logits], [labels], where.ignore_index,
+                                                           where.vocab_start, True)
         else:
             target, row_max, log_sum_exp = _local_stats_torch(logits, labels, where.ignore_index, where.vocab_start)
         global_max, log_sum, logps = _combine(row_max, log_sum_exp, target, labels, where.ignore_index,
@@ -344,8 +344,8 @@ class VocabParallelTokenLogps(torch.autograd.Function):
         where = ctx.where
         grad_tokens = grad_tokens.to(global_max.dtype)
         if where.kernels:
-            grad = ops.logits_grad(logits, labels, global_max, log_sum, grad_tokens, where.ignore_index,
-                                   where.vocab_start)
+            (grad,) = ops.logits_grad([logits], [labels], global_max, log_sum, [grad_tokens], where.ignore_index,
+                                      where.vocab_start)
         else:
             grad = _logits_grad_torch(logits, labels, global_max, log_sum, grad_tokens, where.ignore_index,
                                       where.vocab_start)
@@ -478,7 +478,7 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
         logits = unit_stride_logits(logits)
     where = _Slice(int(ignore_index), vocab_start, vocab_total, group, kernels)
     token_logps = VocabParallelTokenLogps.apply(logits, labels, where)
-    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens, logits.device)
+    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens)
     logps = sum_per_sequence(token_logps, layout, logits)
     if return_token_counts:
         return logps, token_counts(labels, layout, ignore_index)
@@ -526,7 +526,7 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
     where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap)
     token_logps = VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where)
-    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens, hidden.device)
+    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
     logps = sum_per_sequence(token_logps, layout, weight)
     if return_token_counts:
         return logps, token_counts(labels, layout, ignore_index)

@@ -28,16 +28,17 @@ def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_pair
 
 
+_METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected")
+
+
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
-    """TRL's logged metrics, as detached 0-dim tensors (no .item(): the caller decides when to sync)."""
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen_logps.detach().mean(),
-        "logps/rejected": rejected_logps.detach().mean(),
-    }
+    """TRL's logged metrics, as detached 0-dim tensors (no .item(): the caller decides when to sync), the
+    six means taken in one reduction (fewer launches where the step is host-bound)."""
+    accuracies = (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)
+    per_pair = torch.stack([chosen_rewards, rejected_rewards, accuracies, chosen_rewards - rejected_rewards,
+                            chosen_logps.detach(), rejected_logps.detach()])
+    return dict(zip(_METRIC_NAMES, per_pair.mean(dim=1).unbind()))
 
 
 def preference_loss(

@@ -35,6 +35,20 @@ SCRIPT = textwrap.dedent("""
     (inplace_grad,) = torch.autograd.grad(logps_again.sum(), [inplace_leaf])
     assert inplace_grad.data_ptr() == view.data_ptr()
     torch.testing.assert_close(view.double(), grad.double(), rtol=0, atol=0)
+    # Chosen and rejected in one launch: a second grid in the same storage (rows right after the first's).
+    view.copy_(grad)
+    rejected = storage.as_strided((3, 2, vocab), (stride_b, stride_t, 1), vocab)
+    rejected.copy_(torch.randn(3, 2, vocab, device=device) * 3)
+    leaves = [view.detach().requires_grad_(True), rejected.detach().requires_grad_(True)]
+    out = fk.focal_po_loss(*leaves, labels, labels[:, 1:], beta=0.5)
+    grads = torch.autograd.grad(out.loss, leaves)
+    dense = [x.detach().double().clone().requires_grad_(True) for x in leaves]
+    expected = fk.reference.focal_po_loss(*dense, labels, labels[:, 1:], beta=0.5)
+    expected_grads = torch.autograd.grad(expected.loss, dense)
+    torch.testing.assert_close(out.chosen_logps.double(), expected.chosen_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.rejected_logps.double(), expected.rejected_logps, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1.6e-2, atol=1e-5)
     print("ok")
 """)
 

@@ -21,8 +21,8 @@ import triton.language as tl
 
 
 @triton.jit
-def segment_sum_kernel(values_ptr, offsets_ptr, sums_ptr, second_sums_ptr, N, first_segments, T, second_T,
-                       PACKED: tl.constexpr, BLOCK: tl.constexpr):
+def segment_sum_kernel(values_ptr, offsets_ptr, sums_ptr, second_sums_ptr, N, first_segments, first_tokens, T,
+                       second_T, PACKED: tl.constexpr, BLOCK: tl.constexpr):
     segment = tl.program_id(0).to(tl.int64)
     second = segment >= first_segments
     if PACKED:
@@ -31,8 +31,7 @@ def segment_sum_kernel(values_ptr, offsets_ptr, sums_ptr, second_sums_ptr, N, fi
         start = tl.minimum(tl.maximum(tl.load(offsets_ptr + segment).to(tl.int64), 0), N)
         stop = tl.minimum(tl.maximum(tl.load(offsets_ptr + segment + 1).to(tl.int64), start), N)
     else:
-        first_end = first_segments * T
-        start = tl.where(second, first_end + (segment - first_segments) * second_T, segment * T)
+        start = tl.where(second, first_tokens + (segment - first_segments) * second_T, segment * T)
         stop = start + tl.where(second, second_T, T)
     partial = tl.zeros((BLOCK,), dtype=sums_ptr.dtype.element_ty)
     for first in range(start, stop, BLOCK):
@@ -61,6 +60,6 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor | None, batches=(), 
         first, second = (batches[0], seq_lens[0]), (batches[-1], seq_lens[-1])
         block = segment_block(max(seq_lens))
         segment_sum_kernel[(segments,)](values, values if offsets is None else offsets, sums[0], sums[-1],
-                                        values.shape[0], first[0], first[1], second[1],
+                                        values.shape[0], first[0], first[0] * first[1], first[1], second[1],
                                         PACKED=offsets is not None, BLOCK=block, num_warps=4)
     return sums

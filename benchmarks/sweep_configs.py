@@ -10,47 +10,63 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from unittest import mock
 
 import torch
 import triton
 import triton.testing
 
-from focal_kernels.kernels.logits_grad import logits_grad_kernel
-from focal_kernels.kernels.token_logps import token_logps_kernel
+from focal_kernels.kernels import logits_grad as logits_grad_module
+from focal_kernels.kernels import token_logps as token_logps_module
 
 BLOCKS = (2048, 4096, 8192, 16384)
 WARPS = (4, 8, 16)
 
 
-def sweep(vocab, rows, dtype, blocks=BLOCKS, warps=WARPS):
-    logits = torch.randn(rows, 1, vocab, device="cuda", dtype=torch.float32).to(dtype)
-    labels = torch.randint(0, vocab, (rows, 1), device="cuda")
-    token_logps = torch.empty((rows, 1), device="cuda", dtype=torch.float32)
-    row_max, log_sum_exp = torch.empty_like(token_logps), torch.empty_like(token_logps)
-    grad_scale = torch.randn(rows, device="cuda")
-    grad = torch.empty_like(logits)
+def _timer(device):
+    """Median milliseconds of fn: do_bench on a GPU; one call on a CPU (the interpreter smoke run)."""
+    if device.type == "cuda":
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def once(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return once
+
+
+def sweep(vocab, rows, dtype, blocks=BLOCKS, warps=WARPS, device="cuda"):
+    """Time the kernels through their own launchers (kernels/token_logps.py, kernels/logits_grad.py) with the
+    configuration forced, so the sweep never drifts from the kernels' signatures."""
+    device = torch.device(device)
+    logits = torch.randn(rows, 1, vocab, device=device, dtype=torch.float32).to(dtype)
+    labels = torch.randint(0, vocab, (rows, 1), device=device)
+    grad_scale = torch.randn(rows, 1, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    _, row_max, log_sum_exp = token_logps_module.token_logps_and_lse([logits], [labels], -100)
     logits_bytes = logits.numel() * logits.element_size()
+    timer = _timer(device)
     results = []
     for block_v in blocks:
         if block_v > triton.next_power_of_2(vocab):
             continue
         for num_warps in warps:
+            forward_config = mock.patch.object(token_logps_module, "reduction_config",
+                                               lambda *_: (block_v, num_warps))
+            backward_config = mock.patch.object(logits_grad_module, "gradient_config",
+                                                lambda *_: (block_v, num_warps, triton.cdiv(vocab, block_v)))
+
             def forward():
-                token_logps_kernel[(rows,)](logits, labels, token_logps, row_max, log_sum_exp, 1, vocab,
-                                            logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
-                                            -100, BLOCK_V=block_v, num_warps=num_warps)
+                token_logps_module.token_logps_and_lse([logits], [labels], -100)
 
             def backward():
-                blocks_per_program = triton.cdiv(vocab, block_v)
-                logits_grad_kernel[(rows, 1)](logits, labels, row_max, log_sum_exp, grad_scale, grad, 1, vocab,
-                                              blocks_per_program, logits.stride(0), logits.stride(1),
-                                              labels.stride(0), labels.stride(1), grad.stride(0), grad.stride(1),
-                                              -100, BLOCK_V=block_v, num_warps=num_warps)
+                logits_grad_module.logits_grad([logits], [labels], row_max, log_sum_exp, [grad_scale], -100)
             try:
-                fwd_ms = triton.testing.do_bench(forward, warmup=25, rep=100, return_mode="median")
-                bwd_ms = triton.testing.do_bench(backward, warmup=25, rep=100, return_mode="median")
+                with forward_config, backward_config:
+                    fwd_ms, bwd_ms = timer(forward), timer(backward)
             except Exception as exc:  # a configuration the compiler rejects (registers, shared memory)
-                print(f"V={vocab} {dtype} BLOCK_V={block_v} warps={num_warps}: failed ({type(exc).__name__})")
+                print(f"V={vocab} {dtype} BLOCK_V={block_v} warps={num_warps}: failed ({type(exc).__name__}: "
+                      f"{str(exc)[:120]})")
                 continue
             row = dict(vocab=vocab, rows=rows, dtype=str(dtype).replace("torch.", ""), block_v=block_v,
                        num_warps=num_warps, fwd_ms=fwd_ms, bwd_ms=bwd_ms,

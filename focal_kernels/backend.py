@@ -37,13 +37,17 @@ def _check_interpreted():
         return
     from .kernels.segment_sum import segment_sum
 
+    failure = None
     try:  # a one-element probe: the interpreter fails inside the kernel when triton was imported without it
         (probe,) = segment_sum(torch.ones(1), torch.tensor([0, 1]))
         works = probe.item() == 1.0
-    except Exception:  # noqa: BLE001 (the interpreter wraps its failure in its own exception types)
-        works = False
+    except Exception as exc:  # noqa: BLE001 (the interpreter wraps its failure in its own exception types)
+        works, failure = False, exc
     if not works:
-        raise RuntimeError("TRITON_INTERPRET=1 is set, but it was set after triton (or focal_kernels' kernels) "
-                           "had been imported, so the kernels cannot run on the CPU through the interpreter. Set "
-                           "TRITON_INTERPRET=1 before importing triton, or unset it to use the PyTorch path.")
+        detail = f" (the probe kernel raised {type(failure).__name__}: {str(failure)[:300]})" if failure else ""
+        raise RuntimeError("TRITON_INTERPRET=1 is set, but a one-element probe kernel failed in Triton's "
+                           f"interpreter{detail}. Usual causes: TRITON_INTERPRET=1 was set after triton (or "
+                           "focal_kernels' kernels) had been imported: set it before importing triton, or unset "
+                           "it to use the PyTorch path; or Triton < 3.7's interpreter with NumPy >= 2.4 "
+                           "(triton-lang/triton#9171): install numpy<2.4 or a newer Triton.")
     _INTERPRETED.append(True)

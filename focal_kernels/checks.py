@@ -232,9 +232,11 @@ def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", lab
 
 def autocast_dtype(device):
     """The dtype autocast runs matmuls in on this device, or None where autocast is off (or unknown)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
+    try:  # not torch.amp.is_autocast_available: torch.compile cannot trace it in PyTorch 2.11
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
 
 
 def check_chunk_size(chunk_size):

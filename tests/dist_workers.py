@@ -247,8 +247,8 @@ def dtensor(rank, world):
         logps = vocab_parallel_sequence_logps(sharded, labels)  # group from the DTensor
         _close(logps, ref, f"DTensor {placement} logps", 1e-10, 1e-10)
         _loss(logps).backward()
-        _close(sharded.grad.to_local(), torch.chunk(ref_grad, world, dim=2)[rank], f"DTensor {placement} grad",
-               1e-10, 1e-12)
+        # full_tensor(): PyTorch 2.11 leaves an unevenly sharded leaf's gradient Replicate (the same values)
+        _close(sharded.grad.full_tensor(), ref_grad, f"DTensor {placement} grad", 1e-10, 1e-12)
     for placements, words in (([Shard(1)], "sharded on dimension 1"), ([Replicate()], "replicated")):
         try:
             dtensor_vocab_logits(distribute_tensor(full, mesh, placements))

@@ -91,3 +91,31 @@ def test_gpu_check_script_parses_and_refuses_unknown_phases():
     text = script.read_text()
     for phase in ("tests)", "bench)", "logits-small)", "fused)", "all)"):
         assert phase in text
+
+
+def test_config_sweep_runs_the_kernels_it_tunes():
+    """benchmarks.sweep_configs drives the kernels through their own launchers with the configuration
+    forced: every configuration runs (none fails on a signature) and the forced block size is the one used."""
+    from benchmarks import sweep_configs
+    from focal_kernels.kernels import token_logps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = []
+    real = token_logps.token_logps_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["BLOCK_V"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    token_logps.token_logps_kernel = Spy()
+    try:
+        rows = sweep_configs.sweep(100, 3, torch.float32, blocks=(16, 64, 256), warps=(1, 2), device=device)
+    finally:
+        token_logps.token_logps_kernel = real
+    # 256 > next_power_of_2(100) = 128 is skipped
+    assert [(row["block_v"], row["num_warps"]) for row in rows] == [(16, 1), (16, 2), (64, 1), (64, 2)]
+    assert all(row["fwd_ms"] > 0 and row["bwd_ms"] > 0 for row in rows)
+    assert sorted(set(seen[1:])) == [16, 64]  # seen[0]: the statistics, with the default configuration

@@ -122,11 +122,11 @@ case "$phase" in
 esac
 
 if [ "${SWEEP:-0}" = "1" ]; then  # the launch-configuration sweep behind kernels/config.py (about a minute)
-    timeout -k 10 120 python -m benchmarks.sweep_configs --dtypes bfloat16 float32 --vocab 32000 128256 2>&1 \
-        | tee -a "$log" | tail -n 8
+    step sweep 120 python -m benchmarks.sweep_configs --dtypes bfloat16 float32 --vocab 32000 128256
+    grep "^best" "$log" | tail -n 8
 fi
 
-for table in "${tables[@]}"; do  # each table's header and targets; the rows are in the file
+for table in ${tables[@]+"${tables[@]}"}; do  # each table's header and targets; the rows are in the file
     echo
     if [ -f "$out_dir/$table" ]; then
         echo "---- $table (rows: see the file)"

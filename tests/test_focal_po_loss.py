@@ -329,3 +329,18 @@ def test_chosen_and_rejected_share_each_launch(device, monkeypatch, inplace_back
         for got, expected in zip(torch.autograd.grad(loss, leaves), want):
             torch.testing.assert_close(got, expected)
     assert launches == ["token_logps_and_lse", "segment_sum", "logits_grad"]
+
+
+def test_inplace_backward_leaves_a_side_without_grad_untouched(device):
+    """Only the side that requires grad gets a gradient: the other side's logits (a plain tensor) are not
+    overwritten by inplace_backward, and no gradient is computed for them."""
+    vocab = 37
+    chosen = random_logits(2, 4, vocab, torch.float32, device).requires_grad_(True)
+    rejected = random_logits(2, 3, vocab, torch.float32, device)
+    labels_c, labels_r = random_labels(2, 4, vocab, device), random_labels(2, 3, vocab, device)
+    kept = rejected.clone()
+    expected = torch.autograd.grad(fk.focal_po_loss(chosen, rejected, labels_c, labels_r).loss, [chosen])[0]
+    loss = fk.focal_po_loss(chosen * 1, rejected, labels_c, labels_r, inplace_backward=True).loss
+    (got,) = torch.autograd.grad(loss, [chosen])
+    assert torch.equal(rejected, kept)
+    torch.testing.assert_close(got, expected)

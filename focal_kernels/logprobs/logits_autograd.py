@@ -83,10 +83,18 @@ class PairSequenceLogps(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_chosen, grad_rejected):
         chosen_logits, rejected_logits, chosen_labels, rejected_labels, row_max, log_sum_exp = ctx.saved_tensors
-        labels = [chosen_labels, rejected_labels]
+        logits, labels = [chosen_logits, rejected_logits], [chosen_labels, rejected_labels]
         # Each sequence's gradient, broadcast over its tokens with time stride 0 (autograd passes zeros for an
         # output that was not used).
         scales = [grad.to(row_max.dtype)[:, None].expand(part.shape) for grad, part in
                   zip((grad_chosen, grad_rejected), labels)]
-        grads = _logits_grads(ctx, [chosen_logits, rejected_logits], labels, row_max, log_sum_exp, scales)
+        wanted = [i for i in (0, 1) if ctx.needs_input_grad[i]]
+        if len(wanted) == 2:  # both sides in one launch
+            return *_logits_grads(ctx, logits, labels, row_max, log_sum_exp, scales), None, None, None, None
+        grads = [None, None]
+        first_rows = chosen_labels.numel()
+        for i in wanted:  # one side only: the other side's logits are neither read for this nor written
+            rows = slice(0, first_rows) if i == 0 else slice(first_rows, None)
+            (grads[i],) = _logits_grads(ctx, [logits[i]], [labels[i]], row_max[rows], log_sum_exp[rows],
+                                        [scales[i]])
         return *grads, None, None, None, None

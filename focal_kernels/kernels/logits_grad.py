@@ -87,9 +87,8 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index,
     if out is None:  # the logits' own layout where dense, else contiguous (as the fake)
         out = [torch.empty_like(part) for part in logits]
     first, first_labels, first_scale, first_out = logits[0], labels[0], grad_scales[0], out[0]
-    second, second_labels, second_scale, second_out = (
-        (logits[1], labels[1], grad_scales[1], out[1]) if len(logits) > 1
-        else (first, first_labels, first_scale, first_out))
+    # One grid is passed as both.
+    second, second_labels, second_scale, second_out = logits[-1], labels[-1], grad_scales[-1], out[-1]
     first_rows = first.shape[0] * first.shape[1]
     rows = row_max.numel()
     if rows == 0:

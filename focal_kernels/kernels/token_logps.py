@@ -94,12 +94,12 @@ def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], 
     flat (B·T + B2·T2,) for two.
 
     logits: one or two (B, T, V) tensors of one dtype and V, each with stride(-1) == 1; labels: their (B, T)."""
-    (first, *rest), (first_labels, *rest_labels) = logits, labels
-    second, second_labels = (rest[0], rest_labels[0]) if rest else (first, first_labels)
+    (first, second), (first_labels, second_labels) = (logits[0], logits[-1]), (labels[0], labels[-1])  # one grid: twice
     first_rows = first.shape[0] * first.shape[1]
-    rows = first_rows + (second.shape[0] * second.shape[1] if rest else 0)
+    rows = sum(part.numel() for part in labels)
     acc_dtype = compute_dtype(first.dtype)
-    token_logps = torch.empty(first_labels.shape if not rest else (rows,), dtype=acc_dtype, device=first.device)
+    token_logps = torch.empty(first_labels.shape if len(labels) == 1 else (rows,), dtype=acc_dtype,
+                              device=first.device)
     row_max = torch.empty_like(token_logps)
     log_sum_exp = torch.empty_like(token_logps)
     if rows == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (check_flag, check_inplace_targets_disjoint, check_labels_in_range, check_logits_pair,
+from .checks import (check_flag, check_labels_in_range, check_logits_pair,
                      check_pair_shapes, check_reference_logps, data_checks_enabled)
 from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
 from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
@@ -119,8 +119,6 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
                                         detach_focal_weight=detach_focal_weight, reduction=reduction,
                                         loss_options=loss_options)
     check_flag(inplace_backward, "inplace_backward")
-    if inplace_backward:
-        check_inplace_targets_disjoint(chosen_logits, rejected_logits)
     if data_checks_enabled(validate_labels, chosen_logits):
         check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
                               chosen_logits.shape[2], ignore_index=ignore_index)

@@ -241,3 +241,45 @@ def test_inductor_with_strided_inputs():
     torch.compile(lambda x, y: fk.sequence_logps(x, y).sum(), fullgraph=True)(base.transpose(0, 1), labels).backward()
     (expected,) = torch.autograd.grad(fk.sequence_logps(base.transpose(0, 1), labels).sum(), [base])
     torch.testing.assert_close(base.grad, expected)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_inplace_backward(backend):
+    """inplace_backward=True compiles into one graph (the disjointness check reads no storage pointer while
+    tracing) and matches eager; chosen and rejected as interleaved halves of one tensor are allowed, while
+    overlapping views, which tracing cannot see, are refused by the in-place operator when it runs."""
+    batch, seq_len = 2, 5
+    hidden_values = torch.randn(batch, 2 * seq_len, HIDDEN)
+    weight_values = torch.randn(VOCAB, HIDDEN)
+    labels_c = torch.randint(0, VOCAB, (batch, seq_len))
+    labels_r = torch.randint(0, VOCAB, (batch, seq_len))
+    labels_c[0, :2] = IGNORE
+
+    def pair(hidden, weight, split, inplace):
+        logits = hidden @ weight.t()
+        out = fk.focal_po_loss(logits[:, :seq_len], logits[:, split:split + seq_len], labels_c, labels_r,
+                               gamma=0.5, inplace_backward=inplace)
+        return out.loss + 0.01 * out.chosen_logps.sum()
+
+    def single(hidden, weight, split, inplace):
+        logits = hidden @ weight.t()
+        return fk.sequence_logps(logits, torch.cat([labels_c, labels_r], 1), inplace_backward=inplace).sum()
+
+    for fn in (pair, single):
+        counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+        compiled = torch.compile(fn, fullgraph=True, backend=counter)
+        results = []
+        for call, inplace in ((compiled, True), (fn, False)):
+            hidden, weight = hidden_values.clone().requires_grad_(True), weight_values.clone().requires_grad_(True)
+            loss = call(hidden, weight, seq_len, inplace)
+            results.append((loss, *torch.autograd.grad(loss, [hidden, weight])))
+        for got, want, name in zip(*results, ("loss", "grad hidden", "grad weight")):
+            assert_close(got, want, (1e-5, 1e-6), f"{fn.__name__}: {name}")
+        assert counter.frame_count == 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pair, fullgraph=True, backend=backend)
+    hidden, weight = hidden_values.clone().requires_grad_(True), weight_values.clone().requires_grad_(True)
+    loss = compiled(hidden, weight, seq_len - 1, True)  # the sides share one row per sequence
+    with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):
+        loss.backward()

@@ -120,6 +120,13 @@ def test_inplace_backward_refuses_overlapping_logits(device):
         fk.focal_po_loss(logits, logits, labels, labels, inplace_backward=True)
     both = torch.randn(4, 3, 10, device=device)  # chosen and rejected as halves of one batch: fine
     fk.focal_po_loss(both[:2], both[2:], labels, labels, inplace_backward=True)
+    along_t = torch.randn(2, 7, 10, device=device)  # halves of each sequence: rows interleave, none shared
+    fk.focal_po_loss(along_t[:, :3], along_t[:, 3:6], labels, labels, inplace_backward=True)
+    with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):  # one row shared
+        fk.focal_po_loss(along_t[:, :3], along_t[:, 2:5], labels, labels, inplace_backward=True)
+    flat = torch.randn(2 * 3 * 10 + 5, device=device)  # rows sharing part of their elements
+    with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):
+        fk.focal_po_loss(flat[:60].view(2, 3, 10), flat[5:65].view(2, 3, 10), labels, labels, inplace_backward=True)
 
 
 def test_inplace_backward_over_logits_another_op_saved_fails_loudly(device):

@@ -243,6 +243,22 @@ def test_inplace_backward_gives_equal_gradients(device):
         assert not grad_c.requires_grad and not grad_r.requires_grad
 
 
+def test_inplace_backward_with_sides_interleaved_in_one_tensor(device):
+    """Chosen and rejected as the two halves of each sequence of one (B, T + T2, V) tensor: their rows
+    alternate in memory but share none, so the in-place gradient is allowed and exact."""
+    vocab = 301
+    joint = random_logits(3, 9, vocab, torch.float32, device)
+    labels_c, labels_r = random_labels(3, 4, vocab, device), random_labels(3, 5, vocab, device)
+    _, expected_c, expected_r = loss_and_grads(fk.focal_po_loss, joint[:, :4].detach().clone(),
+                                               joint[:, 4:].detach().clone(), labels_c, labels_r)
+    base = joint.detach().clone().requires_grad_(True)
+    logits = base * 1
+    out = fk.focal_po_loss(logits[:, :4], logits[:, 4:], labels_c, labels_r, inplace_backward=True)
+    total = out.loss + 0.01 * out.chosen_logps.sum() - 0.02 * out.rejected_logps.sum()
+    (grad,) = torch.autograd.grad(total, [base])
+    assert torch.equal(grad[:, :4], expected_c) and torch.equal(grad[:, 4:], expected_r)
+
+
 def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):
     """Without the interpreter, CPU tensors take the PyTorch path: same results, same output types."""
     vocab = 150

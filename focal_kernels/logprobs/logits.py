@@ -7,8 +7,8 @@ import warnings
 import torch
 
 from .. import backend, reference
-from ..checks import (check_flag, check_inplace_target, check_labels_in_range, check_logits_and_labels,
-                      data_checks_enabled)
+from ..checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_labels_in_range,
+                      check_logits_and_labels, data_checks_enabled)
 from .packing import as_token_grid, layout_of, token_counts
 
 
@@ -79,6 +79,7 @@ def pair_sequence_logps(chosen_logits, rejected_logits, chosen_labels, rejected_
     if inplace_backward:
         for logits, name in sides:
             check_inplace(logits, name)
+        check_inplace_targets_disjoint(chosen_logits, rejected_logits)
     if not backend.use_triton(chosen_logits):
         return tuple(reference.token_logps(logits, labels, ignore_index).sum(-1)
                      for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)))

@@ -18,6 +18,7 @@ import inspect
 import torch
 
 from .. import backend
+from ..checks import check_inplace_target, check_inplace_targets_disjoint
 from ..dtypes import compute_dtype
 from . import chunk_kernels as _chunks
 
@@ -57,6 +58,10 @@ def _logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor],
                          log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
                          vocab_start: int) -> None:
     from ..kernels.logits_grad import logits_grad
+    for part in logits:  # checked before the forward in eager mode; again here for compiled graphs
+        check_inplace_target(part)
+    if len(logits) == 2:
+        check_inplace_targets_disjoint(*logits)
     with _on_device(logits[0]):
         logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start, out=logits)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 from dataclasses import dataclass, field
 
@@ -261,6 +262,11 @@ class _NoTunerLayer:
     """Matches no module: stands in for PEFT's `BaseTunerLayer` in TRL's lm_head-adapter refusal."""
 
 
+# TRL's `__init__` is run with two of its module's names swapped (`_swap_attribute`): trainers built at once in
+# several threads take turns.
+_CONSTRUCTION_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _swap_attribute(obj, name, value):
     old = getattr(obj, name)
@@ -329,6 +335,7 @@ class FocalPOTrainer(DPOTrainer):
         self._fk_padding_free = bool(args.padding_free)
         self._fk_constructing = True
         with (
+            _CONSTRUCTION_LOCK,
             _swap_attribute(_trl_dpo, "add_fused_lm_head", install_head),
             # TRL refuses any adapter on `lm_head` (its head reads `lm_head.weight` only); a LoRA head is supported
             # here through its effective weight, and the variants that can't be are refused below.

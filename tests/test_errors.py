@@ -177,6 +177,9 @@ def test_inplace_checks_run_on_every_backend(device, kernels, monkeypatch):
     leaf = torch.randn(2, 3, 10, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="a leaf tensor that requires grad"):
         fk.sequence_logps(leaf, labels, inplace_backward=True)
+    with pytest.raises(ValueError, match="a leaf tensor that requires grad"):  # a view of the leaf, too
+        fk.sequence_logps(torch.randn(2, 4, 10, device=device, requires_grad=True)[:, :-1], labels,
+                          inplace_backward=True)
     with pytest.raises(ValueError, match="do not overlap in memory"):
         fk.sequence_logps(torch.randn(1, 3, 10, device=device).expand(2, 3, 10), labels, inplace_backward=True)
     both = torch.randn(2, 3, 10, device=device)

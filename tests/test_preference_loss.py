@@ -685,3 +685,11 @@ def test_focal_at_minus_infinite_log_prob():
     assert torch.equal(focal0, dpo) and focal0[0] == math.inf
     focal = preference_loss(chosen, rejected, loss_type="focal", gamma=0.5, reduction="none").loss
     assert focal[0] == 0 and torch.isfinite(focal[1])
+    # ... and so does its gradient (0 there, not 0 · inf = NaN), the other pair's unchanged.
+    leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
+    grads = torch.autograd.grad(preference_loss(*leaves, loss_type="focal", gamma=0.5).loss, leaves)
+    finite = [x[1:].clone().requires_grad_(True) for x in (chosen, rejected)]
+    expected = torch.autograd.grad(preference_loss(*finite, loss_type="focal", gamma=0.5, reduction="sum").loss / 2,
+                                   finite)
+    for grad, want in zip(grads, expected):
+        assert grad[0] == 0 and torch.allclose(grad[1:], want)

@@ -33,8 +33,12 @@ def unit_stride_logits(logits, name="logits", stacklevel=3):
 
 
 def refuse_leaf(logits, name="logits"):
-    if isinstance(logits, torch.Tensor) and logits.is_leaf and logits.requires_grad:
-        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad, with "
+    """A leaf that requires grad, or a view of one (`leaf[:, :-1]`), would be overwritten by its gradient."""
+    if not isinstance(logits, torch.Tensor):
+        return
+    base = logits._base if logits._base is not None else logits
+    if base.is_leaf and base.requires_grad:
+        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a view of one), with "
                          "its own gradient: pass the output of an op (e.g. the lm_head's), or turn it off")
 
 

@@ -44,11 +44,14 @@ def focal(p: PairBatch, o: LossOptions) -> torch.Tensor:
     log_p = F.logsigmoid(o.beta * p.delta_score)
     if o.gamma == 0:  # exactly `sigmoid`, also where log p = −inf (exp(0 · −inf) would be NaN)
         return -log_p
-    focal_weight = torch.exp(o.gamma * log_p)
+    # p^γ · log p → 0 as p → 0 (γ > 0), and so does its gradient: where log p = −inf the limit 0 is taken, and
+    # the unselected branch is computed at log p = 0, so that its backward gives 0 there, not 0 · inf = NaN.
+    at_limit = log_p == -torch.inf
+    safe_log_p = torch.where(at_limit, 0.0, log_p)
+    focal_weight = torch.exp(o.gamma * safe_log_p)
     if o.detach_focal_weight:
         focal_weight = focal_weight.detach()
-    # p^γ · log p → 0 as p → 0 (γ > 0): the limit where log p = −inf, not 0 · −inf.
-    return torch.where(log_p == -torch.inf, 0.0, -focal_weight * log_p)
+    return torch.where(at_limit, 0.0, -focal_weight * safe_log_p)
 
 
 @loss_spec(f_divergence=True)

@@ -567,9 +567,11 @@ def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds():
     for cu, spans in (([0, 3, 9], [(0, 3), (3, 6)]), ([-4, 3, 6], [(0, 3), (3, 6)]), ([0, 3, 4], [(0, 3), (3, 4)]),
                       ([2, 3, 6], [(2, 3), (3, 6)])):
         leaf = logits.clone().requires_grad_(True)
-        logps = fk.sequence_logps(leaf, labels, cu_seqlens=torch.tensor(cu), validate_labels=False)
+        logps, counts = fk.sequence_logps(leaf, labels, cu_seqlens=torch.tensor(cu), validate_labels=False,
+                                          return_token_counts=True)
         expected = torch.stack([token[a:b].sum() for a, b in spans])
         torch.testing.assert_close(logps, expected)
+        assert counts.tolist() == [b - a for a, b in spans], cu  # the counts of the very segments summed
         (grad,) = torch.autograd.grad(logps.sum(), [leaf])
         covered = torch.zeros(6, dtype=torch.bool)
         for a, b in spans:

@@ -119,7 +119,11 @@ def token_counts(labels: torch.Tensor, layout: Layout, ignore_index: int) -> tor
         return scored.sum(dim=1)
     running = torch.cat([scored.new_zeros(1), scored.reshape(-1).cumsum(0)])
     offsets = layout.offsets.to(torch.int64)
-    return running[offsets[1:]] - running[offsets[:-1]]
+    # Unvalidated offsets are clamped as the segment-sum kernel clamps them: start into [0, N], stop into
+    # [start, N]. The counts then describe the very segments that were summed, and nothing is read out of bounds.
+    start = offsets[:-1].clamp(0, scored.numel())
+    stop = torch.minimum(torch.maximum(offsets[1:], start), torch.full_like(start, scored.numel()))
+    return running[stop] - running[start]
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,18 @@ def _args(x: InputSet):
             x.ref_chosen_logps, x.ref_rejected_logps)
 
 
+class _Alias(torch.autograd.Function):
+    """The identity as an op: a non-leaf output sharing the leaf's storage (no copy; gradients pass through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class Ours(Impl):
     key = name = "ours"
     inplace_backward = False
@@ -68,8 +80,8 @@ class Ours(Impl):
 
     def loss(self, x):
         logits = (x.chosen_logits, x.rejected_logits)
-        if self.inplace_backward:  # in training the logits are the lm_head's output, not a leaf: a view stands
-            logits = tuple(t.view_as(t) for t in logits)  # for it (inplace_backward refuses a leaf that needs grad)
+        if self.inplace_backward:  # in training the logits are the lm_head's output, not a leaf (inplace_backward
+            logits = tuple(_Alias.apply(t) for t in logits)  # refuses a leaf, or a view of one): an op's output
         return self._focal_po_loss(*logits, *_args(x)[2:], beta=BETA, gamma=GAMMA, ignore_index=IGNORE_INDEX,
                                    inplace_backward=self.inplace_backward, validate_labels=self.validate_labels).loss
 

@@ -230,6 +230,10 @@ def test_focal_training_learns_and_logs(tmp_path, tok, dataset):
     assert after["eval_loss"] < before["eval_loss"] - 1e-3
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
     assert logs[-1]["loss"] < logs[0]["loss"]
+    trainer.create_model_card()  # names FocalPO's paper and tags, not DPO's paper
+    card = Path(trainer.args.output_dir, "README.md").read_text()
+    assert "2501.06645" in card and "liu2025focalpo" in card and "rafailov2023direct" not in card
+    assert "focal-kernels" in card
 
 
 def test_bf16_autocast_on_cpu(tmp_path, tok, dataset):

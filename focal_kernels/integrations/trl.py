@@ -293,6 +293,20 @@ class FocalPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
     _name = "FocalPO"
+    # The model card's "trained with … introduced in" and citation (DPOTrainer's would cite DPO).
+    _paper = {
+        "title": "FocalPO: Enhancing Preference Optimizing by Focusing on Correct Preference Rankings",
+        "id": "2501.06645",
+        "citation": """@inproceedings{liu2025focalpo,
+    title     = {{FocalPO: Enhancing Preference Optimizing by Focusing on Correct Preference Rankings}},
+    author    = {Tong Liu and Xiao Yu and Wenxuan Zhou and Jindong Gu and Volker Tresp},
+    booktitle = {Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics
+                 (Volume 2: Short Papers)},
+    year      = 2025,
+    pages     = {256--267},
+    doi       = {10.18653/v1/2025.acl-short.21},
+}""",
+    }
 
     def __init__(
         self,

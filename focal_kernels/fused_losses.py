@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (check_flag, check_labels_in_range, check_logits_pair,
-                     check_pair_shapes, check_reference_logps, data_checks_enabled)
+from .checks import (check_flag, check_labels_in_range, check_logits_pair, check_pair_shapes, check_reference_logps,
+                     data_checks_enabled)
 from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
 from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
 from .logprobs.packing import layout_of, token_counts

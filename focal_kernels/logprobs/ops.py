@@ -58,12 +58,20 @@ def _logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor],
                          log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
                          vocab_start: int) -> None:
     from ..kernels.logits_grad import logits_grad
-    for part in logits:  # checked before the forward in eager mode; again here for compiled graphs
+    with _on_device(logits[0]):
+        logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start, out=logits)
+
+
+def _checked_logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
+                                 log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
+                                 vocab_start: int) -> None:
+    """The operator's body: eager mode checked the targets before the forward, but tracing cannot see
+    storage, so a compiled graph checks them here, when it runs."""
+    for part in logits:
         check_inplace_target(part)
     if len(logits) == 2:
         check_inplace_targets_disjoint(*logits)
-    with _on_device(logits[0]):
-        logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start, out=logits)
+    _logits_grad_inplace(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start)
 
 
 def _segment_sum(values: torch.Tensor, offsets: torch.Tensor | None, batches: list[int],
@@ -88,7 +96,7 @@ def _strided_op(name, fn, mutates_args=()):
 
 _token_logps_op = _strided_op("focal_kernels::token_logps", _token_logps)
 _logits_grad_op = _strided_op("focal_kernels::logits_grad", _logits_grad)
-_logits_grad_inplace_op = _strided_op("focal_kernels::logits_grad_inplace", _logits_grad_inplace,
+_logits_grad_inplace_op = _strided_op("focal_kernels::logits_grad_inplace", _checked_logits_grad_inplace,
                                       mutates_args=("logits",))
 _segment_sum_op = torch.library.custom_op("focal_kernels::segment_sum", _segment_sum, mutates_args=())
 

@@ -285,7 +285,7 @@ def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
 @pytest.mark.parametrize(
     "case",
     ["sync_ref_model", "use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout",
-     "zero3", "dora_head"],
+     "zero3", "dora_head", "padding_free_opt"],
 )
 def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     model = tiny_lm.make_model(tok)
@@ -296,6 +296,9 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(r=4, target_modules=["lm_head"], use_dora=True, lora_dropout=0.0)
+    elif case == "padding_free_opt":  # an architecture whose packed sequences would see each other
+        monkeypatch.setattr(model.config, "model_type", "opt")
+        config["padding_free"] = True
     elif case == "sync_ref_model":
         config["sync_ref_model"] = True
     elif case == "use_liger_kernel":

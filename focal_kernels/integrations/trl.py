@@ -262,6 +262,12 @@ class _NoTunerLayer:
     """Matches no module: stands in for PEFT's `BaseTunerLayer` in TRL's lm_head-adapter refusal."""
 
 
+# Architectures whose packed sequences see each other (found by comparing packed with padded log-probs under
+# transformers 5): learned absolute positions or ALiBi without per-sequence masking, or a recurrent state.
+# GPT-Neo is exact with eager attention but not with sdpa; refused whatever the attention.
+_UNPACKABLE_MODEL_TYPES = frozenset({"opt", "bloom", "mpt", "xglm", "gpt_neo", "mamba", "mamba2", "falcon_mamba",
+                                     "jamba"})
+
 # TRL's `__init__` is run with two of its module's names swapped (`_swap_attribute`): trainers built at once in
 # several threads take turns.
 _CONSTRUCTION_LOCK = threading.RLock()
@@ -287,7 +293,8 @@ class FocalPOTrainer(DPOTrainer):
     Same arguments as `DPOTrainer`; `args` may be a `FocalPOConfig` (FocalPO's options) or a plain `DPOConfig`
     (`focal_gamma=0.05`, `detach_focal_weight=False`, `simpo_gamma=0.5` then). Raises at construction on options it
     does not support: vision-language models, `sync_ref_model`, `use_liger_kernel`, DeepSpeed ZeRO-3,
-    `compute_metrics`, `padding_free` with prompt-learning PEFT, and PEFT adapters on `lm_head` other than plain
+    `compute_metrics`, `padding_free` with prompt-learning PEFT or with models that cannot pack (OPT, BLOOM, MPT,
+    XGLM, GPT-Neo, Mamba, Jamba), and PEFT adapters on `lm_head` other than plain
     LoRA without dropout.
     """
 
@@ -429,6 +436,13 @@ class FocalPOTrainer(DPOTrainer):
                 "DeepSpeed ZeRO-3",
                 "fk's fused head recomputes the logits from `lm_head.weight` in its backward, after ZeRO-3 has "
                 "re-partitioned it. Use ZeRO-1/2 or FSDP2 (whose head weight is gathered as TRL gathers it).",
+            )
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if args.padding_free and model_type in _UNPACKABLE_MODEL_TYPES:
+            refuse(
+                f"`padding_free=True` with {model_type!r} models",
+                "Their attention (or state) does not keep packed sequences apart by `position_ids`, so the "
+                "log-probs would be wrong; set `padding_free=False`.",
             )
         if args.padding_free and (
             (peft_config is not None and getattr(peft_config, "is_prompt_learning", False))

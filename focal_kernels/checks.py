@@ -13,6 +13,26 @@ from .dtypes import FLOAT_DTYPES
 _LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
 
 
+def is_dtensor(value) -> bool:
+    """Whether value is a torch.distributed DTensor (without importing torch.distributed unless it is loaded)."""
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    return dtensor is not None and isinstance(value, dtensor)
+
+
+def refuse_dtensor(value, name):
+    """A DTensor where a plain tensor is expected raises a TypeError that says what to pass instead (DTensor
+    arithmetic would otherwise fail deep inside with a message about mixed tensor types)."""
+    if is_dtensor(value):
+        raise TypeError(f"{name} is a DTensor (placements {tuple(value.placements)}) where a plain torch.Tensor is "
+                        f"expected: pass {name}.to_local() (this rank's shard) or {name}.full_tensor() (the whole "
+                        "tensor). DTensors are taken only as logits sharded on the vocabulary (sequence_logps, and "
+                        "focal_po_loss with both sides DTensors), as the lm_head weight / bias, and, with "
+                        "vocab_parallel_group, as replicated hidden states")
+
+
 def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100,
                             last_dim="V"):
     """Logits (B, T, V) floating, labels (B, T) integer; last_dim="H" checks hidden states (B, T, H) and their
@@ -21,6 +41,8 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
         raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+    refuse_dtensor(logits, logits_name)
+    refuse_dtensor(labels, labels_name)
     if not logits.dtype.is_floating_point:
         raise TypeError(f"{logits_name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
                         f"got {logits.dtype}")

@@ -104,6 +104,11 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     Returns PreferenceLossOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards,
     metrics); the loss and both log-probs are differentiable, the rewards β·(logp − ref) are detached.
     """
+    if is_dtensor(chosen_logits) != is_dtensor(rejected_logits):
+        dtensor, plain = (("chosen_logits", "rejected_logits") if is_dtensor(chosen_logits)
+                          else ("rejected_logits", "chosen_logits"))
+        raise TypeError(f"{dtensor} is a DTensor but {plain} is not: pass both as DTensors sharded on the "
+                        "vocabulary, or both as plain tensors")
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
         sides = _each_side(sequence_logps, ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)),
                            loss_options, ignore_index=ignore_index, validate_labels=validate_labels,

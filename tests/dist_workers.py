@@ -391,6 +391,91 @@ def errors(rank, world):
     _close(vocab_parallel_sequence_logps(full[..., start:stop], labels, group=group), ref, "after the errors")
 
 
+def agreement(rank, world):
+    """Options every rank must share, errors that must reach every rank of a sequence-parallel group, and
+    DTensor weights / hidden states that must really be vocabulary shards / replicated."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import focal_kernels as fk
+    from focal_kernels import reference
+    from focal_kernels.logprobs.parallel import vocab_parallel_fused_linear_sequence_logps, vocab_parallel_sequence_logps
+
+    group = _world()
+    start, stop = _slice(rank, world)
+    full = _logits((2, 4, V), 81)
+    labels = _labels((2, 4), 82)
+    local = full[..., start:stop]
+    weight, hidden = _logits((V, 8), 83) / 2, _logits((2, 4, 8), 84)
+
+    # ignore_index, logit options and bias presence that differ between ranks: the same error everywhere
+    _raises(ValueError, ["ignore_index must be the same", "-100 on rank 0"],
+            lambda: vocab_parallel_sequence_logps(local, labels, -100 if rank == 0 else -1, group=group))
+    _raises(ValueError, ["logit_scale must be the same"],
+            lambda: vocab_parallel_fused_linear_sequence_logps(hidden, weight[start:stop], labels, group=group,
+                                                               logit_scale=1.0 + rank))
+    _raises(ValueError, ["logit_softcap must be the same"],
+            lambda: vocab_parallel_fused_linear_sequence_logps(hidden, weight[start:stop], labels, group=group,
+                                                               logit_softcap=None if rank == 0 else 30.0))
+    bias = torch.zeros(stop - start) if rank == 0 else None
+    _raises(ValueError, ["a bias must be given on every rank"],
+            lambda: vocab_parallel_fused_linear_sequence_logps(hidden, weight[start:stop], labels, bias, group=group))
+    # labels that differ are caught with validate_labels=False too
+    other = labels.clone()
+    other[1, 3] = (max(int(labels[1, 3]), 0) + rank) % V
+    _raises(ValueError, ["labels must be the same"],
+            lambda: vocab_parallel_sequence_logps(local, other, group=group, validate_labels=False))
+
+    # sequence parallel: an error in one rank's own tokens raises on every rank (no hang)
+    a, b = _token_split(4, rank, world)
+    bad = labels[:, a:b].clone()
+    if rank == world - 1:
+        bad[0, 0] = V + 5
+    kind, words = (ValueError, [f"found {V + 5}"]) if rank == world - 1 else (ValueError, [f"rank {world - 1}"])
+    _raises(kind, words, lambda: fk.sequence_logps(full[:, a:b], bad, sequence_parallel_group=group))
+    _raises(kind, words, lambda: fk.fused_linear_sequence_logps(hidden[:, a:b], weight, bad,
+                                                                sequence_parallel_group=group))
+    _raises(kind, words, lambda: fk.focal_po_loss(full[:, a:b], full[:, a:b], bad, labels[:, a:b],
+                                                  sequence_parallel_group=group))
+
+    # DTensor weights with vocab_parallel_group: Shard(0) is this rank's slice; Replicate is refused
+    mesh = init_device_mesh("cpu", (world,))
+    w64, h64 = weight.double(), hidden.double()
+    ref = reference.sequence_logps(reference.linear_logits(h64, w64), labels)
+    sharded = distribute_tensor(w64, mesh, [Shard(0)])
+    logps = fk.fused_linear_sequence_logps(h64, sharded, labels, vocab_parallel_group=mesh, memory_budget=0)
+    _close(logps, ref, "Shard(0) DTensor weight logps", 1e-10, 1e-10)
+    _raises(ValueError, ["Shard(0)", "Replicate()"],
+            lambda: fk.fused_linear_sequence_logps(h64, distribute_tensor(w64, mesh, [Replicate()]), labels,
+                                                   vocab_parallel_group=mesh))
+    # replicated hidden states as a DTensor: taken as the local tensor, with a replicated gradient
+    h_rep = distribute_tensor(h64, mesh, [Replicate()]).requires_grad_(True)
+    logps = fk.fused_linear_sequence_logps(h_rep, w64[_slice(rank, world)[0]:_slice(rank, world)[1]], labels,
+                                           vocab_parallel_group=group)
+    _close(logps, ref, "replicated DTensor hidden logps", 1e-10, 1e-10)
+    h_ref = h64.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_loss(reference.sequence_logps(reference.linear_logits(h_ref, w64), labels)), [h_ref])
+    _loss(logps).backward()
+    _close(h_rep.grad.to_local(), grad, "replicated DTensor hidden grad", 1e-10, 1e-10)
+    _raises(ValueError, ["redistribute"],
+            lambda: fk.fused_linear_sequence_logps(distribute_tensor(h64, mesh, [Shard(1)]), w64[start:stop], labels,
+                                                   vocab_parallel_group=group))
+    # a DTensor hidden without the vocabulary-parallel path, and one DTensor side of a pair
+    _raises(TypeError, ["hidden is a DTensor", "to_local()"],
+            lambda: fk.fused_linear_sequence_logps(distribute_tensor(h64, mesh, [Replicate()]), w64, labels))
+    dt_logits = distribute_tensor(full, mesh, [Shard(2)])
+    _raises(TypeError, ["rejected_logits is a DTensor but chosen_logits is not"],
+            lambda: fk.focal_po_loss(full, dt_logits, labels, labels))
+    # DTensor logits with an explicit group over other ranks (no collective before the error)
+    solo = dist.new_group([0])
+    words = ["sharded over global ranks"] if rank == 0 else ["not a member"]
+    _raises(ValueError, words, lambda: vocab_parallel_sequence_logps(dt_logits, labels, group=solo))
+    # the group still works afterwards
+    _close(vocab_parallel_sequence_logps(local, labels, group=group), reference.sequence_logps(full.double(), labels),
+           "after the agreement errors")
+
+
 # ------------------------------------------------------------------ the public entry points with group keywords
 
 def _counts(labels, cu_seqlens=None):
@@ -713,7 +798,17 @@ def mesh_2x2(rank, world):
     _close(c.grad, grad_c[:, a:b, start:stop], "2x2 mesh fk.focal_po_loss chosen grad", 1e-5, 1e-6)
     _close(r.grad, grad_r[:, a2:b2, start:stop], "2x2 mesh fk.focal_po_loss rejected grad", 1e-5, 1e-6)
 
+    # an error in one rank's own labels: every rank of both groups raises (none waits in a collective)
+    bad = labels[:, a:b].clone()
+    if rank == 3:
+        bad[0, 0] = V
+    _raises(ValueError, [], lambda: fk.sequence_logps(full[:, a:b, start:stop], bad, vocab_parallel_group=mesh["tp"],
+                                                      sequence_parallel_group=mesh["cp"]))
+    # a two-dimensional mesh is refused naming the argument
+    _raises(ValueError, ["vocab_parallel_group", "one-dimensional"],
+            lambda: fk.sequence_logps(full[:, a:b, start:stop], labels[:, a:b], vocab_parallel_group=mesh))
+
 
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,
-                                        vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, api_logits,
-                                        api_hidden, api_losses, mesh_2x2)}
+                                        vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, agreement,
+                                        api_logits, api_hidden, api_losses, mesh_2x2)}

@@ -26,7 +26,7 @@ def _spawn(world, scenarios):
 
 
 ALL = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed", "dtensor", "sp_logits",
-       "sp_hidden", "errors")
+       "sp_hidden", "errors", "agreement")
 KERNELS = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed")
 API = ("api_logits", "api_hidden", "api_losses")  # the public entry points' group keywords (world 2: uneven slices)
 

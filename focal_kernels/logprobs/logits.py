@@ -8,17 +8,8 @@ import torch
 
 from .. import backend, reference
 from ..checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_labels_in_range,
-                      check_logits_and_labels, data_checks_enabled)
+                      check_logits_and_labels, data_checks_enabled, is_dtensor)
 from .packing import as_token_grid, layout_of, token_counts
-
-
-def is_dtensor(value) -> bool:
-    """Whether value is a torch.distributed DTensor (without importing torch.distributed unless it is loaded)."""
-    import sys
-
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None) if module is not None else None
-    return dtensor is not None and isinstance(value, dtensor)
 
 
 def unit_stride_logits(logits, name="logits", stacklevel=3):

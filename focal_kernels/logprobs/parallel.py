@@ -49,6 +49,8 @@ supported here (the vocabulary offsets are read on the host every call).
 from __future__ import annotations
 
 import math
+import struct
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -151,7 +153,7 @@ def _agree(group, device, local_error, fields, what):
                      "every rank stops")
 
 
-_INFO_WIDTH = 16  # int64 fields per rank (unused ones 0)
+_INFO_WIDTH = 24  # int64 fields per rank (unused ones 0)
 
 
 def _ints_of(values, device):
@@ -163,6 +165,12 @@ def _ints_of(values, device):
     if positions:
         out[positions] = torch.stack([values[i].reshape(()).to(device=device, dtype=torch.int64) for i in positions])
     return out
+
+
+def _float_bits(value):
+    """A float's IEEE-754 float64 bits as an int64 (None as -1.0's: the options it encodes are positive), so
+    that options compare exactly in the agreement vector."""
+    return struct.unpack("<q", struct.pack("<d", -1.0 if value is None else float(value)))[0]
 
 
 def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
@@ -186,8 +194,10 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
 
 
 # Field positions in the agreement vector.
-_F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED = range(8)
-_F_DIGEST = 8  # 8 fields: min, max, Σ, Σ·pos, 3 cu_seqlens flags, cu digest
+_F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED, _F_IGNORE, _F_BIAS = range(10)
+_F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (0 for logits)
+_F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·pos, 3 cu_seqlens flags, cu digest
+_OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")
 
 
 def _dtype_code(dtype):
@@ -213,12 +223,19 @@ def _check_agreement(rows, what, *, hidden_path):
         if hidden_path and row[_F_GRAD] != first[_F_GRAD]:
             raise ValueError(f"{what}: hidden must require a gradient on every rank or on none (the backward "
                              f"all-reduces its gradient), but ranks 0 and {rank} differ")
-    checked = [row for row in rows if row[_F_CHECKED]]
-    for row in checked[1:]:
-        if row[_F_DIGEST + 2:_F_DIGEST + 4] != checked[0][_F_DIGEST + 2:_F_DIGEST + 4]:
+        if hidden_path and row[_F_BIAS] != first[_F_BIAS]:
+            raise ValueError(f"{what}: a bias must be given on every rank or on none, but ranks 0 and {rank} differ")
+        if row[_F_IGNORE] != first[_F_IGNORE]:
+            raise ValueError(f"{what}: ignore_index must be the same on every rank, got {first[_F_IGNORE]} on rank 0 "
+                             f"and {row[_F_IGNORE]} on rank {rank}")
+        for k, name in enumerate(_OPTION_NAMES):
+            if row[_F_OPTIONS + k] != first[_F_OPTIONS + k]:
+                raise ValueError(f"{what}: {name} must be the same on every rank, but ranks 0 and {rank} differ")
+        # compared whatever validate_labels says: cheap device sums, read with the rest of the agreement
+        if row[_F_DIGEST + 2:_F_DIGEST + 4] != first[_F_DIGEST + 2:_F_DIGEST + 4]:
             raise ValueError(f"{what}: the labels must be the same on every rank of the vocabulary-parallel group "
                              "(global vocabulary ids), but they differ")
-        if row[_F_DIGEST + 7] != checked[0][_F_DIGEST + 7]:
+        if row[_F_DIGEST + 7] != first[_F_DIGEST + 7]:
             raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
 
 
@@ -245,15 +262,18 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens):
 
 
 def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
-                   needs_grad, labels, ignore_index, validate_labels):
-    """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total)."""
+                   needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0)):
+    """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total). Shapes,
+    dtypes, ignore_index, the logit options, whether there is a bias and the labels (as sums) must agree
+    on every rank; validate_labels=True also checks the label range and cu_seqlens rules."""
     device = _info_device(group, tensor)
     fields = None
     if local_error is None:
         checked = data_checks_enabled(validate_labels, tensor)
-        digest = _labels_digest(labels, ignore_index, cu_seqlens, seq_len) if checked else [0] * 8
+        digest = _labels_digest(labels, ignore_index, cu_seqlens, seq_len)
         fields = _ints_of([vocab, batch, seq_len, -1 if cu_seqlens is None else cu_seqlens.shape[0] - 1, hidden,
-                           _dtype_code(dtype), int(needs_grad), int(checked), *digest], tensor.device)
+                           _dtype_code(dtype), int(needs_grad), int(checked), int(ignore_index), int(has_bias),
+                           *(_float_bits(v) for v in options), *digest], tensor.device)
     rows = _agree(group, device, local_error, fields, what)
     _check_agreement(rows, what, hidden_path=hidden >= 0)
     if any(row[_F_VOCAB] < 1 for row in rows):
@@ -406,6 +426,49 @@ class VocabParallelLinearTokenLogps(torch.autograd.Function):
         return (grad_hidden, grad_weight if needs_weight else None, grad_bias if needs_bias else None, None, None)
 
 
+# ------------------------------------------------------------------ DTensor inputs
+
+def _same_ranks(group, mesh_group, name):
+    """`group` when it has the ranks (in order) of the mesh group `name` is sharded over; else ValueError."""
+    dist = _dist()
+    given, sharded = dist.get_process_group_ranks(group), dist.get_process_group_ranks(mesh_group)
+    if given != sharded:
+        raise ValueError(f"{name} is a DTensor sharded over global ranks {sharded}, but vocab_parallel_group has "
+                         f"ranks {given}; pass the group of the mesh dimension that shards the vocabulary")
+    return group
+
+
+def vocab_shard(tensor, name, group):
+    """A weight / bias DTensor as this rank's vocabulary slice (to_local(), differentiable), after checking
+    that it really is one: Shard(0) over exactly the ranks of `group` (Replicate on other mesh dimensions).
+    A replicated DTensor would hold the whole vocabulary on every rank, and taking it as a slice would count
+    every entry world-size times. Plain tensors pass unchanged (the caller's promise)."""
+    if not is_dtensor(tensor):
+        return tensor
+    placements = tuple(tensor.placements)
+    vocab_dims = [i for i, p in enumerate(placements) if p.is_shard() and p.dim % tensor.dim() == 0]
+    others = [p for i, p in enumerate(placements) if i not in vocab_dims and not p.is_replicate()]
+    if len(vocab_dims) != 1 or others:
+        raise ValueError(f"{name} is a DTensor with placements {placements}; with vocab_parallel_group it must be "
+                         "sharded on its vocabulary dimension 0, Shard(0), over one mesh dimension (Replicate on any "
+                         "other), as ColwiseParallel shards the lm_head")
+    _same_ranks(group, tensor.device_mesh.get_group(vocab_dims[0]), name)
+    return tensor.to_local()
+
+
+def replicated_hidden(hidden):
+    """Hidden states as a DTensor must be replicated (every rank of the vocabulary-parallel group scores the
+    same tokens): taken as to_local(), whose gradient (all-reduced, the same on every rank) is a replicated
+    one. Anything else passes unchanged (the checks refuse other DTensors)."""
+    if is_dtensor(hidden) and not all(p.is_replicate() for p in hidden.placements):
+        raise ValueError(f"hidden is a DTensor with placements {tuple(hidden.placements)}; the vocabulary-parallel "
+                         "path needs the same hidden states on every rank of the group: pass "
+                         "hidden.redistribute(placements=[Replicate()] * mesh.ndim), as ColwiseParallel's input "
+                         "layout does (or hidden.to_local() when each rank's local tokens are the ones its "
+                         "vocabulary-parallel group shares)")
+    return hidden.to_local() if is_dtensor(hidden) else hidden
+
+
 # ------------------------------------------------------------------ entry points
 
 def dtensor_vocab_logits(logits):
@@ -455,7 +518,7 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
     """
     if is_dtensor(logits):
         logits, mesh_group = dtensor_vocab_logits(logits)
-        group = mesh_group if group is None else group
+        group = mesh_group if group is None else _same_ranks(check_group(group), mesh_group, "logits")
     group = check_group(group)
     what = "vocab_parallel_sequence_logps"
     error = None
@@ -502,6 +565,8 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
     what = "vocab_parallel_fused_linear_sequence_logps"
     error = None
     try:
+        weight, bias = (vocab_shard(t, name, group) for t, name in ((weight, "weight"), (bias, "bias")))
+        hidden = replicated_hidden(hidden)
         check_flag(return_token_counts, "return_token_counts")
         check_flag(validate_labels, "validate_labels")
         hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
@@ -519,7 +584,8 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
         group, what, tensor, error, vocab=weight.shape[0] if ok else 0, batch=hidden.shape[0] if ok else 0,
         seq_len=hidden.shape[1] if ok else 0, cu_seqlens=cu_seqlens, hidden=hidden.shape[2] if ok else 0,
         dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad, labels=labels,
-        ignore_index=ignore_index, validate_labels=validate_labels)
+        ignore_index=ignore_index, validate_labels=validate_labels, has_bias=bias is not None,
+        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0))
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
                                         weight.element_size())
@@ -556,10 +622,15 @@ def sequence_parallel_sum(per_sequence_values, group):
     all_gather checking that every rank passes the same shape and dtype); backward: the gradient unchanged.
     See the module docstring for the data-parallel recipe. Must be called by every rank of the group."""
     group = check_group(group, "sequence_parallel_group")
-    what = "sequence_parallel_sum"
     error = None
     if not isinstance(per_sequence_values, torch.Tensor):
         error = TypeError(f"per_sequence_values must be a torch.Tensor, got {type(per_sequence_values).__name__}")
+    return _agreed_sum(per_sequence_values, group, error, "sequence_parallel_sum")
+
+
+def _agreed_sum(per_sequence_values, group, error, what):
+    """sequence_parallel_sum after its argument checks: the agreement round (every rank raises when `error`
+    is set on any rank), then the all-reduce."""
     tensor = per_sequence_values if error is None else None
     device = _info_device(group, tensor)
     fields = None
@@ -590,9 +661,19 @@ _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.flo
 
 # ------------------------------------------------------------------ the public entry points' parallel branch
 
-def _sequence_parallel(out, group, return_token_counts):
+def _sequence_parallel(compute, group, return_token_counts):
+    """compute(), then its per-sequence values summed over the sequence-parallel group (when given). An error
+    from compute on one rank (its own inputs' checks, or its vocabulary-parallel group's agreement) goes
+    through the sequence-parallel group's agreement, so that every rank of the group raises instead of
+    waiting in the collective."""
     if group is None:
-        return out
+        return compute()
+    group = check_group(group, "sequence_parallel_group")
+    try:
+        out = compute()
+    except (TypeError, ValueError) as exc:
+        _agreed_sum(None, group, exc, "sequence_parallel_sum")  # raises on every rank of the group
+        raise  # pragma: no cover (the agreement re-raises exc on this rank)
     if return_token_counts:
         logps, counts = out
         return sequence_parallel_sum(logps, group), sequence_parallel_sum(counts, group)
@@ -603,15 +684,15 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
                             validate_labels, vocab_parallel_group, sequence_parallel_group):
     """`fk.sequence_logps` with vocab_parallel_group / DTensor logits and / or sequence_parallel_group;
     `local` is the single-rank function."""
+    if vocab_parallel_group is not None:
+        vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
     if vocab_parallel_group is not None or is_dtensor(logits):
-        out = vocab_parallel_sequence_logps(logits, labels, ignore_index, group=vocab_parallel_group,
-                                            cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
-                                            validate_labels=validate_labels)
+        compute = partial(vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group)
     else:
-        check_group(sequence_parallel_group, "sequence_parallel_group")
-        out = local(logits, labels, ignore_index, cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
-                    validate_labels=validate_labels)
-    return _sequence_parallel(out, sequence_parallel_group, return_token_counts)
+        compute = partial(local, logits, labels, ignore_index)
+    compute = partial(compute, cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
+                      validate_labels=validate_labels)
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts)
 
 
 def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ignore_index, *, cu_seqlens,
@@ -619,16 +700,15 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
                                          validate_labels, memory_budget, vocab_parallel_group,
                                          sequence_parallel_group):
     """`fk.fused_linear_sequence_logps` with vocab_parallel_group and / or sequence_parallel_group; `local` is
-    the single-rank function. A DTensor weight or bias is taken as this rank's vocabulary slice
-    (`to_local()`) only when vocab_parallel_group is given."""
+    the single-rank function. With vocab_parallel_group, a DTensor weight or bias must be sharded on the
+    vocabulary over that group and is taken as this rank's slice (`vocab_shard`)."""
     options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, chunk_size=chunk_size,
                    logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
                    validate_labels=validate_labels)
     if vocab_parallel_group is not None:
-        weight, bias = (t.to_local() if is_dtensor(t) else t for t in (weight, bias))
-        out = vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index,
-                                                         group=vocab_parallel_group, **options)
+        vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
+        compute = partial(vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
+                          group=vocab_parallel_group, **options)
     else:
-        check_group(sequence_parallel_group, "sequence_parallel_group")
-        out = local(hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)
-    return _sequence_parallel(out, sequence_parallel_group, return_token_counts)
+        compute = partial(local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts)

@@ -183,7 +183,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = "cuda" if ON_GPU else "cpu"
-    where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter (timings are not GPU timings)"
+    if ON_GPU:
+        where = torch.cuda.get_device_name()
+    elif fk.backend.interpreter_enabled():
+        where = "CPU, Triton interpreter (timings are not GPU timings)"
+    else:  # TRITON_INTERPRET=0 was set by the caller: the CPU runs the PyTorch path, not the kernels
+        where = "CPU, PyTorch path (TRITON_INTERPRET=0: the Triton kernels are not checked)"
     print(f"focal_kernels {fk.__version__} self-check on {where}; torch {torch.__version__}, "
           f"triton {triton.__version__}")
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -9,11 +9,14 @@ and rejected, then `preference_loss` on the (B,) results. So `out.chosen_logps` 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from .checks import (check_flag, check_labels_in_range, check_logits_pair, check_pair_shapes, check_reference_logps,
-                     data_checks_enabled)
-from .logprobs.linear import autocast_inputs, fused_linear_sequence_logps, gathered, linear_token_logps
+from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_logits_pair, check_pair_shapes,
+                     check_reference_logps, data_checks_enabled, is_integer)
+from .logprobs.linear import (autocast_inputs, check_logit_transform, check_memory_budget, fused_linear_sequence_logps,
+                               gathered, linear_token_logps)
 from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
@@ -45,10 +48,8 @@ _OPTION_DEFAULTS = {"label_smoothing": 0.0, "simpo_gamma": 0.5, "discopop_tau": 
                     "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
 
 
-def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, what, *, beta, gamma,
-                          detach_focal_weight, reduction, loss_options):
-    """The loss's options and reference log-probs, checked before any kernel runs (preference_loss checks
-    them again, with the log-probs)."""
+def _check_loss_options(*, beta, gamma, detach_focal_weight, reduction, loss_options):
+    """The loss's non-tensor options: unknown names, the loss types and their option values."""
     unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss options are {list(_LOSS_OPTIONS)}")
@@ -56,6 +57,15 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     options = {name: loss_options.get(name, default) for name, default in _OPTION_DEFAULTS.items()}
     check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight, reduction=reduction,
                   **options)
+    return names
+
+
+def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, what, *, beta, gamma,
+                          detach_focal_weight, reduction, loss_options):
+    """The loss's options and reference log-probs, checked before any kernel runs (preference_loss checks
+    them again, with the log-probs)."""
+    names = _check_loss_options(beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
+                                reduction=reduction, loss_options=loss_options)
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what)
     # The (B,) tensors the primitive will produce, as empty stand-ins: preference_loss's own tensor checks
     # (reference-free losses given references, pair_weights' shape, ...) run before any kernel.
@@ -192,9 +202,12 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
 
 class _OptionsModule(torch.nn.Module):
     """The options kept as attributes (as PyTorch's losses keep `reduction`); `options` gathers them for the
-    functional form at each call, so they are validated there."""
+    functional form at each call, which validates them again (an attribute may have been changed).
+    Construction checks what can be checked without tensors: the loss options, ignore_index, the flags,
+    chunk_size and the logit transform."""
 
-    def __init__(self, **options):
+    def __init__(self, functional, **options):
+        _check_module_options(functional, options)
         super().__init__()
         for name, value in options.items():
             setattr(self, name, value)
@@ -208,6 +221,39 @@ class _OptionsModule(torch.nn.Module):
         return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
 
 
+_FLAGS = ("inplace_backward", "validate_labels")
+
+
+def _check_module_options(functional, options):
+    """The module's options, as far as they can be checked without tensors, against its functional form."""
+    loss_options = {k: v for k, v in options.items() if k in _LOSS_OPTIONS}
+    own = {k for k in options if k not in _LOSS_OPTIONS}
+    parameters = inspect.signature(functional).parameters.values()
+    allowed = {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - {"bias"}  # bias is a call argument
+    unknown = sorted(own - allowed)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the options are {sorted(allowed)} and the loss "
+                        f"options {list(_LOSS_OPTIONS)}")
+    _check_loss_options(beta=options["beta"], gamma=options["gamma"],
+                        detach_focal_weight=options["detach_focal_weight"], reduction=options["reduction"],
+                        loss_options=loss_options)
+    ignore_index = options["ignore_index"]
+    if not is_integer(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    for flag in _FLAGS:
+        if flag in options:
+            check_flag(options[flag], flag)
+    if "chunk_size" in options:
+        check_chunk_size(options["chunk_size"])
+    if "memory_budget" in options:
+        check_memory_budget(options["memory_budget"])
+    if {"logit_softcap", "logit_scale", "temperature"} & set(options):
+        check_logit_transform(options.get("logit_softcap"), options.get("logit_scale", 1.0),
+                              options.get("temperature", 1.0))
+
+
 class FocalPOLoss(_OptionsModule):
     """Module form of `focal_po_loss`: the options (any `preference_loss` option included) at construction,
     the tensors at call."""
@@ -215,7 +261,7 @@ class FocalPOLoss(_OptionsModule):
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False,
                  **loss_options):
-        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+        super().__init__(focal_po_loss, beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                          detach_focal_weight=detach_focal_weight, inplace_backward=inplace_backward, **loss_options)
 
     def forward(self, chosen_logits, rejected_logits, chosen_labels, rejected_labels,
@@ -231,8 +277,9 @@ class FusedLinearFocalPOLoss(_OptionsModule):
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, chunk_size: int | None = None,
                  **loss_options):
-        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
-                         detach_focal_weight=detach_focal_weight, chunk_size=chunk_size, **loss_options)
+        super().__init__(fused_linear_focal_po_loss, beta=beta, gamma=gamma, ignore_index=ignore_index,
+                         reduction=reduction, detach_focal_weight=detach_focal_weight, chunk_size=chunk_size,
+                         **loss_options)
 
     def forward(self, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
                 ref_chosen_logps=None, ref_rejected_logps=None, bias=None) -> PreferenceLossOutput:

@@ -90,10 +90,41 @@ def test_sequence_logps_errors(device):
         fk.sequence_logps(torch.randn(1, 2, 0, device=device), torch.zeros(1, 2, dtype=torch.long, device=device))
 
 
-def test_module_validates_options_at_call(device):
-    loss = fk.FocalPOLoss(gamma=-1.0)
+def test_module_validates_options_at_construction_and_call(device):
+    with pytest.raises(ValueError, match="gamma"):
+        fk.FocalPOLoss(gamma=-1.0)
+    loss = fk.FocalPOLoss()
+    loss.gamma = -1.0  # an attribute changed after construction is checked at the call
     with pytest.raises(ValueError, match="gamma"):
         loss(**_inputs(device))
+
+
+@pytest.mark.parametrize("module, options, error, words", [
+    ("FocalPOLoss", dict(loss_type="nope"), ValueError, "Unknown loss_type"),
+    ("FocalPOLoss", dict(label_smoothing=0.1), ValueError, "label_smoothing"),
+    ("FocalPOLoss", dict(chunk_size=8), TypeError, "unexpected keyword argument(s) ['chunk_size']"),
+    ("FocalPOLoss", dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    ("FocalPOLoss", dict(inplace_backward=1), TypeError, "inplace_backward"),
+    ("FocalPOLoss", dict(reduction="avg"), ValueError, "reduction"),
+    ("FusedLinearFocalPOLoss", dict(chunk_size=0), ValueError, "chunk_size"),
+    ("FusedLinearFocalPOLoss", dict(logit_softcap=-1.0), ValueError, "logit_softcap"),
+    ("FusedLinearFocalPOLoss", dict(memory_budget=1.5), TypeError, "memory_budget"),
+    ("FusedLinearFocalPOLoss", dict(validate_labels="yes"), TypeError, "validate_labels"),
+    ("FusedLinearFocalPOLoss", dict(inplace_backward=True), TypeError, "['inplace_backward']"),
+])
+def test_module_refuses_bad_options_at_construction(module, options, error, words):
+    with pytest.raises(error) as caught:
+        getattr(fk, module)(**options)
+    assert words in str(caught.value)
+
+
+def test_hidden_path_option_types():
+    hidden, weight = torch.randn(1, 2, 3), torch.randn(5, 3)
+    labels = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(TypeError, match="memory_budget must be None or an int"):
+        fk.fused_linear_sequence_logps(hidden, weight, labels, memory_budget=1.5)
+    with pytest.raises(TypeError, match=r"stats=\('entropy',\)"):
+        fk.fused_linear_token_logps(hidden, weight, labels, stats="entropy")
 
 
 def test_inplace_backward_needs_contiguous_vocabulary(device):

@@ -587,3 +587,7 @@ def test_shift_packed_labels_validates_its_inputs():
         fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu, labels=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="cu_seqlens must be an int32 or int64"):
         fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu.float())
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids, got \(4,\) and \(5,\)"):
+        fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu, labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu, ignore_index=-100.0)

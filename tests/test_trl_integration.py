@@ -6,6 +6,8 @@ constructions are the slow part, so each test builds few and varies the loss opt
 
 from __future__ import annotations
 
+import logging
+
 import importlib
 import subprocess
 import sys
@@ -182,12 +184,15 @@ def test_use_weighting_matches_dpo_trainer(tmp_path, tok, dataset):
     _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
 
 
-def test_padding_free_matches_padded(tmp_path, tok, dataset):
+def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     model = tiny_lm.make_model(tok, seed=0)
     ref = tiny_lm.make_model(tok, seed=1)
     args = _args(FocalPOConfig, tmp_path, padding_free=True, loss_type="focal", focal_gamma=0.5, beta=0.5)
-    trainer = FocalPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok)
+    with caplog.at_level(logging.WARNING):
+        trainer = FocalPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok)
     assert trainer.padding_free
+    # TRL's "padding_free is disabled" warning would be false here: it is dropped
+    assert not [r for r in caplog.records if "padding_free" in r.getMessage()], caplog.text
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert (batch["attention_mask"] == 0).any(), "the test batch must have padding"
 
@@ -387,6 +392,36 @@ def test_simpo_is_reference_free_inside_the_trainer(tmp_path, tok, dataset):
         losses[seed] = parts
     torch.testing.assert_close(losses[1]["simpo"], losses[2]["simpo"], rtol=1e-6, atol=1e-7)
     assert abs(losses[1]["sigmoid"].item() - losses[2]["sigmoid"].item()) > 1e-4  # the reference does matter there
+
+
+def test_simpo_alone_needs_no_reference_model(tmp_path, tok, dataset):
+    """Only reference-free types: no reference model is loaded when none is given (a model built from a config
+    has no hub id to load it from), and none is run when one is given."""
+    model = tiny_lm.make_model(tok, seed=0)
+    config = dict(loss_type="simpo", beta=0.5, simpo_gamma=0.3)
+    trainer = FocalPOTrainer(model=tiny_lm.clone(model), args=_args(FocalPOConfig, tmp_path / "none", **config),
+                             train_dataset=dataset, processing_class=tok)
+    assert trainer.ref_model is None
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    without = _loss_and_grads(trainer, batch)
+
+    ref = tiny_lm.make_model(tok, seed=1)
+    calls = []
+    hook = ref.register_forward_hook(lambda *_: calls.append(1))
+    trainer = FocalPOTrainer(model=tiny_lm.clone(model), ref_model=ref, train_dataset=dataset, processing_class=tok,
+                             args=_args(FocalPOConfig, tmp_path / "given", **config))
+    with_ref = _loss_and_grads(trainer, batch)
+    hook.remove()
+    assert not calls, "the reference model ran for a reference-free loss"
+    _assert_same(without, with_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [0, -4, 2.5, True])
+def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chunk):
+    with pytest.raises(ValueError, match="logprob_chunk_size must be a positive int"):
+        FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=tiny_lm.make_model(tok, seed=1),
+                       args=_args(FocalPOConfig, tmp_path, logprob_chunk_size=chunk), train_dataset=dataset,
+                       processing_class=tok)
 
 
 def test_label_smoothing_no_loss_type_reads_raises(tmp_path, tok, dataset):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import types
 from dataclasses import dataclass, field
@@ -283,6 +284,42 @@ def _swap_attribute(obj, name, value):
         setattr(obj, name, old)
 
 
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains `text` (accelerate prefixes the rank)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_padding_free_warning():
+    """TRL 1.16's `__init__` warns that `padding_free=True` is disabled when it reads the trainer's
+    `padding_free`, which is True here (it is implemented, see `FocalPOTrainer.padding_free`): that one
+    message is dropped while TRL's `__init__` runs."""
+    logger = getattr(_trl_dpo, "logger", None)
+    logger = getattr(logger, "logger", logger)  # accelerate's MultiProcessAdapter wraps the logging.Logger
+    if not isinstance(logger, logging.Logger):
+        yield
+        return
+    drop = _DropMessage("`padding_free=True` is temporarily unavailable")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _reference_free(loss_types) -> bool:
+    """Whether every one of the loss types ignores the reference log-probs (SimPO)."""
+    names = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    return bool(names) and all(name in fk.LOSS_TYPES and spec_of(fk.LOSS_TYPES[name])["reference_free"]
+                               for name in names)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -340,6 +377,9 @@ class FocalPOTrainer(DPOTrainer):
         self.detach_focal_weight = getattr(args, "detach_focal_weight", False)
         self.simpo_gamma = getattr(args, "simpo_gamma", 0.5)
         chunk_size = getattr(args, "logprob_chunk_size", None)
+        if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+                                           and chunk_size > 0):
+            raise ValueError(f"logprob_chunk_size must be a positive int or None, got {chunk_size!r}")
         self._check_loss_options(args)
 
         def install_head(m, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
@@ -364,6 +404,11 @@ class FocalPOTrainer(DPOTrainer):
             else contextlib.nullcontext(),
             _swap_attribute(args, "loss_type", trl_loss_types),
             _swap_attribute(args, "padding_free", False),
+            _without_padding_free_warning(),
+            # Only reference-free loss types and no reference model given: TRL would load one from the policy's
+            # hub id; none is needed.
+            _swap_attribute(_trl_dpo, "create_model_from_path", lambda *a, **k: None)
+            if ref_model is None and _reference_free(args.loss_type) else contextlib.nullcontext(),
         ):
             super().__init__(
                 model,
@@ -632,6 +677,10 @@ class FocalPOTrainer(DPOTrainer):
 
         if self.precompute_ref_logps:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif _reference_free(self.loss_types):
+            # no loss reads them: no reference forward (zeros keep the logged rewards β·logp, as TRL's CPO logs)
+            ref_chosen_logps = torch.zeros_like(chosen_logps).detach()
+            ref_rejected_logps = torch.zeros_like(rejected_logps).detach()
         else:
             ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
             ref_model = self.model if self.ref_model is None else self.ref_model

@@ -40,6 +40,15 @@ class TokenLogps(NamedTuple):
     log_sum_sq_probs: torch.Tensor | None = None
 
 
+def check_memory_budget(memory_budget):
+    if memory_budget is None:
+        return
+    if not is_integer(memory_budget):
+        raise TypeError(f"memory_budget must be None or an int number of bytes, got {type(memory_budget).__name__}")
+    if memory_budget < 0:
+        raise ValueError(f"memory_budget must be >= 0 bytes, got {memory_budget}")
+
+
 def check_logit_transform(logit_softcap, logit_scale, temperature):
     if logit_softcap is not None and not (is_real(logit_softcap) and 0 < logit_softcap < math.inf):
         raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
@@ -97,8 +106,7 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
                                 ignore_index=ignore_index)
     chunk_size = check_chunk_size(chunk_size)
     check_logit_transform(logit_softcap, logit_scale, temperature)
-    if memory_budget is not None and not (is_integer(memory_budget) and memory_budget >= 0):
-        raise ValueError(f"memory_budget must be None or a number of bytes >= 0, got {memory_budget!r}")
+    check_memory_budget(memory_budget)
     if more_checks is not None:
         more_checks()
     if data_checks_enabled(validate_labels, weight):
@@ -133,6 +141,9 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
     computed in the same pass over the vocabulary. Returns `TokenLogps`; the other arguments are those of
     `fused_linear_sequence_logps`.
     """
+    if isinstance(stats, str):
+        raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
+                        f"stats=({stats!r},))")
     stats = tuple(stats)
     unknown = [name for name in stats if name not in STATS]
     if unknown or len(set(stats)) != len(stats):
@@ -185,7 +196,8 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
     if vocab_parallel_group is not None or sequence_parallel_group is not None:
         from .parallel import parallel_fused_linear_sequence_logps
 
-        if memory_budget not in (None, 0) and vocab_parallel_group is not None:
+        check_memory_budget(memory_budget)
+        if memory_budget and vocab_parallel_group is not None:
             raise ValueError(f"memory_budget is not supported with vocab_parallel_group (got {memory_budget!r}; "
                              "None or 0 keeps no logits)")
         return parallel_fused_linear_sequence_logps(

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..checks import is_integer
+
 
 class Layout(NamedTuple):
     """The token grid's shape, the segment offsets (S + 1,) on the device (packed; None when padded: sequence
@@ -151,7 +153,9 @@ def shift_packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignor
     """Next-token labels for packed sequences, shifted within each sequence, never across a boundary.
 
     Token i's label is labels[i + 1] (default input_ids[i + 1]) when i + 1 lies in the same sequence, and
-    ignore_index at each sequence's last token. (N,) or (1, N) in, the same shape out; no synchronization.
+    ignore_index at each sequence's last token. (N,) or (1, N) in (labels, when given, of input_ids' shape),
+    the same shape out; no synchronization, so the cu_seqlens values are not read (the log-prob functions
+    check them).
     """
     source = input_ids if labels is None else labels
     name = "input_ids" if labels is None else "labels"
@@ -159,6 +163,12 @@ def shift_packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignor
         raise TypeError(f"{name} must be an int32 or int64 tensor of shape (N,) or (1, N)")
     if not (source.dim() == 1 or (source.dim() == 2 and source.shape[0] == 1)):
         raise ValueError(f"{name} must have shape (N,) or (1, N), got {tuple(source.shape)}")
+    if labels is not None and not (isinstance(input_ids, torch.Tensor)
+                                   and tuple(input_ids.shape) == tuple(labels.shape)):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)} and {shape}")
+    if not is_integer(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_cu_seqlens(cu_seqlens, source)
     flat = source.reshape(-1)
     shifted = torch.full_like(flat, ignore_index)

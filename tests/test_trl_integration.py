@@ -338,6 +338,28 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     assert "no_such_loss" in message or case != "unknown_loss"
 
 
+def test_padding_free_probe_refuses_an_unlisted_leaking_model(tmp_path, tok, dataset, monkeypatch):
+    """An architecture not on the refusal list is probed: OPT (learned absolute positions) is caught by the
+    probe alone, and a Llama passes it."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    monkeypatch.setattr(fk_trl, "_UNPACKABLE_MODEL_TYPES", frozenset())
+    def opt(seed):
+        torch.manual_seed(seed)
+        return OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                        num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
+                                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id))
+
+    with pytest.raises(NotImplementedError, match="a probe found that its packed sequences see each other"):
+        FocalPOTrainer(model=opt(0), ref_model=opt(1), args=_args(FocalPOConfig, tmp_path / "opt", padding_free=True),
+                       train_dataset=dataset, processing_class=tok)
+    trainer = FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=tiny_lm.make_model(tok, seed=1),
+                             args=_args(FocalPOConfig, tmp_path / "llama", padding_free=True), train_dataset=dataset,
+                             processing_class=tok)
+    assert trainer._fk_packing_checked
+
+
 def test_trl_version_pin(monkeypatch, tmp_path, tok, dataset):
     import trl
 

@@ -427,6 +427,8 @@ class FocalPOTrainer(DPOTrainer):
         self._fk_constructing = False
         self.loss_types = user_loss_types
         self._check_model_supported()
+        if self.padding_free:
+            self._check_packing()
 
     @property
     def padding_free(self) -> bool:
@@ -437,6 +439,44 @@ class FocalPOTrainer(DPOTrainer):
     def padding_free(self, value: bool) -> None:
         if not self.__dict__.get("_fk_constructing", False):
             self._fk_padding_free = bool(value)
+
+    def _check_packing(self) -> None:
+        """Before the first padding-free forward: a probe that packed sequences stay apart in this model.
+
+        Two packed rows [A1, B] and [A2, B], position ids restarting at B, with A1 ≠ A2 of one length: where
+        attention keeps sequences apart by position ids, B's log-probs do not depend on A at all (the same
+        kernels on the same shapes: equal up to rounding, usually bit for bit); where they see each other (learned
+        absolute positions, ALiBi without per-sequence masks, recurrent states) they change by far more. Two
+        forwards of 7 tokens, in eval mode, without gradients."""
+        if self.__dict__.get("_fk_packing_checked", False):
+            return
+        model = self.model
+        vocab = model.get_input_embeddings().num_embeddings
+        device = model.get_input_embeddings().weight.device
+        tokens = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(0)).to(device)
+        position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
+        runs = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for first in (tokens[0], tokens[1]):
+                    ids = torch.cat([first, tokens[2, :3]])[None]
+                    labels = ids.clone()
+                    labels[:, :5] = -100  # score B's second and third tokens, each predicted from B alone
+                    out = model(input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True)
+                    runs.append(out.log_probs[0, 4:6].float())
+        finally:
+            model.train(was_training)
+        change = float((runs[0] - runs[1]).abs().max())
+        if not change <= 1e-4:
+            raise NotImplementedError(
+                f"FocalPOTrainer does not support `padding_free=True` with this model "
+                f"({self.model.config.model_type!r}): a probe found that its packed sequences see each other (a "
+                f"sequence's log-probs changed by {change:.3g} when the sequence packed before it changed), so the "
+                "log-probs would be wrong. Set `padding_free=False`."
+            )
+        self._fk_packing_checked = True
 
     # -- construction-time checks ------------------------------------------------------------------------------------
 
@@ -593,6 +633,7 @@ class FocalPOTrainer(DPOTrainer):
         extra = set(model_kwargs) - {"input_ids", "attention_mask", "use_cache", "output_router_logits"}
         if extra:
             raise NotImplementedError(f"padding_free=True with extra model inputs {sorted(extra)} is not supported")
+        self._check_packing()
         real = inputs["attention_mask"].bool()
         # The collator pads on the right: each row's real tokens are a prefix, so row-major order packs them.
         if not bool((real[:, 1:] <= real[:, :-1]).all()):

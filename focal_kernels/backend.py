@@ -48,6 +48,7 @@ def _check_interpreted():
         raise RuntimeError("TRITON_INTERPRET=1 is set, but a one-element probe kernel failed in Triton's "
                            f"interpreter{detail}. Usual causes: TRITON_INTERPRET=1 was set after triton (or "
                            "focal_kernels' kernels) had been imported: set it before importing triton, or unset "
-                           "it to use the PyTorch path; or Triton < 3.7's interpreter with NumPy >= 2.4 "
-                           "(triton-lang/triton#9171): install numpy<2.4 or a newer Triton.")
+                           "it to use the PyTorch path; or Triton < 3.7's interpreter with NumPy >= 2.3 "
+                           "(seen on loops with a run-time bound; see also triton-lang/triton#9171): install "
+                           "numpy<2.3 or a newer Triton.")
     _INTERPRETED.append(True)

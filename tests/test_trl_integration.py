@@ -360,6 +360,38 @@ def test_padding_free_probe_refuses_an_unlisted_leaking_model(tmp_path, tok, dat
     assert trainer._fk_packing_checked
 
 
+def test_padding_free_checks_the_reference_model_and_options(tmp_path, tok, dataset):
+    """The reference model is checked like the policy (it runs packed too), and NEFTune's length-scaled noise
+    is refused with packing."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128))
+    with pytest.raises(NotImplementedError, match="`padding_free=True` with 'opt' models"):
+        FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=opt, train_dataset=dataset, processing_class=tok,
+                       args=_args(FocalPOConfig, tmp_path / "ref", padding_free=True))
+    with pytest.raises(NotImplementedError, match="neftune_noise_alpha"):
+        FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=tiny_lm.make_model(tok, seed=1), train_dataset=dataset,
+                       processing_class=tok,
+                       args=_args(FocalPOConfig, tmp_path / "neft", padding_free=True, neftune_noise_alpha=5.0))
+
+
+def test_model_given_as_a_path(tmp_path, tok, dataset):
+    """A policy given as a local path: with padding_free (checked once loaded), and with only reference-free
+    loss types (the policy is loaded, no reference model is)."""
+    path = tmp_path / "policy"
+    tiny_lm.make_model(tok).save_pretrained(path)
+    trainer = FocalPOTrainer(model=str(path), train_dataset=dataset, processing_class=tok,
+                             args=_args(FocalPOConfig, tmp_path / "pf", padding_free=True))
+    assert trainer.padding_free and trainer._fk_packing_checked and trainer.ref_model is not None
+    trainer = FocalPOTrainer(model=str(path), train_dataset=dataset, processing_class=tok,
+                             args=_args(FocalPOConfig, tmp_path / "simpo", loss_type="simpo"))
+    assert trainer.model is not None and trainer.ref_model is None
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert torch.isfinite(_loss_and_grads(trainer, batch)[0])
+
+
 def test_trl_version_pin(monkeypatch, tmp_path, tok, dataset):
     import trl
 

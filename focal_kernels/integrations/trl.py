@@ -313,11 +313,66 @@ def _without_padding_free_warning():
         logger.removeFilter(drop)
 
 
+def _policy_only(model):
+    """TRL's `create_model_from_path` for a trainer that needs no reference model: a policy given as a hub id or
+    path (TRL's first call) is loaded; the reference (the second call) is not, and stays None."""
+    load = _trl_dpo.create_model_from_path
+    pending = [model] if isinstance(model, str) else []
+
+    def create(path, *args, **kwargs):
+        if pending:
+            pending.pop()
+            return load(path, *args, **kwargs)
+        return None
+
+    return create
+
+
 def _reference_free(loss_types) -> bool:
     """Whether every one of the loss types ignores the reference log-probs (SimPO)."""
     names = [loss_types] if isinstance(loss_types, str) else list(loss_types)
     return bool(names) and all(name in fk.LOSS_TYPES and spec_of(fk.LOSS_TYPES[name])["reference_free"]
                                for name in names)
+
+
+def _refuse_unpackable(model) -> None:
+    """`padding_free=True` is refused for the listed architectures (policy or reference model)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _UNPACKABLE_MODEL_TYPES:
+        raise NotImplementedError(
+            f"FocalPOTrainer does not support `padding_free=True` with {model_type!r} models. Their attention (or "
+            "state) does not keep packed sequences apart by `position_ids`, so the log-probs would be wrong; set "
+            "`padding_free=False`."
+        )
+
+
+def _probe_packing(model) -> None:
+    """See `FocalPOTrainer._check_packing`."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
+    tokens = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(0)).to(device)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
+    runs = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in (tokens[0], tokens[1]):
+                ids = torch.cat([first, tokens[2, :3]])[None]
+                labels = ids.clone()
+                labels[:, :5] = -100  # score B's second and third tokens, each predicted from B alone
+                out = model(input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True)
+                runs.append(out.log_probs[0, 4:6].float())
+    finally:
+        model.train(was_training)
+    change = float((runs[0] - runs[1]).abs().max())
+    if not change <= 1e-4:
+        raise NotImplementedError(
+            f"FocalPOTrainer does not support `padding_free=True` with this model "
+            f"({model.config.model_type!r}): a probe found that its packed sequences see each other (a "
+            f"sequence's log-probs changed by {change:.3g} when the sequence packed before it changed), so the "
+            "log-probs would be wrong. Set `padding_free=False`."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -330,9 +385,9 @@ class FocalPOTrainer(DPOTrainer):
     Same arguments as `DPOTrainer`; `args` may be a `FocalPOConfig` (FocalPO's options) or a plain `DPOConfig`
     (`focal_gamma=0.05`, `detach_focal_weight=False`, `simpo_gamma=0.5` then). Raises at construction on options it
     does not support: vision-language models, `sync_ref_model`, `use_liger_kernel`, DeepSpeed ZeRO-3,
-    `compute_metrics`, `padding_free` with prompt-learning PEFT or with models that cannot pack (OPT, BLOOM, MPT,
-    XGLM, GPT-Neo, Mamba, Jamba), and PEFT adapters on `lm_head` other than plain
-    LoRA without dropout.
+    `compute_metrics`, `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or
+    reference model that cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any
+    other architecture is probed), and PEFT adapters on `lm_head` other than plain LoRA without dropout.
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -371,7 +426,7 @@ class FocalPOTrainer(DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = FocalPOConfig(f"{name.split('/')[-1]}-FocalPO")
-        self._check_supported(model, args, processing_class, train_dataset, compute_metrics, peft_config)
+        self._check_supported(model, ref_model, args, processing_class, train_dataset, compute_metrics, peft_config)
 
         self.focal_gamma = getattr(args, "focal_gamma", 0.05)
         self.detach_focal_weight = getattr(args, "detach_focal_weight", False)
@@ -407,7 +462,7 @@ class FocalPOTrainer(DPOTrainer):
             _without_padding_free_warning(),
             # Only reference-free loss types and no reference model given: TRL would load one from the policy's
             # hub id; none is needed.
-            _swap_attribute(_trl_dpo, "create_model_from_path", lambda *a, **k: None)
+            _swap_attribute(_trl_dpo, "create_model_from_path", _policy_only(model))
             if ref_model is None and _reference_free(args.loss_type) else contextlib.nullcontext(),
         ):
             super().__init__(
@@ -428,6 +483,8 @@ class FocalPOTrainer(DPOTrainer):
         self.loss_types = user_loss_types
         self._check_model_supported()
         if self.padding_free:
+            for m in (self.model, self.ref_model):
+                _refuse_unpackable(m)
             self._check_packing()
 
     @property
@@ -450,38 +507,15 @@ class FocalPOTrainer(DPOTrainer):
         forwards of 7 tokens, in eval mode, without gradients."""
         if self.__dict__.get("_fk_packing_checked", False):
             return
-        model = self.model
-        vocab = model.get_input_embeddings().num_embeddings
-        device = model.get_input_embeddings().weight.device
-        tokens = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(0)).to(device)
-        position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
-        runs = []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for first in (tokens[0], tokens[1]):
-                    ids = torch.cat([first, tokens[2, :3]])[None]
-                    labels = ids.clone()
-                    labels[:, :5] = -100  # score B's second and third tokens, each predicted from B alone
-                    out = model(input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True)
-                    runs.append(out.log_probs[0, 4:6].float())
-        finally:
-            model.train(was_training)
-        change = float((runs[0] - runs[1]).abs().max())
-        if not change <= 1e-4:
-            raise NotImplementedError(
-                f"FocalPOTrainer does not support `padding_free=True` with this model "
-                f"({self.model.config.model_type!r}): a probe found that its packed sequences see each other (a "
-                f"sequence's log-probs changed by {change:.3g} when the sequence packed before it changed), so the "
-                "log-probs would be wrong. Set `padding_free=False`."
-            )
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                _probe_packing(self.accelerator.unwrap_model(model))
         self._fk_packing_checked = True
 
     # -- construction-time checks ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _check_supported(model, args, processing_class, train_dataset, compute_metrics, peft_config):
+    def _check_supported(model, ref_model, args, processing_class, train_dataset, compute_metrics, peft_config):
         def refuse(what, advice):
             raise NotImplementedError(f"FocalPOTrainer does not support {what}. {advice}")
 
@@ -522,16 +556,19 @@ class FocalPOTrainer(DPOTrainer):
                 "fk's fused head recomputes the logits from `lm_head.weight` in its backward, after ZeRO-3 has "
                 "re-partitioned it. Use ZeRO-1/2 or FSDP2 (whose head weight is gathered as TRL gathers it).",
             )
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if args.padding_free and model_type in _UNPACKABLE_MODEL_TYPES:
+        if args.padding_free:
+            for m in (model, ref_model):  # a model given as a hub id / path is checked once loaded
+                _refuse_unpackable(m)
+        if args.padding_free and getattr(args, "neftune_noise_alpha", None):
             refuse(
-                f"`padding_free=True` with {model_type!r} models",
-                "Their attention (or state) does not keep packed sequences apart by `position_ids`, so the "
-                "log-probs would be wrong; set `padding_free=False`.",
+                "`padding_free=True` with `neftune_noise_alpha`",
+                "NEFTune scales its noise by 1/sqrt(sequence length · hidden size), and the packed row's length is "
+                "the whole batch's tokens, so the noise would shrink with the batch; set `padding_free=False`.",
             )
         if args.padding_free and (
             (peft_config is not None and getattr(peft_config, "is_prompt_learning", False))
-            or (is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False))
+            or (not isinstance(model, str) and is_peft_model(model)
+                and getattr(model.active_peft_config, "is_prompt_learning", False))
         ):
             refuse(
                 "`padding_free=True` with prompt-learning PEFT (virtual tokens)",

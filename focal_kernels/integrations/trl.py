@@ -483,8 +483,6 @@ class FocalPOTrainer(DPOTrainer):
         self.loss_types = user_loss_types
         self._check_model_supported()
         if self.padding_free:
-            for m in (self.model, self.ref_model):
-                _refuse_unpackable(m)
             self._check_packing()
 
     @property
@@ -498,7 +496,8 @@ class FocalPOTrainer(DPOTrainer):
             self._fk_padding_free = bool(value)
 
     def _check_packing(self) -> None:
-        """Before the first padding-free forward: a probe that packed sequences stay apart in this model.
+        """Before the first padding-free forward (at construction, or after `padding_free` was set): the
+        refusal list, then a probe that packed sequences stay apart in the policy and the reference model.
 
         Two packed rows [A1, B] and [A2, B], position ids restarting at B, with A1 ≠ A2 of one length: where
         attention keeps sequences apart by position ids, B's log-probs do not depend on A at all (the same
@@ -507,9 +506,11 @@ class FocalPOTrainer(DPOTrainer):
         forwards of 7 tokens, in eval mode, without gradients."""
         if self.__dict__.get("_fk_packing_checked", False):
             return
-        for model in (self.model, self.ref_model):
-            if model is not None:
-                _probe_packing(self.accelerator.unwrap_model(model))
+        models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        for model in models:  # the listed architectures first (a model given as a path is loaded by now)
+            _refuse_unpackable(model)
+        for model in models:
+            _probe_packing(model)
         self._fk_packing_checked = True
 
     # -- construction-time checks ------------------------------------------------------------------------------------

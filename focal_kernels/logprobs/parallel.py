@@ -17,10 +17,11 @@ Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_line
               gradients and a partial hidden-state gradient (its slice's share of G·W), all-reduced (SUM) so
               that every rank returns the full hidden-state gradient (as ColwiseParallel's input does).
     Labels outside [0, Σ_r V_r) raise ValueError (validate_labels), or give NaN. Inputs that disagree between
-    ranks (token or sequence counts, dtypes, labels, cu_seqlens, whether the hidden states need a gradient)
-    raise the same ValueError on every rank, from one all_gather of a few integers per rank (and one host
-    read) per call: never a hang. A rank whose own inputs fail a check raises its error and the other ranks
-    raise naming it.
+    ranks (token or sequence counts, dtypes, labels, cu_seqlens, ignore_index, the logit options, whether there
+    is a bias, whether the hidden states need a gradient) raise the same ValueError on every rank, from one
+    all_gather of a few integers per rank (and one host read) per call: never a hang. A rank whose own inputs
+    fail a check raises its error and the other ranks raise naming it (through the sequence-parallel group
+    too, when both are used).
 
 Sequence (context) parallel (`sequence_parallel_sum`)
     Each rank holds a contiguous slice of every sequence's tokens (padded: (B, T_r, ...); packed: its own
@@ -195,7 +196,7 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
 
 # Field positions in the agreement vector.
 _F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED, _F_IGNORE, _F_BIAS = range(10)
-_F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (0 for logits)
+_F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
 _F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·pos, 3 cu_seqlens flags, cu digest
 _OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")
 
@@ -555,8 +556,9 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
                                                validate_labels: bool = True):
     """`fk.fused_linear_sequence_logps` with the lm_head's vocabulary split over the ranks of `group`.
 
-    weight (V_r, H) and bias (V_r,) or None: this rank's rows of the lm_head, slices in rank order. hidden
-    (B, T, H) (packed: (N, H) or (1, N, H) with cu_seqlens) and labels (global ids): the same on every rank.
+    weight (V_r, H) and bias (V_r,) or None: this rank's rows of the lm_head, slices in rank order (or DTensors
+    Shard(0) over `group`). hidden (B, T, H) (packed: (N, H) or (1, N, H) with cu_seqlens; or a replicated
+    DTensor) and labels (global ids): the same on every rank.
     Returns the (B,) or (S,) log-probs, the same on every rank, differentiable with respect to hidden (the
     full gradient on every rank), this rank's weight and bias slices. Every token is projected (no
     compaction of the scored ones). Must be called by every rank of the group.

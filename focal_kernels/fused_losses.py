@@ -10,14 +10,16 @@ and rejected, then `preference_loss` on the (B,) results. So `out.chosen_logps` 
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 
-from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_logits_pair, check_pair_shapes,
-                     check_reference_logps, data_checks_enabled, is_integer)
+from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_logits_and_labels, check_logits_pair,
+                     check_pair_shapes, check_reference_logps, data_checks_enabled, is_integer)
 from .logprobs.linear import (autocast_inputs, check_logit_transform, check_memory_budget, fused_linear_sequence_logps,
                                gathered, linear_token_logps)
 from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
+from .logprobs.parallel import parallel_fused_linear_sequence_logps, parallel_sequence_logps
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
@@ -77,12 +79,23 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     return counts is not None
 
 
-def _each_side(logps_fn, sides, loss_options, **options):
-    """[(logps, counts or None)] of chosen and rejected, each through logps_fn(values, labels, **options) on
-    its own (the distributed forms, which communicate per call)."""
-    if not _counts_needed(loss_options):
-        return [(logps_fn(values, labels, **options), None) for values, labels in sides]
-    return [logps_fn(values, labels, return_token_counts=True, **options) for values, labels in sides]
+def _each_side(logps_fn, sides, loss_options, pair_checks, **options):
+    """[(logps, counts or None)] of chosen and rejected, each through logps_fn(values, labels=, **options) on
+    its own (the distributed forms, which communicate per call). pair_checks() (the pair's and the loss's
+    arguments) runs inside the chosen side's agreement: a bad argument on one rank raises on every rank
+    instead of leaving the others waiting in a collective."""
+    try:
+        with_counts = _counts_needed(loss_options)
+    except (TypeError, ValueError):
+        with_counts = False  # a bad loss_type: pair_checks raises it, on every rank
+    out = [logps_fn(values, labels=labels, return_token_counts=with_counts, more_checks=checks, **options)
+           for (values, labels), checks in zip(sides, (pair_checks, None))]
+    return out if with_counts else [(logps, None) for logps in out]
+
+
+def _local(tensor):
+    """This rank's part of a DTensor (for the shape and dtype checks); anything else as it is."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def _pair_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
@@ -119,20 +132,26 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
                           else ("rejected_logits", "chosen_logits"))
         raise TypeError(f"{dtensor} is a DTensor but {plain} is not: pass both as DTensors sharded on the "
                         "vocabulary, or both as plain tensors")
+
+    def pair_checks():
+        _padded("chosen_logits", chosen_logits)
+        _padded("rejected_logits", rejected_logits)
+        check_logits_pair(_local(chosen_logits), _local(rejected_logits), chosen_labels, rejected_labels,
+                          ignore_index)
+        return _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0],
+                                     chosen_logits.device, "logits", beta=beta, gamma=gamma,
+                                     detach_focal_weight=detach_focal_weight, reduction=reduction,
+                                     loss_options=loss_options)
+
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
-        sides = _each_side(sequence_logps, ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)),
-                           loss_options, ignore_index=ignore_index, validate_labels=validate_labels,
+        sides = _each_side(partial(parallel_sequence_logps, sequence_logps),
+                           ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)), loss_options,
+                           pair_checks, ignore_index=ignore_index, cu_seqlens=None, validate_labels=validate_labels,
                            inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
                            sequence_parallel_group=sequence_parallel_group)
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
                           reduction, loss_options)
-    _padded("chosen_logits", chosen_logits)
-    _padded("rejected_logits", rejected_logits)
-    check_logits_pair(chosen_logits, rejected_logits, chosen_labels, rejected_labels, ignore_index)
-    with_counts = _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0],
-                                        chosen_logits.device, "logits", beta=beta, gamma=gamma,
-                                        detach_focal_weight=detach_focal_weight, reduction=reduction,
-                                        loss_options=loss_options)
+    with_counts = pair_checks()
     check_flag(inplace_backward, "inplace_backward")
     if data_checks_enabled(validate_labels, chosen_logits):
         check_labels_in_range([(chosen_labels, "chosen_labels"), (rejected_labels, "rejected_labels")],
@@ -165,19 +184,8 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     share one pass over the weight). The other arguments and
     the output are those of `focal_po_loss`; gradients reach both hidden states, the weight and the bias.
     """
-    if vocab_parallel_group is not None or sequence_parallel_group is not None:
-        sides = _each_side(lambda hidden, labels, **kw: fused_linear_sequence_logps(hidden, weight, labels, bias, **kw),
-                           ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), loss_options,
-                           ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
-                           logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
-                           memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
-                           sequence_parallel_group=sequence_parallel_group)
-        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
-                          reduction, loss_options)
-    _padded("chosen_hidden", chosen_hidden)
-    _padded("rejected_hidden", rejected_hidden)
-    weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(gathered(weight), gathered(bias), chosen_hidden,
-                                                                   rejected_hidden)
+    groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
+              (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
 
     def pair_checks():
         check_pair_shapes(chosen_hidden.shape, rejected_hidden.shape, chosen_hidden.device, rejected_hidden.device,
@@ -186,6 +194,26 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                               "hidden states", beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
                               reduction=reduction, loss_options=loss_options)
 
+    if vocab_parallel_group is not None or sequence_parallel_group is not None:
+        def group_checks():  # the tensors' own checks first, named, as linear_token_logps does below
+            for hidden, labels, hidden_name, labels_name in groups:
+                _padded(hidden_name, hidden)
+                check_logits_and_labels(_local(hidden), labels, logits_name=hidden_name, labels_name=labels_name,
+                                        ignore_index=ignore_index, last_dim="H")
+            pair_checks()
+
+        sides = _each_side(partial(parallel_fused_linear_sequence_logps, fused_linear_sequence_logps),
+                           ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), loss_options,
+                           group_checks, weight=weight, bias=bias, ignore_index=ignore_index, cu_seqlens=None,
+                           chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
+                           temperature=temperature, validate_labels=validate_labels, memory_budget=memory_budget,
+                           vocab_parallel_group=vocab_parallel_group, sequence_parallel_group=sequence_parallel_group)
+        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
+                          reduction, loss_options)
+    _padded("chosen_hidden", chosen_hidden)
+    _padded("rejected_hidden", rejected_hidden)
+    weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(gathered(weight), gathered(bias), chosen_hidden,
+                                                                   rejected_hidden)
     groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
               (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
     (chosen_tokens,), (rejected_tokens,) = linear_token_logps(

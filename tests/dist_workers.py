@@ -426,6 +426,12 @@ def agreement(rank, world):
     other[1, 3] = (max(int(labels[1, 3]), 0) + rank) % V
     _raises(ValueError, ["labels must be the same"],
             lambda: vocab_parallel_sequence_logps(local, other, group=group, validate_labels=False))
+    # ... also when their sum and their position-weighted sum agree (+1, -2, +1 on three consecutive tokens)
+    same_sums = torch.full((2, 4), 5, dtype=torch.int64)
+    if rank == world - 1:
+        same_sums[0, :3] += torch.tensor([1, -2, 1])
+    _raises(ValueError, ["labels must be the same"],
+            lambda: vocab_parallel_sequence_logps(local, same_sums, group=group))
 
     # sequence parallel: an error in one rank's own tokens raises on every rank (no hang)
     a, b = _token_split(4, rank, world)
@@ -438,6 +444,38 @@ def agreement(rank, world):
                                                                 sequence_parallel_group=group))
     _raises(kind, words, lambda: fk.focal_po_loss(full[:, a:b], full[:, a:b], bad, labels[:, a:b],
                                                   sequence_parallel_group=group))
+
+    # the pair's and the loss's arguments, wrong on one rank only, raise on every rank before any kernel (not
+    # after the forward's collectives, with the other ranks waiting in the backward's)
+    last = rank == world - 1
+    refs = torch.zeros(2)
+
+    def everywhere(kind, own, fn):
+        _raises(kind if last else ValueError, own if last else [f"rank {world - 1} of the group", "every rank stops"],
+                fn)
+
+    bad_refs = torch.zeros(3) if last else refs
+    everywhere(ValueError, ["ref_chosen_logps"],
+               lambda: fk.focal_po_loss(local, local, labels, labels, bad_refs, refs, vocab_parallel_group=group))
+    everywhere(ValueError, ["ref_chosen_logps"],
+               lambda: fk.focal_po_loss(full[:, a:b], full[:, a:b], labels[:, a:b], labels[:, a:b], bad_refs, refs,
+                                        sequence_parallel_group=group))
+    loss_type = "no-such-loss" if last else "sigmoid"
+    everywhere(ValueError, ["no-such-loss"],
+               lambda: fk.fused_linear_focal_po_loss(hidden, hidden, weight[start:stop], labels, labels, refs, refs,
+                                                     vocab_parallel_group=group, loss_type=loss_type))
+    rejected = hidden[:1] if last else hidden
+    everywhere(ValueError, ["chosen_hidden and rejected_hidden", "batch size"],
+               lambda: fk.fused_linear_focal_po_loss(hidden, rejected, weight[start:stop], labels,
+                                                     labels[:rejected.shape[0]], vocab_parallel_group=group))
+    everywhere(ValueError, ["memory_budget must be >= 0"],
+               lambda: fk.fused_linear_sequence_logps(hidden, weight[start:stop], labels, vocab_parallel_group=group,
+                                                      memory_budget=-1 if last else None))
+    everywhere(ValueError, ["memory_budget is not supported with vocab_parallel_group"],
+               lambda: fk.fused_linear_sequence_logps(hidden, weight[start:stop], labels, vocab_parallel_group=group,
+                                                      memory_budget=1 << 20 if last else None))
+    everywhere(ValueError, ["inplace_backward=True is not supported"],
+               lambda: fk.sequence_logps(local.clone(), labels, vocab_parallel_group=group, inplace_backward=last))
 
     # DTensor weights with vocab_parallel_group: Shard(0) is this rank's slice; Replicate is refused
     mesh = init_device_mesh("cpu", (world,))
@@ -798,7 +836,12 @@ def mesh_2x2(rank, world):
     _close(c.grad, grad_c[:, a:b, start:stop], "2x2 mesh fk.focal_po_loss chosen grad", 1e-5, 1e-6)
     _close(r.grad, grad_r[:, a2:b2, start:stop], "2x2 mesh fk.focal_po_loss rejected grad", 1e-5, 1e-6)
 
-    # an error in one rank's own labels: every rank of both groups raises (none waits in a collective)
+    # an error in one rank's own labels: every rank of both groups raises (none waits in a collective), the
+    # others naming its global rank
+    own = labels[:, a:b].float() if rank == 3 else labels[:, a:b]
+    _raises(TypeError if rank == 3 else ValueError, ["int64 or int32"] if rank == 3 else ["global rank 3"],
+            lambda: fk.sequence_logps(full[:, a:b, start:stop], own, vocab_parallel_group=mesh["tp"],
+                                      sequence_parallel_group=mesh["cp"]))
     bad = labels[:, a:b].clone()
     if rank == 3:
         bad[0, 0] = V

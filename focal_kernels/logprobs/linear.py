@@ -196,10 +196,6 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
     if vocab_parallel_group is not None or sequence_parallel_group is not None:
         from .parallel import parallel_fused_linear_sequence_logps
 
-        check_memory_budget(memory_budget)
-        if memory_budget and vocab_parallel_group is not None:
-            raise ValueError(f"memory_budget is not supported with vocab_parallel_group (got {memory_budget!r}; "
-                             "None or 0 keeps no logits)")
         return parallel_fused_linear_sequence_logps(
             fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index, cu_seqlens=cu_seqlens,
             return_token_counts=return_token_counts, chunk_size=chunk_size, logit_softcap=logit_softcap,

@@ -116,18 +116,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     a DTensor sharded on the vocabulary needs no group. sequence_parallel_group: each rank holds a slice of
     every sequence's tokens; the per-sequence sums (and counts) are all-reduced. See logprobs/parallel.py.
     """
-    check_flag(inplace_backward, "inplace_backward")
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(logits):
         from .parallel import parallel_sequence_logps
 
-        if inplace_backward:
-            given = [name for name, value in (("vocab_parallel_group", vocab_parallel_group),
-                                              ("sequence_parallel_group", sequence_parallel_group)) if value is not None]
-            raise ValueError(f"inplace_backward=True is not supported with {' and '.join(given) or 'DTensor logits'}")
         return parallel_sequence_logps(sequence_logps, logits, labels, ignore_index, cu_seqlens=cu_seqlens,
                                        return_token_counts=return_token_counts, validate_labels=validate_labels,
-                                       vocab_parallel_group=vocab_parallel_group,
+                                       inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
                                        sequence_parallel_group=sequence_parallel_group)
+    check_flag(inplace_backward, "inplace_backward")
     if inplace_backward:  # on the caller's tensor: a packed one is viewed as (1, N, V) below
         refuse_leaf(logits)
     logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name="logits",

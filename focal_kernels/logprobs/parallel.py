@@ -62,7 +62,7 @@ from ..checks import (check_chunk_size, check_flag, check_hidden_and_labels, che
 from ..dtypes import compute_dtype
 from ..first_order import first_order_only
 from . import ops
-from .linear import autocast_inputs, check_logit_transform, transform_params
+from .linear import autocast_inputs, check_logit_transform, check_memory_budget, transform_params
 from .logits import is_dtensor, sum_per_sequence, unit_stride_logits
 from .packing import as_token_grid, cu_seqlens_problems, CU_SEQLENS_RULES, layout_of, token_counts
 from .scored_rows import masked_rows
@@ -149,9 +149,18 @@ def _agree(group, device, local_error, fields, what):
                                                                     f"{local_error}", group=group)
     if local_error is not None:
         raise local_error
-    bad = [(rank, message) for rank, message in enumerate(messages) if message is not None]
-    raise ValueError(f"{what}: the inputs of rank {bad[0][0]} of the group failed its checks ({bad[0][1]}); "
+    rank, message = next((rank, message) for rank, message in enumerate(messages) if message is not None)
+    raise ValueError(f"{what}: the inputs of {_rank_name(group, rank)} failed its checks ({message}); "
                      "every rank stops")
+
+
+def _rank_name(group, rank):
+    """'rank r of the group', with its global rank when that differs (a subgroup of a mesh)."""
+    try:
+        number = _dist().get_global_rank(group, rank)
+    except (RuntimeError, ValueError, AttributeError):  # pragma: no cover (older PyTorch, default group)
+        number = rank
+    return f"rank {rank} of the group" + ("" if number == rank else f" (global rank {number})")
 
 
 _INFO_WIDTH = 24  # int64 fields per rank (unused ones 0)
@@ -174,15 +183,24 @@ def _float_bits(value):
     return struct.unpack("<q", struct.pack("<d", -1.0 if value is None else float(value)))[0]
 
 
+def _position_weights(count, device):
+    """count pseudo-random int64 weights, a fixed function of the position (splitmix64's mixing, int64
+    arithmetic wrapping as it does on every device): Σ x·w differs between two different sequences x except
+    by a 2^-64-scale accident, where Σ x·position misses e.g. +1, −2, +1 at three consecutive positions."""
+    z = torch.arange(1, count + 1, device=device, dtype=torch.int64) * -7046029254386353131  # 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
 def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
-    """Device-side int64 [min, max (ignored labels as 0), Σ labels, Σ labels·position, cu_seqlens rules ×3,
-    Σ cu_seqlens·position]: enough to check the range and that every rank holds the same labels, read with
-    the rest of the agreement in one synchronization."""
+    """Device-side int64 [min, max (ignored labels as 0), Σ labels, Σ labels·w, cu_seqlens rules ×3,
+    Σ cu_seqlens·w] (w: `_position_weights`): enough to check the range and that every rank holds the same
+    labels, read with the rest of the agreement in one synchronization."""
     flat = labels.reshape(-1).to(torch.int64)
     if flat.numel():
         smallest, largest = torch.aminmax(torch.where(flat == ignore_index, 0, flat))
-        positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
-        digest = [smallest, largest, flat.sum(), (flat * positions).sum()]
+        digest = [smallest, largest, flat.sum(), (flat * _position_weights(flat.numel(), flat.device)).sum()]
     else:
         digest = [0, 0, 0, 0]
     if cu_seqlens is None:
@@ -190,14 +208,14 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
     else:
         cu = cu_seqlens.to(torch.int64)
         digest += list(cu_seqlens_problems(cu, tokens).long().unbind())
-        digest.append((cu * torch.arange(1, cu.numel() + 1, device=cu.device, dtype=torch.int64)).sum())
+        digest.append((cu * _position_weights(cu.numel(), cu.device)).sum())
     return digest
 
 
 # Field positions in the agreement vector.
 _F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED, _F_IGNORE, _F_BIAS = range(10)
 _F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
-_F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·pos, 3 cu_seqlens flags, cu digest
+_F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·w, 3 cu_seqlens flags, cu digest
 _OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")
 
 
@@ -517,6 +535,14 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
     rank's logits; with return_token_counts=True, `(logps, counts)`. Must be called by every rank of the
     group (it communicates).
     """
+    return _vocab_parallel_sequence_logps(logits, labels, ignore_index, group=group, cu_seqlens=cu_seqlens,
+                                          return_token_counts=return_token_counts, validate_labels=validate_labels)
+
+
+def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_seqlens, return_token_counts,
+                                   validate_labels, more_checks=None):
+    """vocab_parallel_sequence_logps, with more_checks() (the caller's own argument checks) run among this
+    rank's checks, before the agreement: an error there raises on every rank of the group."""
     if is_dtensor(logits):
         logits, mesh_group = dtensor_vocab_logits(logits)
         group = mesh_group if group is None else _same_ranks(check_group(group), mesh_group, "logits")
@@ -529,6 +555,8 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
         check_logits_and_labels(logits, labels, ignore_index=ignore_index)
         check_flag(return_token_counts, "return_token_counts")
         check_flag(validate_labels, "validate_labels")
+        if more_checks is not None:
+            more_checks()
     except (TypeError, ValueError) as exc:
         error = exc
     tensor = logits if isinstance(logits, torch.Tensor) else None
@@ -563,6 +591,17 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
     full gradient on every rank), this rank's weight and bias slices. Every token is projected (no
     compaction of the scored ones). Must be called by every rank of the group.
     """
+    return _vocab_parallel_fused_linear_sequence_logps(
+        hidden, weight, labels, bias, ignore_index, group=group, cu_seqlens=cu_seqlens,
+        return_token_counts=return_token_counts, chunk_size=chunk_size, logit_softcap=logit_softcap,
+        logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels)
+
+
+def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens,
+                                                return_token_counts, chunk_size, logit_softcap, logit_scale,
+                                                temperature, validate_labels, more_checks=None):
+    """vocab_parallel_fused_linear_sequence_logps, with more_checks() run among this rank's checks (as in
+    `_vocab_parallel_sequence_logps`)."""
     group = check_group(group)
     what = "vocab_parallel_fused_linear_sequence_logps"
     error = None
@@ -578,6 +617,8 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
         check_hidden_and_labels(hidden, labels, weight, ignore_index=ignore_index)
         chunk_size = check_chunk_size(chunk_size)
         check_logit_transform(logit_softcap, logit_scale, temperature)
+        if more_checks is not None:
+            more_checks()
     except (TypeError, ValueError) as exc:
         error = exc
     tensor = weight if isinstance(weight, torch.Tensor) else None
@@ -683,34 +724,66 @@ def _sequence_parallel(compute, group, return_token_counts):
 
 
 def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, return_token_counts,
-                            validate_labels, vocab_parallel_group, sequence_parallel_group):
+                            validate_labels, inplace_backward, vocab_parallel_group, sequence_parallel_group,
+                            more_checks=None):
     """`fk.sequence_logps` with vocab_parallel_group / DTensor logits and / or sequence_parallel_group;
-    `local` is the single-rank function."""
+    `local` is the single-rank function. The argument checks (inplace_backward, then more_checks(), the
+    caller's own) run inside the groups' agreement, so that a bad argument on one rank raises on all."""
     if vocab_parallel_group is not None:
         vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
+
+    def checks():
+        check_flag(inplace_backward, "inplace_backward")
+        if inplace_backward:
+            given = [name for name, value in (("vocab_parallel_group", vocab_parallel_group),
+                                              ("sequence_parallel_group", sequence_parallel_group)) if value is not None]
+            raise ValueError(f"inplace_backward=True is not supported with {' and '.join(given) or 'DTensor logits'}")
+        if more_checks is not None:
+            more_checks()
+
+    options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, validate_labels=validate_labels)
     if vocab_parallel_group is not None or is_dtensor(logits):
-        compute = partial(vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group)
+        compute = partial(_vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group,
+                          more_checks=checks, **options)
     else:
-        compute = partial(local, logits, labels, ignore_index)
-    compute = partial(compute, cu_seqlens=cu_seqlens, return_token_counts=return_token_counts,
-                      validate_labels=validate_labels)
+        compute = _checked(checks, partial(local, logits, labels, ignore_index, **options))
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts)
 
 
 def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ignore_index, *, cu_seqlens,
                                          return_token_counts, chunk_size, logit_softcap, logit_scale, temperature,
                                          validate_labels, memory_budget, vocab_parallel_group,
-                                         sequence_parallel_group):
+                                         sequence_parallel_group, more_checks=None):
     """`fk.fused_linear_sequence_logps` with vocab_parallel_group and / or sequence_parallel_group; `local` is
     the single-rank function. With vocab_parallel_group, a DTensor weight or bias must be sharded on the
-    vocabulary over that group and is taken as this rank's slice (`vocab_shard`)."""
+    vocabulary over that group and is taken as this rank's slice (`vocab_shard`). The argument checks
+    (memory_budget, then more_checks()) run inside the groups' agreement, as in `parallel_sequence_logps`."""
+    if vocab_parallel_group is not None:
+        vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
+
+    def checks():
+        check_memory_budget(memory_budget)
+        if memory_budget and vocab_parallel_group is not None:
+            raise ValueError(f"memory_budget is not supported with vocab_parallel_group (got {memory_budget!r}; "
+                             "None or 0 keeps no logits)")
+        if more_checks is not None:
+            more_checks()
+
     options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, chunk_size=chunk_size,
                    logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
                    validate_labels=validate_labels)
     if vocab_parallel_group is not None:
-        vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
-        compute = partial(vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
-                          group=vocab_parallel_group, **options)
+        compute = partial(_vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
+                          group=vocab_parallel_group, more_checks=checks, **options)
     else:
-        compute = partial(local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)
+        compute = _checked(checks, partial(local, hidden, weight, labels, bias, ignore_index,
+                                           memory_budget=memory_budget, **options))
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts)
+
+
+def _checked(checks, compute):
+    """compute, preceded by checks() (both inside `_sequence_parallel`'s agreement)."""
+    def run():
+        checks()
+        return compute()
+    return run

@@ -254,6 +254,9 @@ _FLAGS = ("inplace_backward", "validate_labels")
 
 def _check_module_options(functional, options):
     """The module's options, as far as they can be checked without tensors, against its functional form."""
+    if "pair_weights" in options:
+        raise TypeError("pair_weights is a per-batch (B,) tensor, not a module option: pass it at each call, "
+                        "forward(..., pair_weights=...)")
     loss_options = {k: v for k, v in options.items() if k in _LOSS_OPTIONS}
     own = {k for k in options if k not in _LOSS_OPTIONS}
     parameters = inspect.signature(functional).parameters.values()
@@ -284,7 +287,7 @@ def _check_module_options(functional, options):
 
 class FocalPOLoss(_OptionsModule):
     """Module form of `focal_po_loss`: the options (any `preference_loss` option included) at construction,
-    the tensors at call."""
+    the tensors at call (pair_weights, a per-batch tensor, included)."""
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False,
@@ -293,9 +296,9 @@ class FocalPOLoss(_OptionsModule):
                          detach_focal_weight=detach_focal_weight, inplace_backward=inplace_backward, **loss_options)
 
     def forward(self, chosen_logits, rejected_logits, chosen_labels, rejected_labels,
-                ref_chosen_logps=None, ref_rejected_logps=None) -> PreferenceLossOutput:
+                ref_chosen_logps=None, ref_rejected_logps=None, *, pair_weights=None) -> PreferenceLossOutput:
         return focal_po_loss(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
-                             ref_chosen_logps, ref_rejected_logps, **self.options)
+                             ref_chosen_logps, ref_rejected_logps, pair_weights=pair_weights, **self.options)
 
 
 class FusedLinearFocalPOLoss(_OptionsModule):
@@ -310,6 +313,8 @@ class FusedLinearFocalPOLoss(_OptionsModule):
                          **loss_options)
 
     def forward(self, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
-                ref_chosen_logps=None, ref_rejected_logps=None, bias=None) -> PreferenceLossOutput:
+                ref_chosen_logps=None, ref_rejected_logps=None, bias=None, *,
+                pair_weights=None) -> PreferenceLossOutput:
         return fused_linear_focal_po_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
-                                          ref_chosen_logps, ref_rejected_logps, bias=bias, **self.options)
+                                          ref_chosen_logps, ref_rejected_logps, bias=bias, pair_weights=pair_weights,
+                                          **self.options)

@@ -80,10 +80,13 @@ def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_
         ref_margin = ref_margin - ref_rejected_logps.to(chosen_logps.dtype)
     z = float(beta) * ((chosen_logps - rejected_logps) - ref_margin)
     log_p = F.logsigmoid(z)
+    if gamma == 0:  # DPO: −log σ(z), +inf at z = −inf
+        return -log_p
     focal_weight = torch.exp(float(gamma) * log_p)
     if detach_focal_weight:
         focal_weight = focal_weight.detach()
-    return -focal_weight * log_p
+    # p = 0 (z = −inf): p^γ · log p → 0 for γ > 0, the limit (the product itself is 0 · (−inf) = NaN)
+    return torch.where(log_p == -torch.inf, 0.0, -focal_weight * log_p)
 
 
 def rewards(logps, ref_logps, beta):

@@ -222,6 +222,14 @@ def test_module_matches_functional(device):
     for x, y in zip(a[:5], b[:5]):
         assert torch.equal(x, y)
     assert a.metrics.keys() == b.metrics.keys()
+    # pair_weights: a per-batch tensor, given at each call (refused as a construction option)
+    weights = torch.tensor([0.5, 2.0], device=device)
+    a = module(chosen, rejected, labels_c, labels_r, pair_weights=weights)
+    b = fk.focal_po_loss(chosen, rejected, labels_c, labels_r, beta=0.2, gamma=1.0, reduction="sum",
+                         pair_weights=weights)
+    assert torch.equal(a.loss, b.loss)
+    with pytest.raises(TypeError, match="pair_weights is a per-batch"):
+        fk.FocalPOLoss(pair_weights=weights)
 
 
 def test_inplace_backward_gives_equal_gradients(device):

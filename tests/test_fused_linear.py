@@ -356,6 +356,12 @@ def test_module_form():
     direct = fused(inputs, beta=0.2, gamma=0.3, reduction="sum", chunk_size=9)
     assert torch.equal(out.loss, direct.loss)
     assert torch.equal(out.chosen_logps, direct.chosen_logps)
+    weights = torch.rand(inputs["chosen_labels"].shape[0], dtype=torch.float64)
+    out = module(inputs["chosen_hidden"], inputs["rejected_hidden"], inputs["weight"], inputs["chosen_labels"],
+                 inputs["rejected_labels"], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
+                 bias=inputs["bias"], pair_weights=weights)
+    assert torch.equal(out.loss, fused(inputs, beta=0.2, gamma=0.3, reduction="sum", chunk_size=9,
+                                       pair_weights=weights).loss)
 
 
 def test_deterministic():

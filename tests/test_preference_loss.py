@@ -685,6 +685,9 @@ def test_focal_at_minus_infinite_log_prob():
     assert torch.equal(focal0, dpo) and focal0[0] == math.inf
     focal = preference_loss(chosen, rejected, loss_type="focal", gamma=0.5, reduction="none").loss
     assert focal[0] == 0 and torch.isfinite(focal[1])
+    from focal_kernels import reference  # the spec says the same
+    assert torch.equal(reference.focal_po_pair_loss(chosen, rejected, gamma=0.5), focal)
+    assert torch.equal(reference.focal_po_pair_loss(chosen, rejected, gamma=0.0), dpo)
     # ... and so does its gradient (0 there, not 0 · inf = NaN), the other pair's unchanged.
     leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
     grads = torch.autograd.grad(preference_loss(*leaves, loss_type="focal", gamma=0.5).loss, leaves)
@@ -693,3 +696,55 @@ def test_focal_at_minus_infinite_log_prob():
                                    finite)
     for grad, want in zip(grads, expected):
         assert grad[0] == 0 and torch.allclose(grad[1:], want)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_infinite_margins_give_limits_not_nan(sign):
+    """A ±inf chosen log-prob: no loss type gives a NaN loss or gradient (TRL's formulas multiply 0 by an
+    infinity in exo_pair, discopop and the ε-smoothed losses at ε = 0); the other pairs are unchanged."""
+    for name in ALL_TYPES:
+        per_pair = spec_of(LOSS_TYPES[name])["per_pair"]
+        for eps in sorted({0.0, SMOOTHING.get(name, 0.0)} - ({0.0} if name == "exo_pair" else set())):
+            c = torch.tensor([sign * math.inf, -1.0, -2.0], dtype=torch.float64, requires_grad=True)
+            r = torch.tensor([-1.5, -1.0, -3.0], dtype=torch.float64, requires_grad=True)
+            zero, ones = torch.zeros(3, dtype=torch.float64), torch.ones(3)
+            refs = () if name == "simpo" else (zero, zero)
+            options = dict(loss_type=name, label_smoothing=eps, reduction="none")
+            out = preference_loss(c, r, *refs, chosen_token_counts=ones, rejected_token_counts=ones, **options)
+            assert not out.loss.isnan().any(), (name, eps, out.loss)
+            assert not any(g.isnan().any() for g in grads(out.loss.sum(), (c, r))), (name, eps)
+            if per_pair:
+                rest = preference_loss(c[1:], r[1:], *(t[1:] for t in refs), chosen_token_counts=ones[1:],
+                                       rejected_token_counts=ones[1:], **options).loss
+                torch.testing.assert_close(out.loss[1:], rest, **F64)
+    z = torch.tensor([sign * math.inf], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    exo = preference_loss(z, zero, loss_type="exo_pair", label_smoothing=0.1).loss
+    # the limit: σ(z)·(log σ(z) − log(1 − ε)) + σ(−z)·(log σ(−z) − log ε) → −log(1 − ε) at +inf, −log ε at −inf
+    assert exo.item() == pytest.approx(-math.log(0.9) if sign > 0 else -math.log(0.1))
+    discopop = preference_loss(z, zero, loss_type="discopop").loss
+    assert discopop.item() == (0.0 if sign > 0 else math.inf)
+
+
+def test_forward_kl_below_float32_range():
+    """forward_kl's score 1 − e^(−u) overflows float32 at u < −88: float32 log-probs still give the float64
+    reference's loss (computed in float64, returned in float32)."""
+    c, r = torch.tensor([-100.0, -1.0]), torch.tensor([-120.0, -2.0])
+    zero = torch.zeros(2)
+    out = preference_loss(c, r, zero, zero, loss_type="sigmoid", f_divergence_type="forward_kl", reduction="none")
+    want = reference_loss("sigmoid", c.double(), r.double(), zero.double(), zero.double(), fdiv="forward_kl")
+    assert out.loss.dtype == torch.float32 and out.chosen_rewards.dtype == torch.float32
+    torch.testing.assert_close(out.loss, want.float())
+
+
+def test_accuracy_metric_is_nan_for_a_nan_reward():
+    c = torch.tensor([float("nan"), 1.0])
+    zero = torch.zeros(2)
+    assert preference_loss(c, zero, zero, zero).metrics["rewards/accuracies"].isnan()
+    assert preference_loss(c[1:], zero[1:]).metrics["rewards/accuracies"].item() == 1.0
+
+
+def test_huge_int_option_names_the_argument():
+    c = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be a finite float"):
+        preference_loss(c, c, beta=10 ** 400)

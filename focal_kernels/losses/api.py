@@ -36,6 +36,8 @@ def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> 
     """TRL's logged metrics, as detached 0-dim tensors (no .item(): the caller decides when to sync), the
     six means taken in one reduction (fewer launches where the step is host-bound)."""
     accuracies = (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)
+    # NaN in, NaN out: a pair with a NaN reward is neither right nor wrong (the comparison alone says wrong)
+    accuracies = torch.where(chosen_rewards.isnan() | rejected_rewards.isnan(), torch.nan, accuracies)
     per_pair = torch.stack([chosen_rewards, rejected_rewards, accuracies, chosen_rewards - rejected_rewards,
                             chosen_logps.detach(), rejected_logps.detach()])
     return dict(zip(_METRIC_NAMES, per_pair.mean(dim=1).unbind()))
@@ -83,7 +85,7 @@ def preference_loss(
                   aot_unpaired (entry i comes from the i-th smallest sorted margins) and sft (the batch
                   token-mean NLL, repeated for every pair) — as TRL computes them.
 
-    Computed in float32 (float64 when any log-prob input is float64). Returns `PreferenceLossOutput`:
+    Computed in float32 (float64 when any log-prob input is float64, and for forward_kl). Returns `PreferenceLossOutput`:
     loss; chosen_logps and rejected_logps (the tensors given); chosen_rewards, rejected_rewards
     = β·(logp − ref), detached; metrics (TRL's names, detached 0-dim tensors). No host synchronization.
     """
@@ -97,7 +99,10 @@ def preference_loss(
                   chosen_token_counts=chosen_token_counts, rejected_token_counts=rejected_token_counts,
                   pair_weights=pair_weights)
 
-    dtype = _compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    out_dtype = _compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    # forward_kl's score 1 − e^(−u) leaves float32 at u < −88 (a sequence log-ratio reached in training), where
+    # the score difference would be inf − inf = NaN: its losses are computed in float64 (B numbers)
+    dtype = torch.float64 if f_divergence_type == "forward_kl" else out_dtype
     policy_c, policy_r = chosen_logps.to(dtype), rejected_logps.to(dtype)
     if ref_chosen_logps is None:
         ref_c, ref_r = torch.zeros_like(policy_c), torch.zeros_like(policy_r)
@@ -122,15 +127,15 @@ def preference_loss(
         term = term * weight
         per_pair = term if per_pair is None else per_pair + term
 
-    chosen_rewards = (options.beta * logratio_c).detach()
-    rejected_rewards = (options.beta * logratio_r).detach()
+    chosen_rewards = (options.beta * logratio_c).detach().to(out_dtype)
+    rejected_rewards = (options.beta * logratio_r).detach().to(out_dtype)
     return PreferenceLossOutput(
-        loss=_reduce(per_pair, reduction),
+        loss=_reduce(per_pair, reduction).to(out_dtype),
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
-        metrics=_metrics(chosen_rewards, rejected_rewards, policy_c, policy_r),
+        metrics=_metrics(chosen_rewards, rejected_rewards, policy_c.to(out_dtype), policy_r.to(out_dtype)),
     )
 
 

@@ -24,8 +24,23 @@ def _per_token(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _smoothed_logistic(logits: torch.Tensor, eps: float) -> torch.Tensor:
-    """−(1 − ε)·log σ(x) − ε·log σ(−x): conservative DPO / cDPO; ε = 0 is −log σ(x)."""
-    return -F.logsigmoid(logits) * (1 - eps) - F.logsigmoid(-logits) * eps
+    """−(1 − ε)·log σ(x) − ε·log σ(−x): conservative DPO / cDPO; ε = 0 is −log σ(x) (the ε term left out,
+    not multiplied by 0: at x = +inf that would be 0·inf = NaN)."""
+    return _weighted_sum((1 - eps, -F.logsigmoid(logits)), (eps, -F.logsigmoid(-logits)))
+
+
+def _weighted_sum(*terms) -> torch.Tensor:
+    """Σ w·t over the (w, t) whose Python weight w is not 0: a term weighted 0 is left out, so that an
+    infinite t (log σ at an infinite margin) gives no 0·inf = NaN."""
+    kept = [weight * term for weight, term in terms if weight != 0]
+    return sum(kept[1:], kept[0]) if kept else terms[0][1] * 0
+
+
+def _sigmoid_log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """σ(x)·log σ(x), and its limit 0 (gradient 0) at x = −inf, where the product is 0·(−inf) = NaN."""
+    at_limit = x == -torch.inf
+    safe = torch.where(at_limit, 0.0, x)
+    return torch.where(at_limit, 0.0, torch.sigmoid(safe) * F.logsigmoid(safe))
 
 
 @loss_spec(f_divergence=True)
@@ -75,8 +90,9 @@ def exo_pair(p: PairBatch, o: LossOptions) -> torch.Tensor:
     ℓ = σ(z)·(log σ(z) − log(1 − ε)) + σ(−z)·(log σ(−z) − log ε)."""
     z = o.beta * p.delta_score
     eps = o.label_smoothing
-    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    # σ(±z)·log σ(±z) with its limit 0 at z = ∓inf (the product alone is 0·(−inf) = NaN there)
+    return (_sigmoid_log_sigmoid(z) - torch.sigmoid(z) * math.log1p(-eps)
+            + _sigmoid_log_sigmoid(-z) - torch.sigmoid(-z) * math.log(eps))
 
 
 @loss_spec()
@@ -92,7 +108,7 @@ def robust(p: PairBatch, o: LossOptions) -> torch.Tensor:
     ℓ = (−(1 − ε)·log σ(z) + ε·log σ(−z)) / (1 − 2ε)."""
     z = o.beta * p.delta_score
     eps = o.label_smoothing
-    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    return _weighted_sum((1 - eps, -F.logsigmoid(z)), (eps, F.logsigmoid(-z))) / (1 - 2 * eps)
 
 
 @loss_spec()
@@ -146,11 +162,17 @@ def discopop(p: PairBatch, o: LossOptions) -> torch.Tensor:
     ℓ = −log σ(z)·(1 − m) + e^(−z)·m.
 
     e^(−z)·m is evaluated as exp(−z + log σ(z/τ)): the same number where TRL's product is finite, and
-    finite (not inf·0 = NaN) for very negative z when τ < 1.
+    finite (not inf·0 = NaN) for very negative z when τ < 1. At z = −inf the loss is +inf (its first term;
+    the second is (−inf) + inf there, and left out) with the first term's gradient.
     """
     z = o.beta * p.delta_score
-    modulation = torch.sigmoid(z / o.discopop_tau)
-    return -F.logsigmoid(z) * (1 - modulation) + torch.exp(F.logsigmoid(z / o.discopop_tau) - z)
+    # at z = −inf: m = 0 (taken as the constant, whose derivative log σ(z)·m' would be −inf·0), and the
+    # second term is left out
+    at_minus_inf = z == -torch.inf
+    safe = torch.where(at_minus_inf, 0.0, z)
+    modulation = torch.where(at_minus_inf, 0.0, torch.sigmoid(safe / o.discopop_tau))
+    exp_term = torch.where(at_minus_inf, 0.0, torch.exp(F.logsigmoid(safe / o.discopop_tau) - safe))
+    return -F.logsigmoid(z) * (1 - modulation) + exp_term
 
 
 @loss_spec(f_divergence=True, token_counts=("chosen",), per_pair=False)

@@ -23,7 +23,13 @@ def _number(name: str, value) -> float:
     # guards on where math.isfinite would break the graph for a symbolic float.
     if not value - value == 0:
         raise ValueError(f"{name} must be finite, got {value}")
+    if isinstance(value, int) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:  # a Python int has no bound
+        raise ValueError(f"{name} must be a finite float, got an int of {value.bit_length()} bits, beyond "
+                         "float64's range")
     return value
+
+
+_FLOAT_MAX = 1.7976931348623157e308
 
 
 def resolve_loss_types(loss_type, loss_weights) -> tuple:

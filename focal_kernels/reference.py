@@ -82,11 +82,14 @@ def focal_po_pair_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_
     log_p = F.logsigmoid(z)
     if gamma == 0:  # DPO: −log σ(z), +inf at z = −inf
         return -log_p
+    # p = 0 (z = −inf): p^γ · log p → 0 for γ > 0, and so does its gradient: the limit is taken there, the
+    # product computed at log p = 0 (at −inf it would be 0 · (−inf) = NaN, and so would its gradient)
+    at_limit = log_p == -torch.inf
+    log_p = torch.where(at_limit, 0.0, log_p)
     focal_weight = torch.exp(float(gamma) * log_p)
     if detach_focal_weight:
         focal_weight = focal_weight.detach()
-    # p = 0 (z = −inf): p^γ · log p → 0 for γ > 0, the limit (the product itself is 0 · (−inf) = NaN)
-    return torch.where(log_p == -torch.inf, 0.0, -focal_weight * log_p)
+    return torch.where(at_limit, 0.0, -focal_weight * log_p)
 
 
 def rewards(logps, ref_logps, beta):

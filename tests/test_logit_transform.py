@@ -217,6 +217,8 @@ def test_logit_options_from_config():
     assert fk.logit_options_from_config(granite) == {"logit_softcap": None, "logit_scale": 0.125}
     no_cap = transformers.Gemma2Config(final_logit_softcapping=None)
     assert fk.logit_options_from_config(no_cap) == {"logit_softcap": None, "logit_scale": 1.0}
+    with pytest.raises(TypeError, match="got a dict"):  # its keys would be missed silently
+        fk.logit_options_from_config(gemma.to_dict())
 
 
 def tiny_gemma2():

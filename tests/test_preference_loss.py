@@ -685,9 +685,12 @@ def test_focal_at_minus_infinite_log_prob():
     assert torch.equal(focal0, dpo) and focal0[0] == math.inf
     focal = preference_loss(chosen, rejected, loss_type="focal", gamma=0.5, reduction="none").loss
     assert focal[0] == 0 and torch.isfinite(focal[1])
-    from focal_kernels import reference  # the spec says the same
+    from focal_kernels import reference  # the spec says the same, gradient included
     assert torch.equal(reference.focal_po_pair_loss(chosen, rejected, gamma=0.5), focal)
     assert torch.equal(reference.focal_po_pair_loss(chosen, rejected, gamma=0.0), dpo)
+    leaf = chosen.clone().requires_grad_(True)
+    (spec_grad,) = torch.autograd.grad(reference.focal_po_pair_loss(leaf, rejected, gamma=0.5).sum(), [leaf])
+    assert spec_grad[0] == 0 and torch.isfinite(spec_grad).all()
     # ... and so does its gradient (0 there, not 0 · inf = NaN), the other pair's unchanged.
     leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
     grads = torch.autograd.grad(preference_loss(*leaves, loss_type="focal", gamma=0.5).loss, leaves)
@@ -735,6 +738,17 @@ def test_forward_kl_below_float32_range():
     want = reference_loss("sigmoid", c.double(), r.double(), zero.double(), zero.double(), fdiv="forward_kl")
     assert out.loss.dtype == torch.float32 and out.chosen_rewards.dtype == torch.float32
     torch.testing.assert_close(out.loss, want.float())
+    # past float64's exp range (u < −709.78) the exponent is clamped: no NaN loss or gradient, also when both
+    # sides saturate
+    for chosen, rejected in ((-1.0, -800.0), (-750.0, -750.0), (-800.0, -801.0)):
+        c = torch.tensor([chosen], dtype=torch.float64, requires_grad=True)
+        r = torch.tensor([rejected], dtype=torch.float64, requires_grad=True)
+        for name in ("sigmoid", "focal", "hinge", "discopop", "exo_pair", "robust", "ipo", "sigmoid_norm"):
+            ones = torch.ones(1)
+            loss = preference_loss(c, r, loss_type=name, f_divergence_type="forward_kl", chosen_token_counts=ones,
+                                   rejected_token_counts=ones, label_smoothing=SMOOTHING.get(name, 0.0)).loss
+            # (ipo squares a score difference of ~1e304: +inf, the value's own overflow, not a NaN)
+            assert not loss.isnan() and not any(g.isnan().any() for g in grads(loss, (c, r))), (name, c, r)
 
 
 def test_accuracy_metric_is_nan_for_a_nan_reward():
@@ -748,3 +762,13 @@ def test_huge_int_option_names_the_argument():
     c = torch.zeros(2)
     with pytest.raises(ValueError, match="beta must be a finite float"):
         preference_loss(c, c, beta=10 ** 400)
+
+
+def test_a_loss_type_weighted_zero_is_left_out():
+    """0 · inf = NaN: a type with weight 0 does not make an infinite-margin pair's loss NaN."""
+    c, r = torch.tensor([-math.inf, -1.0]), torch.tensor([-2.0, -2.0])
+    out = preference_loss(c, r, loss_type=["focal", "sigmoid"], loss_weights=[1.0, 0.0], reduction="none").loss
+    torch.testing.assert_close(out, preference_loss(c, r, loss_type="focal", reduction="none").loss)
+    leaf = c.clone().requires_grad_(True)
+    zero = preference_loss(leaf, r, loss_type=["focal", "sigmoid"], loss_weights=[0.0, 0.0]).loss
+    assert zero.item() == 0.0 and zero.requires_grad

@@ -226,7 +226,11 @@ def logit_options_from_config(config) -> dict:
     the first multiplier present of `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier`
     (Falcon-H1), `logits_scaling` (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies). A multimodal
     config's text config is read. Raises ValueError for a config whose logits this cannot reproduce (MiniCPM's
-    `dim_model_base` width scaling). Pass the result as keyword arguments."""
+    `dim_model_base` width scaling). Pass the result as keyword arguments. A dict (`config.to_dict()`) is
+    refused with TypeError: its keys would be missed silently."""
+    if isinstance(config, dict):
+        raise TypeError("config must be a model config object (transformers.PretrainedConfig, e.g. model.config), "
+                        "got a dict: rebuild it with transformers.AutoConfig.for_model(**d)")
     getter = getattr(config, "get_text_config", None)
     config = getter() if callable(getter) else (getattr(config, "text_config", None) or config)
     options = {"logit_softcap": None, "logit_scale": 1.0}

@@ -120,7 +120,9 @@ def preference_loss(
     )
 
     per_pair = None
-    for name, weight in zip(names, weights):
+    # a loss type weighted 0 is left out (0 · its infinite value at an infinite margin would be NaN)
+    terms = [(name, weight) for name, weight in zip(names, weights) if weight != 0] or [(names[0], 0.0)]
+    for name, weight in terms:
         term = LOSS_TYPES[name](pairs, options)
         if pair_weights is not None:
             term = term * pair_weights.to(dtype)

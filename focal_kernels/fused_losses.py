@@ -10,16 +10,17 @@ and rejected, then `preference_loss` on the (B,) results. So `out.chosen_logps` 
 from __future__ import annotations
 
 import inspect
+import zlib
 from functools import partial
 
 import torch
 
 from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_logits_and_labels, check_logits_pair,
                      check_pair_shapes, check_reference_logps, data_checks_enabled, is_integer)
-from .logprobs.linear import (autocast_inputs, check_logit_transform, check_memory_budget, fused_linear_sequence_logps,
-                               gathered, linear_token_logps)
+from .logprobs.linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
+                               fused_linear_sequence_logps, gathered_params, linear_token_logps)
 from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
-from .logprobs.parallel import parallel_fused_linear_sequence_logps, parallel_sequence_logps
+from .logprobs.parallel import parallel_fused_linear_sequence_logps, parallel_sequence_logps, position_weights
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
@@ -79,18 +80,40 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     return counts is not None
 
 
-def _each_side(logps_fn, sides, loss_options, pair_checks, **options):
+def _each_side(logps_fn, sides, loss_options, pair_checks, loss_digest, **options):
     """[(logps, counts or None)] of chosen and rejected, each through logps_fn(values, labels=, **options) on
     its own (the distributed forms, which communicate per call). pair_checks() (the pair's and the loss's
-    arguments) runs inside the chosen side's agreement: a bad argument on one rank raises on every rank
-    instead of leaving the others waiting in a collective."""
+    arguments) runs inside the chosen side's agreement, where the ranks also compare `loss_digest`: a bad
+    argument on one rank raises on every rank instead of leaving the others waiting in a collective, and
+    ranks given different loss arguments raise instead of computing different losses."""
     try:
         with_counts = _counts_needed(loss_options)
     except (TypeError, ValueError):
         with_counts = False  # a bad loss_type: pair_checks raises it, on every rank
-    out = [logps_fn(values, labels=labels, return_token_counts=with_counts, more_checks=checks, **options)
-           for (values, labels), checks in zip(sides, (pair_checks, None))]
+    out = [logps_fn(values, labels=labels, return_token_counts=with_counts, more_checks=checks, agree_on=digest,
+                    **options)
+           for (values, labels), checks, digest in zip(sides, (pair_checks, None), (loss_digest, (0, 0)))]
     return out if with_counts else [(logps, None) for logps in out]
+
+
+def _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, **scalars):
+    """Two int64 fields that the ranks of a group compare: a CRC of the loss's options (scalars and
+    loss_options, with which tensors are None) and a pseudo-randomly weighted sum of the float64 bits of its
+    per-pair tensors (ref_chosen_logps, ref_rejected_logps, pair_weights), a 0-dim device tensor (no host
+    read). Never raises: on arguments that fail their checks it gives (-1, -1) and the checks name them."""
+    tensors = (ref_chosen_logps, ref_rejected_logps, loss_options.get("pair_weights"))
+    try:
+        options = sorted((name, repr(value)) for name, value in {**scalars, **loss_options}.items()
+                         if name != "pair_weights")
+        shapes = [None if t is None else tuple(t.shape) for t in tensors]
+        crc = zlib.crc32(repr((options, shapes)).encode())
+        given = [t.detach().reshape(-1).to(torch.float64) for t in tensors if t is not None]
+        if not given:
+            return crc, 0
+        flat = torch.cat([t.to(given[0].device) for t in given]) + 0.0  # −0.0 and 0.0 alike
+        return crc, (flat.view(torch.int64) * position_weights(flat.numel(), flat.device)).sum()
+    except Exception:  # noqa: BLE001 (the checks raise the error, on every rank)
+        return -1, -1
 
 
 def _local(tensor):
@@ -146,7 +169,9 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
         sides = _each_side(partial(parallel_sequence_logps, sequence_logps),
                            ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)), loss_options,
-                           pair_checks, ignore_index=ignore_index, cu_seqlens=None, validate_labels=validate_labels,
+                           pair_checks, _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, beta=beta,
+                                                     gamma=gamma, detach_focal_weight=detach_focal_weight,
+                                                     reduction=reduction), ignore_index=ignore_index, cu_seqlens=None, validate_labels=validate_labels,
                            inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
                            sequence_parallel_group=sequence_parallel_group)
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
@@ -204,28 +229,35 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
 
         sides = _each_side(partial(parallel_fused_linear_sequence_logps, fused_linear_sequence_logps),
                            ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), loss_options,
-                           group_checks, weight=weight, bias=bias, ignore_index=ignore_index, cu_seqlens=None,
+                           group_checks, _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, beta=beta,
+                                                      gamma=gamma, detach_focal_weight=detach_focal_weight,
+                                                      reduction=reduction), weight=weight, bias=bias, ignore_index=ignore_index, cu_seqlens=None,
                            chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
                            temperature=temperature, validate_labels=validate_labels, memory_budget=memory_budget,
                            vocab_parallel_group=vocab_parallel_group, sequence_parallel_group=sequence_parallel_group)
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
                           reduction, loss_options)
-    _padded("chosen_hidden", chosen_hidden)
-    _padded("rejected_hidden", rejected_hidden)
-    weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(gathered(weight), gathered(bias), chosen_hidden,
-                                                                   rejected_hidden)
-    groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
-              (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
-    (chosen_tokens,), (rejected_tokens,) = linear_token_logps(
-        groups, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
-        logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks,
-        memory_budget=memory_budget)
-    with_counts = _counts_needed(loss_options)
-    sides = [(sum_per_sequence(tokens, layout_of(labels.shape[0], labels.shape[1], None), weight),
-              _padded_counts(labels, ignore_index) if with_counts else None)
-             for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
-    return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight, reduction,
-                      loss_options)
+    weight, bias, mesh = gathered_params(weight, bias)
+
+    def local():
+        nonlocal weight, bias, chosen_hidden, rejected_hidden, groups  # pair_checks reads the cast hidden states
+        _padded("chosen_hidden", chosen_hidden)
+        _padded("rejected_hidden", rejected_hidden)
+        weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(weight, bias, chosen_hidden, rejected_hidden)
+        groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
+                  (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
+        (chosen_tokens,), (rejected_tokens,) = linear_token_logps(
+            groups, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
+            logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
+            more_checks=pair_checks, memory_budget=memory_budget)
+        with_counts = _counts_needed(loss_options)
+        sides = [(sum_per_sequence(tokens, layout_of(labels.shape[0], labels.shape[1], None), weight),
+                  _padded_counts(labels, ignore_index) if with_counts else None)
+                 for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
+        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
+                          reduction, loss_options)
+
+    return agreed_on_mesh(mesh, local)
 
 
 class _OptionsModule(torch.nn.Module):

@@ -477,6 +477,27 @@ def agreement(rank, world):
     everywhere(ValueError, ["inplace_backward=True is not supported"],
                lambda: fk.sequence_logps(local.clone(), labels, vocab_parallel_group=group, inplace_backward=last))
 
+    # loss arguments that differ between ranks (no error on any rank alone): compared, not silently used
+    everywhere_same = ["the loss's arguments", "must be the same on every rank"]
+    _raises(ValueError, everywhere_same,
+            lambda: fk.focal_po_loss(local, local, labels, labels, refs, refs, beta=0.1 + 0.1 * rank,
+                                     vocab_parallel_group=group))
+    _raises(ValueError, everywhere_same,
+            lambda: fk.focal_po_loss(local, local, labels, labels, refs + rank, refs, vocab_parallel_group=group))
+    _raises(ValueError, everywhere_same,
+            lambda: fk.fused_linear_focal_po_loss(hidden, hidden, weight[start:stop], labels, labels,
+                                                  vocab_parallel_group=group,
+                                                  loss_type="sft" if rank == 0 else "sigmoid"))
+    _raises(ValueError, ["sequence-parallel group", "ranks 0 and"],
+            lambda: fk.focal_po_loss(full[:, a:b], full[:, a:b], labels[:, a:b], labels[:, a:b], refs, refs,
+                                     sequence_parallel_group=group, pair_weights=torch.ones(2) * (1 + rank)))
+    _raises(ValueError, ["return_token_counts", "must be the same"],
+            lambda: fk.sequence_logps(full[:, a:b], labels[:, a:b], sequence_parallel_group=group,
+                                      return_token_counts=rank == 0))
+    # ... and the same arguments pass (−0.0 and 0.0 alike)
+    same = fk.focal_po_loss(local, local, labels, labels, refs if rank else -refs, refs, vocab_parallel_group=group)
+    assert torch.isfinite(same.loss)
+
     # DTensor weights with vocab_parallel_group: Shard(0) is this rank's slice; Replicate is refused
     mesh = init_device_mesh("cpu", (world,))
     w64, h64 = weight.double(), hidden.double()
@@ -509,6 +530,28 @@ def agreement(rank, world):
     solo = dist.new_group([0])
     words = ["sharded over global ranks"] if rank == 0 else ["not a member"]
     _raises(ValueError, words, lambda: vocab_parallel_sequence_logps(dt_logits, labels, group=solo))
+    # an FSDP2-style DTensor lm_head (Shard(0), no group keywords): it is gathered on every rank; an error in
+    # one rank's own inputs then raises on every rank of the mesh (not only there, the others left waiting in
+    # the gather's backward)
+    fsdp_weight = distribute_tensor(w64, mesh, [Shard(0)]).requires_grad_(True)
+    own = labels.clone()
+    if last:
+        own[0, 0] = V + 3
+    everywhere(ValueError, [f"found {V + 3}"], lambda: fk.fused_linear_sequence_logps(h64, fsdp_weight, own))
+    everywhere(ValueError, ["ref_chosen_logps"],
+               lambda: fk.fused_linear_focal_po_loss(h64, h64, fsdp_weight, labels, labels, bad_refs.double(),
+                                                     refs.double()))
+    everywhere(TypeError, ["stats"],
+               lambda: fk.fused_linear_token_logps(h64, fsdp_weight, labels, stats="entropy" if last else ()))
+    everywhere(ValueError, ["memory_budget must be >= 0"],
+               lambda: fk.fused_linear_sequence_logps(h64[:, a:b], fsdp_weight, labels[:, a:b],
+                                                      sequence_parallel_group=group,
+                                                      memory_budget=-1 if last else None))
+    logps = fk.fused_linear_sequence_logps(h64, fsdp_weight, labels)
+    _close(logps, ref, "FSDP2-style DTensor weight logps", 1e-10, 1e-10)
+    _loss(logps).backward()  # every rank reaches the gather's backward
+    assert fsdp_weight.grad is not None
+
     # the group still works afterwards
     _close(vocab_parallel_sequence_logps(local, labels, group=group), reference.sequence_logps(full.double(), labels),
            "after the agreement errors")

@@ -82,6 +82,33 @@ def gathered(tensor):
     return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
+def gathered_params(weight, bias):
+    """(weight, bias, mesh): DTensor parameters gathered (`gathered`), which every rank does before anything
+    can raise, and the device mesh they were sharded over (None for plain tensors): see `agreed_on_mesh`."""
+    mesh = next((t.device_mesh for t in (weight, bias) if is_dtensor(t)), None)
+    return gathered(weight), gathered(bias), mesh
+
+
+def agreed_on_mesh(mesh, body):
+    """body(); with a mesh (the parameters were gathered from it), every rank of the mesh then learns
+    whether the call raised on any rank, and all raise: a rank whose own inputs fail (FSDP2 gives each rank
+    its own batch) must not leave the others waiting in the gather's backward collective. One small
+    all_gather per mesh dimension."""
+    if mesh is None:
+        return body()
+    from .parallel import agree_over_mesh
+
+    error = out = None
+    try:
+        out = body()
+    except Exception as exc:  # any error: the other ranks must hear of it
+        error = exc
+    error = agree_over_mesh(mesh, error, "the hidden-state path (a DTensor lm_head gathered from its mesh)")
+    if error is not None:
+        raise error
+    return out
+
+
 def autocast_inputs(weight, bias, *hiddens):
     """Under autocast on the weight's device, weight, bias and hidden states cast to the autocast dtype as
     `torch.mm` would cast them for a model's lm_head (float64 and non-tensors are left for the checks);
@@ -141,27 +168,32 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
     computed in the same pass over the vocabulary. Returns `TokenLogps`; the other arguments are those of
     `fused_linear_sequence_logps`.
     """
-    if isinstance(stats, str):
-        raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
-                        f"stats=({stats!r},))")
-    stats = tuple(stats)
-    unknown = [name for name in stats if name not in STATS]
-    if unknown or len(set(stats)) != len(stats):
-        raise ValueError(f"stats must be distinct names from {STATS}, got {stats!r}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    shape = labels.shape
-    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed tokens: one row of N
-        hidden, labels = hidden[None], labels.reshape(1, -1)
-    elif labels.dim() == 1:
-        labels = labels[None]
-    weight, bias, hidden = autocast_inputs(gathered(weight), gathered(bias), hidden)
-    (outputs,) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias, ignore_index=ignore_index,
-                                    chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
-                                    temperature=temperature, stats=stats, validate_labels=validate_labels,
-                                    memory_budget=memory_budget)
-    named = dict(zip(("log_probs", *stats), (out.view(shape) for out in outputs)))
-    return TokenLogps(**named)
+    weight, bias, mesh = gathered_params(weight, bias)
+
+    def body():
+        nonlocal hidden, labels, weight, bias
+        if isinstance(stats, str):
+            raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
+                            f"stats=({stats!r},))")
+        names = tuple(stats)
+        unknown = [name for name in names if name not in STATS]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"stats must be distinct names from {STATS}, got {stats!r}")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        shape = labels.shape
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed tokens: one row of N
+            hidden, labels = hidden[None], labels.reshape(1, -1)
+        elif labels.dim() == 1:
+            labels = labels[None]
+        weight, bias, hidden = autocast_inputs(weight, bias, hidden)
+        (outputs,) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias,
+                                        ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
+                                        logit_scale=logit_scale, temperature=temperature, stats=names,
+                                        validate_labels=validate_labels, memory_budget=memory_budget)
+        return TokenLogps(**dict(zip(("log_probs", *names), (out.view(shape) for out in outputs))))
+
+    return agreed_on_mesh(mesh, body)
 
 
 def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -202,22 +234,26 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
             logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
             memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
             sequence_parallel_group=sequence_parallel_group)
-    weight, bias = gathered(weight), gathered(bias)
-    check_flag(return_token_counts, "return_token_counts")
-    hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
-                                               labels_name="labels", last_dim="H")
-    weight, bias, hidden = autocast_inputs(weight, bias, hidden)
-    checked_cu = [] if cu_seqlens is None else [(cu_seqlens, hidden.shape[1])]
-    ((token_logps,),) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias,
-                                           ignore_index=ignore_index, chunk_size=chunk_size,
-                                           logit_softcap=logit_softcap, logit_scale=logit_scale,
-                                           temperature=temperature, validate_labels=validate_labels,
-                                           cu_seqlens=checked_cu, memory_budget=memory_budget)
-    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
-    logps = sum_per_sequence(token_logps, layout, weight)
-    if return_token_counts:
-        return logps, token_counts(labels, layout, ignore_index)
-    return logps
+    weight, bias, mesh = gathered_params(weight, bias)
+
+    def body():
+        check_flag(return_token_counts, "return_token_counts")
+        grid_hidden, grid_labels, cu = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
+                                                     labels_name="labels", last_dim="H")
+        cast_weight, cast_bias, grid_hidden = autocast_inputs(weight, bias, grid_hidden)
+        checked_cu = [] if cu is None else [(cu, grid_hidden.shape[1])]
+        ((token_logps,),) = linear_token_logps([(grid_hidden, grid_labels, "hidden", "labels")], cast_weight,
+                                               cast_bias, ignore_index=ignore_index, chunk_size=chunk_size,
+                                               logit_softcap=logit_softcap, logit_scale=logit_scale,
+                                               temperature=temperature, validate_labels=validate_labels,
+                                               cu_seqlens=checked_cu, memory_budget=memory_budget)
+        layout = layout_of(grid_hidden.shape[0], grid_hidden.shape[1], cu)
+        logps = sum_per_sequence(token_logps, layout, cast_weight)
+        if return_token_counts:
+            return logps, token_counts(grid_labels, layout, ignore_index)
+        return logps
+
+    return agreed_on_mesh(mesh, body)
 
 
 def logit_options_from_config(config) -> dict:

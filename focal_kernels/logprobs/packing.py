@@ -66,6 +66,8 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
             raise ValueError(f"{values_name} must have shape (B, T, {last_dim}) (or, packed with cu_seqlens, "
                              f"(N, {last_dim}) or (1, N, {last_dim})), got {tuple(values.shape)}")
         return values, labels, None
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{values_name} must be a torch.Tensor, got {type(values).__name__}")
     check_cu_seqlens(cu_seqlens, values)
     if values.dim() == 3:
         if values.shape[0] != 1:

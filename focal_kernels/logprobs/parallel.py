@@ -62,7 +62,8 @@ from ..checks import (check_chunk_size, check_flag, check_hidden_and_labels, che
 from ..dtypes import compute_dtype
 from ..first_order import first_order_only
 from . import ops
-from .linear import autocast_inputs, check_logit_transform, check_memory_budget, transform_params
+from .linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget, gathered_params,
+                     transform_params)
 from .logits import is_dtensor, sum_per_sequence, unit_stride_logits
 from .packing import as_token_grid, cu_seqlens_problems, CU_SEQLENS_RULES, layout_of, token_counts
 from .scored_rows import masked_rows
@@ -163,6 +164,19 @@ def _rank_name(group, rank):
     return f"rank {rank} of the group" + ("" if number == rank else f" (global rank {number})")
 
 
+def agree_over_mesh(mesh, error, what):
+    """Every rank of the device mesh learns whether any rank's call failed (error: this rank's exception, or
+    None), one mesh dimension after another (an error spreads along each in turn: over the whole mesh).
+    Returns the exception this rank must raise (its own, or a ValueError naming a failed rank), or None."""
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        try:
+            _agree(group, _info_device(group, None), error, None, what)
+        except Exception as exc:  # noqa: BLE001 (re-raised by the caller, after every dimension has agreed)
+            error = error if error is not None else exc
+    return error
+
+
 _INFO_WIDTH = 24  # int64 fields per rank (unused ones 0)
 
 
@@ -183,7 +197,7 @@ def _float_bits(value):
     return struct.unpack("<q", struct.pack("<d", -1.0 if value is None else float(value)))[0]
 
 
-def _position_weights(count, device):
+def position_weights(count, device):
     """count pseudo-random int64 weights, a fixed function of the position (splitmix64's mixing, int64
     arithmetic wrapping as it does on every device): Σ x·w differs between two different sequences x except
     by a 2^-64-scale accident, where Σ x·position misses e.g. +1, −2, +1 at three consecutive positions."""
@@ -195,12 +209,12 @@ def _position_weights(count, device):
 
 def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
     """Device-side int64 [min, max (ignored labels as 0), Σ labels, Σ labels·w, cu_seqlens rules ×3,
-    Σ cu_seqlens·w] (w: `_position_weights`): enough to check the range and that every rank holds the same
+    Σ cu_seqlens·w] (w: `position_weights`): enough to check the range and that every rank holds the same
     labels, read with the rest of the agreement in one synchronization."""
     flat = labels.reshape(-1).to(torch.int64)
     if flat.numel():
         smallest, largest = torch.aminmax(torch.where(flat == ignore_index, 0, flat))
-        digest = [smallest, largest, flat.sum(), (flat * _position_weights(flat.numel(), flat.device)).sum()]
+        digest = [smallest, largest, flat.sum(), (flat * position_weights(flat.numel(), flat.device)).sum()]
     else:
         digest = [0, 0, 0, 0]
     if cu_seqlens is None:
@@ -208,7 +222,7 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
     else:
         cu = cu_seqlens.to(torch.int64)
         digest += list(cu_seqlens_problems(cu, tokens).long().unbind())
-        digest.append((cu * _position_weights(cu.numel(), cu.device)).sum())
+        digest.append((cu * position_weights(cu.numel(), cu.device)).sum())
     return digest
 
 
@@ -216,6 +230,7 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
 _F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED, _F_IGNORE, _F_BIAS = range(10)
 _F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
 _F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·w, 3 cu_seqlens flags, cu digest
+_F_CALLER = 21  # 2 fields: the caller's own digest (`agree_on`: the loss's arguments), compared as given
 _OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")
 
 
@@ -256,6 +271,13 @@ def _check_agreement(rows, what, *, hidden_path):
                              "(global vocabulary ids), but they differ")
         if row[_F_DIGEST + 7] != first[_F_DIGEST + 7]:
             raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
+        if row[_F_CALLER:_F_CALLER + 2] != first[_F_CALLER:_F_CALLER + 2]:
+            raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the "
+                             f"vocabulary-parallel group, but ranks 0 and {rank} differ")
+
+
+_CALLER_ARGUMENTS = ("the loss's arguments (loss_type, loss_weights, beta, gamma, reduction and the other loss "
+                     "options, ref_chosen_logps, ref_rejected_logps, pair_weights)")
 
 
 def _vocab_layout(rows, group):
@@ -281,10 +303,12 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens):
 
 
 def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
-                   needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0)):
+                   needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0),
+                   agree_on=(0, 0)):
     """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total). Shapes,
-    dtypes, ignore_index, the logit options, whether there is a bias and the labels (as sums) must agree
-    on every rank; validate_labels=True also checks the label range and cu_seqlens rules."""
+    dtypes, ignore_index, the logit options, whether there is a bias, the labels (as sums) and the caller's
+    two `agree_on` ints must agree on every rank; validate_labels=True also checks the label range and
+    cu_seqlens rules."""
     device = _info_device(group, tensor)
     fields = None
     if local_error is None:
@@ -292,7 +316,7 @@ def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, c
         digest = _labels_digest(labels, ignore_index, cu_seqlens, seq_len)
         fields = _ints_of([vocab, batch, seq_len, -1 if cu_seqlens is None else cu_seqlens.shape[0] - 1, hidden,
                            _dtype_code(dtype), int(needs_grad), int(checked), int(ignore_index), int(has_bias),
-                           *(_float_bits(v) for v in options), *digest], tensor.device)
+                           *(_float_bits(v) for v in options), *digest, *agree_on], tensor.device)
     rows = _agree(group, device, local_error, fields, what)
     _check_agreement(rows, what, hidden_path=hidden >= 0)
     if any(row[_F_VOCAB] < 1 for row in rows):
@@ -540,9 +564,10 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
 
 
 def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_seqlens, return_token_counts,
-                                   validate_labels, more_checks=None):
+                                   validate_labels, more_checks=None, agree_on=(0, 0)):
     """vocab_parallel_sequence_logps, with more_checks() (the caller's own argument checks) run among this
-    rank's checks, before the agreement: an error there raises on every rank of the group."""
+    rank's checks, before the agreement: an error there raises on every rank of the group; agree_on: two
+    ints (or 0-dim integer tensors) of the caller's that must be equal on every rank."""
     if is_dtensor(logits):
         logits, mesh_group = dtensor_vocab_logits(logits)
         group = mesh_group if group is None else _same_ranks(check_group(group), mesh_group, "logits")
@@ -557,14 +582,14 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
         check_flag(validate_labels, "validate_labels")
         if more_checks is not None:
             more_checks()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # any error: the other ranks must hear of it
         error = exc
     tensor = logits if isinstance(logits, torch.Tensor) else None
     shape = (0, 0, 0) if error is not None else tuple(logits.shape)
     vocab_start, vocab_total = _gather_layout(
         group, what, tensor, error, vocab=shape[2], batch=shape[0], seq_len=shape[1], cu_seqlens=cu_seqlens,
         hidden=-1, dtype=None if error is not None else logits.dtype, needs_grad=False, labels=labels,
-        ignore_index=ignore_index, validate_labels=validate_labels)
+        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on)
     kernels = backend.use_triton(logits)
     if kernels:
         logits = unit_stride_logits(logits)
@@ -599,7 +624,7 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
 
 def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens,
                                                 return_token_counts, chunk_size, logit_softcap, logit_scale,
-                                                temperature, validate_labels, more_checks=None):
+                                                temperature, validate_labels, more_checks=None, agree_on=(0, 0)):
     """vocab_parallel_fused_linear_sequence_logps, with more_checks() run among this rank's checks (as in
     `_vocab_parallel_sequence_logps`)."""
     group = check_group(group)
@@ -619,7 +644,7 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         check_logit_transform(logit_softcap, logit_scale, temperature)
         if more_checks is not None:
             more_checks()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # any error: the other ranks must hear of it
         error = exc
     tensor = weight if isinstance(weight, torch.Tensor) else None
     ok = error is None
@@ -628,7 +653,7 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         seq_len=hidden.shape[1] if ok else 0, cu_seqlens=cu_seqlens, hidden=hidden.shape[2] if ok else 0,
         dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad, labels=labels,
         ignore_index=ignore_index, validate_labels=validate_labels, has_bias=bias is not None,
-        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0))
+        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0), agree_on=agree_on)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
                                         weight.element_size())
@@ -671,25 +696,32 @@ def sequence_parallel_sum(per_sequence_values, group):
     return _agreed_sum(per_sequence_values, group, error, "sequence_parallel_sum")
 
 
-def _agreed_sum(per_sequence_values, group, error, what):
+def _agreed_sum(per_sequence_values, group, error, what, tags=(0, 0, 0)):
     """sequence_parallel_sum after its argument checks: the agreement round (every rank raises when `error`
-    is set on any rank), then the all-reduce."""
+    is set on any rank; shapes, dtypes and the three `tags` must agree: whether token counts follow, and
+    the caller's `agree_on` digest), then the all-reduce."""
     tensor = per_sequence_values if error is None else None
     device = _info_device(group, tensor)
     fields = None
     if error is None:
-        shape = list(per_sequence_values.shape)[:_INFO_WIDTH - 2]
-        fields = _ints_of([per_sequence_values.dim(), _DTYPE_CODES.get(per_sequence_values.dtype, 99), *shape],
-                          torch.device("cpu"))  # host values only: no device copy before the gather
+        shape = list(per_sequence_values.shape)[:_INFO_WIDTH - 5]
+        fields = _ints_of([per_sequence_values.dim(), _DTYPE_CODES.get(per_sequence_values.dtype, 99), *tags,
+                           *shape], device)
     rows = _agree(group, device, error, fields, what)
     for rank, row in enumerate(rows):
-        if row != rows[0]:
+        if row[:2] + row[5:] != rows[0][:2] + rows[0][5:]:
             def describe(r):
                 dtype = {code: dt for dt, code in _DTYPE_CODES.items()}.get(r[1], "another dtype")
-                return f"shape {tuple(r[2:2 + r[0]])} {dtype}"
+                return f"shape {tuple(r[5:5 + r[0]])} {dtype}"
             raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same number of "
                              f"sequences (same shape and dtype), but rank 0 has {describe(rows[0])} and rank {rank} "
                              f"has {describe(row)}")
+        if row[2] != rows[0][2]:
+            raise ValueError(f"{what}: return_token_counts (or a loss type that needs token counts) must be the "
+                             f"same on every rank of the sequence-parallel group, but ranks 0 and {rank} differ")
+        if row[3:5] != rows[0][3:5]:
+            raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the sequence-parallel "
+                             f"group, but ranks 0 and {rank} differ")
     if not (per_sequence_values.dtype.is_floating_point or per_sequence_values.dtype.is_complex):
         out = per_sequence_values.clone()
         dist = _dist()
@@ -704,31 +736,34 @@ _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.flo
 
 # ------------------------------------------------------------------ the public entry points' parallel branch
 
-def _sequence_parallel(compute, group, return_token_counts):
+def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0)):
     """compute(), then its per-sequence values summed over the sequence-parallel group (when given). An error
     from compute on one rank (its own inputs' checks, or its vocabulary-parallel group's agreement) goes
     through the sequence-parallel group's agreement, so that every rank of the group raises instead of
-    waiting in the collective."""
+    waiting in the collective; so does a return_token_counts or an `agree_on` that differs between ranks."""
     if group is None:
         return compute()
     group = check_group(group, "sequence_parallel_group")
     try:
         out = compute()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # any error, so that the other ranks hear of it
         _agreed_sum(None, group, exc, "sequence_parallel_sum")  # raises on every rank of the group
         raise  # pragma: no cover (the agreement re-raises exc on this rank)
+    tags = (int(bool(return_token_counts)), *agree_on)
     if return_token_counts:
         logps, counts = out
-        return sequence_parallel_sum(logps, group), sequence_parallel_sum(counts, group)
-    return sequence_parallel_sum(out, group)
+        return (_agreed_sum(logps, group, None, "sequence_parallel_sum", tags),
+                sequence_parallel_sum(counts, group))
+    return _agreed_sum(out, group, None, "sequence_parallel_sum", tags)
 
 
 def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, return_token_counts,
                             validate_labels, inplace_backward, vocab_parallel_group, sequence_parallel_group,
-                            more_checks=None):
+                            more_checks=None, agree_on=(0, 0)):
     """`fk.sequence_logps` with vocab_parallel_group / DTensor logits and / or sequence_parallel_group;
     `local` is the single-rank function. The argument checks (inplace_backward, then more_checks(), the
-    caller's own) run inside the groups' agreement, so that a bad argument on one rank raises on all."""
+    caller's own) run inside the groups' agreement, so that a bad argument on one rank raises on all; the
+    caller's two `agree_on` ints are compared there too."""
     if vocab_parallel_group is not None:
         vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
 
@@ -744,20 +779,21 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
     options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, validate_labels=validate_labels)
     if vocab_parallel_group is not None or is_dtensor(logits):
         compute = partial(_vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group,
-                          more_checks=checks, **options)
+                          more_checks=checks, agree_on=agree_on, **options)
     else:
         compute = _checked(checks, partial(local, logits, labels, ignore_index, **options))
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts)
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on)
 
 
 def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ignore_index, *, cu_seqlens,
                                          return_token_counts, chunk_size, logit_softcap, logit_scale, temperature,
                                          validate_labels, memory_budget, vocab_parallel_group,
-                                         sequence_parallel_group, more_checks=None):
+                                         sequence_parallel_group, more_checks=None, agree_on=(0, 0)):
     """`fk.fused_linear_sequence_logps` with vocab_parallel_group and / or sequence_parallel_group; `local` is
     the single-rank function. With vocab_parallel_group, a DTensor weight or bias must be sharded on the
     vocabulary over that group and is taken as this rank's slice (`vocab_shard`). The argument checks
-    (memory_budget, then more_checks()) run inside the groups' agreement, as in `parallel_sequence_logps`."""
+    (memory_budget, then more_checks()) run inside the groups' agreement, and agree_on is compared there, as
+    in `parallel_sequence_logps`."""
     if vocab_parallel_group is not None:
         vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
 
@@ -774,11 +810,12 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
                    validate_labels=validate_labels)
     if vocab_parallel_group is not None:
         compute = partial(_vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
-                          group=vocab_parallel_group, more_checks=checks, **options)
-    else:
-        compute = _checked(checks, partial(local, hidden, weight, labels, bias, ignore_index,
-                                           memory_budget=memory_budget, **options))
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts)
+                          group=vocab_parallel_group, more_checks=checks, agree_on=agree_on, **options)
+    else:  # DTensor parameters (FSDP2) gathered first on every rank, then the checks, agreed over their mesh
+        weight, bias, mesh = gathered_params(weight, bias)
+        compute = partial(agreed_on_mesh, mesh, _checked(checks, partial(
+            local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on)
 
 
 def _checked(checks, compute):

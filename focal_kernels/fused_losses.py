@@ -318,8 +318,10 @@ def _check_module_options(functional, options):
 
 
 class FocalPOLoss(_OptionsModule):
-    """Module form of `focal_po_loss`: the options (any `preference_loss` option included) at construction,
-    the tensors at call (pair_weights, a per-batch tensor, included)."""
+    """Module form of `focal_po_loss`: the options at construction (any keyword-only option of
+    `focal_po_loss`: validate_labels, vocab_parallel_group, sequence_parallel_group, ..., and any
+    `preference_loss` option: loss_type, loss_weights, label_smoothing, ...), the tensors at call
+    (pair_weights, a per-batch tensor, included)."""
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False,
@@ -334,8 +336,10 @@ class FocalPOLoss(_OptionsModule):
 
 
 class FusedLinearFocalPOLoss(_OptionsModule):
-    """Module form of `fused_linear_focal_po_loss`: the options at construction, the tensors (the lm_head's
-    weight and bias included) at call."""
+    """Module form of `fused_linear_focal_po_loss`: the options at construction (any keyword-only option of
+    `fused_linear_focal_po_loss` but bias: logit_softcap, logit_scale, temperature, memory_budget,
+    validate_labels, the group keywords, ..., and any `preference_loss` option), the tensors (the lm_head's
+    weight and bias, pair_weights) at call."""
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, chunk_size: int | None = None,

@@ -102,11 +102,15 @@ def _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, **scalars):
     per-pair tensors (ref_chosen_logps, ref_rejected_logps, pair_weights), a 0-dim device tensor (no host
     read). Never raises: on arguments that fail their checks it gives (-1, -1) and the checks name them."""
     tensors = (ref_chosen_logps, ref_rejected_logps, loss_options.get("pair_weights"))
-    try:
-        options = sorted((name, repr(value)) for name, value in {**scalars, **loss_options}.items()
-                         if name != "pair_weights")
+    try:  # normalized: beta=1 and beta=1.0, a default given or left out, a list or a tuple compare equal
+        names, weights = resolve_loss_types(loss_options.get("loss_type", "focal"), loss_options.get("loss_weights"))
+        options = {name: loss_options.get(name, default) for name, default in _OPTION_DEFAULTS.items()}
+        options = {name: value if isinstance(value, str) else float(value) for name, value in options.items()}
+        scalars = {name: value if isinstance(value, (str, bool)) else float(value) for name, value in scalars.items()}
+        unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
         shapes = [None if t is None else tuple(t.shape) for t in tensors]
-        crc = zlib.crc32(repr((options, shapes)).encode())
+        crc = zlib.crc32(repr((names, [float(w) for w in weights], sorted(options.items()), sorted(scalars.items()),
+                               unknown, shapes)).encode())
         given = [t.detach().reshape(-1).to(torch.float64) for t in tensors if t is not None]
         if not given:
             return crc, 0

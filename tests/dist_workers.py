@@ -497,6 +497,9 @@ def agreement(rank, world):
     # ... and the same arguments pass (−0.0 and 0.0 alike)
     same = fk.focal_po_loss(local, local, labels, labels, refs if rank else -refs, refs, vocab_parallel_group=group)
     assert torch.isfinite(same.loss)
+    spelled = dict(beta=1, label_smoothing=0.0, loss_type=["focal"]) if rank == 0 else dict(beta=1.0)
+    same = fk.focal_po_loss(local, local, labels, labels, vocab_parallel_group=group, **spelled)
+    assert torch.isfinite(same.loss)
 
     # DTensor weights with vocab_parallel_group: Shard(0) is this rank's slice; Replicate is refused
     mesh = init_device_mesh("cpu", (world,))

@@ -146,13 +146,25 @@ def _agree(group, device, local_error, fields, what):
     if all(row[0] for row in rows):
         return [row[1:] for row in rows]
     messages = [None] * size
-    dist.all_gather_object(messages, None if local_error is None else f"{type(local_error).__name__}: "
-                                                                    f"{local_error}", group=group)
+    if local_error is None:
+        mine = None
+    elif isinstance(local_error, RankFailed):  # heard from another rank: passed on as it is
+        mine = (True, str(local_error))
+    else:
+        mine = (False, f"{type(local_error).__name__}: {local_error}")
+    dist.all_gather_object(messages, mine, group=group)
     if local_error is not None:
         raise local_error
-    rank, message = next((rank, message) for rank, message in enumerate(messages) if message is not None)
-    raise ValueError(f"{what}: the inputs of {_rank_name(group, rank)} failed its checks ({message}); "
+    rank, (relayed, message) = next((rank, m) for rank, m in enumerate(messages) if m is not None)
+    if relayed:
+        raise RankFailed(message)
+    raise RankFailed(f"{what}: the inputs of {_rank_name(group, rank)} failed its checks ({message}); "
                      "every rank stops")
+
+
+class RankFailed(ValueError):
+    """Raised on every rank whose own inputs were fine when another rank's checks failed (the message names
+    that rank and quotes its error)."""
 
 
 def _rank_name(group, rank):

@@ -35,11 +35,11 @@ _METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "re
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
     """TRL's logged metrics, as detached 0-dim tensors (no .item(): the caller decides when to sync), the
     six means taken in one reduction (fewer launches where the step is host-bound)."""
-    accuracies = (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)
-    # NaN in, NaN out: a pair with a NaN reward is neither right nor wrong (the comparison alone says wrong)
-    accuracies = torch.where(chosen_rewards.isnan() | rejected_rewards.isnan(), torch.nan, accuracies)
-    per_pair = torch.stack([chosen_rewards, rejected_rewards, accuracies, chosen_rewards - rejected_rewards,
-                            chosen_logps.detach(), rejected_logps.detach()])
+    margins = chosen_rewards - rejected_rewards
+    # NaN in, NaN out: a pair with a NaN margin is neither right nor wrong (the comparison alone says wrong)
+    accuracies = torch.where(margins.isnan(), margins, (margins > 0).to(margins.dtype))
+    per_pair = torch.stack([chosen_rewards, rejected_rewards, accuracies, margins, chosen_logps.detach(),
+                            rejected_logps.detach()])
     return dict(zip(_METRIC_NAMES, per_pair.mean(dim=1).unbind()))
 
 
@@ -129,15 +129,19 @@ def preference_loss(
         term = term * weight
         per_pair = term if per_pair is None else per_pair + term
 
-    chosen_rewards = (options.beta * logratio_c).detach().to(out_dtype)
-    rejected_rewards = (options.beta * logratio_r).detach().to(out_dtype)
+    chosen_rewards = (options.beta * logratio_c).detach()
+    rejected_rewards = (options.beta * logratio_r).detach()
+    loss = _reduce(per_pair, reduction)
+    if dtype != out_dtype:  # forward_kl's float64 back to the usual dtype
+        loss, chosen_rewards, rejected_rewards, policy_c, policy_r = (
+            t.to(out_dtype) for t in (loss, chosen_rewards, rejected_rewards, policy_c, policy_r))
     return PreferenceLossOutput(
-        loss=_reduce(per_pair, reduction).to(out_dtype),
+        loss=loss,
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
-        metrics=_metrics(chosen_rewards, rejected_rewards, policy_c.to(out_dtype), policy_r.to(out_dtype)),
+        metrics=_metrics(chosen_rewards, rejected_rewards, policy_c, policy_r),
     )
 
 

@@ -80,20 +80,25 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     return counts is not None
 
 
-def _each_side(logps_fn, sides, loss_options, pair_checks, loss_digest, **options):
-    """[(logps, counts or None)] of chosen and rejected, each through logps_fn(values, labels=, **options) on
-    its own (the distributed forms, which communicate per call). pair_checks() (the pair's and the loss's
-    arguments) runs inside the chosen side's agreement, where the ranks also compare `loss_digest`: a bad
-    argument on one rank raises on every rank instead of leaving the others waiting in a collective, and
-    ranks given different loss arguments raise instead of computing different losses."""
+def _group_pair_loss(logps_fn, sides, pair_checks, ref_chosen_logps, ref_rejected_logps, beta, gamma,
+                     detach_focal_weight, reduction, loss_options, **options):
+    """The distributed forms: chosen and rejected each through logps_fn(values, labels=, **options) on its
+    own (they communicate per call), then the pair loss. pair_checks() (the pair's and the loss's arguments)
+    runs inside the chosen side's agreement, where the ranks also compare a digest of the loss's arguments:
+    a bad argument on one rank raises on every rank instead of leaving the others waiting in a collective,
+    and ranks given different loss arguments raise instead of computing different losses."""
+    digest = _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, beta=beta, gamma=gamma,
+                          detach_focal_weight=detach_focal_weight, reduction=reduction)
     try:
         with_counts = _counts_needed(loss_options)
     except (TypeError, ValueError):
         with_counts = False  # a bad loss_type: pair_checks raises it, on every rank
-    out = [logps_fn(values, labels=labels, return_token_counts=with_counts, more_checks=checks, agree_on=digest,
+    out = [logps_fn(values, labels=labels, return_token_counts=with_counts, more_checks=checks, agree_on=agree_on,
                     **options)
-           for (values, labels), checks, digest in zip(sides, (pair_checks, None), (loss_digest, (0, 0)))]
-    return out if with_counts else [(logps, None) for logps in out]
+           for (values, labels), checks, agree_on in zip(sides, (pair_checks, None), (digest, (0, 0)))]
+    chosen, rejected = out if with_counts else [(logps, None) for logps in out]
+    return _pair_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
+                      reduction, loss_options)
 
 
 def _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, **scalars):
@@ -171,15 +176,12 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
                                      loss_options=loss_options)
 
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
-        sides = _each_side(partial(parallel_sequence_logps, sequence_logps),
-                           ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)), loss_options,
-                           pair_checks, _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, beta=beta,
-                                                     gamma=gamma, detach_focal_weight=detach_focal_weight,
-                                                     reduction=reduction), ignore_index=ignore_index, cu_seqlens=None, validate_labels=validate_labels,
-                           inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
-                           sequence_parallel_group=sequence_parallel_group)
-        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
-                          reduction, loss_options)
+        return _group_pair_loss(
+            partial(parallel_sequence_logps, sequence_logps),
+            ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)), pair_checks, ref_chosen_logps,
+            ref_rejected_logps, beta, gamma, detach_focal_weight, reduction, loss_options, ignore_index=ignore_index,
+            cu_seqlens=None, validate_labels=validate_labels, inplace_backward=inplace_backward,
+            vocab_parallel_group=vocab_parallel_group, sequence_parallel_group=sequence_parallel_group)
     with_counts = pair_checks()
     check_flag(inplace_backward, "inplace_backward")
     if data_checks_enabled(validate_labels, chosen_logits):
@@ -231,16 +233,14 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                                         ignore_index=ignore_index, last_dim="H")
             pair_checks()
 
-        sides = _each_side(partial(parallel_fused_linear_sequence_logps, fused_linear_sequence_logps),
-                           ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), loss_options,
-                           group_checks, _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, beta=beta,
-                                                      gamma=gamma, detach_focal_weight=detach_focal_weight,
-                                                      reduction=reduction), weight=weight, bias=bias, ignore_index=ignore_index, cu_seqlens=None,
-                           chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
-                           temperature=temperature, validate_labels=validate_labels, memory_budget=memory_budget,
-                           vocab_parallel_group=vocab_parallel_group, sequence_parallel_group=sequence_parallel_group)
-        return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
-                          reduction, loss_options)
+        return _group_pair_loss(
+            partial(parallel_fused_linear_sequence_logps, fused_linear_sequence_logps),
+            ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), group_checks, ref_chosen_logps,
+            ref_rejected_logps, beta, gamma, detach_focal_weight, reduction, loss_options, weight=weight, bias=bias,
+            ignore_index=ignore_index, cu_seqlens=None, chunk_size=chunk_size, logit_softcap=logit_softcap,
+            logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
+            memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
+            sequence_parallel_group=sequence_parallel_group)
     weight, bias, mesh = gathered_params(weight, bias)
 
     def local():

@@ -782,8 +782,9 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
     def checks():
         check_flag(inplace_backward, "inplace_backward")
         if inplace_backward:
-            given = [name for name, value in (("vocab_parallel_group", vocab_parallel_group),
-                                              ("sequence_parallel_group", sequence_parallel_group)) if value is not None]
+            groups = (("vocab_parallel_group", vocab_parallel_group),
+                      ("sequence_parallel_group", sequence_parallel_group))
+            given = [name for name, value in groups if value is not None]
             raise ValueError(f"inplace_backward=True is not supported with {' and '.join(given) or 'DTensor logits'}")
         if more_checks is not None:
             more_checks()

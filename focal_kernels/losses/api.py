@@ -85,9 +85,10 @@ def preference_loss(
                   aot_unpaired (entry i comes from the i-th smallest sorted margins) and sft (the batch
                   token-mean NLL, repeated for every pair) — as TRL computes them.
 
-    Computed in float32 (float64 when any log-prob input is float64, and for forward_kl). Returns `PreferenceLossOutput`:
-    loss; chosen_logps and rejected_logps (the tensors given); chosen_rewards, rejected_rewards
-    = β·(logp − ref), detached; metrics (TRL's names, detached 0-dim tensors). No host synchronization.
+    Computed in float32 (float64 when any log-prob input is float64; forward_kl internally in float64).
+    Returns `PreferenceLossOutput`: loss; chosen_logps and rejected_logps (the tensors given);
+    chosen_rewards, rejected_rewards = β·(logp − ref), detached; metrics (TRL's names, detached 0-dim
+    tensors). No host synchronization.
     """
     names, weights = resolve_loss_types(loss_type, loss_weights)
     options = check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,

@@ -893,6 +893,9 @@ def mesh_2x2(rank, world):
         bad[0, 0] = V
     _raises(ValueError, [], lambda: fk.sequence_logps(full[:, a:b, start:stop], bad, vocab_parallel_group=mesh["tp"],
                                                       sequence_parallel_group=mesh["cp"]))
+    # a mismatch inside a vocabulary group of the mesh names the ranks with their global ranks
+    words = ["ignore_index must be the same", "(global rank 3)"] if cp == 1 else ["ignore_index must be the same"]
+    _raises(ValueError, words, lambda: vocab_parallel_sequence_logps(local, labels[:, a:b], -100 - tp, group=mesh["tp"]))
     # a two-dimensional mesh is refused naming the argument
     _raises(ValueError, ["vocab_parallel_group", "one-dimensional"],
             lambda: fk.sequence_logps(full[:, a:b, start:stop], labels[:, a:b], vocab_parallel_group=mesh))

@@ -167,13 +167,19 @@ class RankFailed(ValueError):
     that rank and quotes its error)."""
 
 
-def _rank_name(group, rank):
+def _rank_name(group, rank, of_the_group=" of the group"):
     """'rank r of the group', with its global rank when that differs (a subgroup of a mesh)."""
     try:
         number = _dist().get_global_rank(group, rank)
     except (RuntimeError, ValueError, AttributeError):  # pragma: no cover (older PyTorch, default group)
         number = rank
-    return f"rank {rank} of the group" + ("" if number == rank else f" (global rank {number})")
+    return f"rank {rank}{of_the_group}" + ("" if number == rank else f" (global rank {number})")
+
+
+def _ranks(group, *ranks):
+    """'ranks 0 and 2' (with their global ranks where they differ), for the mismatch messages."""
+    names = [_rank_name(group, rank, "")[len("rank "):] for rank in ranks]
+    return "ranks " + " and ".join(names)
 
 
 def agree_over_mesh(mesh, error, what):
@@ -250,7 +256,7 @@ def _dtype_code(dtype):
     return _DTYPE_CODES.get(dtype, 0)
 
 
-def _check_agreement(rows, what, *, hidden_path):
+def _check_agreement(rows, what, group, *, hidden_path):
     """The ValueErrors every rank raises alike (they all read the same gathered rows)."""
     first = rows[0]
     for rank, row in enumerate(rows):
@@ -259,24 +265,27 @@ def _check_agreement(rows, what, *, hidden_path):
                 seqs = f", {r[_F_SEQS]} packed sequences" if r[_F_SEQS] >= 0 else ""
                 return f"(B, T) = ({r[_F_BATCH]}, {r[_F_TIME]}){seqs}"
             raise ValueError(f"{what}: every rank of the vocabulary-parallel group must score the same tokens, "
-                             f"but rank 0 has {shape(first)} and rank {rank} has {shape(row)}")
+                             f"but {_rank_name(group, 0, '')} has {shape(first)} and {_rank_name(group, rank, '')} has "
+                             f"{shape(row)}")
         if row[_F_DTYPE] != first[_F_DTYPE]:
             kind = "hidden states" if hidden_path else "logits"
-            raise ValueError(f"{what}: every rank's {kind} must have the same dtype, but ranks 0 and {rank} differ")
+            raise ValueError(f"{what}: every rank's {kind} must have the same dtype, but {_ranks(group, 0, rank)} "
+                             "differ")
         if hidden_path and row[_F_HIDDEN] != first[_F_HIDDEN]:
             raise ValueError(f"{what}: every rank's hidden size must match, got H = {first[_F_HIDDEN]} on rank 0 "
-                             f"and {row[_F_HIDDEN]} on rank {rank}")
+                             f"and {row[_F_HIDDEN]} on {_rank_name(group, rank, '')}")
         if hidden_path and row[_F_GRAD] != first[_F_GRAD]:
             raise ValueError(f"{what}: hidden must require a gradient on every rank or on none (the backward "
-                             f"all-reduces its gradient), but ranks 0 and {rank} differ")
+                             f"all-reduces its gradient), but {_ranks(group, 0, rank)} differ")
         if hidden_path and row[_F_BIAS] != first[_F_BIAS]:
-            raise ValueError(f"{what}: a bias must be given on every rank or on none, but ranks 0 and {rank} differ")
+            raise ValueError(f"{what}: a bias must be given on every rank or on none, but "
+                             f"{_ranks(group, 0, rank)} differ")
         if row[_F_IGNORE] != first[_F_IGNORE]:
             raise ValueError(f"{what}: ignore_index must be the same on every rank, got {first[_F_IGNORE]} on rank 0 "
-                             f"and {row[_F_IGNORE]} on rank {rank}")
+                             f"and {row[_F_IGNORE]} on {_rank_name(group, rank, '')}")
         for k, name in enumerate(_OPTION_NAMES):
             if row[_F_OPTIONS + k] != first[_F_OPTIONS + k]:
-                raise ValueError(f"{what}: {name} must be the same on every rank, but ranks 0 and {rank} differ")
+                raise ValueError(f"{what}: {name} must be the same on every rank, but {_ranks(group, 0, rank)} differ")
         # compared whatever validate_labels says: cheap device sums, read with the rest of the agreement
         if row[_F_DIGEST + 2:_F_DIGEST + 4] != first[_F_DIGEST + 2:_F_DIGEST + 4]:
             raise ValueError(f"{what}: the labels must be the same on every rank of the vocabulary-parallel group "
@@ -285,7 +294,7 @@ def _check_agreement(rows, what, *, hidden_path):
             raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
         if row[_F_CALLER:_F_CALLER + 2] != first[_F_CALLER:_F_CALLER + 2]:
             raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the "
-                             f"vocabulary-parallel group, but ranks 0 and {rank} differ")
+                             f"vocabulary-parallel group, but {_ranks(group, 0, rank)} differ")
 
 
 _CALLER_ARGUMENTS = ("the loss's arguments (loss_type, loss_weights, beta, gamma, reduction and the other loss "
@@ -330,7 +339,7 @@ def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, c
                            _dtype_code(dtype), int(needs_grad), int(checked), int(ignore_index), int(has_bias),
                            *(_float_bits(v) for v in options), *digest, *agree_on], tensor.device)
     rows = _agree(group, device, local_error, fields, what)
-    _check_agreement(rows, what, hidden_path=hidden >= 0)
+    _check_agreement(rows, what, group, hidden_path=hidden >= 0)
     if any(row[_F_VOCAB] < 1 for row in rows):
         raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
                          f"{[row[_F_VOCAB] for row in rows]}")
@@ -726,14 +735,15 @@ def _agreed_sum(per_sequence_values, group, error, what, tags=(0, 0, 0)):
                 dtype = {code: dt for dt, code in _DTYPE_CODES.items()}.get(r[1], "another dtype")
                 return f"shape {tuple(r[5:5 + r[0]])} {dtype}"
             raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same number of "
-                             f"sequences (same shape and dtype), but rank 0 has {describe(rows[0])} and rank {rank} "
+                             f"sequences (same shape and dtype), but rank 0 has {describe(rows[0])} and "
+                             f"{_rank_name(group, rank, '')} "
                              f"has {describe(row)}")
         if row[2] != rows[0][2]:
             raise ValueError(f"{what}: return_token_counts (or a loss type that needs token counts) must be the "
-                             f"same on every rank of the sequence-parallel group, but ranks 0 and {rank} differ")
+                             f"same on every rank of the sequence-parallel group, but {_ranks(group, 0, rank)} differ")
         if row[3:5] != rows[0][3:5]:
             raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the sequence-parallel "
-                             f"group, but ranks 0 and {rank} differ")
+                             f"group, but {_ranks(group, 0, rank)} differ")
     if not (per_sequence_values.dtype.is_floating_point or per_sequence_values.dtype.is_complex):
         out = per_sequence_values.clone()
         dist = _dist()

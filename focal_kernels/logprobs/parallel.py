@@ -758,25 +758,25 @@ _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.flo
 
 # ------------------------------------------------------------------ the public entry points' parallel branch
 
-def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0)):
+def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), what="sequence_parallel_sum"):
     """compute(), then its per-sequence values summed over the sequence-parallel group (when given). An error
     from compute on one rank (its own inputs' checks, or its vocabulary-parallel group's agreement) goes
     through the sequence-parallel group's agreement, so that every rank of the group raises instead of
-    waiting in the collective; so does a return_token_counts or an `agree_on` that differs between ranks."""
+    waiting in the collective; so does a return_token_counts or an `agree_on` that differs between ranks.
+    `what` names the caller in the errors."""
     if group is None:
         return compute()
     group = check_group(group, "sequence_parallel_group")
     try:
         out = compute()
     except Exception as exc:  # any error, so that the other ranks hear of it
-        _agreed_sum(None, group, exc, "sequence_parallel_sum")  # raises on every rank of the group
+        _agreed_sum(None, group, exc, what)  # raises on every rank of the group
         raise  # pragma: no cover (the agreement re-raises exc on this rank)
     tags = (int(bool(return_token_counts)), *agree_on)
     if return_token_counts:
         logps, counts = out
-        return (_agreed_sum(logps, group, None, "sequence_parallel_sum", tags),
-                sequence_parallel_sum(counts, group))
-    return _agreed_sum(out, group, None, "sequence_parallel_sum", tags)
+        return _agreed_sum(logps, group, None, what, tags), _agreed_sum(counts, group, None, what)
+    return _agreed_sum(out, group, None, what, tags)
 
 
 def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, return_token_counts,
@@ -805,7 +805,8 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
                           more_checks=checks, agree_on=agree_on, **options)
     else:
         compute = _checked(checks, partial(local, logits, labels, ignore_index, **options))
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on)
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on,
+                              "sequence_logps (sequence-parallel)")
 
 
 def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ignore_index, *, cu_seqlens,
@@ -838,7 +839,8 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
         weight, bias, mesh = gathered_params(weight, bias)
         compute = partial(agreed_on_mesh, mesh, _checked(checks, partial(
             local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on)
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on,
+                              "fused_linear_sequence_logps (sequence-parallel)")
 
 
 def _checked(checks, compute):

@@ -465,9 +465,23 @@ def test_simpo_alone_needs_no_reference_model(tmp_path, tok, dataset):
     trainer = FocalPOTrainer(model=tiny_lm.clone(model), ref_model=ref, train_dataset=dataset, processing_class=tok,
                              args=_args(FocalPOConfig, tmp_path / "given", **config))
     with_ref = _loss_and_grads(trainer, batch)
-    hook.remove()
     assert not calls, "the reference model ran for a reference-free loss"
     _assert_same(without, with_ref, rtol=1e-6, atol=1e-7)
+
+    # precompute_ref_log_probs: nothing to precompute (no reference forward); the logged rewards are those of
+    # TRL's CPOTrainer for SimPO, β · the average log-prob, with or without precompute
+    trainer = FocalPOTrainer(model=tiny_lm.clone(model), ref_model=ref, train_dataset=dataset, processing_class=tok,
+                             args=_args(FocalPOConfig, tmp_path / "pre", precompute_ref_log_probs=True, **config))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    hook.remove()
+    assert not calls, "the reference model ran to precompute log-probs no loss reads"
+    logged = {}
+    trainer._log_metrics = lambda *args: logged.update(zip(("chosen_logps", "rejected_logps", "chosen_rewards",
+                                                            "rejected_rewards"), args[4:8]))
+    _loss_and_grads(trainer, batch)
+    counts = batch["completion_mask"].sum(dim=1).chunk(2)
+    torch.testing.assert_close(logged["chosen_rewards"], 0.5 * logged["chosen_logps"].detach() / counts[0])
+    torch.testing.assert_close(logged["rejected_rewards"], 0.5 * logged["rejected_logps"].detach() / counts[1])
 
 
 @pytest.mark.parametrize("chunk", [0, -4, 2.5, True])

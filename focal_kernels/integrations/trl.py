@@ -729,7 +729,10 @@ class FocalPOTrainer(DPOTrainer):
         return contextlib.nullcontext()
 
     def compute_ref_log_probs(self, model, inputs):
-        """Reference log-probs of one collated batch (used by `precompute_ref_log_probs`)."""
+        """Reference log-probs of one collated batch (used by `precompute_ref_log_probs`); zeros without a
+        forward when every selected loss type is reference-free (none reads them)."""
+        if _reference_free(self.loss_types):
+            return torch.zeros(inputs["completion_mask"].shape[0], device=inputs["completion_mask"].device).chunk(2)
         model_kwargs = self._model_kwargs(inputs)
         with (
             torch.no_grad(),
@@ -754,12 +757,12 @@ class FocalPOTrainer(DPOTrainer):
         logps, ld_masks = self._sequence_logps(per_token_logps, shift_completion_mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
 
-        if self.precompute_ref_logps:
-            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        elif _reference_free(self.loss_types):
-            # no loss reads them: no reference forward (zeros keep the logged rewards β·logp, as TRL's CPO logs)
+        if _reference_free(self.loss_types):
+            # no loss reads them: no reference forward (precomputed ones, zeros too, are not read either)
             ref_chosen_logps = torch.zeros_like(chosen_logps).detach()
             ref_rejected_logps = torch.zeros_like(rejected_logps).detach()
+        elif self.precompute_ref_logps:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
             ref_model = self.model if self.ref_model is None else self.ref_model
@@ -809,8 +812,15 @@ class FocalPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_metrics(mode, inputs, tok, shift_completion_mask, chosen_logps, rejected_logps, ref_chosen_logps,
-                          ref_rejected_logps)
+        if _reference_free(self.loss_types):
+            # the rewards of TRL's CPOTrainer for SimPO: β · the average log-prob, the quantity the loss compares
+            chosen_rewards = self.beta * chosen_logps.detach() / chosen_counts
+            rejected_rewards = self.beta * rejected_logps.detach() / rejected_counts
+        else:
+            chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen_logps)
+            rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected_logps)
+        self._log_metrics(mode, inputs, tok, shift_completion_mask, chosen_logps, rejected_logps, chosen_rewards,
+                          rejected_rewards)
 
         if return_outputs:  # TRL's deprecated path; `compute_metrics` is refused at construction
             with torch.no_grad():
@@ -839,9 +849,10 @@ class FocalPOTrainer(DPOTrainer):
             loss = loss + term * weight
         return loss
 
-    def _log_metrics(self, mode, inputs, tok, shift_completion_mask, chosen_logps, rejected_logps, ref_chosen_logps,
-                     ref_rejected_logps):
-        """TRL 1.16's DPO metrics, same names and definitions, from the fused pass's per-token statistics."""
+    def _log_metrics(self, mode, inputs, tok, shift_completion_mask, chosen_logps, rejected_logps, chosen_rewards,
+                     rejected_rewards):
+        """TRL 1.16's DPO metrics, same names and definitions, from the fused pass's per-token statistics (the
+        rewards as given: DPO's β·(logp − ref), or CPO's β·logp/n for reference-free losses)."""
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         mask = shift_completion_mask
@@ -868,8 +879,6 @@ class FocalPOTrainer(DPOTrainer):
         count = gather(chosen_mask.sum()).sum()
         metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
-        chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen_logps)
-        rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected_logps)
         metrics["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
         accuracies = (chosen_rewards > rejected_rewards).float()

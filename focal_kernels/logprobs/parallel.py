@@ -20,8 +20,10 @@ Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_line
     ranks (token or sequence counts, dtypes, labels, cu_seqlens, ignore_index, the logit options, whether there
     is a bias, whether the hidden states need a gradient) raise the same ValueError on every rank, from one
     all_gather of a few integers per rank (and one host read) per call: never a hang. A rank whose own inputs
-    fail a check raises its error and the other ranks raise naming it (through the sequence-parallel group
-    too, when both are used).
+    fail a check (any exception, the callers' own checks included) raises its error and the other ranks
+    raise `RankFailed` naming it (through the sequence-parallel group too, when both are used). The fused
+    losses add a digest of their own arguments (options, reference log-probs, pair_weights) to the
+    comparison. Hidden states are not compared.
 
 Sequence (context) parallel (`sequence_parallel_sum`)
     Each rank holds a contiguous slice of every sequence's tokens (padded: (B, T_r, ...); packed: its own

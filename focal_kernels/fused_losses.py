@@ -18,8 +18,8 @@ import torch
 from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_logits_and_labels, check_logits_pair,
                      check_pair_shapes, check_reference_logps, data_checks_enabled, is_integer)
 from .logprobs.linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
-                               fused_linear_sequence_logps, gathered_params, linear_token_logps)
-from .logprobs.logits import is_dtensor, pair_sequence_logps, sequence_logps, sum_per_sequence
+                               gathered_params, linear_token_logps, local_fused_linear_sequence_logps)
+from .logprobs.logits import is_dtensor, local_sequence_logps, pair_sequence_logps, sum_per_sequence
 from .logprobs.parallel import parallel_fused_linear_sequence_logps, parallel_sequence_logps, position_weights
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
@@ -80,13 +80,14 @@ def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, w
     return counts is not None
 
 
-def _group_pair_loss(logps_fn, sides, pair_checks, ref_chosen_logps, ref_rejected_logps, beta, gamma,
+def _group_pair_loss(logps_fn, kind, sides, pair_checks, ref_chosen_logps, ref_rejected_logps, beta, gamma,
                      detach_focal_weight, reduction, loss_options, **options):
     """The distributed forms: chosen and rejected each through logps_fn(values, labels=, **options) on its
-    own (they communicate per call), then the pair loss. pair_checks() (the pair's and the loss's arguments)
-    runs inside the chosen side's agreement, where the ranks also compare a digest of the loss's arguments:
-    a bad argument on one rank raises on every rank instead of leaving the others waiting in a collective,
-    and ranks given different loss arguments raise instead of computing different losses."""
+    own (they communicate per call; its errors name chosen_{kind}, chosen_labels, ...), then the pair loss.
+    pair_checks() (the pair's and the loss's arguments) runs inside the chosen side's agreement, where the
+    ranks also compare a digest of the loss's arguments: a bad argument on one rank raises on every rank
+    instead of leaving the others waiting in a collective, and ranks given different loss arguments raise
+    instead of computing different losses."""
     digest = _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, beta=beta, gamma=gamma,
                           detach_focal_weight=detach_focal_weight, reduction=reduction)
     try:
@@ -94,8 +95,9 @@ def _group_pair_loss(logps_fn, sides, pair_checks, ref_chosen_logps, ref_rejecte
     except (TypeError, ValueError):
         with_counts = False  # a bad loss_type: pair_checks raises it, on every rank
     out = [logps_fn(values, labels=labels, return_token_counts=with_counts, more_checks=checks, agree_on=agree_on,
-                    **options)
-           for (values, labels), checks, agree_on in zip(sides, (pair_checks, None), (digest, (0, 0)))]
+                    names=(f"{side}_{kind}", f"{side}_labels"), **options)
+           for (values, labels), side, checks, agree_on in zip(sides, ("chosen", "rejected"), (pair_checks, None),
+                                                               (digest, (0, 0)))]
     chosen, rejected = out if with_counts else [(logps, None) for logps in out]
     return _pair_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,
                       reduction, loss_options)
@@ -177,7 +179,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
 
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
         return _group_pair_loss(
-            partial(parallel_sequence_logps, sequence_logps),
+            partial(parallel_sequence_logps, local_sequence_logps), "logits",
             ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)), pair_checks, ref_chosen_logps,
             ref_rejected_logps, beta, gamma, detach_focal_weight, reduction, loss_options, ignore_index=ignore_index,
             cu_seqlens=None, validate_labels=validate_labels, inplace_backward=inplace_backward,
@@ -234,7 +236,7 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
             pair_checks()
 
         return _group_pair_loss(
-            partial(parallel_fused_linear_sequence_logps, fused_linear_sequence_logps),
+            partial(parallel_fused_linear_sequence_logps, local_fused_linear_sequence_logps), "hidden",
             ((chosen_hidden, chosen_labels), (rejected_hidden, rejected_labels)), group_checks, ref_chosen_logps,
             ref_rejected_logps, beta, gamma, detach_focal_weight, reduction, loss_options, weight=weight, bias=bias,
             ignore_index=ignore_index, cu_seqlens=None, chunk_size=chunk_size, logit_softcap=logit_softcap,

@@ -443,8 +443,20 @@ def agreement(rank, world):
             lambda: fk.sequence_logps(full[:, a:b], bad, sequence_parallel_group=group))
     _raises(kind, words, lambda: fk.fused_linear_sequence_logps(hidden[:, a:b], weight, bad,
                                                                 sequence_parallel_group=group))
-    _raises(kind, words, lambda: fk.focal_po_loss(full[:, a:b], full[:, a:b], bad, labels[:, a:b],
-                                                  sequence_parallel_group=group))
+    # the fused losses name the side: chosen_labels here (the hidden-state path too)
+    side_words = ["chosen_labels must be in", f"found {V + 5}"] if rank == world - 1 else words
+    _raises(kind, side_words, lambda: fk.focal_po_loss(full[:, a:b], full[:, a:b], bad, labels[:, a:b],
+                                                       sequence_parallel_group=group))
+    _raises(kind, side_words, lambda: fk.fused_linear_focal_po_loss(hidden[:, a:b], hidden[:, a:b], weight, bad,
+                                                                    labels[:, a:b], sequence_parallel_group=group))
+    # ... and with the vocabulary split (the range is checked against the summed vocabulary, on every rank)
+    wrong = labels.clone()
+    wrong[1, 2] = V
+    _raises(ValueError, ["rejected_labels must be in [0, 37)"],
+            lambda: fk.focal_po_loss(local, local, labels, wrong, vocab_parallel_group=group))
+    _raises(ValueError, ["rejected_labels must be in [0, 37)"],
+            lambda: fk.fused_linear_focal_po_loss(hidden, hidden, weight[start:stop], labels, wrong,
+                                                  vocab_parallel_group=group))
 
     # the pair's and the loss's arguments, wrong on one rank only, raise on every rank before any kernel (not
     # after the forward's collectives, with the other ranks waiting in the backward's)
@@ -896,7 +908,8 @@ def mesh_2x2(rank, world):
                                                       sequence_parallel_group=mesh["cp"]))
     # a mismatch inside a vocabulary group of the mesh names the ranks with their global ranks
     words = ["ignore_index must be the same", "(global rank 3)"] if cp == 1 else ["ignore_index must be the same"]
-    _raises(ValueError, words, lambda: vocab_parallel_sequence_logps(local, labels[:, a:b], -100 - tp, group=mesh["tp"]))
+    _raises(ValueError, words,
+            lambda: vocab_parallel_sequence_logps(local, labels[:, a:b], -100 - tp, group=mesh["tp"]))
     # a two-dimensional mesh is refused naming the argument
     _raises(ValueError, ["vocab_parallel_group", "one-dimensional"],
             lambda: fk.sequence_logps(full[:, a:b, start:stop], labels[:, a:b], vocab_parallel_group=mesh))

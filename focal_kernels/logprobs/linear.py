@@ -10,6 +10,7 @@ alone).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -229,31 +230,41 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
         from .parallel import parallel_fused_linear_sequence_logps
 
         return parallel_fused_linear_sequence_logps(
-            fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index, cu_seqlens=cu_seqlens,
+            local_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index, cu_seqlens=cu_seqlens,
             return_token_counts=return_token_counts, chunk_size=chunk_size, logit_softcap=logit_softcap,
             logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
             memory_budget=memory_budget, vocab_parallel_group=vocab_parallel_group,
             sequence_parallel_group=sequence_parallel_group)
     weight, bias, mesh = gathered_params(weight, bias)
+    return agreed_on_mesh(mesh, partial(
+        local_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index, cu_seqlens=cu_seqlens,
+        return_token_counts=return_token_counts, chunk_size=chunk_size, logit_softcap=logit_softcap,
+        logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
+        memory_budget=memory_budget))
 
-    def body():
-        check_flag(return_token_counts, "return_token_counts")
-        grid_hidden, grid_labels, cu = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
-                                                     labels_name="labels", last_dim="H")
-        cast_weight, cast_bias, grid_hidden = autocast_inputs(weight, bias, grid_hidden)
-        checked_cu = [] if cu is None else [(cu, grid_hidden.shape[1])]
-        ((token_logps,),) = linear_token_logps([(grid_hidden, grid_labels, "hidden", "labels")], cast_weight,
-                                               cast_bias, ignore_index=ignore_index, chunk_size=chunk_size,
-                                               logit_softcap=logit_softcap, logit_scale=logit_scale,
-                                               temperature=temperature, validate_labels=validate_labels,
-                                               cu_seqlens=checked_cu, memory_budget=memory_budget)
-        layout = layout_of(grid_hidden.shape[0], grid_hidden.shape[1], cu)
-        logps = sum_per_sequence(token_logps, layout, cast_weight)
-        if return_token_counts:
-            return logps, token_counts(grid_labels, layout, ignore_index)
-        return logps
 
-    return agreed_on_mesh(mesh, body)
+def local_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_index=-100, *, cu_seqlens=None,
+                                      return_token_counts=False, chunk_size=None, logit_softcap=None,
+                                      logit_scale=1.0, temperature=1.0, validate_labels=True, memory_budget=None,
+                                      names=("hidden", "labels")):
+    """`fused_linear_sequence_logps` on this rank's tensors alone (weight and bias plain tensors, gathered
+    already), its errors naming hidden and labels `names` (the fused losses pass chosen_hidden, ...)."""
+    hidden_name, labels_name = names
+    check_flag(return_token_counts, "return_token_counts")
+    hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name=hidden_name,
+                                               labels_name=labels_name, last_dim="H")
+    weight, bias, hidden = autocast_inputs(weight, bias, hidden)
+    checked_cu = [] if cu_seqlens is None else [(cu_seqlens, hidden.shape[1])]
+    ((token_logps,),) = linear_token_logps([(hidden, labels, hidden_name, labels_name)], weight, bias,
+                                           ignore_index=ignore_index, chunk_size=chunk_size,
+                                           logit_softcap=logit_softcap, logit_scale=logit_scale,
+                                           temperature=temperature, validate_labels=validate_labels,
+                                           cu_seqlens=checked_cu, memory_budget=memory_budget)
+    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
+    logps = sum_per_sequence(token_logps, layout, weight)
+    if return_token_counts:
+        return logps, token_counts(labels, layout, ignore_index)
+    return logps
 
 
 def logit_options_from_config(config) -> dict:

@@ -119,19 +119,30 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(logits):
         from .parallel import parallel_sequence_logps
 
-        return parallel_sequence_logps(sequence_logps, logits, labels, ignore_index, cu_seqlens=cu_seqlens,
+        return parallel_sequence_logps(local_sequence_logps, logits, labels, ignore_index, cu_seqlens=cu_seqlens,
                                        return_token_counts=return_token_counts, validate_labels=validate_labels,
                                        inplace_backward=inplace_backward, vocab_parallel_group=vocab_parallel_group,
                                        sequence_parallel_group=sequence_parallel_group)
+    return local_sequence_logps(logits, labels, ignore_index, cu_seqlens=cu_seqlens,
+                                return_token_counts=return_token_counts, inplace_backward=inplace_backward,
+                                validate_labels=validate_labels)
+
+
+def local_sequence_logps(logits, labels, ignore_index=-100, *, cu_seqlens=None, return_token_counts=False,
+                         inplace_backward=False, validate_labels=True, names=("logits", "labels")):
+    """`sequence_logps` on this rank's tensors alone, its errors naming them `names` (the fused losses pass
+    chosen_logits / chosen_labels, ...)."""
+    logits_name, labels_name = names
     check_flag(inplace_backward, "inplace_backward")
     if inplace_backward:  # on the caller's tensor: a packed one is viewed as (1, N, V) below
-        refuse_leaf(logits)
-    logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name="logits",
-                                               labels_name="labels", last_dim="V")
-    check_logits_and_labels(logits, labels, ignore_index=ignore_index)
+        refuse_leaf(logits, logits_name)
+    logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name=logits_name,
+                                               labels_name=labels_name, last_dim="V")
+    check_logits_and_labels(logits, labels, logits_name=logits_name, labels_name=labels_name,
+                            ignore_index=ignore_index)
     check_flag(return_token_counts, "return_token_counts")
     if data_checks_enabled(validate_labels, logits):
-        check_labels_in_range([(labels, "labels")], logits.shape[2], ignore_index=ignore_index,
+        check_labels_in_range([(labels, labels_name)], logits.shape[2], ignore_index=ignore_index,
                               cu_seqlens=[] if cu_seqlens is None else [(cu_seqlens, logits.shape[1])])
     layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens)
     logps = sum_per_sequence(token_logps(logits, labels, ignore_index, inplace_backward), layout, logits)

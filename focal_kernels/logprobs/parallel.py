@@ -258,7 +258,7 @@ def _dtype_code(dtype):
     return _DTYPE_CODES.get(dtype, 0)
 
 
-def _check_agreement(rows, what, group, *, hidden_path):
+def _check_agreement(rows, what, group, *, hidden_path, labels_name="labels"):
     """The ValueErrors every rank raises alike (they all read the same gathered rows)."""
     first = rows[0]
     for rank, row in enumerate(rows):
@@ -290,7 +290,7 @@ def _check_agreement(rows, what, group, *, hidden_path):
                 raise ValueError(f"{what}: {name} must be the same on every rank, but {_ranks(group, 0, rank)} differ")
         # compared whatever validate_labels says: cheap device sums, read with the rest of the agreement
         if row[_F_DIGEST + 2:_F_DIGEST + 4] != first[_F_DIGEST + 2:_F_DIGEST + 4]:
-            raise ValueError(f"{what}: the labels must be the same on every rank of the vocabulary-parallel group "
+            raise ValueError(f"{what}: {labels_name} must be the same on every rank of the vocabulary-parallel group "
                              "(global vocabulary ids), but they differ")
         if row[_F_DIGEST + 7] != first[_F_DIGEST + 7]:
             raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
@@ -310,7 +310,7 @@ def _vocab_layout(rows, group):
     return sum(sizes[:rank]), sum(sizes)
 
 
-def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens):
+def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens, labels_name="labels"):
     checked = [row for row in rows if row[_F_CHECKED]]
     if not checked:
         return
@@ -318,8 +318,8 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens):
     smallest, largest = min(r[_F_DIGEST] for r in checked), max(r[_F_DIGEST + 1] for r in checked)
     if smallest < 0 or largest >= vocab_total:
         bad = smallest if smallest < 0 else largest
-        raise ValueError(f"labels must be in [0, {vocab_total}) (the vocabulary summed over the vocabulary-parallel "
-                         f"group) or equal ignore_index={ignore_index}; found {bad}")
+        raise ValueError(f"{labels_name} must be in [0, {vocab_total}) (the vocabulary summed over the "
+                         f"vocabulary-parallel group) or equal ignore_index={ignore_index}; found {bad}")
     for index, ok in enumerate(digest[4:7]):
         if not ok:
             raise ValueError(f"{CU_SEQLENS_RULES[index]} (N = {tokens}); got {cu_seqlens.tolist()}")
@@ -327,7 +327,7 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens):
 
 def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
                    needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0),
-                   agree_on=(0, 0)):
+                   agree_on=(0, 0), labels_name="labels"):
     """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total). Shapes,
     dtypes, ignore_index, the logit options, whether there is a bias, the labels (as sums) and the caller's
     two `agree_on` ints must agree on every rank; validate_labels=True also checks the label range and
@@ -341,12 +341,12 @@ def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, c
                            _dtype_code(dtype), int(needs_grad), int(checked), int(ignore_index), int(has_bias),
                            *(_float_bits(v) for v in options), *digest, *agree_on], tensor.device)
     rows = _agree(group, device, local_error, fields, what)
-    _check_agreement(rows, what, group, hidden_path=hidden >= 0)
+    _check_agreement(rows, what, group, hidden_path=hidden >= 0, labels_name=labels_name)
     if any(row[_F_VOCAB] < 1 for row in rows):
         raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
                          f"{[row[_F_VOCAB] for row in rows]}")
     vocab_start, vocab_total = _vocab_layout(rows, group)
-    _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens)
+    _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens, labels_name)
     return vocab_start, vocab_total
 
 
@@ -587,10 +587,11 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
 
 
 def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_seqlens, return_token_counts,
-                                   validate_labels, more_checks=None, agree_on=(0, 0)):
+                                   validate_labels, more_checks=None, agree_on=(0, 0), names=("logits", "labels")):
     """vocab_parallel_sequence_logps, with more_checks() (the caller's own argument checks) run among this
     rank's checks, before the agreement: an error there raises on every rank of the group; agree_on: two
-    ints (or 0-dim integer tensors) of the caller's that must be equal on every rank."""
+    ints (or 0-dim integer tensors) of the caller's that must be equal on every rank; names: the logits'
+    and labels' names in the errors."""
     if is_dtensor(logits):
         logits, mesh_group = dtensor_vocab_logits(logits)
         group = mesh_group if group is None else _same_ranks(check_group(group), mesh_group, "logits")
@@ -598,9 +599,10 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
     what = "vocab_parallel_sequence_logps"
     error = None
     try:
-        logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name="logits",
-                                                   labels_name="labels", last_dim="V")
-        check_logits_and_labels(logits, labels, ignore_index=ignore_index)
+        logits, labels, cu_seqlens = as_token_grid(logits, labels, cu_seqlens, values_name=names[0],
+                                                   labels_name=names[1], last_dim="V")
+        check_logits_and_labels(logits, labels, logits_name=names[0], labels_name=names[1],
+                                ignore_index=ignore_index)
         check_flag(return_token_counts, "return_token_counts")
         check_flag(validate_labels, "validate_labels")
         if more_checks is not None:
@@ -612,7 +614,7 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
     vocab_start, vocab_total = _gather_layout(
         group, what, tensor, error, vocab=shape[2], batch=shape[0], seq_len=shape[1], cu_seqlens=cu_seqlens,
         hidden=-1, dtype=None if error is not None else logits.dtype, needs_grad=False, labels=labels,
-        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on)
+        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on, labels_name=names[1])
     kernels = backend.use_triton(logits)
     if kernels:
         logits = unit_stride_logits(logits)
@@ -647,9 +649,10 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
 
 def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens,
                                                 return_token_counts, chunk_size, logit_softcap, logit_scale,
-                                                temperature, validate_labels, more_checks=None, agree_on=(0, 0)):
-    """vocab_parallel_fused_linear_sequence_logps, with more_checks() run among this rank's checks (as in
-    `_vocab_parallel_sequence_logps`)."""
+                                                temperature, validate_labels, more_checks=None, agree_on=(0, 0),
+                                                names=("hidden", "labels")):
+    """vocab_parallel_fused_linear_sequence_logps, with more_checks(), agree_on and names as in
+    `_vocab_parallel_sequence_logps`."""
     group = check_group(group)
     what = "vocab_parallel_fused_linear_sequence_logps"
     error = None
@@ -658,11 +661,12 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         hidden = replicated_hidden(hidden)
         check_flag(return_token_counts, "return_token_counts")
         check_flag(validate_labels, "validate_labels")
-        hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name="hidden",
-                                                   labels_name="labels", last_dim="H")
+        hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name=names[0],
+                                                   labels_name=names[1], last_dim="H")
         weight, bias, hidden = autocast_inputs(weight, bias, hidden)
         check_linear(weight, bias)
-        check_hidden_and_labels(hidden, labels, weight, ignore_index=ignore_index)
+        check_hidden_and_labels(hidden, labels, weight, hidden_name=names[0], labels_name=names[1],
+                                ignore_index=ignore_index)
         chunk_size = check_chunk_size(chunk_size)
         check_logit_transform(logit_softcap, logit_scale, temperature)
         if more_checks is not None:
@@ -676,7 +680,8 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         seq_len=hidden.shape[1] if ok else 0, cu_seqlens=cu_seqlens, hidden=hidden.shape[2] if ok else 0,
         dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad, labels=labels,
         ignore_index=ignore_index, validate_labels=validate_labels, has_bias=bias is not None,
-        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0), agree_on=agree_on)
+        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0), agree_on=agree_on,
+        labels_name=names[1])
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
                                         weight.element_size())
@@ -783,11 +788,12 @@ def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), wha
 
 def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, return_token_counts,
                             validate_labels, inplace_backward, vocab_parallel_group, sequence_parallel_group,
-                            more_checks=None, agree_on=(0, 0)):
+                            more_checks=None, agree_on=(0, 0), names=("logits", "labels")):
     """`fk.sequence_logps` with vocab_parallel_group / DTensor logits and / or sequence_parallel_group;
-    `local` is the single-rank function. The argument checks (inplace_backward, then more_checks(), the
-    caller's own) run inside the groups' agreement, so that a bad argument on one rank raises on all; the
-    caller's two `agree_on` ints are compared there too."""
+    `local` is the single-rank function (`local_sequence_logps`). The argument checks (inplace_backward, then
+    more_checks(), the caller's own) run inside the groups' agreement, so that a bad argument on one rank
+    raises on all; the caller's two `agree_on` ints are compared there too. names: the logits' and labels'
+    names in the errors."""
     if vocab_parallel_group is not None:
         vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
 
@@ -801,7 +807,8 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
         if more_checks is not None:
             more_checks()
 
-    options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, validate_labels=validate_labels)
+    options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, validate_labels=validate_labels,
+                   names=names)
     if vocab_parallel_group is not None or is_dtensor(logits):
         compute = partial(_vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group,
                           more_checks=checks, agree_on=agree_on, **options)
@@ -814,12 +821,14 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
 def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ignore_index, *, cu_seqlens,
                                          return_token_counts, chunk_size, logit_softcap, logit_scale, temperature,
                                          validate_labels, memory_budget, vocab_parallel_group,
-                                         sequence_parallel_group, more_checks=None, agree_on=(0, 0)):
+                                         sequence_parallel_group, more_checks=None, agree_on=(0, 0),
+                                         names=("hidden", "labels")):
     """`fk.fused_linear_sequence_logps` with vocab_parallel_group and / or sequence_parallel_group; `local` is
-    the single-rank function. With vocab_parallel_group, a DTensor weight or bias must be sharded on the
-    vocabulary over that group and is taken as this rank's slice (`vocab_shard`). The argument checks
+    the single-rank function (`local_fused_linear_sequence_logps`). With vocab_parallel_group, a DTensor
+    weight or bias must be sharded on the vocabulary over that group and is taken as this rank's slice
+    (`vocab_shard`). The argument checks
     (memory_budget, then more_checks()) run inside the groups' agreement, and agree_on is compared there, as
-    in `parallel_sequence_logps`."""
+    in `parallel_sequence_logps`; so are the names."""
     if vocab_parallel_group is not None:
         vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
 
@@ -833,7 +842,7 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
 
     options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, chunk_size=chunk_size,
                    logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
-                   validate_labels=validate_labels)
+                   validate_labels=validate_labels, names=names)
     if vocab_parallel_group is not None:
         compute = partial(_vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
                           group=vocab_parallel_group, more_checks=checks, agree_on=agree_on, **options)

@@ -217,8 +217,6 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     share one pass over the weight). The other arguments and
     the output are those of `focal_po_loss`; gradients reach both hidden states, the weight and the bias.
     """
-    groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
-              (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
 
     def pair_checks():
         check_pair_shapes(chosen_hidden.shape, rejected_hidden.shape, chosen_hidden.device, rejected_hidden.device,
@@ -229,10 +227,11 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
 
     if vocab_parallel_group is not None or sequence_parallel_group is not None:
         def group_checks():  # the tensors' own checks first, named, as linear_token_logps does below
-            for hidden, labels, hidden_name, labels_name in groups:
-                _padded(hidden_name, hidden)
-                check_logits_and_labels(_local(hidden), labels, logits_name=hidden_name, labels_name=labels_name,
-                                        ignore_index=ignore_index, last_dim="H")
+            for side, hidden, labels in (("chosen", chosen_hidden, chosen_labels),
+                                         ("rejected", rejected_hidden, rejected_labels)):
+                _padded(f"{side}_hidden", hidden)
+                check_logits_and_labels(_local(hidden), labels, logits_name=f"{side}_hidden",
+                                        labels_name=f"{side}_labels", ignore_index=ignore_index, last_dim="H")
             pair_checks()
 
         return _group_pair_loss(
@@ -246,18 +245,18 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
     weight, bias, mesh = gathered_params(weight, bias)
 
     def local():
-        nonlocal weight, bias, chosen_hidden, rejected_hidden, groups  # pair_checks reads the cast hidden states
         _padded("chosen_hidden", chosen_hidden)
         _padded("rejected_hidden", rejected_hidden)
-        weight, bias, chosen_hidden, rejected_hidden = autocast_inputs(weight, bias, chosen_hidden, rejected_hidden)
-        groups = [(chosen_hidden, chosen_labels, "chosen_hidden", "chosen_labels"),
-                  (rejected_hidden, rejected_labels, "rejected_hidden", "rejected_labels")]
+        cast_weight, cast_bias, cast_chosen, cast_rejected = autocast_inputs(weight, bias, chosen_hidden,
+                                                                             rejected_hidden)
         (chosen_tokens,), (rejected_tokens,) = linear_token_logps(
-            groups, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
-            logit_scale=logit_scale, temperature=temperature, validate_labels=validate_labels,
-            more_checks=pair_checks, memory_budget=memory_budget)
+            [(cast_chosen, chosen_labels, "chosen_hidden", "chosen_labels"),
+             (cast_rejected, rejected_labels, "rejected_hidden", "rejected_labels")], cast_weight, cast_bias,
+            ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale,
+            temperature=temperature, validate_labels=validate_labels, more_checks=pair_checks,
+            memory_budget=memory_budget)
         with_counts = _counts_needed(loss_options)
-        sides = [(sum_per_sequence(tokens, layout_of(labels.shape[0], labels.shape[1], None), weight),
+        sides = [(sum_per_sequence(tokens, layout_of(labels.shape[0], labels.shape[1], None), cast_weight),
                   _padded_counts(labels, ignore_index) if with_counts else None)
                  for tokens, labels in ((chosen_tokens, chosen_labels), (rejected_tokens, rejected_labels))]
         return _pair_loss(*sides, ref_chosen_logps, ref_rejected_logps, beta, gamma, detach_focal_weight,

@@ -172,7 +172,6 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
     weight, bias, mesh = gathered_params(weight, bias)
 
     def body():
-        nonlocal hidden, labels, weight, bias
         if isinstance(stats, str):
             raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
                             f"stats=({stats!r},))")
@@ -183,12 +182,13 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         shape = labels.shape
+        grid_hidden, grid_labels = hidden, labels
         if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed tokens: one row of N
-            hidden, labels = hidden[None], labels.reshape(1, -1)
+            grid_hidden, grid_labels = hidden[None], labels.reshape(1, -1)
         elif labels.dim() == 1:
-            labels = labels[None]
-        weight, bias, hidden = autocast_inputs(weight, bias, hidden)
-        (outputs,) = linear_token_logps([(hidden, labels, "hidden", "labels")], weight, bias,
+            grid_labels = labels[None]
+        cast_weight, cast_bias, grid_hidden = autocast_inputs(weight, bias, grid_hidden)
+        (outputs,) = linear_token_logps([(grid_hidden, grid_labels, "hidden", "labels")], cast_weight, cast_bias,
                                         ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,
                                         logit_scale=logit_scale, temperature=temperature, stats=names,
                                         validate_labels=validate_labels, memory_budget=memory_budget)

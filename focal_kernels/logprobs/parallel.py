@@ -160,8 +160,8 @@ def _agree(group, device, local_error, fields, what):
     rank, (relayed, message) = next((rank, m) for rank, m in enumerate(messages) if m is not None)
     if relayed:
         raise RankFailed(message)
-    raise RankFailed(f"{what}: the inputs of {_rank_name(group, rank)} failed its checks ({message}); "
-                     "every rank stops")
+    raise RankFailed(f"{what}: the inputs of rank {rank} of the group{_global(group, rank)} failed its checks "
+                     f"({message}); every rank stops")
 
 
 class RankFailed(ValueError):
@@ -169,19 +169,18 @@ class RankFailed(ValueError):
     that rank and quotes its error)."""
 
 
-def _rank_name(group, rank, of_the_group=" of the group"):
-    """'rank r of the group', with its global rank when that differs (a subgroup of a mesh)."""
+def _global(group, rank):
+    """' (global rank g)' where a group rank differs from its global rank (a subgroup of a mesh), else ''."""
     try:
         number = _dist().get_global_rank(group, rank)
     except (RuntimeError, ValueError, AttributeError):  # pragma: no cover (older PyTorch, default group)
         number = rank
-    return f"rank {rank}{of_the_group}" + ("" if number == rank else f" (global rank {number})")
+    return "" if number == rank else f" (global rank {number})"
 
 
-def _ranks(group, *ranks):
+def _ranks(group, first, other):
     """'ranks 0 and 2' (with their global ranks where they differ), for the mismatch messages."""
-    names = [_rank_name(group, rank, "")[len("rank "):] for rank in ranks]
-    return "ranks " + " and ".join(names)
+    return f"ranks {first}{_global(group, first)} and {other}{_global(group, other)}"
 
 
 def agree_over_mesh(mesh, error, what):
@@ -267,15 +266,15 @@ def _check_agreement(rows, what, group, *, hidden_path, labels_name="labels"):
                 seqs = f", {r[_F_SEQS]} packed sequences" if r[_F_SEQS] >= 0 else ""
                 return f"(B, T) = ({r[_F_BATCH]}, {r[_F_TIME]}){seqs}"
             raise ValueError(f"{what}: every rank of the vocabulary-parallel group must score the same tokens, "
-                             f"but {_rank_name(group, 0, '')} has {shape(first)} and {_rank_name(group, rank, '')} has "
-                             f"{shape(row)}")
+                             f"but rank 0{_global(group, 0)} has {shape(first)} and rank {rank}{_global(group, rank)} "
+                             f"has {shape(row)}")
         if row[_F_DTYPE] != first[_F_DTYPE]:
             kind = "hidden states" if hidden_path else "logits"
             raise ValueError(f"{what}: every rank's {kind} must have the same dtype, but {_ranks(group, 0, rank)} "
                              "differ")
         if hidden_path and row[_F_HIDDEN] != first[_F_HIDDEN]:
             raise ValueError(f"{what}: every rank's hidden size must match, got H = {first[_F_HIDDEN]} on rank 0 "
-                             f"and {row[_F_HIDDEN]} on {_rank_name(group, rank, '')}")
+                             f"and {row[_F_HIDDEN]} on rank {rank}{_global(group, rank)}")
         if hidden_path and row[_F_GRAD] != first[_F_GRAD]:
             raise ValueError(f"{what}: hidden must require a gradient on every rank or on none (the backward "
                              f"all-reduces its gradient), but {_ranks(group, 0, rank)} differ")
@@ -284,7 +283,7 @@ def _check_agreement(rows, what, group, *, hidden_path, labels_name="labels"):
                              f"{_ranks(group, 0, rank)} differ")
         if row[_F_IGNORE] != first[_F_IGNORE]:
             raise ValueError(f"{what}: ignore_index must be the same on every rank, got {first[_F_IGNORE]} on rank 0 "
-                             f"and {row[_F_IGNORE]} on {_rank_name(group, rank, '')}")
+                             f"and {row[_F_IGNORE]} on rank {rank}{_global(group, rank)}")
         for k, name in enumerate(_OPTION_NAMES):
             if row[_F_OPTIONS + k] != first[_F_OPTIONS + k]:
                 raise ValueError(f"{what}: {name} must be the same on every rank, but {_ranks(group, 0, rank)} differ")
@@ -743,7 +742,7 @@ def _agreed_sum(per_sequence_values, group, error, what, tags=(0, 0, 0)):
                 return f"shape {tuple(r[5:5 + r[0]])} {dtype}"
             raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same number of "
                              f"sequences (same shape and dtype), but rank 0 has {describe(rows[0])} and "
-                             f"{_rank_name(group, rank, '')} "
+                             f"rank {rank}{_global(group, rank)} "
                              f"has {describe(row)}")
         if row[2] != rows[0][2]:
             raise ValueError(f"{what}: return_token_counts (or a loss type that needs token counts) must be the "

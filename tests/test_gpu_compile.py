@@ -1,0 +1,88 @@
+"""The kernels compile for the benchmarks' GPUs (sm_90: H100, H200) with Triton's own compiler, at the launch
+configurations that GPU-sized vocabularies get in every mode, on a machine without a GPU (tests/gpu_compile.py):
+the interpreter runs a kernel's Python but never compiles it.
+
+Each step runs in its own process: recording needs TRITON_INTERPRET=1 before triton is imported, compiling
+needs it unset."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+TOOL = str(Path(__file__).with_name("gpu_compile.py"))
+LAUNCHED_KERNELS = {"token_logps_kernel", "logits_grad_kernel", "segment_sum_kernel", "chunk_lse_update_kernel",
+                    "chunk_logits_grad_kernel"}
+
+
+def _run(*args, interpret, extra_path=None, cache=None):
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
+    if cache:
+        env["TRITON_CACHE_DIR"] = str(cache)  # a fresh cache: every launch really compiled here
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_every_kernel_compiles_for_sm90_at_gpu_vocabularies(tmp_path):
+    specs = tmp_path / "specs.json"
+    recorded = _run("record-gpu-shapes", specs, interpret=True)
+    assert recorded.returncode == 0, recorded.stdout + recorded.stderr
+    launches = json.loads(specs.read_text())
+    assert {spec["kernel"] for spec in launches} == LAUNCHED_KERNELS
+    # The configurations of the benchmarks' shapes are among them (bf16 forward: 4096-wide blocks, 4 warps;
+    # the vocabulary-parallel forward writing target logits).
+    assert any(spec["kernel"] == "token_logps_kernel" and spec["args"][0] == {"tensor": "bfloat16", "aligned": True}
+               and spec["kwargs"] == {"BLOCK_V": 4096, "WRITE_TARGET": True, "num_warps": 4} for spec in launches)
+    compiled = _run("compile", specs, "--arch", "90", interpret=False, cache=tmp_path / "cache")
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert f"{len(launches)} of {len(launches)} launches compiled for sm_90" in compiled.stdout
+
+
+BROKEN_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def type_changing_loop(x_ptr, n):
+    total = 0  # an int32 that the loop turns into a float32: the interpreter runs it, the compiler refuses
+    for i in range(n):
+        total += tl.load(x_ptr + i)
+    tl.store(x_ptr, total)
+'''
+
+LAUNCH_BROKEN = '''
+import json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import torch
+import gpu_compile
+from broken_kernel import type_changing_loop
+
+specs = {}
+with gpu_compile.recording(specs):
+    x = torch.arange(4, dtype=torch.float32)
+    type_changing_loop[(1,)](x, 4)
+assert x[0].item() == 6.0, x  # the interpreter ran it
+with open(sys.argv[2], "w") as file:
+    json.dump(list(specs.values()), file)
+'''
+
+
+def test_a_kernel_the_interpreter_runs_but_the_compiler_refuses_fails(tmp_path):
+    (tmp_path / "broken_kernel.py").write_text(textwrap.dedent(BROKEN_KERNEL))
+    specs = tmp_path / "specs.json"
+    recorded = subprocess.run([sys.executable, "-c", LAUNCH_BROKEN, TOOL, specs], capture_output=True, text=True,
+                              env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(tmp_path)}, timeout=300)
+    assert recorded.returncode == 0, recorded.stdout + recorded.stderr
+    assert [spec["args"] for spec in json.loads(specs.read_text())] == [[{"tensor": "float32", "aligned": True},
+                                                                        {"int": 17}]]
+    compiled = _run("compile", specs, interpret=False, extra_path=tmp_path, cache=tmp_path / "cache")
+    assert compiled.returncode == 1, compiled.stdout + compiled.stderr
+    assert "FAILED type_changing_loop(float32, 17" in compiled.stdout
+    assert "0 of 1 launches compiled for sm_90" in compiled.stdout

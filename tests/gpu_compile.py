@@ -27,6 +27,8 @@ import contextlib
 import importlib
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -201,8 +203,28 @@ def compile_spec(spec: dict):
     return kernel.warmup(*[_argument(arg) for arg in spec["args"]], grid=(1,), **kwargs)
 
 
-def compile_all(specs: list[dict], arch: int = 90) -> list[tuple[dict, str]]:
-    """Compile every specification for sm_<arch>; returns (specification, error) for each that failed.
+def _resource_usage(compiled) -> str:
+    """Registers, stack, shared and local (spilled) memory of a compiled kernel, as cuobjdump reads the cubin."""
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        listing = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                                 capture_output=True, text=True, timeout=60).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", listing)
+    if usage is None:
+        return f"(cuobjdump printed no resource usage: {listing[-200:]!r})"
+    registers, stack, shared, local = map(int, usage.groups())
+    spills = f", SPILLS: {stack} B stack, {local} B local" if stack or local else ""
+    return f"{registers} registers, {shared} B shared{spills}"
+
+
+def compile_all(specs: list[dict], arch: int = 90, resources: list | None = None) -> list[tuple[dict, str]]:
+    """Compile every specification for sm_<arch>; returns (specification, error) for each that failed, and
+    appends (specification, resource usage) for each that compiled to resources if given.
 
     Must run in a process where TRITON_INTERPRET is unset (the kernels must be JIT functions, not
     interpreted ones)."""
@@ -225,6 +247,8 @@ def compile_all(specs: list[dict], arch: int = 90) -> list[tuple[dict, str]]:
                 if compiled.metadata.shared > _SHARED_MEMORY.get(arch, float("inf")):
                     raise RuntimeError(f"{compiled.metadata.shared} bytes of shared memory, more than the "
                                        f"{_SHARED_MEMORY[arch]} a block may use on sm_{arch}")
+                if resources is not None:
+                    resources.append((spec, _resource_usage(compiled)))
             except Exception as error:  # noqa: BLE001 - every failure is reported with its specification
                 failures.append((spec, f"{type(error).__name__}: {error}"))
     finally:
@@ -238,6 +262,17 @@ def _summary(spec: dict) -> str:
     return f"{spec['kernel']}({kinds}; {spec['kwargs']})"
 
 
+def _record(path: str, run) -> int:
+    """Run run() with every launch recorded; write the distinct ones to path; run()'s status (None: 0)."""
+    specs = {}
+    with recording(specs):
+        status = run()
+    with open(path, "w") as file:
+        json.dump(list(specs.values()), file, indent=1)
+    print(f"gpu_compile: {len(specs)} distinct launches recorded in {path}")
+    return int(status or 0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +284,8 @@ def main(argv=None) -> int:
     compile_ = commands.add_parser("compile", help="compile each recorded launch for an NVIDIA GPU")
     compile_.add_argument("specs", help="a JSON file written by record")
     compile_.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (sm_90), 80, 100")
+    compile_.add_argument("--resources", action="store_true",
+                          help="print each launch's registers, shared memory and spills (cuobjdump)")
     args = parser.parse_args(argv)
 
     if args.command == "record":
@@ -258,29 +295,19 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         import pytest
 
-        specs = {}
-        with recording(specs):
-            status = pytest.main([arg for arg in args.pytest_args if arg != "--"])
-        with open(args.specs, "w") as file:
-            json.dump(list(specs.values()), file, indent=1)
-        print(f"gpu_compile: {len(specs)} distinct launches recorded in {args.specs}")
-        return int(status)
-
+        return _record(args.specs, lambda: pytest.main([arg for arg in args.pytest_args if arg != "--"]))
     if args.command == "record-gpu-shapes":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-        specs = {}
-        with recording(specs):
-            launch_gpu_shapes()
-        with open(args.specs, "w") as file:
-            json.dump(list(specs.values()), file, indent=1)
-        print(f"gpu_compile: {len(specs)} distinct launches recorded in {args.specs}")
-        return 0
+        return _record(args.specs, launch_gpu_shapes)
 
     os.environ.pop("TRITON_INTERPRET", None)
     with open(args.specs) as file:
         specs = json.load(file)
     start = time.perf_counter()
-    failures = compile_all(specs, args.arch)
+    resources = [] if args.resources else None
+    failures = compile_all(specs, args.arch, resources)
+    for spec, usage in resources or ():
+        print(f"{_summary(spec)}: {usage}")
     for spec, error in failures:
         print(f"FAILED {_summary(spec)}\n    {error}")
     print(f"gpu_compile: {len(specs) - len(failures)} of {len(specs)} launches compiled for sm_{args.arch} "

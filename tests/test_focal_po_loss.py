@@ -257,14 +257,21 @@ def test_inplace_backward_with_sides_interleaved_in_one_tensor(device):
     vocab = 301
     joint = random_logits(3, 9, vocab, torch.float32, device)
     labels_c, labels_r = random_labels(3, 4, vocab, device), random_labels(3, 5, vocab, device)
-    _, expected_c, expected_r = loss_and_grads(fk.focal_po_loss, joint[:, :4].detach().clone(),
-                                               joint[:, 4:].detach().clone(), labels_c, labels_r)
-    base = joint.detach().clone().requires_grad_(True)
-    logits = base * 1
-    out = fk.focal_po_loss(logits[:, :4], logits[:, 4:], labels_c, labels_r, inplace_backward=True)
-    total = out.loss + 0.01 * out.chosen_logps.sum() - 0.02 * out.rejected_logps.sum()
-    (grad,) = torch.autograd.grad(total, [base])
-    assert torch.equal(grad[:, :4], expected_c) and torch.equal(grad[:, 4:], expected_r)
+
+    def gradient(inplace_backward):
+        base = joint.detach().clone().requires_grad_(True)
+        logits = base * 1
+        out = fk.focal_po_loss(logits[:, :4], logits[:, 4:], labels_c, labels_r, inplace_backward=inplace_backward)
+        total = out.loss + 0.01 * out.chosen_logps.sum() - 0.02 * out.rejected_logps.sum()
+        return torch.autograd.grad(total, [base])[0]
+
+    # Against the out-of-place gradient of the same views (rows at the same 16-byte offsets, so the same
+    # reduction order: kernels/row_alignment.py), and the float64 reference.
+    grad = gradient(inplace_backward=True)
+    assert torch.equal(grad, gradient(inplace_backward=False))
+    _, expected_c, expected_r = loss_and_grads(fk.reference.focal_po_loss, joint[:, :4].double(),
+                                               joint[:, 4:].double(), labels_c, labels_r)
+    torch.testing.assert_close(grad, torch.cat([expected_c, expected_r], dim=1).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):

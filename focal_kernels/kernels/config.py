@@ -1,7 +1,8 @@
 """Launch parameters for the row kernels, chosen from the vocabulary size and element size.
 
 Fixed heuristics rather than autotuning: the same shape always gets the same configuration, so results
-are bitwise reproducible and the first call pays no tuning sweep. benchmarks/NOTES.md records how these
+are bitwise reproducible for the same shape and layout (a row's 16-byte offset decides where its aligned
+blocks start: row_alignment.py) and the first call pays no tuning sweep. benchmarks/NOTES.md records how these
 numbers were measured.
 """
 

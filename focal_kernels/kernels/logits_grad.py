@@ -13,7 +13,9 @@ pair_rows.py), each with its own labels, g and gradient tensor; row_max and log_
 flat (rows,) statistics of both.
 
 Grid: (rows, vocabulary splits). Each program covers blocks_per_program · BLOCK_V columns of one row;
-the vocabulary is split only when there are too few rows to fill the GPU. Offsets are int64.
+the vocabulary is split only when there are too few rows to fill the GPU. The blocks start on the logits'
+16-byte boundaries, so that they load as vectors whatever V is, and store as vectors where the gradient's
+rows lie at the same offsets (row_alignment.py). Offsets are int64.
 """
 
 from __future__ import annotations
@@ -24,6 +26,32 @@ import triton.language as tl
 
 from .config import gradient_config
 from .pair_rows import pair_row
+from .row_alignment import aligned_body, alignment, block_offset, needs_peel, same_row_alignment
+
+
+@triton.jit
+def _gradient_block(x_ptr, x_offset, grad_ptr, grad_offset, column, n_valid, local_label, row_max, log_sum_exp,
+                    grad_scale, scored, BLOCK: tl.constexpr, ALIGN: tl.constexpr, X_ALIGNED: tl.constexpr,
+                    GRAD_ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Columns [column, column + BLOCK) of one row (the first n_valid of them when MASKED): the logits at
+    x_ptr + x_offset + lane, their gradient to grad_ptr + grad_offset + lane; the offsets declared multiples
+    of ALIGN where X_ALIGNED / GRAD_ALIGNED say so. An ignored row's gradient is zero, its logits unread."""
+    lanes = tl.arange(0, BLOCK)
+    x_at = x_ptr + block_offset(x_offset, column, ALIGN, X_ALIGNED) + lanes
+    grad_at = grad_ptr + block_offset(grad_offset, column, ALIGN, GRAD_ALIGNED) + lanes
+    if scored:
+        if MASKED:
+            x = tl.load(x_at, mask=lanes < n_valid, other=float("-inf"))
+        else:
+            x = tl.load(x_at)
+        probs = tl.exp((x.to(row_max.dtype) - row_max) - log_sum_exp)
+        grad = grad_scale * (tl.where(column + lanes == local_label, 1.0, 0.0) - probs)
+    else:
+        grad = tl.zeros((BLOCK,), dtype=row_max.dtype)
+    if MASKED:
+        tl.store(grad_at, grad.to(grad_ptr.dtype.element_ty), mask=lanes < n_valid)
+    else:
+        tl.store(grad_at, grad.to(grad_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -37,43 +65,52 @@ def logits_grad_kernel(
     second_stride_logits_b, second_stride_logits_t, second_stride_labels_b, second_stride_labels_t,
     second_stride_scale_b, second_stride_scale_t, second_stride_grad_b, second_stride_grad_t,
     ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, PEEL: tl.constexpr, GRAD_PEELED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     second, b, t = pair_row(row, first_rows, T, second_T)
     if second:
         label = tl.load(second_labels_ptr + b * second_stride_labels_b + t * second_stride_labels_t).to(tl.int64)
-        row_logits_ptr = second_logits_ptr + b * second_stride_logits_b + t * second_stride_logits_t
-        row_grad_ptr = second_grad_ptr + b * second_stride_grad_b + t * second_stride_grad_t
+        x_ptr = second_logits_ptr
+        x_offset = b * second_stride_logits_b + t * second_stride_logits_t
+        out_ptr = second_grad_ptr
+        grad_offset = b * second_stride_grad_b + t * second_stride_grad_t
         row_scale_ptr = second_grad_scale_ptr + b * second_stride_scale_b + t * second_stride_scale_t
     else:
         label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
-        row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-        row_grad_ptr = grad_ptr + b * stride_grad_b + t * stride_grad_t
+        x_ptr = logits_ptr
+        x_offset = b * stride_logits_b + t * stride_logits_t
+        out_ptr = grad_ptr
+        grad_offset = b * stride_grad_b + t * stride_grad_t
         row_scale_ptr = grad_scale_ptr + b * stride_scale_b + t * stride_scale_t
     scored = label != ignore_index
     local_label = label - vocab_start
     acc_dtype = row_max_ptr.dtype.element_ty
-    first_col = split * blocks_per_program * BLOCK_V
-    # One branch per row kind, so that every mask is the plain `cols < V` (its alignment is known to the
-    # compiler through V's divisibility specialization; a row-dependent bound's is not).
-    if scored:
-        row_max = tl.load(row_max_ptr + row)
-        log_sum_exp = tl.load(log_sum_exp_ptr + row)
-        grad_scale = tl.load(row_scale_ptr).to(acc_dtype)
-        for i in range(0, blocks_per_program):
-            cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
-            in_row = cols < V
-            x = tl.load(row_logits_ptr + cols, mask=in_row, other=float("-inf")).to(acc_dtype)
-            probs = tl.exp((x - row_max) - log_sum_exp)
-            grad = grad_scale * (tl.where(cols == local_label, 1.0, 0.0) - probs)
-            tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-    else:  # an ignored row: its logits are never read, its gradient is zero
-        zeros = tl.zeros((BLOCK_V,), dtype=grad_ptr.dtype.element_ty)
-        for i in range(0, blocks_per_program):
-            cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
-            tl.store(row_grad_ptr + cols, zeros, mask=cols < V)
+    row_max = tl.load(row_max_ptr + row, mask=scored, other=0.0)
+    log_sum_exp = tl.load(log_sum_exp_ptr + row, mask=scored, other=0.0)
+    grad_scale = tl.load(row_scale_ptr, mask=scored, other=0.0).to(acc_dtype)
+
+    # The row's aligned body (row_alignment.py; the logits' alignment, which the gradient shares when
+    # GRAD_PEELED) in BLOCK_V-wide blocks: this program's share of its full blocks unmasked, then the masked
+    # block after the last full one, and in the first program the unaligned head and end (with PEEL).
+    head, body_end = aligned_body(x_offset, V, ALIGN, PEEL)
+    full_blocks = (body_end - head) // BLOCK_V
+    first_block = split * blocks_per_program
+    for block in range(first_block, tl.minimum(first_block + blocks_per_program, full_blocks)):
+        _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, head + block * BLOCK_V, BLOCK_V, local_label,
+                        row_max, log_sum_exp, grad_scale, scored, BLOCK_V, ALIGN, PEEL, GRAD_PEELED, False)
+    if (first_block <= full_blocks) & (full_blocks < first_block + blocks_per_program):
+        column = head + full_blocks * BLOCK_V
+        _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, column, block_offset(body_end, -column, ALIGN, PEEL),
+                        local_label, row_max, log_sum_exp, grad_scale, scored, BLOCK_V, ALIGN, PEEL, GRAD_PEELED,
+                        True)
+    if PEEL:
+        if split == 0:
+            _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, 0, head, local_label, row_max, log_sum_exp,
+                            grad_scale, scored, ALIGN, ALIGN, False, False, True)
+            _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, body_end, V - body_end, local_label, row_max,
+                            log_sum_exp, grad_scale, scored, ALIGN, ALIGN, False, False, True)
 
 
 def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start=0, out=None):
@@ -96,6 +133,7 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index,
     vocab = first.shape[2]
     block_v, num_warps, blocks_per_program = gradient_config(rows, vocab, first.element_size())
     splits = triton.cdiv(triton.cdiv(vocab, block_v), blocks_per_program)
+    peel = needs_peel([first, second])
     logits_grad_kernel[(rows, splits)](
         first, first_labels, first_scale, first_out,
         second, second_labels, second_scale, second_out,
@@ -106,6 +144,7 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index,
         second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
         second_scale.stride(0), second_scale.stride(1), second_out.stride(0), second_out.stride(1),
         ignore_index,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, ALIGN=alignment(first.element_size()), PEEL=peel,
+        GRAD_PEELED=peel and same_row_alignment([first, second], [first_out, second_out]), num_warps=num_warps,
     )
     return out

@@ -18,6 +18,7 @@ Rows whose label is ignore_index read no logits and write 0 everywhere.
 
 One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
 exponentials kept per lane and reduced once at the end, so any V works and nothing of size V is stored.
+The full blocks start on 16-byte boundaries, so that they load as vectors whatever V is (row_alignment.py).
 Offsets are int64.
 """
 
@@ -31,6 +32,7 @@ from ..dtypes import compute_dtype
 from .config import reduction_config
 from .online_logsumexp import online_logsumexp_lanes
 from .pair_rows import pair_row
+from .row_alignment import aligned_body, alignment, block_offset, needs_peel
 
 
 @triton.jit
@@ -41,39 +43,54 @@ def token_logps_kernel(
     stride_logits_b, stride_logits_t, stride_labels_b, stride_labels_t,
     second_stride_logits_b, second_stride_logits_t, second_stride_labels_b, second_stride_labels_t,
     ignore_index,
-    BLOCK_V: tl.constexpr, WRITE_TARGET: tl.constexpr,
+    BLOCK_V: tl.constexpr, WRITE_TARGET: tl.constexpr, ALIGN: tl.constexpr, PEEL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     second, b, t = pair_row(row, first_rows, T, second_T)
     if second:
-        row_logits_ptr = second_logits_ptr + b * second_stride_logits_b + t * second_stride_logits_t
+        base_ptr = second_logits_ptr
+        row_offset = b * second_stride_logits_b + t * second_stride_logits_t
         label = tl.load(second_labels_ptr + b * second_stride_labels_b + t * second_stride_labels_t).to(tl.int64)
     else:
-        row_logits_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
+        base_ptr = logits_ptr
+        row_offset = b * stride_logits_b + t * stride_logits_t
         label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t).to(tl.int64)
+    row_logits_ptr = base_ptr + row_offset
     scored = label != ignore_index
     local_label = label - vocab_start
     in_slice = scored & (local_label >= 0) & (local_label < V)
     acc_dtype = row_max_ptr.dtype.element_ty
 
     # Each lane keeps its own running max and sum of exponentials over the columns it sees, and the lanes are
-    # reduced once at the end (no cross-warp reduction per block). Full blocks load without a mask; one masked
-    # tail covers V mod BLOCK_V. Ignored rows run neither: their logits are never read.
+    # reduced once at the end (no cross-warp reduction per block). Full blocks of the row's aligned body load
+    # without a mask, one masked block covers the rest of the body, and with PEEL the unaligned head and end
+    # load as one ALIGN-wide block each (row_alignment.py). Ignored rows load nothing: their logits are never
+    # read.
     vocab_end = tl.where(scored, V, 0)
-    full_end = vocab_end // BLOCK_V * BLOCK_V
+    head, body_end = aligned_body(row_offset, vocab_end, ALIGN, PEEL)
+    full_end = head + (body_end - head) // BLOCK_V * BLOCK_V
+    lanes = tl.arange(0, BLOCK_V)
     lane_max = tl.full((BLOCK_V,), float("-inf"), acc_dtype)
     lane_sum = tl.zeros((BLOCK_V,), acc_dtype)
-    for start in range(0, full_end, BLOCK_V):
-        x = tl.load(row_logits_ptr + start + tl.arange(0, BLOCK_V)).to(acc_dtype)
+    for start in range(head, full_end, BLOCK_V):
+        x = tl.load(base_ptr + block_offset(row_offset, start, ALIGN, PEEL) + lanes).to(acc_dtype)
         lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
-    cols = full_end + tl.arange(0, BLOCK_V)
-    x = tl.load(row_logits_ptr + cols, mask=cols < vocab_end, other=float("-inf")).to(acc_dtype)
+    x = tl.load(base_ptr + block_offset(row_offset, full_end, ALIGN, PEEL) + lanes,
+                mask=lanes < block_offset(body_end, -full_end, ALIGN, PEEL), other=float("-inf")).to(acc_dtype)
     lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
     running_max = tl.max(lane_max, axis=0)
+    if PEEL:
+        edge = tl.arange(0, ALIGN)
+        head_x = tl.load(row_logits_ptr + edge, mask=edge < head, other=float("-inf")).to(acc_dtype)
+        end_x = tl.load(row_logits_ptr + body_end + edge, mask=body_end + edge < vocab_end,
+                        other=float("-inf")).to(acc_dtype)
+        running_max = tl.maximum(running_max, tl.maximum(tl.max(head_x, axis=0), tl.max(end_x, axis=0)))
     # An ignored row (or a scored row of all -inf, whose log-prob is then nan as in log_softmax) has no finite
     # max: shift by 0 rather than by -inf.
     row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
     running_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+    if PEEL:
+        running_sum += tl.sum(tl.exp(head_x - row_max) + tl.exp(end_x - row_max), axis=0)
     log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))
 
     target_logit = tl.load(row_logits_ptr + tl.where(in_slice, local_label, 0), mask=in_slice,
@@ -112,6 +129,7 @@ def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], 
         first.stride(0), first.stride(1), first_labels.stride(0), first_labels.stride(1),
         second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
         ignore_index,
-        BLOCK_V=block_v, WRITE_TARGET=write_target, num_warps=num_warps,
+        BLOCK_V=block_v, WRITE_TARGET=write_target, ALIGN=alignment(first.element_size()),
+        PEEL=needs_peel([first, second]), num_warps=num_warps,
     )
     return token_logps, row_max, log_sum_exp

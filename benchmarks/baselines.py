@@ -3,6 +3,7 @@
     ours            focal_kernels.focal_po_loss
     ours (inplace)  the same with inplace_backward=True (the gradient overwrites the logits)
     ours (no label check)  the same with validate_labels=False (no label read-back, no device sync)
+    ours (unaligned rows)  the same on logits one element off 16-byte alignment (what row peeling gains)
     seqlogps padded fk.sequence_logps on each side's (B, T, V) logits, then the same loss in torch
     seqlogps packed the same tokens laid out packed: (B·T, V) logits with cu_seqlens (no copy); with
                     "seqlogps padded" it shows what the packed layout costs at equal scored tokens
@@ -17,6 +18,8 @@ refilled before every timed call, so the shared input sets stay intact.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +101,27 @@ class OursNoLabelCheck(Ours):
     key, name = "novalidate", "ours (no label check)"
     validate_labels = False
     note = "validate_labels=False"
+
+
+def _off_boundary(logits: torch.Tensor) -> torch.Tensor:
+    """A copy of logits whose storage starts one element past a 16-byte boundary (a leaf that requires grad)."""
+    storage = torch.empty(logits.numel() + 1, dtype=logits.dtype, device=logits.device)
+    copy = storage[1:].view(logits.shape)
+    copy.copy_(logits.detach())
+    return copy.requires_grad_(True)
+
+
+class OursUnaligned(Ours):
+    """The logits copied (untimed) to an address one element off a 16-byte boundary: no row can be aligned,
+    so the kernels run the single-element accesses that rows off boundaries got before the peeling of
+    focal_kernels/kernels/row_alignment.py. Beside "ours" at an odd V it measures what the peeling gains."""
+
+    key, name = "unaligned", "ours (unaligned rows)"
+    note = "logits one element off 16-byte alignment: single-element accesses"
+
+    def inputs(self, x):
+        return dataclasses.replace(x, chosen_logits=_off_boundary(x.chosen_logits),
+                                   rejected_logits=_off_boundary(x.rejected_logits))
 
 
 class SequenceLogpsPadded(Impl):
@@ -221,8 +245,8 @@ class LigerCrossEntropy(Impl):
 
 # Baseline names accepted by --baselines, in the order they run. Ours always runs first; the ones
 # that overwrite inputs work on private copies, so order does not change what the others see.
-BASELINES = {cls.key: cls for cls in (Ours, OursInplace, OursNoLabelCheck, SequenceLogpsPadded, SequenceLogpsPacked,
-                                      Eager, Compiled, TRLSelectiveLogSoftmax, LigerCrossEntropy)}
+BASELINES = {cls.key: cls for cls in (Ours, OursInplace, OursNoLabelCheck, OursUnaligned, SequenceLogpsPadded,
+                                      SequenceLogpsPacked, Eager, Compiled, TRLSelectiveLogSoftmax, LigerCrossEntropy)}
 
 
 def default_baselines(device: torch.device):

@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh tests          # the GPU test suite (not trl / distributed / fsdp2), ~2-4 min
 #   bash benchmarks/gpu_check.sh bench          # logits path: --quick, larger shapes, logits-small (~3-4 min)
-#   bash benchmarks/gpu_check.sh logits-small   # only V = 32000 and 50257 at 16K tokens, validate_labels on/off
+#   bash benchmarks/gpu_check.sh logits-small   # only V = 32000 and 50257 at 16K tokens, validate_labels on/off,
+#                                               # and logits off 16-byte alignment (what row peeling gains)
 #   bash benchmarks/gpu_check.sh fused          # the hidden-state (fused linear) benchmark (~4-5 min)
 #   bash benchmarks/gpu_check.sh trl            # FocalPOTrainer vs DPOTrainer steps (TRL must travel as a wheel)
 #
@@ -85,8 +86,8 @@ run_tests() {
 }
 
 run_small() {
-    step logits-small 100 python -m benchmarks --shapes 32000x16K,50257x16K --dtypes bf16 --ignored-fraction 0 \
-        --baselines novalidate,padded,packed,trl --out "$out_dir/small"
+    step logits-small 120 python -m benchmarks --shapes 32000x16K,50257x16K --dtypes bf16 --ignored-fraction 0 \
+        --baselines novalidate,unaligned,padded,packed,trl --out "$out_dir/small"
     rm -f "$out_dir/small/bench.png"  # at most 8 files come back from $OUT
     tables+=(small/bench.md)
 }

@@ -53,7 +53,7 @@ def check_commit(meta: dict, markdown: str) -> None:
 def test_logits_benchmark_every_row(tmp_path, capsys):
     from benchmarks.__main__ import main
 
-    impls = ["ours", "inplace", "novalidate", "padded", "packed", "eager"]
+    impls = ["ours", "inplace", "novalidate", "unaligned", "padded", "packed", "eager"]
     argv = [*TINY, "--shapes", "256x20", "--dtypes", "bf16", "--ignored-fraction", "0.4",
             "--baselines", ",".join(impls[1:] + ["trl"]), "--out", str(tmp_path)]
     stdout, output = run_main(main, argv, capsys)

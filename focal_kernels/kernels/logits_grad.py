@@ -133,7 +133,7 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index,
     vocab = first.shape[2]
     block_v, num_warps, blocks_per_program = gradient_config(rows, vocab, first.element_size())
     splits = triton.cdiv(triton.cdiv(vocab, block_v), blocks_per_program)
-    peel = needs_peel([first, second])
+    peel = needs_peel([first, second], block_v)
     logits_grad_kernel[(rows, splits)](
         first, first_labels, first_scale, first_out,
         second, second_labels, second_scale, second_out,

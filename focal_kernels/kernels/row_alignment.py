@@ -48,11 +48,13 @@ def alignment(element_size: int) -> int:
     return max(16 // element_size, 1)
 
 
-def needs_peel(grids: list[torch.Tensor]) -> bool:
+def needs_peel(grids: list[torch.Tensor], block: int) -> bool:
     """Whether some row of these (B, T, V) tensors starts off a 16-byte boundary of a 16-byte aligned base
-    (a base off a boundary is left alone: no column offset aligns its rows for the compiler)."""
+    (a base off a boundary is left alone: no column offset aligns its rows for the compiler). Blocks of
+    `block` columns must keep the body's boundaries: block a multiple of ALIGN (narrower blocks come only with
+    V < ALIGN, whose body is empty)."""
     align = alignment(grids[0].element_size())
-    if align == 1 or any(grid.data_ptr() % 16 for grid in grids):
+    if align == 1 or block % align or any(grid.data_ptr() % 16 for grid in grids):
         return False
     return any(grid.stride(dim) % align for grid in grids for dim in (0, 1) if grid.shape[dim] > 1)
 

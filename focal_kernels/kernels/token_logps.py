@@ -130,6 +130,6 @@ def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], 
         second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
         ignore_index,
         BLOCK_V=block_v, WRITE_TARGET=write_target, ALIGN=alignment(first.element_size()),
-        PEEL=needs_peel([first, second]), num_warps=num_warps,
+        PEEL=needs_peel([first, second], block_v), num_warps=num_warps,
     )
     return token_logps, row_max, log_sum_exp

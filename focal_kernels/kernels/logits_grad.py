@@ -107,8 +107,8 @@ def logits_grad_kernel(
                         True)
     if PEEL:
         if split == 0:
-            _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, 0, head, local_label, row_max, log_sum_exp,
-                            grad_scale, scored, ALIGN, ALIGN, False, False, True)
+            _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, 0, tl.minimum(head, V), local_label, row_max,
+                            log_sum_exp, grad_scale, scored, ALIGN, ALIGN, False, False, True)
             _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, body_end, V - body_end, local_label, row_max,
                             log_sum_exp, grad_scale, scored, ALIGN, ALIGN, False, False, True)
 

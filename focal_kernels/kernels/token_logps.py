@@ -81,7 +81,8 @@ def token_logps_kernel(
     running_max = tl.max(lane_max, axis=0)
     if PEEL:
         edge = tl.arange(0, ALIGN)
-        head_x = tl.load(row_logits_ptr + edge, mask=edge < head, other=float("-inf")).to(acc_dtype)
+        head_x = tl.load(row_logits_ptr + edge, mask=(edge < head) & (edge < vocab_end),
+                         other=float("-inf")).to(acc_dtype)
         end_x = tl.load(row_logits_ptr + body_end + edge, mask=body_end + edge < vocab_end,
                         other=float("-inf")).to(acc_dtype)
         running_max = tl.maximum(running_max, tl.maximum(tl.max(head_x, axis=0), tl.max(end_x, axis=0)))

@@ -257,8 +257,7 @@ def compile_all(specs: list[dict], arch: int = 90, resources: list | None = None
 
 
 def _summary(spec: dict) -> str:
-    kinds = ", ".join(arg.get("tensor", str(arg.get("int", arg.get("float", arg.get("const")))))
-                      for arg in spec["args"])
+    kinds = ", ".join(str(next(iter(arg.values()))) for arg in spec["args"])  # dtype, int class, float or const
     return f"{spec['kernel']}({kinds}; {spec['kwargs']})"
 
 

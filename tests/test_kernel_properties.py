@@ -158,6 +158,7 @@ def test_rows_off_16_byte_boundaries(device, monkeypatch, dtype, layout, vocab):
     GPU the kernels compile with these blocks (a wrong alignment hint would fault there); in the interpreter
     every offset declared aligned is checked."""
     from focal_kernels.kernels import config, logits_grad as grad_module, row_alignment, token_logps
+
     for name in ("_FORWARD_BLOCK_BYTES", "_HALF_FORWARD_BLOCK_BYTES", "_BACKWARD_BLOCK_BYTES"):
         monkeypatch.setattr(config, name, 16 * torch.tensor([], dtype=dtype).element_size())
     monkeypatch.setattr(config, "_MIN_PROGRAMS", 10**6)  # split every row's vocabulary as far as it goes

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .config import gradient_config
 from .pair_rows import pair_row
-from .row_alignment import aligned_body, alignment, block_offset, needs_peel, same_row_alignment
+from .row_alignment import aligned_body, alignment, aligned_sum, needs_peel, same_row_alignment
 
 
 @triton.jit
@@ -37,8 +37,8 @@ def _gradient_block(x_ptr, x_offset, grad_ptr, grad_offset, column, n_valid, loc
     x_ptr + x_offset + lane, their gradient to grad_ptr + grad_offset + lane; the offsets declared multiples
     of ALIGN where X_ALIGNED / GRAD_ALIGNED say so. An ignored row's gradient is zero, its logits unread."""
     lanes = tl.arange(0, BLOCK)
-    x_at = x_ptr + block_offset(x_offset, column, ALIGN, X_ALIGNED) + lanes
-    grad_at = grad_ptr + block_offset(grad_offset, column, ALIGN, GRAD_ALIGNED) + lanes
+    x_at = x_ptr + aligned_sum(x_offset, column, ALIGN, X_ALIGNED) + lanes
+    grad_at = grad_ptr + aligned_sum(grad_offset, column, ALIGN, GRAD_ALIGNED) + lanes
     if scored:
         if MASKED:
             x = tl.load(x_at, mask=lanes < n_valid, other=float("-inf"))
@@ -102,7 +102,7 @@ def logits_grad_kernel(
                         row_max, log_sum_exp, grad_scale, scored, BLOCK_V, ALIGN, PEEL, GRAD_PEELED, False)
     if (first_block <= full_blocks) & (full_blocks < first_block + blocks_per_program):
         column = head + full_blocks * BLOCK_V
-        _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, column, block_offset(body_end, -column, ALIGN, PEEL),
+        _gradient_block(x_ptr, x_offset, out_ptr, grad_offset, column, aligned_sum(body_end, -column, ALIGN, PEEL),
                         local_label, row_max, log_sum_exp, grad_scale, scored, BLOCK_V, ALIGN, PEEL, GRAD_PEELED,
                         True)
     if PEEL:

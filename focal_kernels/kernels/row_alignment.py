@@ -37,13 +37,14 @@ def aligned_body(row_offset, row_end, ALIGN: tl.constexpr, PEEL: tl.constexpr):
 
 
 @triton.jit
-def block_offset(row_offset, column, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
-    """row_offset + column, declared a multiple of ALIGN when ALIGNED (the caller's guarantee). The sum is
-    formed here: `tl.multiple_of` marks the operation that makes its value, and an argument has none here."""
-    offset = row_offset + column
+def aligned_sum(a, b, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
+    """a + b, declared a multiple of ALIGN when ALIGNED (the caller's guarantee): a block's offset, or the
+    length of a masked block. The sum is formed here: `tl.multiple_of` marks the operation that makes its
+    value, and an argument has none here."""
+    total = a + b
     if ALIGNED:
-        offset = tl.multiple_of(offset, ALIGN)
-    return offset
+        total = tl.multiple_of(total, ALIGN)
+    return total
 
 
 def alignment(element_size: int) -> int:

@@ -32,7 +32,7 @@ from ..dtypes import compute_dtype
 from .config import reduction_config
 from .online_logsumexp import online_logsumexp_lanes
 from .pair_rows import pair_row
-from .row_alignment import aligned_body, alignment, block_offset, needs_peel
+from .row_alignment import aligned_body, alignment, aligned_sum, needs_peel
 
 
 @triton.jit
@@ -73,10 +73,10 @@ def token_logps_kernel(
     lane_max = tl.full((BLOCK_V,), float("-inf"), acc_dtype)
     lane_sum = tl.zeros((BLOCK_V,), acc_dtype)
     for start in range(head, full_end, BLOCK_V):
-        x = tl.load(base_ptr + block_offset(row_offset, start, ALIGN, PEEL) + lanes).to(acc_dtype)
+        x = tl.load(base_ptr + aligned_sum(row_offset, start, ALIGN, PEEL) + lanes).to(acc_dtype)
         lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
-    x = tl.load(base_ptr + block_offset(row_offset, full_end, ALIGN, PEEL) + lanes,
-                mask=lanes < block_offset(body_end, -full_end, ALIGN, PEEL), other=float("-inf")).to(acc_dtype)
+    x = tl.load(base_ptr + aligned_sum(row_offset, full_end, ALIGN, PEEL) + lanes,
+                mask=lanes < aligned_sum(body_end, -full_end, ALIGN, PEEL), other=float("-inf")).to(acc_dtype)
     lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
     running_max = tl.max(lane_max, axis=0)
     if PEEL:

@@ -354,7 +354,7 @@ class FusedLinearFocalPOLoss(_OptionsModule):
                          **loss_options)
 
     def forward(self, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
-                ref_chosen_logps=None, ref_rejected_logps=None, bias=None, *,
+                ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
                 pair_weights=None) -> PreferenceLossOutput:
         return fused_linear_focal_po_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
                                           ref_chosen_logps, ref_rejected_logps, bias=bias, pair_weights=pair_weights,

@@ -426,6 +426,16 @@ def agreement(rank, world):
     other[1, 3] = (max(int(labels[1, 3]), 0) + rank) % V
     _raises(ValueError, ["labels must be the same"],
             lambda: vocab_parallel_sequence_logps(local, other, group=group, validate_labels=False))
+    # hidden states that differ in one element's last bit on one rank (dropout with a per-rank seed, say)
+    nudged = hidden.clone()
+    if rank == world - 1:
+        nudged.view(torch.int32)[1, 2, 5] += 1
+    _raises(ValueError, ["hidden must be the same on every rank", f"ranks 0 and {world - 1}"],
+            lambda: vocab_parallel_fused_linear_sequence_logps(nudged, weight[start:stop], labels, group=group,
+                                                               validate_labels=False))
+    _raises(ValueError, ["rejected_hidden must be the same on every rank"],
+            lambda: fk.fused_linear_focal_po_loss(hidden, nudged, weight[start:stop], labels, labels,
+                                                  vocab_parallel_group=group))
     # ... also when their sum and their position-weighted sum agree (+1, -2, +1 on three consecutive tokens)
     same_sums = torch.full((2, 4), 5, dtype=torch.int64)
     if rank == world - 1:

@@ -362,6 +362,9 @@ def test_module_form():
                  bias=inputs["bias"], pair_weights=weights)
     assert torch.equal(out.loss, fused(inputs, beta=0.2, gamma=0.3, reduction="sum", chunk_size=9,
                                        pair_weights=weights).loss)
+    with pytest.raises(TypeError, match="positional"):  # bias by keyword only, as in the function
+        module(inputs["chosen_hidden"], inputs["rejected_hidden"], inputs["weight"], inputs["chosen_labels"],
+               inputs["rejected_labels"], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], inputs["bias"])
 
 
 def test_deterministic():

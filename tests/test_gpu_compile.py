@@ -16,7 +16,7 @@ import pytest
 
 TOOL = str(Path(__file__).with_name("gpu_compile.py"))
 LAUNCHED_KERNELS = {"token_logps_kernel", "logits_grad_kernel", "segment_sum_kernel", "chunk_lse_update_kernel",
-                    "chunk_logits_grad_kernel"}
+                    "chunk_logits_grad_kernel", "bits_digest_kernel"}
 
 
 def _run(*args, interpret, extra_path=None, cache=None):

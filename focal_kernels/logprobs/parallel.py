@@ -18,12 +18,14 @@ Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_line
               that every rank returns the full hidden-state gradient (as ColwiseParallel's input does).
     Labels outside [0, Σ_r V_r) raise ValueError (validate_labels), or give NaN. Inputs that disagree between
     ranks (token or sequence counts, dtypes, labels, cu_seqlens, ignore_index, the logit options, whether there
-    is a bias, whether the hidden states need a gradient) raise the same ValueError on every rank, from one
-    all_gather of a few integers per rank (and one host read) per call: never a hang. A rank whose own inputs
-    fail a check (any exception, the callers' own checks included) raises its error and the other ranks
-    raise `RankFailed` naming it (through the sequence-parallel group too, when both are used). The fused
-    losses add a digest of their own arguments (options, reference log-probs, pair_weights) to the
-    comparison. Hidden states are not compared.
+    is a bias, whether the hidden states need a gradient, the hidden states' bits) raise the same ValueError
+    on every rank, from one all_gather of a few integers per rank (and one host read) per call: never a hang.
+    A rank whose own inputs fail a check (any exception, the callers' own checks included) raises its error
+    and the other ranks raise `RankFailed` naming it (through the sequence-parallel group too, when both are
+    used). The fused losses add a digest of their own arguments (options, reference log-probs, pair_weights)
+    to the comparison. The hidden states are compared through a digest of their bits (kernels/bits_digest.py:
+    one read of them per call, one int64 in the all_gather), so that hidden states that differ between ranks
+    (dropout with a per-rank seed, a rank's stale batch) raise instead of mixing into wrong log-probs.
 
 Sequence (context) parallel (`sequence_parallel_sum`)
     Each rank holds a contiguous slice of every sequence's tokens (padded: (B, T_r, ...); packed: its own
@@ -216,14 +218,38 @@ def _float_bits(value):
     return struct.unpack("<q", struct.pack("<d", -1.0 if value is None else float(value)))[0]
 
 
-def position_weights(count, device):
-    """count pseudo-random int64 weights, a fixed function of the position (splitmix64's mixing, int64
-    arithmetic wrapping as it does on every device): Σ x·w differs between two different sequences x except
-    by a 2^-64-scale accident, where Σ x·position misses e.g. +1, −2, +1 at three consecutive positions."""
-    z = torch.arange(1, count + 1, device=device, dtype=torch.int64) * -7046029254386353131  # 0x9E3779B97F4A7C15
+def _splitmix(z):
+    """splitmix64's finalizer on int64 positions (arithmetic shifts; int64 arithmetic wraps alike on every
+    device, and in kernels/bits_digest.py)."""
+    z = z * -7046029254386353131  # 0x9E3779B97F4A7C15
     z = (z ^ (z >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
     return z ^ (z >> 31)
+
+
+def position_weights(count, device):
+    """count pseudo-random int64 weights, a fixed function of the position: Σ x·w differs between two
+    different sequences x except by a 2^-64-scale accident, where Σ x·position misses e.g. +1, −2, +1 at three
+    consecutive positions."""
+    return _splitmix(torch.arange(1, count + 1, device=device, dtype=torch.int64))
+
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def hidden_digest(hidden):
+    """A 0-dim int64 device tensor that depends on hidden's (B, T, H) exact bits only (kernels/bits_digest.py;
+    its PyTorch twin, with a (B·T, H) int64 temporary, where the kernels do not run): one read of the hidden
+    states, no host read."""
+    bits = hidden.detach().view(_INT_OF_WIDTH[hidden.element_size()])
+    if backend.use_triton(hidden):
+        from ..kernels.bits_digest import bits_digest
+
+        return bits_digest(bits)
+    flat = bits.reshape(-1, bits.shape[-1]).to(torch.int64)
+    rows = torch.arange(flat.shape[0], dtype=torch.int64, device=flat.device)
+    cols = torch.arange(flat.shape[1], dtype=torch.int64, device=flat.device)
+    return ((flat * (_splitmix(2 * cols + 2) | 1)).sum(dim=1) * (_splitmix(2 * rows + 1) | 1)).sum()
 
 
 def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
@@ -250,6 +276,7 @@ _F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED, 
 _F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
 _F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·w, 3 cu_seqlens flags, cu digest
 _F_CALLER = 21  # 2 fields: the caller's own digest (`agree_on`: the loss's arguments), compared as given
+_F_HIDDEN_BITS = 23  # the hidden states' `hidden_digest` (the hidden-state path; else 0)
 _OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")
 
 
@@ -257,8 +284,9 @@ def _dtype_code(dtype):
     return _DTYPE_CODES.get(dtype, 0)
 
 
-def _check_agreement(rows, what, group, *, hidden_path, labels_name="labels"):
+def _check_agreement(rows, what, group, *, hidden_path, names):
     """The ValueErrors every rank raises alike (they all read the same gathered rows)."""
+    values_name, labels_name = names
     first = rows[0]
     for rank, row in enumerate(rows):
         if row[_F_BATCH:_F_SEQS + 1] != first[_F_BATCH:_F_SEQS + 1]:
@@ -281,6 +309,9 @@ def _check_agreement(rows, what, group, *, hidden_path, labels_name="labels"):
         if hidden_path and row[_F_BIAS] != first[_F_BIAS]:
             raise ValueError(f"{what}: a bias must be given on every rank or on none, but "
                              f"{_ranks(group, 0, rank)} differ")
+        if hidden_path and row[_F_HIDDEN_BITS] != first[_F_HIDDEN_BITS]:
+            raise ValueError(f"{what}: {values_name} must be the same on every rank of the vocabulary-parallel group "
+                             f"(the lm_head's replicated input), but {_ranks(group, 0, rank)} differ")
         if row[_F_IGNORE] != first[_F_IGNORE]:
             raise ValueError(f"{what}: ignore_index must be the same on every rank, got {first[_F_IGNORE]} on rank 0 "
                              f"and {row[_F_IGNORE]} on rank {rank}{_global(group, rank)}")
@@ -326,11 +357,12 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens, lab
 
 def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
                    needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0),
-                   agree_on=(0, 0), labels_name="labels"):
+                   agree_on=(0, 0), names=("logits", "labels"), hidden_values=None):
     """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total). Shapes,
     dtypes, ignore_index, the logit options, whether there is a bias, the labels (as sums) and the caller's
-    two `agree_on` ints must agree on every rank; validate_labels=True also checks the label range and
-    cu_seqlens rules."""
+    two `agree_on` ints must agree on every rank, and on the hidden-state path (hidden >= 0: the size H)
+    `hidden_values`' exact bits too; validate_labels=True also checks the label range and cu_seqlens
+    rules. names: the (logits or hidden states, labels) arguments' names for the messages."""
     device = _info_device(group, tensor)
     fields = None
     if local_error is None:
@@ -338,14 +370,15 @@ def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, c
         digest = _labels_digest(labels, ignore_index, cu_seqlens, seq_len)
         fields = _ints_of([vocab, batch, seq_len, -1 if cu_seqlens is None else cu_seqlens.shape[0] - 1, hidden,
                            _dtype_code(dtype), int(needs_grad), int(checked), int(ignore_index), int(has_bias),
-                           *(_float_bits(v) for v in options), *digest, *agree_on], tensor.device)
+                           *(_float_bits(v) for v in options), *digest, *agree_on,
+                           hidden_digest(hidden_values) if hidden >= 0 else 0], tensor.device)
     rows = _agree(group, device, local_error, fields, what)
-    _check_agreement(rows, what, group, hidden_path=hidden >= 0, labels_name=labels_name)
+    _check_agreement(rows, what, group, hidden_path=hidden >= 0, names=names)
     if any(row[_F_VOCAB] < 1 for row in rows):
         raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
                          f"{[row[_F_VOCAB] for row in rows]}")
     vocab_start, vocab_total = _vocab_layout(rows, group)
-    _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens, labels_name)
+    _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens, names[1])
     return vocab_start, vocab_total
 
 
@@ -613,7 +646,7 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
     vocab_start, vocab_total = _gather_layout(
         group, what, tensor, error, vocab=shape[2], batch=shape[0], seq_len=shape[1], cu_seqlens=cu_seqlens,
         hidden=-1, dtype=None if error is not None else logits.dtype, needs_grad=False, labels=labels,
-        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on, labels_name=names[1])
+        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on, names=names)
     kernels = backend.use_triton(logits)
     if kernels:
         logits = unit_stride_logits(logits)
@@ -680,7 +713,7 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad, labels=labels,
         ignore_index=ignore_index, validate_labels=validate_labels, has_bias=bias is not None,
         options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0), agree_on=agree_on,
-        labels_name=names[1])
+        names=names, hidden_values=hidden if ok else None)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
                                         weight.element_size())

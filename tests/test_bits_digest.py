@@ -1,0 +1,89 @@
+"""The digest of the hidden states' bits that vocabulary-parallel ranks compare (kernels/bits_digest.py and
+its PyTorch twin) against a Python-integer reference, and what it must tell apart."""
+
+import struct
+
+import pytest
+import torch
+
+from focal_kernels.logprobs.parallel import hidden_digest
+from helpers import DTYPES
+
+MASK = (1 << 64) - 1
+
+
+def _splitmix_odd(z):
+    """splitmix64's finalizer with arithmetic shifts on a two's-complement int64, as Python integers."""
+    def signed(v):
+        v &= MASK
+        return v - (1 << 64) if v >> 63 else v
+
+    z = signed(z * 0x9E3779B97F4A7C15)
+    z = signed((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9)
+    z = signed((z ^ (z >> 27)) * 0x94D049BB133111EB)
+    return (z ^ (z >> 31)) | 1
+
+
+def _reference_digest(x):
+    """Σ_{r, c} bits[r, c] · mix(2c + 2) · mix(2r + 1) modulo 2^64, the bits read one element at a time."""
+    code = {torch.float16: "e", torch.bfloat16: None, torch.float32: "f", torch.float64: "d"}[x.dtype]
+    width = x.element_size()
+    flat = x.detach().cpu().reshape(-1, x.shape[-1])
+    total = 0
+    for r in range(flat.shape[0]):
+        for c in range(flat.shape[1]):
+            if code is None:  # bf16: the upper half of the float32 with the same value
+                raw = struct.unpack("<I", struct.pack("<f", float(flat[r, c])))[0] >> 16
+            else:
+                raw = int.from_bytes(struct.pack("<" + code, float(flat[r, c])), "little")
+            bits = raw - (1 << (8 * width)) if raw >> (8 * width - 1) else raw  # the signed integer view
+            total += bits * _splitmix_odd(2 * c + 2) * _splitmix_odd(2 * r + 1)
+    total &= MASK
+    return total - (1 << 64) if total >> 63 else total
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (1, 17, 3), (2, 2, 300)], ids=str)
+def test_matches_python_integers(device, path, dtype, shape):
+    x = (torch.randn(shape, dtype=torch.float64) * 100).to(dtype)
+    x[0, 0, 0] = -0.0
+    expected = _reference_digest(x)
+    actual = hidden_digest(x.to(device))
+    assert actual.dtype == torch.int64 and actual.shape == () and actual.device.type == torch.device(device).type
+    assert int(actual) == expected
+
+
+def test_depends_on_bits_not_layout(device, path):
+    base = torch.randn(3, 20, 7, dtype=torch.bfloat16, device=device)
+    view = base.transpose(1, 2)[:, 1:6]  # (3, 5, 20), no unit stride anywhere
+    assert int(hidden_digest(view)) == int(hidden_digest(view.contiguous()))
+    assert int(hidden_digest(torch.empty(0, 4, 8, device=device))) == 0
+
+
+def _swap(y, index, a, b):
+    y[index + (a,)], y[index + (b,)] = y[index + (b,)].clone(), y[index + (a,)].clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tells_apart(device, path, dtype):
+    x = torch.randn(2, 6, 6, dtype=dtype, device=device)
+    x[0, 2, 3] = 0.0
+    digest = int(hidden_digest(x))
+    assert int(hidden_digest(x.clone())) == digest
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    changes = {
+        "one ulp": lambda y: y.view(bits)[1, 5, 0].add_(1),
+        "-0.0 for 0.0": lambda y: y[0, 2, 3].fill_(-0.0),
+        "two rows swapped": lambda y: _swap(y, (0,), 1, 4),
+        "two columns swapped": lambda y: _swap(y, (slice(None), slice(None)), 0, 3),
+        "transposed": lambda y: y.copy_(y.transpose(1, 2).clone()),
+        "the two sequences swapped": lambda y: y.copy_(y.flip(0).clone()),
+    }
+    for what, change in changes.items():
+        y = x.clone()
+        change(y)
+        assert not torch.equal(y.view(bits), x.view(bits)), what
+        assert int(hidden_digest(y)) != digest, what
+    nan = x.clone()
+    nan[1, 1, 1] = float("nan")
+    assert int(hidden_digest(nan)) == int(hidden_digest(nan.clone()))  # the same bits, NaN or not

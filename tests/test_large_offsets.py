@@ -1,6 +1,6 @@
-"""Logits whose element offsets pass 2^31 must be indexed with int64, in the logits path and in the
-hidden-state path's chunk kernels (run in a subprocess: an int32 overflow in the interpreter is a segfault,
-which must fail this test rather than kill the test run)."""
+"""Logits whose element offsets pass 2^31 must be indexed with int64, in the logits path, in the
+hidden-state path's chunk kernels and in the ranks' hidden-state digest (run in a subprocess: an int32
+overflow in the interpreter is a segfault, which must fail this test rather than kill the test run)."""
 
 import os
 import subprocess
@@ -92,6 +92,11 @@ CHUNK_SCRIPT = textwrap.dedent("""
     result = chunk_logits_grad_(chunk, labels, vocab_start, row_max, log_sum_exp, grad_scale)
     assert result.data_ptr() == chunk.data_ptr()
     torch.testing.assert_close(chunk.float(), expected.float(), rtol=1.6e-2, atol=1e-6)
+
+    # The vocabulary-parallel ranks' hidden-state digest reads through the same kind of strides.
+    from focal_kernels.logprobs.parallel import hidden_digest
+    hidden = storage.as_strided((3, 1, width), (stride, width, 1))  # the last row past 2^31
+    assert int(hidden_digest(hidden)) == int(hidden_digest(hidden.contiguous()))
     print("ok")
 """)
 

@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from focal_kernels.logprobs.parallel import hidden_digest
 from helpers import DTYPES
@@ -87,3 +88,12 @@ def test_tells_apart(device, path, dtype):
     nan = x.clone()
     nan[1, 1, 1] = float("nan")
     assert int(hidden_digest(nan)) == int(hidden_digest(nan.clone()))  # the same bits, NaN or not
+
+
+def test_traces_as_one_operator(device, path):
+    """Under torch.compile the kernel is the opaque operator focal_kernels::bits_digest (tracing into the
+    launcher failed in the interpreter), the PyTorch twin plain operations: the eager digest either way."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    x = torch.randn(2, 5, 7, device=device).transpose(1, 2)
+    assert int(torch.compile(hidden_digest, fullgraph=True, backend=counter)(x)) == int(hidden_digest(x))
+    assert counter.frame_count == 1

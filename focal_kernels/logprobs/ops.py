@@ -131,6 +131,26 @@ logits_grad_inplace = _dispatch(_logits_grad_inplace_op, _logits_grad_inplace)
 segment_sum = _dispatch(_segment_sum_op, _segment_sum)
 
 
+# ------------------------------------------------------------------ the vocabulary-parallel ranks' agreement
+
+def _bits_digest(bits: torch.Tensor) -> torch.Tensor:
+    """kernels/bits_digest.py: a 0-dim int64 digest of an integer tensor (B, T, C)'s values."""
+    from ..kernels.bits_digest import bits_digest
+    with _on_device(bits):
+        return bits_digest(bits)
+
+
+_bits_digest_op = torch.library.custom_op("focal_kernels::bits_digest", _bits_digest, mutates_args=())
+
+
+@_bits_digest_op.register_fake
+def _(bits):
+    return bits.new_empty((), dtype=torch.int64)
+
+
+bits_digest = _dispatch(_bits_digest_op, _bits_digest)
+
+
 # ------------------------------------------------------------------ the hidden-state path
 # The whole walk over the vocabulary is one operator each way (vocab_chunks.py: GEMMs and per-chunk
 # kernels, or their PyTorch twins on a CPU without Triton), so compiled graphs hold two opaque calls.

@@ -243,9 +243,7 @@ def hidden_digest(hidden):
     states, no host read."""
     bits = hidden.detach().view(_INT_OF_WIDTH[hidden.element_size()])
     if backend.use_triton(hidden):
-        from ..kernels.bits_digest import bits_digest
-
-        return bits_digest(bits)
+        return ops.bits_digest(bits)
     flat = bits.reshape(-1, bits.shape[-1]).to(torch.int64)
     rows = torch.arange(flat.shape[0], dtype=torch.int64, device=flat.device)
     cols = torch.arange(flat.shape[1], dtype=torch.int64, device=flat.device)

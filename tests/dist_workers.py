@@ -925,6 +925,47 @@ def mesh_2x2(rank, world):
             lambda: fk.sequence_logps(full[:, a:b, start:stop], labels[:, a:b], vocab_parallel_group=mesh))
 
 
+def compiled(rank, world):
+    """Under torch.compile the calls with a group run their agreement eagerly (a graph break): the eager
+    values and gradients; fullgraph=True and CUDA-graph capture are refused with messages that say why."""
+    import torch._dynamo
+
+    import focal_kernels as fk
+
+    group = _world()
+    start, stop = _slice(rank, world)
+    a, b = _token_split(4, rank, world)
+    full, labels = _logits((2, 4, V), 91), _labels((2, 4), 92)
+    weight, hidden = _logits((V, 8), 93) / 2, _logits((2, 4, 8), 94)
+
+    def vocab(x, h, w):
+        return _loss(fk.sequence_logps(x, labels, vocab_parallel_group=group)
+                     + fk.fused_linear_sequence_logps(h, w, labels, vocab_parallel_group=group))
+
+    def context(x):
+        return _loss(fk.sequence_logps(x, labels[:, a:b], sequence_parallel_group=group))
+
+    for fn, inputs in ((vocab, (full[..., start:stop], hidden, weight[start:stop])), (context, (full[:, a:b],))):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        expected = fn(*leaves)
+        expected_grads = torch.autograd.grad(expected, leaves)
+        torch._dynamo.reset()
+        actual = torch.compile(fn, backend="aot_eager")(*leaves)
+        _close(actual, expected, f"compiled {fn.__name__}", 1e-6, 1e-6)
+        for got, want in zip(torch.autograd.grad(actual, leaves), expected_grads):
+            _close(got, want, f"compiled {fn.__name__} gradient", 1e-6, 1e-6)
+        torch._dynamo.reset()
+        _raises(Exception, ["gathered checks", "fullgraph=True"],
+                lambda: torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves))
+    capturing, available = torch.cuda.is_current_stream_capturing, torch.cuda.is_available
+    torch.cuda.is_current_stream_capturing = torch.cuda.is_available = lambda: True  # as if capturing
+    try:
+        _raises(RuntimeError, ["cannot be captured in a CUDA graph"],
+                lambda: fk.sequence_logps(full[..., start:stop], labels, vocab_parallel_group=group))
+    finally:
+        torch.cuda.is_current_stream_capturing, torch.cuda.is_available = capturing, available
+
+
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,
                                         vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, agreement,
-                                        api_logits, api_hidden, api_losses, mesh_2x2)}
+                                        api_logits, api_hidden, api_losses, mesh_2x2, compiled)}

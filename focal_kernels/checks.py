@@ -67,6 +67,10 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if labels.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        # (labels != ignore_index) would compare in int32, where such an index wraps onto real label ids
+        raise ValueError(f"ignore_index={ignore_index} does not fit in {labels_name}'s dtype int32: pass int64 "
+                         "labels, or an ignore_index in [-2**31, 2**31)")
 
 
 def data_checks_enabled(validate_labels, tensor) -> bool:

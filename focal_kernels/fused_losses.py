@@ -20,7 +20,8 @@ from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_
 from .logprobs.linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
                                gathered_params, linear_token_logps, local_fused_linear_sequence_logps)
 from .logprobs.logits import is_dtensor, local_sequence_logps, pair_sequence_logps, sum_per_sequence
-from .logprobs.parallel import parallel_fused_linear_sequence_logps, parallel_sequence_logps, position_weights
+from .logprobs.parallel import (float_words, parallel_fused_linear_sequence_logps, parallel_sequence_logps,
+                                position_weights)
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
@@ -121,8 +122,8 @@ def _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, **scalars):
         given = [t.detach().reshape(-1).to(torch.float64) for t in tensors if t is not None]
         if not given:
             return crc, 0
-        flat = torch.cat([t.to(given[0].device) for t in given]) + 0.0  # −0.0 and 0.0 alike
-        return crc, (flat.view(torch.int64) * position_weights(flat.numel(), flat.device)).sum()
+        words = float_words(torch.cat([t.to(given[0].device) for t in given]) + 0.0)  # −0.0 and 0.0 alike
+        return crc, (words.to(torch.int64) * position_weights(words.numel(), words.device)).sum()
     except Exception:  # noqa: BLE001 (the checks raise the error, on every rank)
         return -1, -1
 

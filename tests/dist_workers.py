@@ -436,6 +436,16 @@ def agreement(rank, world):
     _raises(ValueError, ["rejected_hidden must be the same on every rank"],
             lambda: fk.fused_linear_focal_po_loss(hidden, nudged, weight[start:stop], labels, labels,
                                                   vocab_parallel_group=group))
+    # one rank under torch.no_grad() (no backward there, while the others' backward all-reduces)
+    leaf = hidden.clone().requires_grad_(True)
+    with torch.set_grad_enabled(rank != 0):
+        _raises(ValueError, ["gradients enabled", "ranks 0 and 1"],
+                lambda: vocab_parallel_fused_linear_sequence_logps(leaf, weight[start:stop], labels, group=group))
+    # float64 reference log-probs with two signs flipped on one rank (their 64-bit patterns differ by 2^63 each)
+    refs64 = torch.tensor([-1.5, -2.25], dtype=torch.float64)
+    _raises(ValueError, ["the loss's arguments", "must be the same on every rank"],
+            lambda: fk.focal_po_loss(local.double(), local.double(), labels, labels, refs64 * (1 - 2 * (rank == 1)),
+                                     refs64, vocab_parallel_group=group))
     # ... also when their sum and their position-weighted sum agree (+1, -2, +1 on three consecutive tokens)
     same_sums = torch.full((2, 4), 5, dtype=torch.int64)
     if rank == world - 1:

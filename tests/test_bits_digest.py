@@ -25,19 +25,25 @@ def _splitmix_odd(z):
     return (z ^ (z >> 31)) | 1
 
 
+def _words(value, dtype):
+    """One element's bits as signed integers of at most 32 bits (float64: its low word, then its high word)."""
+    if dtype == torch.bfloat16:  # the upper half of the float32 with the same value
+        raw, width = struct.unpack("<I", struct.pack("<f", value))[0] >> 16, 2
+    else:
+        code, width = {torch.float16: ("e", 2), torch.float32: ("f", 4), torch.float64: ("d", 8)}[dtype]
+        raw = int.from_bytes(struct.pack("<" + code, value), "little")
+    words = [raw] if width <= 4 else [raw & 0xFFFFFFFF, raw >> 32]
+    bits = 8 * min(width, 4)
+    return [w - (1 << bits) if w >> (bits - 1) else w for w in words]
+
+
 def _reference_digest(x):
-    """Σ_{r, c} bits[r, c] · mix(2c + 2) · mix(2r + 1) modulo 2^64, the bits read one element at a time."""
-    code = {torch.float16: "e", torch.bfloat16: None, torch.float32: "f", torch.float64: "d"}[x.dtype]
-    width = x.element_size()
+    """Σ_{r, c} word[r, c] · mix(2c + 2) · mix(2r + 1) modulo 2^64, the bits read one element at a time."""
     flat = x.detach().cpu().reshape(-1, x.shape[-1])
     total = 0
     for r in range(flat.shape[0]):
-        for c in range(flat.shape[1]):
-            if code is None:  # bf16: the upper half of the float32 with the same value
-                raw = struct.unpack("<I", struct.pack("<f", float(flat[r, c])))[0] >> 16
-            else:
-                raw = int.from_bytes(struct.pack("<" + code, float(flat[r, c])), "little")
-            bits = raw - (1 << (8 * width)) if raw >> (8 * width - 1) else raw  # the signed integer view
+        row = [w for c in range(flat.shape[1]) for w in _words(float(flat[r, c]), x.dtype)]
+        for c, bits in enumerate(row):
             total += bits * _splitmix_odd(2 * c + 2) * _splitmix_odd(2 * r + 1)
     total &= MASK
     return total - (1 << 64) if total >> 63 else total
@@ -65,13 +71,13 @@ def _swap(y, index, a, b):
     y[index + (a,)], y[index + (b,)] = y[index + (b,)].clone(), y[index + (a,)].clone()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_tells_apart(device, path, dtype):
     x = torch.randn(2, 6, 6, dtype=dtype, device=device)
     x[0, 2, 3] = 0.0
     digest = int(hidden_digest(x))
     assert int(hidden_digest(x.clone())) == digest
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
     changes = {
         "one ulp": lambda y: y.view(bits)[1, 5, 0].add_(1),
         "-0.0 for 0.0": lambda y: y[0, 2, 3].fill_(-0.0),
@@ -79,6 +85,8 @@ def test_tells_apart(device, path, dtype):
         "two columns swapped": lambda y: _swap(y, (slice(None), slice(None)), 0, 3),
         "transposed": lambda y: y.copy_(y.transpose(1, 2).clone()),
         "the two sequences swapped": lambda y: y.copy_(y.flip(0).clone()),
+        "two signs flipped": lambda y: y[0, 1, :2].neg_(),  # (64-bit words: 2 · 2^63 ≡ 0 modulo 2^64)
+        "four signs flipped": lambda y: y[1, 2:4, 4:].neg_(),
     }
     for what, change in changes.items():
         y = x.clone()

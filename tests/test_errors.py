@@ -90,6 +90,23 @@ def test_sequence_logps_errors(device):
         fk.sequence_logps(torch.randn(1, 2, 0, device=device), torch.zeros(1, 2, dtype=torch.long, device=device))
 
 
+@pytest.mark.parametrize("ignore_index", [2**32, 2**31, -2**31 - 1, 2**40 + 3])
+def test_ignore_index_beyond_int32_labels(device, ignore_index):
+    """int32 labels compared with an ignore_index outside int32 would wrap onto real ids (2**32 onto 0):
+    refused, naming both; int64 labels take it (no label equals it: every token scored)."""
+    logits = torch.randn(2, 3, 5, device=device)
+    hidden, weight = torch.randn(2, 3, 4, device=device), torch.randn(5, 4, device=device)
+    labels = torch.tensor([[0, 1, 2], [0, 0, 4]], device=device)
+    for call in (lambda y: fk.sequence_logps(logits, y, ignore_index),
+                 lambda y: fk.fused_linear_sequence_logps(hidden, weight, y, ignore_index=ignore_index),
+                 lambda y: fk.focal_po_loss(logits, logits, y, y, ignore_index=ignore_index)):
+        with pytest.raises(ValueError, match=rf"ignore_index={ignore_index} does not fit in \w*labels's dtype int32"):
+            call(labels.to(torch.int32))
+    logps, counts = fk.sequence_logps(logits, labels, ignore_index, return_token_counts=True)
+    assert counts.tolist() == [3, 3]
+    torch.testing.assert_close(logps, fk.reference.sequence_logps(logits.double(), labels).float())
+
+
 def test_module_validates_options_at_construction_and_call(device):
     with pytest.raises(ValueError, match="gamma"):
         fk.FocalPOLoss(gamma=-1.0)

@@ -556,11 +556,11 @@ def test_packed_with_a_real_batch_dimension_is_refused():
         fk.sequence_logps(logits[0], labels[0])  # (N, V) without cu_seqlens
 
 
-def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds():
+def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds(path):
     """With validate_labels=False (as under torch.compile or CUDA graphs) cu_seqlens are not read on the host:
-    offsets past N or below 0 are clamped into [0, N] by the segment kernel, and the backward gives exactly the
-    gradient of what the forward summed (tokens outside every sequence get none)."""
-    torch.manual_seed(0)
+    offsets past N or below 0 are clamped into [0, N] by the segment kernel (and alike on the PyTorch path,
+    where an end below N was an IndexError), and the backward gives exactly the gradient of what the forward
+    summed (tokens outside every sequence get none)."""
     logits = torch.randn(6, 8, dtype=torch.float64)
     labels = torch.randint(0, 8, (6,))
     token = fk.reference.token_logps(logits, labels)
@@ -577,6 +577,21 @@ def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds():
         for a, b in spans:
             covered[a:b] = True
         assert (grad[~covered] == 0).all() and (grad[covered].abs().sum(-1) > 0).all(), cu
+
+
+def test_strided_cu_seqlens(path):
+    """A cu_seqlens view with a stride (every other entry of a longer tensor): the segments its values name
+    (the kernel read it as if contiguous: the whole pack in the first sequence)."""
+    logits, hidden = torch.randn(7, 9, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    weight, labels = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 9, (7,))
+    strided = torch.tensor([0, 99, 4, 99, 4, 99, 7])[::2]
+    assert not strided.is_contiguous()
+    for cu in (strided, strided.to(torch.int32)):
+        expected = fk.reference.sequence_logps(logits, labels, cu_seqlens=cu.contiguous())
+        torch.testing.assert_close(fk.sequence_logps(logits, labels, cu_seqlens=cu), expected)
+        expected = fk.reference.sequence_logps(fk.reference.linear_logits(hidden, weight), labels,
+                                               cu_seqlens=cu.contiguous())
+        torch.testing.assert_close(fk.fused_linear_sequence_logps(hidden, weight, labels, cu_seqlens=cu), expected)
 
 
 def test_shift_packed_labels_validates_its_inputs():

@@ -1,19 +1,20 @@
 """A digest of a tensor's exact bits, to check that ranks hold the same values without sending them.
 
-Reads   bits (B, T, C), any strides: a float tensor viewed as the integer type of its width (bf16 / fp16 as
-        int16, fp32 as int32, fp64 as int64), so that the digest sees bits, not values (NaN equals its own
-        bits, -0.0 differs from 0.0).
+Reads   bits (B, T, C), any strides: a float tensor viewed as integers of its width, at most 32 bits (bf16 /
+        fp16 as int16, fp32 as int32, fp64 as two int32 words), so that the digest sees bits, not values (NaN
+        equals its own bits, -0.0 differs from 0.0).
 Writes  partial[p] = Σ_{rows r of program p, c} bits[r, c] · u(c) · w(r), int64 arithmetic wrapping modulo
         2^64 (r = b·T + t), where w(r) = mix(2r + 1) and u(c) = mix(2c + 2) are odd splitmix64-style mixes of
         the position. The caller sums the partials (int64, wrapping): the digest.
 
 Integer addition modulo 2^64 is associative, so the digest depends on the bits alone, not on the layout,
 the launch configuration or the device. Two tensors that differ in one element always differ in digest
-(an odd weight times a nonzero difference below 2^63 is nonzero modulo 2^64); two that differ in more
-elements collide only by a 2^-64-scale accident. Different row and column mixes keep a transposed square
-tensor from matching. Offsets are int64. A 16 × 256 tile over 8 warps keeps 16 int64 partial sums per
-thread (about 80 registers for sm_90, no spills: tests/gpu_compile.py --resources; 16 × 256 over 4 warps
-needed 150).
+(odd weights times a nonzero difference below 2^33 are nonzero modulo 2^64); two that differ in more
+elements collide only by an accident of probability about 2^-32 or less (a sign flip changes a 32-bit word
+by 2^31; in 64-bit words two flips would cancel exactly, hence the 32-bit words). Different row and column
+mixes keep a transposed square tensor from matching. Offsets are int64. A 16 × 256 tile over 8 warps keeps
+16 int64 partial sums per thread (about 80 registers for sm_90, no spills: tests/gpu_compile.py
+--resources; 16 × 256 over 4 warps needed 150).
 """
 
 from __future__ import annotations

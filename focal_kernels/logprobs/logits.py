@@ -9,7 +9,7 @@ import torch
 from .. import backend, reference
 from ..checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_labels_in_range,
                       check_logits_and_labels, data_checks_enabled, is_dtensor)
-from .packing import as_token_grid, layout_of, token_counts
+from .packing import as_token_grid, layout_of, packed_sums, token_counts
 
 
 def unit_stride_logits(logits, name="logits", stacklevel=3):
@@ -89,7 +89,7 @@ def pair_sequence_logps(chosen_logits, rejected_logits, chosen_labels, rejected_
 def sum_per_sequence(token_values, layout, like):
     """(S,) per-sequence sums of (B, T) token values: the deterministic segment kernel, or PyTorch."""
     if not backend.use_triton(like):
-        return token_values.sum(-1) if not layout.packed else reference.segment_sums(token_values, layout.offsets)
+        return token_values.sum(-1) if not layout.packed else packed_sums(token_values, layout.offsets)
     from .logits_autograd import SegmentSum
 
     return SegmentSum.apply(token_values.contiguous(), layout.offsets, layout.batch, layout.seq_len, layout.packed)

@@ -40,21 +40,29 @@ class Layout(NamedTuple):
             return per_sequence[:, None].expand(self.batch, self.seq_len)
         if self.num_sequences == 0:
             return per_sequence.new_zeros((1, self.seq_len))
-        ids = segment_ids(self.offsets, self.seq_len)
-        # Tokens outside [offsets[0], offsets[S]) (unvalidated cu_seqlens) belong to no sequence: 0, and no
-        # out-of-range index.
-        inside = ids < self.num_sequences
-        if self.offsets.shape[0]:
-            inside = inside & (torch.arange(self.seq_len, device=ids.device) >= self.offsets[0])
+        ids, inside = token_segments(self.offsets, self.seq_len)
         values = per_sequence[ids.clamp(max=self.num_sequences - 1)]
         return torch.where(inside, values, 0).view(1, self.seq_len)
 
 
-def segment_ids(offsets: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(tokens,) the sequence of each packed token (int64; S for a token past offsets[S]), with no host
-    synchronization."""
+def token_segments(offsets: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((tokens,) the sequence of each packed token (int64; S for a token past offsets[S]), (tokens,) whether
+    it lies in [offsets[0], offsets[S]): tokens outside (unvalidated cu_seqlens) belong to no sequence, as in
+    the segment-sum kernel. No host synchronization."""
     positions = torch.arange(tokens, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets[1:], positions, right=True)
+    ids = torch.searchsorted(offsets[1:], positions, right=True)
+    return ids, (ids < offsets.shape[0] - 1) & (positions >= offsets[0])
+
+
+def packed_sums(token_values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(S,) sums of the packed tokens' values over their sequences, in PyTorch (the CPU path without the
+    kernels). Unvalidated cu_seqlens that start above 0 or end below N leave the tokens outside out, as the
+    kernel does; decreasing ones give unspecified sums (the kernel sums overlapping ranges). Never an
+    out-of-range index."""
+    flat = token_values.reshape(-1)
+    sequences = offsets.shape[0] - 1
+    ids, inside = token_segments(offsets, flat.shape[0])
+    return flat.new_zeros(sequences + 1).index_add(0, torch.where(inside, ids, sequences), flat)[:sequences]
 
 
 def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_dim):
@@ -82,7 +90,7 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"packed {labels_name} (with cu_seqlens) must have shape (N,) or (1, N), got {shape}")
-    return values[None], labels[None], cu_seqlens
+    return values[None], labels[None], cu_seqlens.contiguous()  # the segment-sum kernel reads it unstrided
 
 
 def layout_of(batch, seq_len, cu_seqlens) -> Layout:

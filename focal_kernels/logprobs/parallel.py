@@ -247,20 +247,27 @@ def _splitmix(z):
 
 
 def position_weights(count, device):
-    """count pseudo-random int64 weights, a fixed function of the position: Σ x·w differs between two
-    different sequences x except by a 2^-64-scale accident, where Σ x·position misses e.g. +1, −2, +1 at three
-    consecutive positions."""
-    return _splitmix(torch.arange(1, count + 1, device=device, dtype=torch.int64))
+    """count pseudo-random odd int64 weights, a fixed function of the position. For x of 32-bit integers
+    (labels, offsets, float64 values as `float_words`), Σ x·w modulo 2^64 always changes when one x does (an
+    odd weight times a nonzero difference below 2^33), and otherwise only by an accident of probability about
+    2^-32 or less (where Σ x·position misses e.g. +1, −2, +1 at three consecutive positions)."""
+    return _splitmix(torch.arange(1, count + 1, device=device, dtype=torch.int64)) | 1
 
 
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def float_words(values):
+    """values' bits as integers of at most 32 bits (the last dimension doubled for 64-bit dtypes, through a
+    contiguous copy), the unit the digests weight: a float64 sign flip changes its high word by 2^31 where it
+    would change the int64 by 2^63, which any even number of flips times odd weights cancels modulo 2^64."""
+    if values.element_size() > 4:
+        return values.detach().contiguous().view(torch.int32)
+    return values.detach().view({1: torch.int8, 2: torch.int16, 4: torch.int32}[values.element_size()])
 
 
 def hidden_digest(hidden):
     """A 0-dim int64 device tensor that depends on hidden's (B, T, H) exact bits only (kernels/bits_digest.py;
     its PyTorch twin, with a (B·T, H) int64 temporary, where the kernels do not run): one read of the hidden
     states, no host read."""
-    bits = hidden.detach().view(_INT_OF_WIDTH[hidden.element_size()])
+    bits = float_words(hidden)
     if backend.use_triton(hidden):
         return ops.bits_digest(bits)
     flat = bits.reshape(-1, bits.shape[-1]).to(torch.int64)
@@ -321,8 +328,9 @@ def _check_agreement(rows, what, group, *, hidden_path, names):
             raise ValueError(f"{what}: every rank's hidden size must match, got H = {first[_F_HIDDEN]} on rank 0 "
                              f"and {row[_F_HIDDEN]} on rank {rank}{_global(group, rank)}")
         if hidden_path and row[_F_GRAD] != first[_F_GRAD]:
-            raise ValueError(f"{what}: hidden must require a gradient on every rank or on none (the backward "
-                             f"all-reduces its gradient), but {_ranks(group, 0, rank)} differ")
+            raise ValueError(f"{what}: hidden must require a gradient, with gradients enabled (not under "
+                             "torch.no_grad()), on every rank or on none (the backward all-reduces its gradient), "
+                             f"but {_ranks(group, 0, rank)} differ")
         if hidden_path and row[_F_BIAS] != first[_F_BIAS]:
             raise ValueError(f"{what}: a bias must be given on every rank or on none, but "
                              f"{_ranks(group, 0, rank)} differ")
@@ -727,7 +735,8 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
     vocab_start, vocab_total = _gather_layout(
         group, what, tensor, error, vocab=weight.shape[0] if ok else 0, batch=hidden.shape[0] if ok else 0,
         seq_len=hidden.shape[1] if ok else 0, cu_seqlens=cu_seqlens, hidden=hidden.shape[2] if ok else 0,
-        dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad, labels=labels,
+        dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad and torch.is_grad_enabled(),
+        labels=labels,
         ignore_index=ignore_index, validate_labels=validate_labels, has_bias=bias is not None,
         options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0), agree_on=agree_on,
         names=names, hidden_values=hidden if ok else None)

@@ -484,6 +484,22 @@ def test_simpo_alone_needs_no_reference_model(tmp_path, tok, dataset):
     torch.testing.assert_close(logged["rejected_rewards"], 0.5 * logged["rejected_logps"].detach() / counts[1])
 
 
+def test_reference_free_precompute_leaves_trl_cache_alone(tmp_path, tok, dataset):
+    """TRL caches precomputed reference log-probs in a file keyed by the dataset and the model, not the loss:
+    the zeros of a reference-free run must not land there, or a later DPO run on the same dataset and model
+    (max_length=None: the same fingerprint) reads them as its reference."""
+    dataset.save_to_disk(tmp_path / "data")
+    on_disk = lambda: datasets.load_from_disk(str(tmp_path / "data"))  # noqa: E731 (a dataset with cache files)
+    model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
+    FocalPOTrainer(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), train_dataset=on_disk(), processing_class=tok,
+                   args=_args(FocalPOConfig, tmp_path / "simpo", loss_type="simpo", max_length=None,
+                              precompute_ref_log_probs=True))
+    trainer = DPOTrainer(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), train_dataset=on_disk(),
+                         processing_class=tok,
+                         args=_args(DPOConfig, tmp_path / "dpo", max_length=None, precompute_ref_log_probs=True))
+    assert (torch.tensor(trainer.train_dataset["ref_chosen_logps"]) < 0).all()
+
+
 @pytest.mark.parametrize("chunk", [0, -4, 2.5, True])
 def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chunk):
     with pytest.raises(ValueError, match="logprob_chunk_size must be a positive int"):

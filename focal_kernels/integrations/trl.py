@@ -728,6 +728,18 @@ class FocalPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precompute, except when every selected loss type is reference-free: then zero columns in
+        memory, no reference forward and nothing written to TRL's cache file, whose key names the dataset and
+        the model but not the loss (zeros cached there would be read by a later run whose loss needs the
+        reference log-probs)."""
+        from datasets import Dataset
+
+        if not _reference_free(self.loss_types) or not isinstance(dataset, Dataset):  # (an IterableDataset: TRL's error)
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        zeros = [0.0] * len(dataset)
+        return dataset.add_column("ref_chosen_logps", zeros).add_column("ref_rejected_logps", zeros)
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch (used by `precompute_ref_log_probs`); zeros without a
         forward when every selected loss type is reference-free (none reads them)."""

@@ -491,9 +491,9 @@ def test_reference_free_precompute_leaves_trl_cache_alone(tmp_path, tok, dataset
     dataset.save_to_disk(tmp_path / "data")
     on_disk = lambda: datasets.load_from_disk(str(tmp_path / "data"))  # noqa: E731 (a dataset with cache files)
     model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
-    FocalPOTrainer(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), train_dataset=on_disk(), processing_class=tok,
-                   args=_args(FocalPOConfig, tmp_path / "simpo", loss_type="simpo", max_length=None,
-                              precompute_ref_log_probs=True))
+    FocalPOTrainer(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), train_dataset=on_disk(),
+                   processing_class=tok, args=_args(FocalPOConfig, tmp_path / "simpo", loss_type="simpo",
+                                                    max_length=None, precompute_ref_log_probs=True))
     trainer = DPOTrainer(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), train_dataset=on_disk(),
                          processing_class=tok,
                          args=_args(DPOConfig, tmp_path / "dpo", max_length=None, precompute_ref_log_probs=True))

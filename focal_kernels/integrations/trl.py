@@ -735,7 +735,7 @@ class FocalPOTrainer(DPOTrainer):
         reference log-probs)."""
         from datasets import Dataset
 
-        if not _reference_free(self.loss_types) or not isinstance(dataset, Dataset):  # (an IterableDataset: TRL's error)
+        if not _reference_free(self.loss_types) or not isinstance(dataset, Dataset):  # IterableDataset: TRL's error
             return super()._precompute_ref_logps(dataset, name, batch_size)
         zeros = [0.0] * len(dataset)
         return dataset.add_column("ref_chosen_logps", zeros).add_column("ref_rejected_logps", zeros)

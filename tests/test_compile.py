@@ -283,3 +283,65 @@ def test_compiled_inplace_backward(backend):
     loss = compiled(hidden, weight, seq_len - 1, True)  # the sides share one row per sequence
     with pytest.raises(ValueError, match="chosen_logits and rejected_logits that do not overlap"):
         loss.backward()
+
+
+def _eager_and_compiled(fn, compiled, inputs):
+    """(output, gradients of its sum w.r.t. the floating inputs) of fn and of compiled, on fresh leaves."""
+    results = []
+    for f in (fn, compiled):
+        leaves = [x.detach().clone().requires_grad_(True) if x.dtype.is_floating_point else x for x in inputs]
+        out = f(*leaves)
+        results.append((out, torch.autograd.grad(out.sum(), [x for x in leaves if x.requires_grad])))
+    return results
+
+
+def test_logits_path_with_changing_shapes(path):
+    """Padded (B, T) and packed N that change between calls (default dynamic: recompiled with symbolic
+    sizes): before, the per-sequence sum kept its sizes on ctx, and the second recompilation's backward failed
+    ("does not belong to this Graph")."""
+    def padded(x, y):
+        return fk.sequence_logps(x, y)
+
+    def packed(x, y, cu):
+        return fk.sequence_logps(x, y, cu_seqlens=cu)
+
+    for fn, shapes in ((padded, [(2, 5), (3, 5), (4, 6)]), (packed, [6, 8, 7])):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        for shape in shapes:
+            if fn is padded:
+                inputs = [torch.randn(*shape, VOCAB), torch.randint(0, VOCAB, shape)]
+            else:
+                inputs = [torch.randn(shape, VOCAB), torch.randint(0, VOCAB, (shape,)), torch.tensor([0, 2, shape])]
+            (want, want_grads), (got, got_grads) = _eager_and_compiled(fn, compiled, inputs)
+            torch.testing.assert_close(got, want)
+            for g, w in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_hidden_path_with_changing_shapes(path, dynamic):
+    """The fused hidden-state loss over changing (B, T) with dynamic=True (before: math.isfinite in the
+    option check could not be traced) and dynamic=False (one graph per shape); the default automatic
+    dynamic shapes are not supported there (README)."""
+    def step(chosen, rejected, weight, chosen_labels, rejected_labels):
+        return fk.fused_linear_focal_po_loss(chosen, rejected, weight, chosen_labels, rejected_labels,
+                                             chunk_size=16).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for batch, seq_len in ((2, 5), (3, 5), (4, 6)):
+        inputs = [torch.randn(batch, seq_len, HIDDEN), torch.randn(batch, seq_len + 1, HIDDEN),
+                  torch.randn(VOCAB, HIDDEN), torch.randint(0, VOCAB, (batch, seq_len)),
+                  torch.randint(0, VOCAB, (batch, seq_len + 1))]
+        (want, want_grads), (got, got_grads) = _eager_and_compiled(step, compiled, inputs)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w)
+
+
+def test_strided_last_dimension_traces(path):
+    """Logits whose last dimension is not contiguous are copied: in eager mode with a warning, under
+    torch.compile(fullgraph=True) silently (it cannot trace warnings.warn)."""
+    base, labels = torch.randn(2, 4, 2 * VOCAB), torch.randint(0, VOCAB, (2, 4))
+    compiled = torch.compile(lambda x, y: fk.sequence_logps(x[..., ::2], y), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(base, labels), fk.reference.sequence_logps(base[..., ::2].double(),
+                                                                                   labels).float())

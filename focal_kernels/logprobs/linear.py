@@ -53,7 +53,8 @@ def check_memory_budget(memory_budget):
 def check_logit_transform(logit_softcap, logit_scale, temperature):
     if logit_softcap is not None and not (is_real(logit_softcap) and 0 < logit_softcap < math.inf):
         raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
-    if not (is_real(logit_scale) and math.isfinite(logit_scale) and logit_scale != 0):
+    # (comparisons, not math.isfinite, which torch.compile(dynamic=True) cannot trace; NaN fails both)
+    if not (is_real(logit_scale) and -math.inf < logit_scale < math.inf and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
     if not (is_real(temperature) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

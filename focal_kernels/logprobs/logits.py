@@ -14,12 +14,14 @@ from .packing import as_token_grid, layout_of, packed_sums, token_counts
 
 def unit_stride_logits(logits, name="logits", stacklevel=3):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
-    (inplace_backward=True has refused it already: `check_inplace`)."""
+    in eager mode (torch.compile cannot trace warnings.warn; inplace_backward=True has refused such logits
+    already: `check_inplace`)."""
     if logits.stride(-1) == 1:
         return logits
-    warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
-                  f"stride, so it is copied once ({logits.numel() * logits.element_size() / 2**20:.1f} MiB). "
-                  "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=stacklevel)
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
+                      f"stride, so it is copied once ({logits.numel() * logits.element_size() / 2**20:.1f} MiB). "
+                      "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=stacklevel)
     return logits.contiguous()
 
 

@@ -55,15 +55,18 @@ class TokenLogpsFromLogits(torch.autograd.Function):
 class SegmentSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token_values, offsets, batch, seq_len, packed):
-        ctx.save_for_backward(offsets)
-        ctx.shape = (batch, seq_len, packed)
+        # The grid's shape travels as a zero-stride tensor of that shape (no memory), not as ints on ctx:
+        # under torch.compile with dynamic shapes, sizes kept on ctx belong to the forward's graph and broke
+        # the backward's ("does not belong to this Graph").
+        ctx.save_for_backward(offsets, token_values.new_empty(()).expand(batch, seq_len))
+        ctx.packed = packed
         (sums,) = ops.segment_sum(token_values.reshape(-1), offsets, [batch], [seq_len])
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
-        (offsets,) = ctx.saved_tensors
-        return Layout(*ctx.shape[:2], offsets, ctx.shape[2]).broadcast(grad_sums), None, None, None, None
+        offsets, grid = ctx.saved_tensors
+        return Layout(*grid.shape, offsets, ctx.packed).broadcast(grad_sums), None, None, None, None
 
 
 class PairSequenceLogps(torch.autograd.Function):

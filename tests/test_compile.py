@@ -147,6 +147,23 @@ def test_grad_of_loss_with_respect_to_returned_logps():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter check concerns CPU tensors")
+def test_importing_does_not_import_triton_or_dynamo():
+    """TRITON_INTERPRET=1 may be set after `import focal_kernels` (backend.py; the self-check does): importing
+    every module must not import triton, nor torch._dynamo, which imports it (a torch.compiler.disable
+    decorator at import time did)."""
+    script = textwrap.dedent("""
+        import sys
+        import focal_kernels, focal_kernels.fused_losses, focal_kernels.logprobs.parallel, focal_kernels.logprobs.ops
+        print(sorted(name for name in ("triton", "torch._dynamo") if name in sys.modules))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 def test_late_triton_interpret_raises_a_clear_error():
     script = textwrap.dedent("""
         import os

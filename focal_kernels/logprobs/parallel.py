@@ -54,7 +54,6 @@ The group may be a ProcessGroup or a one-dimensional DeviceMesh. Every call read
 
 from __future__ import annotations
 
-import inspect
 import math
 import struct
 from functools import partial
@@ -133,24 +132,24 @@ def _info_device(group, tensor):
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _eager_only(fn):
-    """torch.compiler.disable, with its reason where this PyTorch takes one: under torch.compile the ranks'
-    agreement runs eagerly (its host read of the gathered integers cannot be traced: a graph break), and
-    fullgraph=True fails with this reason instead of a data-dependent guard error."""
-    reason = ("focal_kernels' vocabulary- and sequence-parallel calls read the ranks' gathered checks on the "
-              "host (a graph break): use torch.compile without fullgraph=True, or call them outside the compiled "
-              "region")
-    if "reason" in inspect.signature(torch.compiler.disable).parameters:
-        return torch.compiler.disable(fn, reason=reason)
-    return torch.compiler.disable(fn)  # pragma: no cover (PyTorch < 2.7)
+_GRAPH_BREAK = ("focal_kernels' vocabulary- and sequence-parallel calls read the ranks' gathered checks on the "
+                "host (a graph break): use torch.compile without fullgraph=True, or call them outside the compiled "
+                "region")
 
 
-@_eager_only
 def _agree(group, device, local_error, fields, what):
     """One all_gather of every rank's int64 `fields` (a 1-D device tensor, or None when local_error) and one
     host read. Every rank learns every rank's fields; when any rank's own checks failed (local_error), every
     rank raises: the failing rank its own error, the others a ValueError naming it (messages exchanged with
-    all_gather_object, on this path only). Returns the fields as a list of lists, in group rank order."""
+    all_gather_object, on this path only). Returns the fields as a list of lists, in group rank order.
+
+    Under torch.compile an explicit graph break comes first, so the rest runs eagerly and fullgraph=True fails
+    with that reason (not a data-dependent guard error). (torch.compiler.disable as a decorator would import
+    torch._dynamo, and with it triton, when focal_kernels is imported: see backend.py.)"""
+    if torch.compiler.is_compiling():
+        from torch import _dynamo  # already imported while compiling
+
+        _dynamo.graph_break(msg=_GRAPH_BREAK)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{what}: the vocabulary- and sequence-parallel calls cannot be captured in a CUDA "
                            "graph (every call reads the ranks' gathered checks on the host); call them outside "

@@ -236,13 +236,13 @@ def _float_bits(value):
     return struct.unpack("<q", struct.pack("<d", -1.0 if value is None else float(value)))[0]
 
 
-def _splitmix(z):
-    """splitmix64's finalizer on int64 positions (arithmetic shifts; int64 arithmetic wraps alike on every
-    device, and in kernels/bits_digest.py)."""
+def _odd_mix(z):
+    """An odd pseudo-random int64 per int64 position: splitmix64's finalizer (arithmetic shifts; int64
+    arithmetic wraps alike on every device) with the low bit set, as kernels/bits_digest.py's `_mix`."""
     z = z * -7046029254386353131  # 0x9E3779B97F4A7C15
     z = (z ^ (z >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
-    return z ^ (z >> 31)
+    return (z ^ (z >> 31)) | 1
 
 
 def position_weights(count, device):
@@ -250,7 +250,7 @@ def position_weights(count, device):
     (labels, offsets, float64 values as `float_words`), Σ x·w modulo 2^64 always changes when one x does (an
     odd weight times a nonzero difference below 2^33), and otherwise only by an accident of probability about
     2^-32 or less (where Σ x·position misses e.g. +1, −2, +1 at three consecutive positions)."""
-    return _splitmix(torch.arange(1, count + 1, device=device, dtype=torch.int64)) | 1
+    return _odd_mix(torch.arange(1, count + 1, device=device, dtype=torch.int64))
 
 
 def float_words(values):
@@ -272,7 +272,7 @@ def hidden_digest(hidden):
     flat = bits.reshape(-1, bits.shape[-1]).to(torch.int64)
     rows = torch.arange(flat.shape[0], dtype=torch.int64, device=flat.device)
     cols = torch.arange(flat.shape[1], dtype=torch.int64, device=flat.device)
-    return ((flat * (_splitmix(2 * cols + 2) | 1)).sum(dim=1) * (_splitmix(2 * rows + 1) | 1)).sum()
+    return ((flat * _odd_mix(2 * cols + 2)).sum(dim=1) * _odd_mix(2 * rows + 1)).sum()
 
 
 def _labels_digest(labels, ignore_index, cu_seqlens, tokens):

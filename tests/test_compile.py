@@ -335,17 +335,31 @@ def test_logits_path_with_changing_shapes(path):
                 torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_hidden_path_with_changing_shapes(path, dynamic):
-    """The fused hidden-state loss over changing (B, T) with dynamic=True (before: math.isfinite in the
-    option check could not be traced) and dynamic=False (one graph per shape); the default automatic
-    dynamic shapes are not supported there (README)."""
-    def step(chosen, rejected, weight, chosen_labels, rejected_labels):
-        return fk.fused_linear_focal_po_loss(chosen, rejected, weight, chosen_labels, rejected_labels,
-                                             chunk_size=16).loss
+def _fused_loss(chosen, rejected, weight, chosen_labels, rejected_labels):
+    return fk.fused_linear_focal_po_loss(chosen, rejected, weight, chosen_labels, rejected_labels,
+                                         chunk_size=16).loss
 
+
+def _summed_token_logps(chosen, rejected, weight, chosen_labels, rejected_labels):
+    """A reduction of the token log-probs: their gradient arrives expanded, strides (1, 0)."""
+    return sum(fk.fused_linear_token_logps(hidden, weight, labels, chunk_size=16).log_probs.sum(-1)
+               for hidden, labels in ((chosen, chosen_labels), (rejected, rejected_labels)))
+
+
+def _sequence_logps(chosen, rejected, weight, chosen_labels, rejected_labels):
+    return sum(fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)
+               for hidden, labels in ((chosen, chosen_labels), (rejected, rejected_labels)))
+
+
+@pytest.mark.parametrize("step", [_fused_loss, _summed_token_logps, _sequence_logps])
+@pytest.mark.parametrize("dynamic", [None, True, False])
+def test_hidden_path_with_changing_shapes(path, step, dynamic):
+    """The hidden-state path over changing (B, T): default automatic dynamic shapes (before: the third
+    compilation's backward failed, dynamo taking T from the stride of an expanded incoming gradient; the
+    autograd function's outputs are flat now), dynamic=True (before: math.isfinite in the option check
+    could not be traced) and dynamic=False (one graph per shape)."""
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
-    for batch, seq_len in ((2, 5), (3, 5), (4, 6)):
+    for batch, seq_len in ((2, 5), (3, 5), (4, 6), (5, 9)):
         inputs = [torch.randn(batch, seq_len, HIDDEN), torch.randn(batch, seq_len + 1, HIDDEN),
                   torch.randn(VOCAB, HIDDEN), torch.randint(0, VOCAB, (batch, seq_len)),
                   torch.randint(0, VOCAB, (batch, seq_len + 1))]

@@ -153,7 +153,8 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
     outputs = LinearTokenLogps.apply(weight, bias, options,
                                      *(t for hidden, labels, *_ in groups for t in (hidden, labels)), None)
     per_group = 1 + len(stats)
-    return [list(outputs[k:k + per_group]) for k in range(0, len(outputs), per_group)]
+    return [[out.view(hidden.shape[:2]) for out in outputs[k * per_group:(k + 1) * per_group]]
+            for k, (hidden, *_) in enumerate(groups)]
 
 
 def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -89,9 +89,14 @@ def _row_values(state, vocab, row_labels, stats):
 
 
 class LinearTokenLogps(torch.autograd.Function):
-    """(weight, bias, options, hidden_1, labels_1, hidden_2, labels_2, ..., None) → for each group, its (B_k, T_k)
-    token log-probs followed by one (B_k, T_k) tensor per requested statistic (not differentiable).
-    Inputs are assumed checked."""
+    """(weight, bias, options, hidden_1, labels_1, hidden_2, labels_2, ..., None) → for each group, its
+    B_k·T_k token log-probs followed by one B_k·T_k tensor per requested statistic (not differentiable), all
+    flat: the caller views them as (B_k, T_k). Inputs are assumed checked.
+
+    Flat outputs keep torch.compile's automatic dynamic shapes working: dynamo's traced backward took T_k
+    from the incoming gradient's stride (B_k, T_k) → T_k, which a reduction's expanded gradient, stride
+    (1, 0), does not have (torch 2.13). A flat gradient has no such stride; its view's backward makes it
+    contiguous."""
 
     @staticmethod
     def forward(ctx, weight, bias, options, *hidden_and_labels):
@@ -118,7 +123,7 @@ class LinearTokenLogps(torch.autograd.Function):
         outputs = []
         for group in range(len(hiddens)):
             for value in values:
-                outputs.append(_scatter(value, group, hiddens, positions, scored))
+                outputs.append(_scatter(value, group, positions, scored))
         ctx.save_for_backward(weight, bias, state[0], log_sum_exp, row_labels, unit, kept, *hiddens, *labels,
                               *(index for index in positions if index is not None))
         ctx.options = options
@@ -136,9 +141,9 @@ class LinearTokenLogps(torch.autograd.Function):
         hiddens, labels = rest[:groups], rest[groups:2 * groups]
         positions = list(rest[2 * groups:]) if options.compact else [None] * groups
         scored = [lab != options.ignore_index for lab in labels]
-        grads = [grad if grad is not None else torch.zeros(hidden.shape[:2], dtype=row_max.dtype,
+        grads = [grad if grad is not None else torch.zeros(label.numel(), dtype=row_max.dtype,
                                                             device=row_max.device)
-                 for grad, hidden in zip(grad_outputs[0::ctx.per_group], hiddens)]
+                 for grad, label in zip(grad_outputs[0::ctx.per_group], labels)]
         grad_scale = _pick([grad.to(row_max.dtype) for grad in grads], positions, scored, fill=0)
         needs_hidden = [ctx.needs_input_grad[3 + 2 * k] for k in range(groups)]
         if options.frozen:  # d logp / d row was accumulated in the forward: only scale the rows
@@ -156,23 +161,23 @@ class LinearTokenLogps(torch.autograd.Function):
 
 
 def _pick(per_token, positions, scored, fill):
-    """The rows' values of (B_k, T_k) per-token tensors, stacked in row order: the scored positions
+    """The rows' values of per-token tensors ((B_k, T_k) or flat), stacked in row order: the scored positions
     (compact), or every token with the ignored ones set to `fill`."""
     if positions[0] is not None:
         return torch.cat([values.reshape(-1)[index] for values, index in zip(per_token, positions)])
-    return torch.cat([torch.where(mask, values, fill).reshape(-1) for values, mask in zip(per_token, scored)])
+    return torch.cat([torch.where(mask.reshape(-1), values.reshape(-1), fill)
+                      for values, mask in zip(per_token, scored)])
 
 
-def _scatter(row_values, group, hiddens, positions, scored):
-    """Group `group`'s (B, T) per-token tensor from per-row values, zero (False) at ignored tokens."""
+def _scatter(row_values, group, positions, scored):
+    """Group `group`'s flat B·T per-token tensor from per-row values, zero (False) at ignored tokens."""
     start = sum(mask.numel() if index is None else index.numel()
                 for index, mask in zip(positions[:group], scored[:group]))
-    shape = hiddens[group].shape[:2]
     index, mask = positions[group], scored[group]
     count = mask.numel() if index is None else index.numel()
     mine = row_values[start:start + count]
     if index is None:
-        return torch.where(mask, mine.view(shape), torch.zeros((), dtype=mine.dtype, device=mine.device))
-    out = torch.zeros(shape, dtype=mine.dtype, device=mine.device)
-    out.view(-1).index_copy_(0, index, mine)
+        return torch.where(mask.reshape(-1), mine, torch.zeros((), dtype=mine.dtype, device=mine.device))
+    out = torch.zeros(mask.numel(), dtype=mine.dtype, device=mine.device)
+    out.index_copy_(0, index, mine)
     return out

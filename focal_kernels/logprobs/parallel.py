@@ -506,8 +506,9 @@ class _LinearSlice(NamedTuple):
 
 class VocabParallelLinearTokenLogps(torch.autograd.Function):
     """(hidden (B, T, H), this rank's weight (V_r, H), bias (V_r,) or None, global labels (B, T), _LinearSlice)
-    → (B, T) token log-probs (the same on every rank). Every token is a row (ignored ones zeroed). Backward:
-    this rank's weight / bias slice gradients, and the hidden-state gradient all-reduced (SUM)."""
+    → B·T token log-probs, flat (the same on every rank; flat for torch.compile, see LinearTokenLogps). Every
+    token is a row (ignored ones zeroed). Backward: this rank's weight / bias slice gradients, and the
+    hidden-state gradient all-reduced (SUM)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, where):
@@ -523,7 +524,7 @@ class VocabParallelLinearTokenLogps(torch.autograd.Function):
                                               where.ignore_index, where.vocab_total, where.group)
         ctx.save_for_backward(hidden, weight, bias, labels, global_max, log_sum)
         ctx.where = where
-        return logps.view(labels.shape)
+        return logps
 
     @staticmethod
     @first_order_only
@@ -533,7 +534,7 @@ class VocabParallelLinearTokenLogps(torch.autograd.Function):
         scored = labels != where.ignore_index
         rows = masked_rows([hidden], [scored])
         row_labels = torch.where(scored, labels, -1).reshape(-1).to(torch.int64)
-        grad_scale = torch.where(scored, grad_tokens.to(global_max.dtype), 0.0).reshape(-1)
+        grad_scale = torch.where(scored.reshape(-1), grad_tokens.to(global_max.dtype), 0.0)
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
         grad_rows, grad_weight, grad_bias = ops.linear_backward(
@@ -744,7 +745,7 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
                                         weight.element_size())
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
     where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap)
-    token_logps = VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where)
+    token_logps = VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where).view(labels.shape)
     layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
     logps = sum_per_sequence(token_logps, layout, weight)
     if return_token_counts:

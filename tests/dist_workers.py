@@ -967,6 +967,20 @@ def compiled(rank, world):
         torch._dynamo.reset()
         _raises(Exception, ["gathered checks", "fullgraph=True"],
                 lambda: torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves))
+    # Shapes that change between calls (default automatic dynamic shapes: the third call compiles with
+    # symbolic B and T); the token log-probs' gradient arrives expanded from the per-sequence sums.
+    torch._dynamo.reset()
+    compiled_hidden = torch.compile(lambda h, w, y: _loss(fk.fused_linear_sequence_logps(
+        h, w, y, vocab_parallel_group=group)), backend="aot_eager")
+    for seed, (batch, seq_len) in enumerate(((2, 4), (3, 4), (4, 5), (5, 7))):
+        h = _logits((batch, seq_len, 8), 95 + seed).requires_grad_(True)
+        w = weight[start:stop].clone().requires_grad_(True)
+        y = _labels((batch, seq_len), 99 + seed)
+        want = _loss(fk.fused_linear_sequence_logps(h, w, y, vocab_parallel_group=group))
+        got = compiled_hidden(h, w, y)
+        _close(got, want, f"compiled vocab-parallel hidden states, {batch}x{seq_len}", 1e-6, 1e-6)
+        for g, e in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+            _close(g, e, f"compiled vocab-parallel hidden states, {batch}x{seq_len}, gradient", 1e-6, 1e-6)
     capturing, available = torch.cuda.is_current_stream_capturing, torch.cuda.is_available
     torch.cuda.is_current_stream_capturing = torch.cuda.is_available = lambda: True  # as if capturing
     try:

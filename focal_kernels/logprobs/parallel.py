@@ -763,7 +763,9 @@ class _SumOverRanks(torch.autograd.Function):
         dist = _dist()
         out = values.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        # A fresh copy, not the tensor the collective wrote: under torch.compile with torch 2.11, returning
+        # the all-reduced tensor itself gave a zero gradient (values right); 2.13 and 2.14 were not affected.
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad):

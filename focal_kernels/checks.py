@@ -162,10 +162,14 @@ def check_flag(value, name):
 
 def check_inplace_target(logits, name="logits"):
     """inplace_backward writes each element's gradient over it: the logits must be rows of unit stride that
-    share no memory with each other (no expand(), no overlapping as_strided views)."""
+    share no memory with each other (no expand(), no overlapping as_strided views). While torch.compile
+    traces, only the unit stride is checked here (the overlap walk sorts sizes, symbolic there); the
+    in-place operator checks everything when the graph runs."""
     if logits.stride(-1) != 1:
         raise ValueError(f"inplace_backward=True needs {name} whose last dimension is contiguous "
                          f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
+    if torch.compiler.is_compiling():  # symbolic sizes cannot be sorted; the in-place operator checks at run time
+        return logits
     extent = 1  # elements spanned so far, walking the dimensions from the smallest stride up
     dims = sorted(((st, s) for s, st in zip(logits.shape, logits.stride()) if s > 1))
     for stride, size in dims:

@@ -302,6 +302,44 @@ def test_compiled_inplace_backward(backend):
         loss.backward()
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_inplace_backward_with_changing_shapes(path, dynamic):
+    """inplace_backward=True with symbolic sizes (before: the overlap check sorted SymInts, which dynamo
+    cannot trace, so the second shape failed under fullgraph=True); overlapping logits are still refused
+    by the kernels' in-place operator when the graph runs (the plain-PyTorch path ignores the flag)."""
+    def pair(hidden, weight, chosen_labels, rejected_labels, inplace):
+        logits = hidden @ weight.t()
+        seq_len = chosen_labels.shape[1]
+        return fk.focal_po_loss(logits[:, :seq_len], logits[:, seq_len:], chosen_labels, rejected_labels,
+                                gamma=0.5, inplace_backward=inplace).loss
+
+    compiled = torch.compile(pair, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for batch, seq_len in ((2, 5), (3, 5), (4, 6), (5, 7)):
+        hidden_values, weight_values = torch.randn(batch, 2 * seq_len, HIDDEN), torch.randn(VOCAB, HIDDEN)
+        labels = [torch.randint(0, VOCAB, (batch, seq_len)) for _ in range(2)]
+        labels[0][0, :2] = IGNORE
+        results = []
+        for call, inplace in ((compiled, True), (pair, False)):
+            hidden, weight = hidden_values.clone().requires_grad_(True), weight_values.clone().requires_grad_(True)
+            loss = call(hidden, weight, *labels, inplace)
+            results.append((loss, *torch.autograd.grad(loss, [hidden, weight])))
+        for got, want, name in zip(*results, ("loss", "grad hidden", "grad weight")):
+            assert_close(got, want, (1e-5, 1e-6), f"{batch}x{seq_len}: {name}")
+
+    def expanded(hidden, weight, labels):
+        logits = (hidden @ weight.t())[:, :1].expand(-1, labels.shape[1], -1)  # every token one row
+        return fk.sequence_logps(logits, labels, inplace_backward=True).sum()
+
+    if path == "torch":
+        return
+    compiled = torch.compile(expanded, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for batch, seq_len in ((2, 5), (3, 6)):
+        hidden = torch.randn(batch, seq_len, HIDDEN, requires_grad=True)
+        labels = torch.randint(0, VOCAB, (batch, seq_len))
+        with pytest.raises(ValueError, match="do not overlap in memory"):
+            compiled(hidden, torch.randn(VOCAB, HIDDEN), labels).backward()
+
+
 def _eager_and_compiled(fn, compiled, inputs):
     """(output, gradients of its sum w.r.t. the floating inputs) of fn and of compiled, on fresh leaves."""
     results = []

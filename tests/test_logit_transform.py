@@ -95,6 +95,34 @@ def test_token_logps_with_transform_match_reference(path, name):
         assert_close(g, e, (1e-10, 1e-10), "token grads")
 
 
+@pytest.mark.parametrize("logit_size", [1e-2, 10.0], ids=["far_below_cap", "around_tanh_switch"])
+def test_softcap_keeps_float32_precision(path, logit_size):
+    """Soft-capped logits far below the cap keep float32's relative precision (before: tanh as 2·σ(2u) − 1
+    lost it, a mean logit of 1e-2 off by 2.5e-4 relative at cap 30), and logits spread over u = z / cap
+    around the kernels' switch between their two tanh forms (|u| = 1/4) agree with the reference too."""
+    cap = 30.0
+    h, w, b, labels = inputs(2, 6, torch.float64, vocab=53, hidden=16, scale=1.0)
+    h = h * logit_size
+    upstream = torch.rand(2, 6, dtype=torch.float64, device=DEVICE) + 0.5
+    leaf = h.float().requires_grad_(True)
+    out = fk.fused_linear_token_logps(leaf, w.float(), labels, b.float(), chunk_size=16, logit_softcap=cap,
+                                      stats=("mean_logits", "entropy"))
+    (out.log_probs.double() * upstream).sum().backward()
+    expected, (expected_grad,) = grads_of(
+        lambda x: fk.reference.token_logps(fk.reference.linear_logits(x, w, b, logit_softcap=cap), labels, IGNORE),
+        (h,), upstream)
+    logits = fk.reference.linear_logits(h, w, b, logit_softcap=cap)
+    stats = fk.reference.token_stats(logits, labels, IGNORE)
+    scored = labels != IGNORE
+    # a mean of signed logits: its error measured against their mean size
+    size = logits.abs().mean(-1)[scored]
+    assert ((out.mean_logits[scored] - stats["mean_logits"][scored]).abs() <= 1e-6 * size).all(), "mean logits"
+    noise = 1e-7 * logits.abs().max().item()  # float32 raw logits (GEMM) carry this much already
+    assert_close(out.entropy, stats["entropy"], (2e-6, noise), "entropy")
+    assert_close(out.log_probs, expected, (2e-6, noise), "log-probs")
+    assert_close(leaf.grad, expected_grad, (0, 2e-6 * expected_grad.abs().max().item()), "hidden gradient")
+
+
 STAT_NAMES = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 

@@ -6,8 +6,12 @@
     logits = z · inv_temperature
     d logits / d raw = scale · inv_temperature · (1 − tanh²(z / cap))   (without the cap: the first two factors)
 
-tanh(u) is computed as 2·σ(2u) − 1 (exact at ±inf, absolute error one ulp near 0, where the cap then
-multiplies it). params holds (scale, cap, inv_temperature) in the compute dtype, so float64 stays exact.
+tanh(u) in float32: the odd Taylor series u·(1 − u²/3 + 2u⁴/15 − 17u⁶/315 + 62u⁸/2835) for |u| < 1/4
+(truncation below 1e-8 relative), else sign(u)·(1 − e)/(1 + e) with e = exp(−2|u|) (exact at ±inf): a few
+ulps relative everywhere. (2·σ(2u) − 1, used before, has an absolute error of an ulp of 1, so logits far
+below the cap lost relative precision: 2.5e-4 in a mean logit of 1e-2 at cap 30.) In float64, 2·σ(2u) − 1
+(absolute error 1e-16). params holds (scale, cap, inv_temperature) in the compute dtype, so float64 stays
+exact.
 """
 
 import triton
@@ -20,10 +24,22 @@ def load_transform(params_ptr):
 
 
 @triton.jit
+def _tanh(u):
+    if u.dtype == tl.float64:
+        return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    magnitude = tl.abs(u)
+    e = tl.exp(-2.0 * magnitude)
+    large = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    small = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))
+    return tl.where(magnitude < 0.25, small, tl.where(u < 0, -large, large))
+
+
+@triton.jit
 def transformed_logits(raw, scale, cap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
     z = raw * scale
     if HAS_SOFTCAP:
-        z = cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
+        z = cap * _tanh(z / cap)
     return z * inv_temperature
 
 
@@ -32,6 +48,6 @@ def transform_derivative(raw, scale, cap, inv_temperature, HAS_SOFTCAP: tl.const
     """d logits / d raw, elementwise."""
     derivative = scale * inv_temperature
     if HAS_SOFTCAP:
-        tanh = 2.0 * tl.sigmoid(2.0 * (raw * scale) / cap) - 1.0
+        tanh = _tanh((raw * scale) / cap)
         derivative = derivative * (1.0 - tanh * tanh)
     return derivative

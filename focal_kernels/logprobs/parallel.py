@@ -135,6 +135,9 @@ def _info_device(group, tensor):
 _GRAPH_BREAK = ("focal_kernels' vocabulary- and sequence-parallel calls read the ranks' gathered checks on the "
                 "host (a graph break): use torch.compile without fullgraph=True, or call them outside the compiled "
                 "region")
+# graph_break(msg=) is there from torch 2.11 on at least (2.11, 2.13, 2.14 tested); older versions' graph_break
+# takes no argument (the break would happen, then the eager call raise TypeError), so they get none.
+_GRAPH_BREAK_TAKES_MSG = torch.torch_version.TorchVersion(torch.__version__) >= "2.11"
 
 
 def _agree(group, device, local_error, fields, what):
@@ -149,7 +152,10 @@ def _agree(group, device, local_error, fields, what):
     if torch.compiler.is_compiling():
         from torch import _dynamo  # already imported while compiling
 
-        _dynamo.graph_break(msg=_GRAPH_BREAK)
+        if _GRAPH_BREAK_TAKES_MSG:
+            _dynamo.graph_break(msg=_GRAPH_BREAK)
+        else:  # pragma: no cover (torch < 2.11)
+            _dynamo.graph_break()
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{what}: the vocabulary- and sequence-parallel calls cannot be captured in a CUDA "
                            "graph (every call reads the ranks' gathered checks on the host); call them outside "

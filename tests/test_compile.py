@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
@@ -302,6 +303,17 @@ def test_compiled_inplace_backward(backend):
         loss.backward()
 
 
+def assert_compiled_matches_eager(fn, compiled, inputs, **tolerance):
+    """compiled's output and the gradients of its sum w.r.t. the floating inputs (fresh leaves) equal fn's."""
+    results = []
+    for f in (fn, compiled):
+        leaves = [x.detach().clone().requires_grad_(True) if x.dtype.is_floating_point else x for x in inputs]
+        out = f(*leaves)
+        results.append((out, *torch.autograd.grad(out.sum(), [x for x in leaves if x.requires_grad])))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_compiled_inplace_backward_with_changing_shapes(path, dynamic):
     """inplace_backward=True with symbolic sizes (before: the overlap check sorted SymInts, which dynamo
@@ -313,18 +325,12 @@ def test_compiled_inplace_backward_with_changing_shapes(path, dynamic):
         return fk.focal_po_loss(logits[:, :seq_len], logits[:, seq_len:], chosen_labels, rejected_labels,
                                 gamma=0.5, inplace_backward=inplace).loss
 
-    compiled = torch.compile(pair, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    compiled = torch.compile(partial(pair, inplace=True), fullgraph=True, backend="aot_eager", dynamic=dynamic)
     for batch, seq_len in ((2, 5), (3, 5), (4, 6), (5, 7)):
-        hidden_values, weight_values = torch.randn(batch, 2 * seq_len, HIDDEN), torch.randn(VOCAB, HIDDEN)
         labels = [torch.randint(0, VOCAB, (batch, seq_len)) for _ in range(2)]
         labels[0][0, :2] = IGNORE
-        results = []
-        for call, inplace in ((compiled, True), (pair, False)):
-            hidden, weight = hidden_values.clone().requires_grad_(True), weight_values.clone().requires_grad_(True)
-            loss = call(hidden, weight, *labels, inplace)
-            results.append((loss, *torch.autograd.grad(loss, [hidden, weight])))
-        for got, want, name in zip(*results, ("loss", "grad hidden", "grad weight")):
-            assert_close(got, want, (1e-5, 1e-6), f"{batch}x{seq_len}: {name}")
+        inputs = [torch.randn(batch, 2 * seq_len, HIDDEN), torch.randn(VOCAB, HIDDEN), *labels]
+        assert_compiled_matches_eager(partial(pair, inplace=False), compiled, inputs, rtol=1e-5, atol=1e-6)
 
     def expanded(hidden, weight, labels):
         logits = (hidden @ weight.t())[:, :1].expand(-1, labels.shape[1], -1)  # every token one row
@@ -338,16 +344,6 @@ def test_compiled_inplace_backward_with_changing_shapes(path, dynamic):
         labels = torch.randint(0, VOCAB, (batch, seq_len))
         with pytest.raises(ValueError, match="do not overlap in memory"):
             compiled(hidden, torch.randn(VOCAB, HIDDEN), labels).backward()
-
-
-def _eager_and_compiled(fn, compiled, inputs):
-    """(output, gradients of its sum w.r.t. the floating inputs) of fn and of compiled, on fresh leaves."""
-    results = []
-    for f in (fn, compiled):
-        leaves = [x.detach().clone().requires_grad_(True) if x.dtype.is_floating_point else x for x in inputs]
-        out = f(*leaves)
-        results.append((out, torch.autograd.grad(out.sum(), [x for x in leaves if x.requires_grad])))
-    return results
 
 
 def test_logits_path_with_changing_shapes(path):
@@ -367,10 +363,7 @@ def test_logits_path_with_changing_shapes(path):
                 inputs = [torch.randn(*shape, VOCAB), torch.randint(0, VOCAB, shape)]
             else:
                 inputs = [torch.randn(shape, VOCAB), torch.randint(0, VOCAB, (shape,)), torch.tensor([0, 2, shape])]
-            (want, want_grads), (got, got_grads) = _eager_and_compiled(fn, compiled, inputs)
-            torch.testing.assert_close(got, want)
-            for g, w in zip(got_grads, want_grads):
-                torch.testing.assert_close(g, w)
+            assert_compiled_matches_eager(fn, compiled, inputs)
 
 
 def _fused_loss(chosen, rejected, weight, chosen_labels, rejected_labels):
@@ -401,10 +394,7 @@ def test_hidden_path_with_changing_shapes(path, step, dynamic):
         inputs = [torch.randn(batch, seq_len, HIDDEN), torch.randn(batch, seq_len + 1, HIDDEN),
                   torch.randn(VOCAB, HIDDEN), torch.randint(0, VOCAB, (batch, seq_len)),
                   torch.randint(0, VOCAB, (batch, seq_len + 1))]
-        (want, want_grads), (got, got_grads) = _eager_and_compiled(step, compiled, inputs)
-        torch.testing.assert_close(got, want)
-        for g, w in zip(got_grads, want_grads):
-            torch.testing.assert_close(g, w)
+        assert_compiled_matches_eager(step, compiled, inputs)
 
 
 def test_strided_last_dimension_traces(path):

@@ -206,6 +206,18 @@ def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     trainer.padding_free = False
     _assert_same(packed, _loss_and_grads(trainer, batch), rtol=1e-4, atol=1e-6)
 
+    # A row without real tokens is an empty sequence: the rows after it keep their own log-probs
+    trainer.padding_free = True
+    empty = 1
+    holey = {k: v.clone() for k, v in batch.items()}
+    holey["attention_mask"][empty] = 0
+    holey["completion_mask"][empty] = 0
+    with torch.no_grad():
+        kept = [trainer._fused_per_token(model, b, trainer._model_kwargs(b))[1]["log_probs"] for b in (batch, holey)]
+    others = [i for i in range(batch["input_ids"].shape[0]) if i != empty]
+    assert (kept[1][empty] == 0).all()
+    torch.testing.assert_close(kept[1][others], kept[0][others], rtol=1e-5, atol=1e-6)
+
 
 def test_focal_training_learns_and_logs(tmp_path, tok, dataset):
     model = tiny_lm.make_model(tok, seed=0)

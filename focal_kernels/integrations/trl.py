@@ -678,17 +678,20 @@ class FocalPOTrainer(DPOTrainer):
             raise NotImplementedError("padding_free=True needs right-padded batches (each row's tokens a prefix of "
                                       "the row); this batch's attention_mask has padding before real tokens")
         position_ids = (real.long().cumsum(1) - 1)[real].unsqueeze(0)
-        cu_seqlens = fk.cu_seqlens_from_position_ids(position_ids).long()
+        # One sequence per row, from the row lengths: a row without real tokens is an empty sequence (position
+        # ids alone could not show it, and the rows after it would land one row early)
+        lengths = real.sum(1)
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         packed_ids = input_ids[real].unsqueeze(0)
         packed_labels = packed_ids.masked_fill(completion_mask[real].unsqueeze(0) == 0, -100)
-        packed_labels[0, cu_seqlens[:-1]] = -100  # the first token of a sequence: predicted by the previous one
+        # the first token of a sequence: predicted by the previous one
+        packed_labels[0, cu_seqlens[:-1][lengths > 0]] = -100
         kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
         outputs = model(input_ids=packed_ids, position_ids=position_ids, labels=packed_labels, fused_lm_head=True,
                         **kwargs)
         # Packed output j predicts packed token j+1. Lay the N-1 outputs (+ a zero for the last token) onto the
         # (2B, T) grid row by row: row i, position t ← packed cu_seqlens[i] + t, then drop the last column, as the
         # padded path's shift does. A sequence's last position lands on its successor's first token: 0 (unscored).
-        lengths = cu_seqlens.diff()
         grid_rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
         grid_cols = torch.arange(int(cu_seqlens[-1]), device=lengths.device) - cu_seqlens[:-1][grid_rows]
 

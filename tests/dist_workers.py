@@ -386,6 +386,16 @@ def errors(rank, world):
     # sequence-parallel: different numbers of sequences
     per_sequence = torch.zeros(3 if rank == 0 else 2)
     _raises(ValueError, ["same number of sequences"], lambda: sequence_parallel_sum(per_sequence, group))
+    first = rank == 0
+    # a dense (3, 2) tensor laid out differently on each rank: summed by index, not by storage
+    values = torch.arange(6.0).view(3, 2) + rank
+    values = values if first else values.t().contiguous().t()
+    _close(sequence_parallel_sum(values, group), world * torch.arange(6.0).view(3, 2) + sum(range(world)),
+           "layout")
+    # a dtype the agreement cannot name is refused on every rank
+    odd = torch.zeros(2, dtype=torch.int16 if first else torch.float32)
+    kind, words = (TypeError, ["dtypes"]) if first else (ValueError, ["rank 0"])
+    _raises(kind, words, lambda: sequence_parallel_sum(odd, group))
     # the group still works afterwards
     ref = fk.reference.sequence_logps(full.double(), labels)
     _close(vocab_parallel_sequence_logps(full[..., start:stop], labels, group=group), ref, "after the errors")
@@ -527,6 +537,19 @@ def agreement(rank, world):
     _raises(ValueError, ["return_token_counts", "must be the same"],
             lambda: fk.sequence_logps(full[:, a:b], labels[:, a:b], sequence_parallel_group=group,
                                       return_token_counts=rank == 0))
+    # sequence-parallel: log-prob options that differ between ranks (each rank's own arguments are valid)
+    sp_same = ["must be the same on every rank of the sequence-parallel group"]
+    _raises(ValueError, sp_same, lambda: fk.sequence_logps(full[:, a:b], labels[:, a:b].clamp(min=0), ignore_index=-100 * (rank == 0),
+                                                           sequence_parallel_group=group))
+    _raises(ValueError, sp_same, lambda: fk.sequence_logps(full[:, a:b, :V - min(rank, 1)], labels[:, a:b] % (V - 1),
+                                                           sequence_parallel_group=group))
+    for option in (dict(logit_softcap=None if rank == 0 else 2.0), dict(temperature=1.0 + rank),
+                   dict(bias=None if rank == 0 else torch.zeros(V)), dict(logit_scale=1.0 + rank)):
+        _raises(ValueError, sp_same, lambda: fk.fused_linear_sequence_logps(
+            hidden[:, a:b], weight, labels[:, a:b], sequence_parallel_group=group, **option))
+    _raises(ValueError, sp_same, lambda: fk.fused_linear_sequence_logps(
+        *(t.to(torch.bfloat16 if rank else torch.float32) for t in (hidden[:, a:b], weight)), labels[:, a:b],
+        sequence_parallel_group=group))
     # ... and the same arguments pass (−0.0 and 0.0 alike)
     same = fk.focal_po_loss(local, local, labels, labels, refs if rank else -refs, refs, vocab_parallel_group=group)
     assert torch.isfinite(same.loss)
@@ -544,6 +567,15 @@ def agreement(rank, world):
     _raises(ValueError, ["Shard(0)", "Replicate()"],
             lambda: fk.fused_linear_sequence_logps(h64, distribute_tensor(w64, mesh, [Replicate()]), labels,
                                                    vocab_parallel_group=mesh))
+    # a mesh whose ranks descend: DTensor's shards follow the mesh, vocabulary slices the group's rank order
+    from torch.distributed.device_mesh import DeviceMesh
+
+    backwards = DeviceMesh("cpu", list(reversed(range(world))))
+    for call in (lambda: fk.sequence_logps(distribute_tensor(full.double(), backwards, [Shard(-1)]), labels),
+                 lambda: fk.fused_linear_sequence_logps(h64, distribute_tensor(w64, backwards, [Shard(0)]), labels,
+                                                        vocab_parallel_group=group),
+                 lambda: fk.sequence_logps(local, labels, vocab_parallel_group=backwards)):
+        _raises(ValueError, ["not in ascending order"], call)
     # replicated hidden states as a DTensor: taken as the local tensor, with a replicated gradient
     h_rep = distribute_tensor(h64, mesh, [Replicate()]).requires_grad_(True)
     logps = fk.fused_linear_sequence_logps(h_rep, w64[_slice(rank, world)[0]:_slice(rank, world)[1]], labels,

@@ -104,7 +104,7 @@ def check_group(group, what="group"):
         if group.ndim != 1:
             raise ValueError(f"{what}: a DeviceMesh must be one-dimensional (pass mesh['name'] or "
                              f"mesh.get_group(dim)), got a {group.ndim}-dimensional mesh")
-        group = group.get_group()
+        group = mesh_group(group, 0, what)
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {what}")
     if not isinstance(group, dist.ProcessGroup):
@@ -113,6 +113,20 @@ def check_group(group, what="group"):
     if dist.get_rank(group) < 0:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {what}")
     return group
+
+
+def mesh_group(mesh, mesh_dim, what):
+    """The process group of `mesh`'s dimension `mesh_dim`, after checking that its ranks are in ascending order
+    along it. Vocabulary slices follow the process group's rank order, which is ascending, while DTensor lays
+    its shards out in mesh order: on a mesh such as DeviceMesh("cpu", [1, 0]) the two disagree (and PyTorch's
+    own full_tensor() is wrong there). Every rank of that group sees the same ranks, so all raise alike."""
+    ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.mesh.shape[mesh_dim])
+    mine = ranks[(ranks == _dist().get_rank()).any(dim=1)].tolist()
+    if mine and mine[0] != sorted(mine[0]):
+        raise ValueError(f"{what}: the DeviceMesh's ranks along the vocabulary dimension are {mine[0]}, not in "
+                         "ascending order; vocabulary slices follow the process group's (ascending) rank order, so "
+                         "build the mesh with ascending ranks")
+    return mesh.get_group(mesh_dim)
 
 
 def _device_mesh_type():
@@ -581,7 +595,7 @@ def vocab_shard(tensor, name, group):
         raise ValueError(f"{name} is a DTensor with placements {placements}; with vocab_parallel_group it must be "
                          "sharded on its vocabulary dimension 0, Shard(0), over one mesh dimension (Replicate on any "
                          "other), as ColwiseParallel shards the lm_head")
-    _same_ranks(group, tensor.device_mesh.get_group(vocab_dims[0]), name)
+    _same_ranks(group, mesh_group(tensor.device_mesh, vocab_dims[0], name), name)
     return tensor.to_local()
 
 
@@ -632,7 +646,7 @@ def dtensor_vocab_logits(logits):
     if len(vocab_dims) > 1:
         raise ValueError(f"logits is a DTensor whose vocabulary is sharded over {len(vocab_dims)} mesh dimensions "
                          f"(placements {tuple(logits.placements)}); only one is supported")
-    return logits.to_local(), logits.device_mesh.get_group(vocab_dims[0])
+    return logits.to_local(), mesh_group(logits.device_mesh, vocab_dims[0], "logits")
 
 
 def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, group=None, cu_seqlens=None,
@@ -767,7 +781,7 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, group):
         dist = _dist()
-        out = values.clone()
+        out = values.clone(memory_format=torch.contiguous_format)  # the collective sums storage, in this order
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         # A fresh copy, not the tensor the collective wrote: under torch.compile with torch 2.11, returning
         # the all-reduced tensor itself gave a zero gradient (values right); 2.13 and 2.14 were not affected.
@@ -787,26 +801,29 @@ def sequence_parallel_sum(per_sequence_values, group):
     error = None
     if not isinstance(per_sequence_values, torch.Tensor):
         error = TypeError(f"per_sequence_values must be a torch.Tensor, got {type(per_sequence_values).__name__}")
+    elif per_sequence_values.dtype not in _DTYPE_CODES:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in _DTYPE_CODES)
+        error = TypeError(f"per_sequence_values must have one of the dtypes {names}, got {per_sequence_values.dtype}")
     return _agreed_sum(per_sequence_values, group, error, "sequence_parallel_sum")
 
 
-def _agreed_sum(per_sequence_values, group, error, what, tags=(0, 0, 0)):
+def _agreed_sum(per_sequence_values, group, error, what, tags=()):
     """sequence_parallel_sum after its argument checks: the agreement round (every rank raises when `error`
-    is set on any rank; shapes, dtypes and the three `tags` must agree: whether token counts follow, and
-    the caller's `agree_on` digest), then the all-reduce."""
+    is set on any rank; shapes, dtypes and the `tags` must agree: whether token counts follow, the caller's
+    `agree_on` digest, and the log-prob call's options; fewer tags: the rest 0), then the all-reduce."""
     tensor = per_sequence_values if error is None else None
     device = _info_device(group, tensor)
     fields = None
     if error is None:
-        shape = list(per_sequence_values.shape)[:_INFO_WIDTH - 5]
-        fields = _ints_of([per_sequence_values.dim(), _DTYPE_CODES.get(per_sequence_values.dtype, 99), *tags,
-                           *shape], device)
+        shape = list(per_sequence_values.shape)[:_INFO_WIDTH - _SP_SHAPE]
+        fields = _ints_of([per_sequence_values.dim(), _DTYPE_CODES.get(per_sequence_values.dtype, 99),
+                           *_padded(tags, _SP_SHAPE - 2), *shape], device)
     rows = _agree(group, device, error, fields, what)
     for rank, row in enumerate(rows):
-        if row[:2] + row[5:] != rows[0][:2] + rows[0][5:]:
+        if row[:2] + row[_SP_SHAPE:] != rows[0][:2] + rows[0][_SP_SHAPE:]:
             def describe(r):
                 dtype = {code: dt for dt, code in _DTYPE_CODES.items()}.get(r[1], "another dtype")
-                return f"shape {tuple(r[5:5 + r[0]])} {dtype}"
+                return f"shape {tuple(r[_SP_SHAPE:_SP_SHAPE + r[0]])} {dtype}"
             raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same number of "
                              f"sequences (same shape and dtype), but rank 0 has {describe(rows[0])} and "
                              f"rank {rank}{_global(group, rank)} "
@@ -817,8 +834,12 @@ def _agreed_sum(per_sequence_values, group, error, what, tags=(0, 0, 0)):
         if row[3:5] != rows[0][3:5]:
             raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the sequence-parallel "
                              f"group, but {_ranks(group, 0, rank)} differ")
+        if row[5:_SP_SHAPE] != rows[0][5:_SP_SHAPE]:
+            raise ValueError(f"{what}: ignore_index, logit_softcap, logit_scale, temperature, whether there is a "
+                             "bias, the vocabulary and hidden sizes and the dtypes must be the same on every rank "
+                             f"of the sequence-parallel group, but {_ranks(group, 0, rank)} differ")
     if not (per_sequence_values.dtype.is_floating_point or per_sequence_values.dtype.is_complex):
-        out = per_sequence_values.clone()
+        out = per_sequence_values.clone(memory_format=torch.contiguous_format)
         dist = _dist()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
@@ -827,16 +848,26 @@ def _agreed_sum(per_sequence_values, group, error, what, tags=(0, 0, 0)):
 
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4, torch.int64: 5,
                 torch.int32: 6}
+# The sequence-parallel agreement's fields: ndim, dtype, return_token_counts, agree_on ×2, the log-prob call's
+# options (_SP_OPTIONS ints, unused ones 0), then the shape.
+_SP_OPTIONS = 9
+_SP_SHAPE = 5 + _SP_OPTIONS
+
+
+def _padded(values, width):
+    return (*values, *(0,) * (width - len(values)))
 
 
 # ------------------------------------------------------------------ the public entry points' parallel branch
 
-def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), what="sequence_parallel_sum"):
+def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), options=tuple,
+                       what="sequence_parallel_sum"):
     """compute(), then its per-sequence values summed over the sequence-parallel group (when given). An error
     from compute on one rank (its own inputs' checks, or its vocabulary-parallel group's agreement) goes
     through the sequence-parallel group's agreement, so that every rank of the group raises instead of
-    waiting in the collective; so does a return_token_counts or an `agree_on` that differs between ranks.
-    `what` names the caller in the errors."""
+    waiting in the collective; so does a return_token_counts, an `agree_on` or an `options()` (at most
+    _SP_OPTIONS ints, read once compute's checks passed) that differs between ranks. `what` names the caller
+    in the errors."""
     if group is None:
         return compute()
     group = check_group(group, "sequence_parallel_group")
@@ -845,7 +876,7 @@ def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), wha
     except Exception as exc:  # any error, so that the other ranks hear of it
         _agreed_sum(None, group, exc, what)  # raises on every rank of the group
         raise  # pragma: no cover (the agreement re-raises exc on this rank)
-    tags = (int(bool(return_token_counts)), *agree_on)
+    tags = (int(bool(return_token_counts)), *agree_on, *_padded(options(), _SP_OPTIONS))
     if return_token_counts:
         logps, counts = out
         return _agreed_sum(logps, group, None, what, tags), _agreed_sum(counts, group, None, what)
@@ -880,7 +911,10 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
                           more_checks=checks, agree_on=agree_on, **options)
     else:
         compute = _checked(checks, partial(local, logits, labels, ignore_index, **options))
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on,
+    def options():  # what the ranks of a sequence-parallel group must share, besides the shapes
+        return int(ignore_index), logits.shape[-1], _dtype_code(logits.dtype)
+
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, options,
                               "sequence_logps (sequence-parallel)")
 
 
@@ -916,7 +950,12 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
         weight, bias, mesh = gathered_params(weight, bias)
         compute = partial(agreed_on_mesh, mesh, _checked(checks, partial(
             local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on,
+    def options():  # as in parallel_sequence_logps
+        return (int(ignore_index), *weight.shape, _dtype_code(hidden.dtype), _dtype_code(weight.dtype),
+                -1 if bias is None else _dtype_code(bias.dtype),
+                *(_float_bits(v) for v in (logit_softcap, logit_scale, temperature)))
+
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, options,
                               "fused_linear_sequence_logps (sequence-parallel)")
 
 

@@ -301,3 +301,9 @@ def test_logit_options_from_other_configs():
     assert fk.logit_options_from_config(SimpleNamespace(output_multiplier=2.0))["logit_scale"] == 2.0
     with pytest.raises(ValueError, match="dim_model_base"):
         fk.logit_options_from_config(SimpleNamespace(dim_model_base=256, hidden_size=1024))
+    # soft-caps under other names, and Inkling's division of the hidden states
+    recurrent_gemma = transformers.RecurrentGemmaConfig(logits_soft_cap=7.0)
+    assert fk.logit_options_from_config(recurrent_gemma) == {"logit_softcap": 7.0, "logit_scale": 1.0}
+    assert fk.logit_options_from_config(SimpleNamespace(output_logit_soft_cap=5.0))["logit_softcap"] == 5.0
+    inkling = SimpleNamespace(logits_mup_width_multiplier=4.0)
+    assert fk.logit_options_from_config(inkling) == {"logit_softcap": None, "logit_scale": 0.25}

@@ -263,6 +263,59 @@ def test_bf16_autocast_on_cpu(tmp_path, tok, dataset):
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
 
 
+def _other_head(kind, tok):
+    """Tiny models whose forward transforms the logits beyond a soft-cap field the fused head always read."""
+    import transformers
+
+    special = {name: getattr(tok, name) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    small = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    if kind == "recurrent_gemma":  # soft-caps with `logits_soft_cap`
+        config = transformers.RecurrentGemmaConfig(**small, num_key_value_heads=1, lru_width=32,
+                                                   attention_window_size=16, block_types=["recurrent", "attention"],
+                                                   logits_soft_cap=2.0, **special)
+        model = transformers.RecurrentGemmaForCausalLM(config)
+    elif kind == "inkling":  # divides the hidden states by a width multiplier, keeps the first 200 logits
+        from transformers.models.inkling.configuration_inkling import InklingTextConfig
+        from transformers.models.inkling.modeling_inkling import InklingForCausalLM
+
+        config = InklingTextConfig(**small, num_key_value_heads=2, head_dim=8, logits_mup_width_multiplier=4.0,
+                                   unpadded_vocab_size=200, **special)
+        model = InklingForCausalLM(config)
+    else:  # roberta: dense, gelu and a norm before the Linear that get_output_embeddings() returns
+        config = transformers.RobertaConfig(**small, is_decoder=True, max_position_embeddings=80, **special)
+        model = transformers.RobertaForCausalLM(config)
+    with torch.no_grad():  # logits as large as a trained model's, for the transforms to matter
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["recurrent_gemma", "inkling", "roberta"])
+def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
+    """The fused head reproduces the model's own logits (soft-cap and scaling fields, a sliced vocabulary), and
+    a head it cannot reproduce is refused at construction instead of training on wrong log-probs."""
+    model = _other_head(kind, tok)
+    args = _args(FocalPOConfig, tmp_path, loss_type="focal")
+    build = lambda: FocalPOTrainer(model=model, ref_model=tiny_lm.clone(model), args=args,  # noqa: E731
+                                   train_dataset=dataset, processing_class=tok)
+    if kind == "roberta":
+        with pytest.raises(NotImplementedError, match="output head .*'roberta'"):
+            build()
+        return
+    trainer = build()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    trainer.model.eval()
+    with torch.no_grad():
+        fused = trainer.model(**kwargs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+        logits = trainer.model(**kwargs).logits[:, :-1].double()
+    shifted = labels[:, 1:]
+    expected = logits.log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = expected.masked_fill(shifted == -100, 0).sum(1)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("head", ["lora", "modules_to_save"])
 def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
     """LoRA on lm_head (TRL refuses it) or the head in `modules_to_save`: the fused head's log-probs equal the PEFT

@@ -198,6 +198,7 @@ def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
     original_forward = model.forward
     text_config = model.config.get_text_config()
     logit_options = fk.logit_options_from_config(text_config)  # softcap / logit scale the model applies
+    unpadded_rows = getattr(text_config, "unpadded_vocab_size", None)
     stats = tuple(name for name in outputs if name != "log_probs")
 
     @functools.wraps(type(model).forward)
@@ -223,6 +224,8 @@ def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
             labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = _head_weight_and_bias(head)
+        if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling slices its logits so
+            weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
         hidden = hidden.to(weight.device)
         labels = labels.to(weight.device)
         # A DTensor head (FSDP2 outside its own gather) is gathered by fk, its gradient averaged back to the shard.
@@ -375,6 +378,41 @@ def _probe_packing(model) -> None:
         )
 
 
+def _probe_head(model) -> None:
+    """See `FocalPOTrainer._check_head`."""
+    vocab = model.get_input_embeddings().num_embeddings
+    rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
+    vocab = min(vocab, rows) if rows else vocab
+    device = model.get_input_embeddings().weight.device
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            fused = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).log_probs[:, -7:]
+            logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
+    finally:
+        model.train(was_training)
+    own = logits.double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    weight = model.get_output_embeddings().weight
+    dtypes = [d for d in (weight.dtype, logits.dtype) if d.is_floating_point]
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    if torch.get_float32_matmul_precision() != "highest":  # TF32 / bf16 GEMMs for float32 tensors
+        eps = max(eps, 2.0**-10 if torch.get_float32_matmul_precision() == "high" else 2.0**-8)
+    # the log-softmax of logits rounded to their dtype moves by up to eps·max|logit|; GEMM summation orders differ
+    tolerance = eps * (64 + 8 * float(logits.abs().max()))
+    change = float((fused.double() - own).abs().max())
+    if not change <= tolerance:
+        raise NotImplementedError(
+            f"FocalPOTrainer does not support this model's output head ({model.config.model_type!r}): the fused "
+            f"head's log-probs (final hidden states × `get_output_embeddings().weight`, with the logit options "
+            f"fk.logit_options_from_config reads) differ from its own forward's by {change:.3g} (tolerance "
+            f"{tolerance:.3g}). Its forward transforms the logits in another way (a head of more than one layer, "
+            "an unread scaling or soft-cap field, a sliced vocabulary). Use TRL's DPOTrainer without its fused "
+            "head for it."
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -387,7 +425,8 @@ class FocalPOTrainer(DPOTrainer):
     does not support: vision-language models, `sync_ref_model`, `use_liger_kernel`, DeepSpeed ZeRO-3,
     `compute_metrics`, `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or
     reference model that cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any
-    other architecture is probed), and PEFT adapters on `lm_head` other than plain LoRA without dropout.
+    other architecture is probed), PEFT adapters on `lm_head` other than plain LoRA without dropout, and a model
+    whose own logits the fused head does not reproduce (probed: `_check_head`).
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -482,6 +521,7 @@ class FocalPOTrainer(DPOTrainer):
         self._fk_constructing = False
         self.loss_types = user_loss_types
         self._check_model_supported()
+        self._check_head()
         if self.padding_free:
             self._check_packing()
 
@@ -494,6 +534,20 @@ class FocalPOTrainer(DPOTrainer):
     def padding_free(self, value: bool) -> None:
         if not self.__dict__.get("_fk_constructing", False):
             self._fk_padding_free = bool(value)
+
+    def _check_head(self) -> None:
+        """At construction: the fused head's log-probs must be the model's own (policy and reference model).
+
+        The fused head computes the logits as hidden states × `get_output_embeddings().weight` (+ bias), scaled
+        and soft-capped as `fk.logit_options_from_config` reads the config. A model whose forward does more
+        (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function
+        does not know) would train on wrong log-probs, silently: one 8-token forward each way, in eval mode,
+        without gradients, compares them and raises `NotImplementedError` on a difference beyond rounding. (A
+        reference model that reference-free loss types never run is not probed.)"""
+        ref_model = None if _reference_free(self.loss_types) else self.ref_model  # never run then
+        for model in (self.model, ref_model):
+            if model is not None:
+                _probe_head(self.accelerator.unwrap_model(model))
 
     def _check_packing(self) -> None:
         """Before the first padding-free forward (at construction, or after `padding_free` was set): the

@@ -271,21 +271,27 @@ def local_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_
 
 def logit_options_from_config(config) -> dict:
     """The hidden-state path's logit options (logit_softcap, logit_scale) for a Hugging Face model config, so
-    that the log-probs are those of the model's own logits. Read: `final_logit_softcapping` (Gemma-2/3), and
-    the first multiplier present of `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier`
-    (Falcon-H1), `logits_scaling` (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies). A multimodal
-    config's text config is read. Raises ValueError for a config whose logits this cannot reproduce (MiniCPM's
-    `dim_model_base` width scaling). Pass the result as keyword arguments. A dict (`config.to_dict()`) is
-    refused with TypeError: its keys would be missed silently."""
+    that the log-probs are those of the model's own logits. Read: the soft-cap `final_logit_softcapping`
+    (Gemma-2/3), `logits_soft_cap` (RecurrentGemma) or `output_logit_soft_cap` (xLSTM), and the first
+    multiplier present of `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1),
+    `logits_scaling` (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies), `logits_mup_width_multiplier`
+    (Inkling divides by it). A multimodal config's text config is read. Raises ValueError for a config whose
+    logits this cannot reproduce (MiniCPM's `dim_model_base` width scaling). Pass the result as keyword
+    arguments. A dict (`config.to_dict()`) is refused with TypeError: its keys would be missed silently.
+
+    Options describe a scaling of hidden states × weight only: a head of more than one layer (RoBERTa-style
+    decoders) or logits sliced to `unpadded_vocab_size` (Inkling: pass `weight[:unpadded_vocab_size]`) are the
+    caller's to reproduce. `FocalPOTrainer` checks its models' heads against their own forward."""
     if isinstance(config, dict):
         raise TypeError("config must be a model config object (transformers.PretrainedConfig, e.g. model.config), "
                         "got a dict: rebuild it with transformers.AutoConfig.for_model(**d)")
     getter = getattr(config, "get_text_config", None)
     config = getter() if callable(getter) else (getattr(config, "text_config", None) or config)
     options = {"logit_softcap": None, "logit_scale": 1.0}
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap is not None:
-        options["logit_softcap"] = float(softcap)
+    for name in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):
+        if getattr(config, name, None) is not None:
+            options["logit_softcap"] = float(getattr(config, name))
+            break
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         if getattr(config, name, None) is not None:
             options["logit_scale"] = float(getattr(config, name))
@@ -294,6 +300,8 @@ def logit_options_from_config(config) -> dict:
     if divisor is not None:
         multiplies = getattr(config, "model_type", None) == "hyperclovax"
         options["logit_scale"] = float(divisor) if multiplies else 1.0 / float(divisor)
+    elif getattr(config, "logits_mup_width_multiplier", None) is not None:
+        options["logit_scale"] = 1.0 / float(config.logits_mup_width_multiplier)
     elif getattr(config, "dim_model_base", None) is not None:
         raise ValueError("this config scales the lm_head's input by dim_model_base / hidden_size (MiniCPM); "
                          "logit_options_from_config does not reproduce it: pass logit_scale yourself")

@@ -119,6 +119,12 @@ def test_module_validates_options_at_construction_and_call(device):
 @pytest.mark.parametrize("module, options, error, words", [
     ("FocalPOLoss", dict(loss_type="nope"), ValueError, "Unknown loss_type"),
     ("FocalPOLoss", dict(label_smoothing=0.1), ValueError, "label_smoothing"),
+    # a loss type's own option, that type not selected: refused, never ignored
+    ("FocalPOLoss", dict(loss_type="sigmoid", gamma=2.0), ValueError, "gamma=2.0 is read only by the 'focal'"),
+    ("FocalPOLoss", dict(loss_type="ipo", detach_focal_weight=True), ValueError, "detach_focal_weight=True"),
+    ("FocalPOLoss", dict(loss_type="focal", simpo_gamma=1.0), ValueError, "read only by the 'simpo'"),
+    ("FocalPOLoss", dict(loss_type=["focal", "sigmoid"], discopop_tau=0.1), ValueError, "'discopop'"),
+    ("FocalPOLoss", dict(f_alpha_divergence_coef=0.3), ValueError, "f_divergence_type='alpha_divergence'"),
     ("FocalPOLoss", dict(chunk_size=8), TypeError, "unexpected keyword argument(s) ['chunk_size']"),
     ("FocalPOLoss", dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
     ("FocalPOLoss", dict(inplace_backward=1), TypeError, "inplace_backward"),

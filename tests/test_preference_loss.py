@@ -133,7 +133,8 @@ def test_each_loss_type_matches_reference(name, with_ref):
     nc, nr = counts_for(name, nc, nr)
     refs = (rc, rr) if with_ref else (None, None)
     ls = SMOOTHING.get(name, 0.0)
-    options = dict(beta=0.3, gamma=0.2, simpo_gamma=0.7, discopop_tau=0.1)
+    owned = {"focal": dict(gamma=0.2), "simpo": dict(simpo_gamma=0.7), "discopop": dict(discopop_tau=0.1)}
+    options = dict(beta=0.3, **owned.get(name, {}))
     out = preference_loss(c, r, *refs, loss_type=name, label_smoothing=ls, chosen_token_counts=nc,
                           rejected_token_counts=nr, reduction="none", **options)
     expected = reference_loss(name, c, r, *refs, nc.double(), nr.double(), beta=0.3, gamma=0.2, ls=ls,
@@ -150,8 +151,9 @@ def test_f_divergences_match_reference(name, fdiv):
     c, r, rc, rr, nc, nr = make_inputs()
     ls = SMOOTHING.get(name, 0.0)
     out = preference_loss(c, r, rc, rr, loss_type=name, label_smoothing=ls, f_divergence_type=fdiv,
-                          f_alpha_divergence_coef=0.3, chosen_token_counts=nc, rejected_token_counts=nr,
-                          reduction="sum", gamma=0.2)
+                          chosen_token_counts=nc, rejected_token_counts=nr, reduction="sum",
+                          **(dict(f_alpha_divergence_coef=0.3) if fdiv == "alpha_divergence" else {}),
+                          **(dict(gamma=0.2) if name == "focal" else {}))
     expected = reference_loss(name, c, r, rc, rr, nc.double(), nr.double(), ls=ls, gamma=0.2, fdiv=fdiv,
                               alpha=0.3).sum()
     torch.testing.assert_close(out.loss, expected, **F64)

@@ -573,8 +573,15 @@ def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chun
                        processing_class=tok)
 
 
-def test_label_smoothing_no_loss_type_reads_raises(tmp_path, tok, dataset):
-    with pytest.raises(ValueError, match="label_smoothing=0.1 is read by none"):
+@pytest.mark.parametrize("option, words", [
+    (dict(label_smoothing=0.1), "label_smoothing=0.1 is read by none"),
+    (dict(focal_gamma=2.0), "gamma=2.0 is read only by the 'focal'"),
+    (dict(detach_focal_weight=True), "detach_focal_weight=True"),
+    (dict(simpo_gamma=5.0), "simpo_gamma=5.0 is read only by the 'simpo'"),
+])
+def test_option_no_loss_type_reads_raises(tmp_path, tok, dataset, option, words):
+    """TRL 1.16 ignores such options silently; FocalPOTrainer refuses them at construction."""
+    with pytest.raises(ValueError, match=words):
         FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path, loss_type="sigmoid",
-                                                                 label_smoothing=0.1),
+                                                                 **option),
                        train_dataset=dataset, processing_class=tok)

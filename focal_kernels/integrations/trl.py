@@ -42,7 +42,7 @@ import torch
 
 import focal_kernels as fk
 from focal_kernels.losses.batch import spec_of
-from focal_kernels.losses.validation import resolve_loss_types
+from focal_kernels.losses.validation import check_options, resolve_loss_types
 
 SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
 _SUPPORTED_RELEASE = (1, 16)
@@ -631,14 +631,19 @@ class FocalPOTrainer(DPOTrainer):
             )
 
     def _check_loss_options(self, args) -> None:
-        """Run `preference_loss` once on dummy values, so a bad loss option fails now, not at the first step."""
+        """Check the options against all the selected loss types (an option that none of them reads, such as
+        `focal_gamma` without "focal" or `label_smoothing` without a type that smooths, is refused: TRL 1.16
+        ignores its own silently), then run `preference_loss` once on dummy values, so that a bad loss option
+        fails now, not at the first step."""
+        loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+        names, _ = resolve_loss_types(loss_types, None)
+        check_options(names, beta=args.beta, gamma=self.focal_gamma, detach_focal_weight=self.detach_focal_weight,
+                      label_smoothing=args.label_smoothing, simpo_gamma=self.simpo_gamma,
+                      discopop_tau=args.discopop_tau, f_divergence_type=args.f_divergence_type,
+                      f_alpha_divergence_coef=args.f_alpha_divergence_coef, reduction="mean")
         one = torch.zeros(2, dtype=torch.float32)
         counts = torch.ones(2, dtype=torch.int64)
         self._preference_loss(args, one, one, one, one, counts, counts, None)
-        loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
-        if args.label_smoothing and not any(spec_of(fk.LOSS_TYPES[name])["label_smoothing"] for name in loss_types):
-            raise ValueError(f"label_smoothing={args.label_smoothing} is read by none of the loss types {loss_types} "
-                             "(TRL 1.16 ignores it silently there); set it to 0 or choose a loss type that uses it")
 
     def _check_model_supported(self) -> None:
         config = self.model.config
@@ -659,8 +664,9 @@ class FocalPOTrainer(DPOTrainer):
     def _preference_loss(self, args, chosen, rejected, ref_chosen, ref_rejected, chosen_counts, rejected_counts,
                          pair_weights):
         """The loss of the configured loss types, Σ_k w_k · mean ℓ_k. Reference-free types (simpo) are computed
-        without the reference log-probs TRL always provides, in a call of their own, and label smoothing goes
-        only to the calls whose types read it."""
+        without the reference log-probs TRL always provides, in a call of their own, and a loss type's own
+        options (label smoothing, γ, ...) go only to the calls whose types read them (`_check_loss_options`
+        refused the unread ones)."""
         # After `DPOTrainer.__init__`, the trainer's attributes (which TRL's own loss reads) rule; before, `args`.
         def option(attribute, arg=None):
             return getattr(self, attribute, getattr(args, arg or attribute))
@@ -674,7 +680,17 @@ class FocalPOTrainer(DPOTrainer):
             names = [name for name, is_free in zip(loss_types, free) if is_free == reference_free]
             if not names:
                 continue
-            reads_smoothing = any(spec_of(fk.LOSS_TYPES[name])["label_smoothing"] for name in names)
+            owned = {}
+            if any(spec_of(fk.LOSS_TYPES[name])["label_smoothing"] for name in names):
+                owned["label_smoothing"] = option("label_smoothing")
+            if "focal" in names:
+                owned.update(gamma=self.focal_gamma, detach_focal_weight=self.detach_focal_weight)
+            if "simpo" in names:
+                owned["simpo_gamma"] = self.simpo_gamma
+            if "discopop" in names:
+                owned["discopop_tau"] = args.discopop_tau
+            if option("f_divergence_type") == "alpha_divergence":
+                owned["f_alpha_divergence_coef"] = option("f_alpha_divergence_coef")
             loss = loss + fk.preference_loss(
                 chosen,
                 rejected,
@@ -682,16 +698,11 @@ class FocalPOTrainer(DPOTrainer):
                 loss_type=names,
                 loss_weights=[w for w, is_free in zip(weights, free) if is_free == reference_free],
                 beta=option("beta"),
-                gamma=self.focal_gamma,
-                detach_focal_weight=self.detach_focal_weight,
-                label_smoothing=option("label_smoothing") if reads_smoothing else 0.0,
-                simpo_gamma=self.simpo_gamma,
-                discopop_tau=args.discopop_tau,
                 f_divergence_type=option("f_divergence_type"),
-                f_alpha_divergence_coef=option("f_alpha_divergence_coef"),
                 chosen_token_counts=chosen_counts,
                 rejected_token_counts=rejected_counts,
                 pair_weights=pair_weights,
+                **owned,
             ).loss
         return loss
 

@@ -72,8 +72,10 @@ def preference_loss(
                   1.0 each). The loss is Σ_k w_k · mean_i ℓ_k,i (TRL's rule; "sum" uses sums, "none" gives
                   Σ_k w_k · ℓ_k,i per pair).
     beta, gamma, detach_focal_weight: β for every type; γ and the detach switch for "focal".
-    label_smoothing: ε for robust, exo_pair, aot, aot_unpaired, simpo (refused when none of them is selected).
+    label_smoothing: ε for robust, exo_pair, aot, aot_unpaired, simpo.
     simpo_gamma, discopop_tau: the SimPO margin γ (divided by β) and DiscoPOP's τ.
+                  An option that no selected type reads (above, and f_alpha_divergence_coef without
+                  "alpha_divergence") is refused unless it keeps its default: it would be ignored.
     f_divergence_type, f_alpha_divergence_coef: TRL's f-DPO scores, for the types built on the score
                   difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft, focal).
     chosen_token_counts, rejected_token_counts: (B,) scored tokens per sequence, needed by ipo,

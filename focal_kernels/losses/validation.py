@@ -85,6 +85,14 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
         raise ValueError(f"label_smoothing must lie in (0, 1) for the 'exo_pair' loss (the EXO paper "
                          f"recommends 1e-3), got {label_smoothing}")
 
+    # One loss type's own options: a value other than the default, with that type not selected, would be ignored
+    owned = (("gamma", gamma, 0.05, "focal"), ("detach_focal_weight", detach_focal_weight, False, "focal"),
+             ("simpo_gamma", simpo_gamma, 0.5, "simpo"), ("discopop_tau", discopop_tau, 0.05, "discopop"))
+    for option, value, default, owner in owned:
+        if value != default and owner not in names:
+            raise ValueError(f"{option}={value!r} is read only by the {owner!r} loss type, which is not among "
+                             f"{list(names)}; leave it at its default ({default!r})")
+
     if not isinstance(f_divergence_type, str) or f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got {f_divergence_type!r}")
     if f_divergence_type != "reverse_kl":
@@ -93,6 +101,9 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
             allowed = sorted(name for name, fn in LOSS_TYPES.items() if spec_of(fn)["f_divergence"])
             raise ValueError(f"f_divergence_type={f_divergence_type!r} is not supported by the loss types "
                              f"{refused}; it is supported by {allowed}. Use f_divergence_type='reverse_kl'")
+    if f_divergence_type != "alpha_divergence" and float(f_alpha_divergence_coef) != 0.5:
+        raise ValueError(f"f_alpha_divergence_coef={f_alpha_divergence_coef!r} is read only with "
+                         f"f_divergence_type='alpha_divergence', got {f_divergence_type!r}; leave it at 0.5")
     return LossOptions(beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
                        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
 

@@ -549,6 +549,28 @@ def test_simpo_alone_needs_no_reference_model(tmp_path, tok, dataset):
     torch.testing.assert_close(logged["rejected_rewards"], 0.5 * logged["rejected_logps"].detach() / counts[1])
 
 
+def test_simpo_averages_the_scored_tokens_without_a_prompt(tmp_path, tok):
+    """With empty prompts a completion starts at the sequence's first token, which nothing predicts: SimPO's
+    average log-prob (loss and logged rewards) divides by the tokens really scored, as TRL's CPOTrainer does."""
+    rows = tiny_lm.preference_rows(8)
+    rows["prompt"] = [""] * len(rows["prompt"])
+    trainer = FocalPOTrainer(model=tiny_lm.make_model(tok, seed=0), train_dataset=datasets.Dataset.from_dict(rows),
+                             processing_class=tok,
+                             args=_args(FocalPOConfig, tmp_path, loss_type="simpo", beta=0.5, simpo_gamma=0.3))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert batch["completion_mask"][:, 0].all(), "the test needs completions that start at the first token"
+    logged = {}
+    trainer._log_metrics = lambda *args: logged.update(zip(("chosen_logps", "rejected_logps", "chosen_rewards",
+                                                            "rejected_rewards"), args[4:8]))
+    loss = trainer.compute_loss(trainer.model, batch)
+    chosen, rejected = logged["chosen_logps"].detach(), logged["rejected_logps"].detach()
+    scored_c, scored_r = batch["completion_mask"][:, 1:].sum(dim=1).chunk(2)
+    expected = -torch.nn.functional.logsigmoid(0.5 * (chosen / scored_c - rejected / scored_r) - 0.3).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+    torch.testing.assert_close(logged["chosen_rewards"], 0.5 * chosen / scored_c)
+    torch.testing.assert_close(logged["rejected_rewards"], 0.5 * rejected / scored_r)
+
+
 def test_reference_free_precompute_leaves_trl_cache_alone(tmp_path, tok, dataset):
     """TRL caches precomputed reference log-probs in a file keyed by the dataset and the model, not the loss:
     the zeros of a reference-free run must not land there, or a later DPO run on the same dataset and model

@@ -662,11 +662,13 @@ class FocalPOTrainer(DPOTrainer):
     # -- the loss -----------------------------------------------------------------------------------------------------
 
     def _preference_loss(self, args, chosen, rejected, ref_chosen, ref_rejected, chosen_counts, rejected_counts,
-                         pair_weights):
+                         pair_weights, scored_counts=None):
         """The loss of the configured loss types, Σ_k w_k · mean ℓ_k. Reference-free types (simpo) are computed
         without the reference log-probs TRL always provides, in a call of their own, and a loss type's own
         options (label smoothing, γ, ...) go only to the calls whose types read them (`_check_loss_options`
-        refused the unread ones)."""
+        refused the unread ones). `chosen_counts, rejected_counts`: the completion tokens, as TRL's ipo and
+        sigmoid_norm count them; `scored_counts`, (chosen, rejected), the tokens really scored (one fewer where
+        a completion starts at the first token), for the reference-free types' averages (CPOTrainer's)."""
         # After `DPOTrainer.__init__`, the trainer's attributes (which TRL's own loss reads) rule; before, `args`.
         def option(attribute, arg=None):
             return getattr(self, attribute, getattr(args, arg or attribute))
@@ -676,7 +678,9 @@ class FocalPOTrainer(DPOTrainer):
                                                  None if loss_weights is None else list(loss_weights))
         free = [spec_of(fk.LOSS_TYPES[name])["reference_free"] for name in loss_types]
         loss = 0.0
-        for reference_free, refs in ((False, (ref_chosen, ref_rejected)), (True, (None, None))):
+        groups = ((False, (ref_chosen, ref_rejected), (chosen_counts, rejected_counts)),
+                  (True, (None, None), scored_counts or (chosen_counts, rejected_counts)))
+        for reference_free, refs, counts in groups:
             names = [name for name, is_free in zip(loss_types, free) if is_free == reference_free]
             if not names:
                 continue
@@ -699,8 +703,8 @@ class FocalPOTrainer(DPOTrainer):
                 loss_weights=[w for w, is_free in zip(weights, free) if is_free == reference_free],
                 beta=option("beta"),
                 f_divergence_type=option("f_divergence_type"),
-                chosen_token_counts=chosen_counts,
-                rejected_token_counts=rejected_counts,
+                chosen_token_counts=counts[0],
+                rejected_token_counts=counts[1],
                 pair_weights=pair_weights,
                 **owned,
             ).loss
@@ -857,6 +861,7 @@ class FocalPOTrainer(DPOTrainer):
 
         token_counts = completion_mask.sum(dim=1)
         chosen_counts, rejected_counts = token_counts.chunk(2, dim=0)
+        scored_counts = shift_completion_mask.sum(dim=1).chunk(2, dim=0)
         pair_weights = None
         if self.use_weighting:
             # WPO (Eq. 2 of https://huggingface.co/papers/2406.11827), as TRL weights it: per sequence
@@ -885,6 +890,7 @@ class FocalPOTrainer(DPOTrainer):
             per_token_logps,
             shift_completion_mask,
             sft_separately,
+            scored_counts,
         )
 
         if self.aux_loss_enabled:
@@ -894,8 +900,8 @@ class FocalPOTrainer(DPOTrainer):
 
         if _reference_free(self.loss_types):
             # the rewards of TRL's CPOTrainer for SimPO: β · the average log-prob, the quantity the loss compares
-            chosen_rewards = self.beta * chosen_logps.detach() / chosen_counts
-            rejected_rewards = self.beta * rejected_logps.detach() / rejected_counts
+            chosen_rewards = self.beta * chosen_logps.detach() / scored_counts[0]
+            rejected_rewards = self.beta * rejected_logps.detach() / scored_counts[1]
         else:
             chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen_logps)
             rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected_logps)
@@ -908,10 +914,11 @@ class FocalPOTrainer(DPOTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_counts,
-              rejected_counts, pair_weights, per_token_logps, shift_completion_mask, sft_separately):
+              rejected_counts, pair_weights, per_token_logps, shift_completion_mask, sft_separately, scored_counts):
         if not sft_separately:
             return self._preference_loss(self.args, chosen_logps, rejected_logps, ref_chosen_logps,
-                                         ref_rejected_logps, chosen_counts, rejected_counts, pair_weights)
+                                         ref_rejected_logps, chosen_counts, rejected_counts, pair_weights,
+                                         scored_counts)
         # TRL's "sft" term, the mean NLL of the scored chosen tokens, formed from the per-token log-probs; every
         # other type by `preference_loss`, one at a time (the combination is Σ_k w_k · mean ℓ_k either way).
         loss = 0.0
@@ -925,7 +932,8 @@ class FocalPOTrainer(DPOTrainer):
             else:
                 with _swap_attribute(self, "loss_types", [loss_type]), _swap_attribute(self, "loss_weights", None):
                     term = self._preference_loss(self.args, chosen_logps, rejected_logps, ref_chosen_logps,
-                                                 ref_rejected_logps, chosen_counts, rejected_counts, pair_weights)
+                                                 ref_rejected_logps, chosen_counts, rejected_counts, pair_weights,
+                                                 scored_counts)
             loss = loss + term * weight
         return loss
 

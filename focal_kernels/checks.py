@@ -63,6 +63,11 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     if labels.device != logits.device:
         raise ValueError(f"{labels_name} is on {labels.device} but {logits_name} is on {logits.device}; "
                          "they must be on the same device")
+    check_ignore_index(ignore_index, labels, labels_name)
+
+
+def check_ignore_index(ignore_index, labels, labels_name="labels") -> None:
+    """An int that fits the labels' dtype (int32 or int64 labels)."""
     if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:

@@ -606,3 +606,5 @@ def test_shift_packed_labels_validates_its_inputs():
         fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu, labels=torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         fk.shift_packed_labels(torch.zeros(5, dtype=torch.long), cu, ignore_index=-100.0)
+    with pytest.raises(ValueError, match="ignore_index=1099511627776 does not fit in input_ids's dtype int32"):
+        fk.shift_packed_labels(torch.zeros(5, dtype=torch.int32), cu, ignore_index=2**40)

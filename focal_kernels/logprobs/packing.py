@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import is_integer
+from ..checks import check_ignore_index
 
 
 class Layout(NamedTuple):
@@ -177,8 +177,7 @@ def shift_packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignor
                                    and tuple(input_ids.shape) == tuple(labels.shape)):
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)} and {shape}")
-    if not is_integer(ignore_index):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index, source, name)
     check_cu_seqlens(cu_seqlens, source)
     flat = source.reshape(-1)
     shifted = torch.full_like(flat, ignore_index)

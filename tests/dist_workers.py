@@ -539,7 +539,8 @@ def agreement(rank, world):
                                       return_token_counts=rank == 0))
     # sequence-parallel: log-prob options that differ between ranks (each rank's own arguments are valid)
     sp_same = ["must be the same on every rank of the sequence-parallel group"]
-    _raises(ValueError, sp_same, lambda: fk.sequence_logps(full[:, a:b], labels[:, a:b].clamp(min=0), ignore_index=-100 * (rank == 0),
+    _raises(ValueError, sp_same, lambda: fk.sequence_logps(full[:, a:b], labels[:, a:b].clamp(min=0),
+                                                           ignore_index=-100 * (rank == 0),
                                                            sequence_parallel_group=group))
     _raises(ValueError, sp_same, lambda: fk.sequence_logps(full[:, a:b, :V - min(rank, 1)], labels[:, a:b] % (V - 1),
                                                            sequence_parallel_group=group))
@@ -576,6 +577,9 @@ def agreement(rank, world):
                                                         vocab_parallel_group=group),
                  lambda: fk.sequence_logps(local, labels, vocab_parallel_group=backwards)):
         _raises(ValueError, ["not in ascending order"], call)
+    # ... while a sum over the sequence-parallel group needs no order
+    _close(fk.sequence_logps(full[:, a:b], labels[:, a:b], sequence_parallel_group=backwards),
+           fk.sequence_logps(full[:, a:b], labels[:, a:b], sequence_parallel_group=group), "descending mesh, SP")
     # replicated hidden states as a DTensor: taken as the local tensor, with a replicated gradient
     h_rep = distribute_tensor(h64, mesh, [Replicate()]).requires_grad_(True)
     logps = fk.fused_linear_sequence_logps(h_rep, w64[_slice(rank, world)[0]:_slice(rank, world)[1]], labels,

@@ -316,6 +316,26 @@ def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
     torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_head_probe_reads_the_per_backend_tf32_switch(tmp_path, tok, dataset):
+    """transformers' `tf32=True` sets PyTorch's per-backend `fp32_precision` (after which the legacy getter may
+    raise): the head probe's tolerance reads it there, and construction works."""
+    from transformers.utils.import_utils import enable_tf32
+
+    backends = (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        enable_tf32(True)
+        assert fk_trl._fp32_matmul_eps(torch.device("cpu")) == 2.0**-10
+        FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=tiny_lm.make_model(tok, seed=1),
+                       args=_args(FocalPOConfig, tmp_path), train_dataset=dataset, processing_class=tok)
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert fk_trl._fp32_matmul_eps(torch.device("cpu")) == 2.0**-7
+    finally:
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value
+    assert fk_trl._fp32_matmul_eps(torch.device("cpu")) == 0.0
+
+
 @pytest.mark.parametrize("head", ["lora", "modules_to_save"])
 def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
     """LoRA on lm_head (TRL refuses it) or the head in `modules_to_save`: the fused head's log-probs equal the PEFT

@@ -57,8 +57,8 @@ def _check_trl_version(version: str | None = None) -> None:
             import trl
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "focal_kernels.integrations.trl needs TRL: pip install 'focal-kernels[trl]' "
-                f"(trl{SUPPORTED_TRL_VERSIONS})."
+                "focal_kernels.integrations.trl needs TRL and Python >= 3.11: pip install -e '.[trl]' from a "
+                f"checkout (trl{SUPPORTED_TRL_VERSIONS})."
             ) from e
         version = trl.__version__
     try:
@@ -69,7 +69,7 @@ def _check_trl_version(version: str | None = None) -> None:
         raise ImportError(
             f"focal_kernels.integrations.trl supports TRL {SUPPORTED_TRL_VERSIONS} only (it overrides DPOTrainer's "
             f"loss and fused LM head, which change between TRL releases); found trl {version}. Install "
-            f"'trl{SUPPORTED_TRL_VERSIONS}' (pip install 'focal-kernels[trl]')."
+            f"'trl{SUPPORTED_TRL_VERSIONS}' (pip install -e '.[trl]' from a checkout)."
         )
 
 
@@ -378,8 +378,31 @@ def _probe_packing(model) -> None:
         )
 
 
+def _fp32_matmul_eps(device) -> float:
+    """The rounding unit of float32 GEMMs on `device` as PyTorch is set to run them: TF32 2^-10, bfloat16 2^-7,
+    else 0. Read per backend (`fp32_precision`, PyTorch >= 2.9; transformers' `tf32=True` sets it there, and
+    the legacy getter then raises), else through the legacy setting, else bfloat16's (the coarsest)."""
+    try:
+        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+        precision = backend.fp32_precision
+        if precision == "none":
+            precision = torch.backends.fp32_precision
+    except (AttributeError, RuntimeError):
+        try:
+            precision = {"high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "ieee")
+        except RuntimeError:
+            precision = "bf16"
+    return {"tf32": 2.0**-10, "bf16": 2.0**-7}.get(precision, 0.0)
+
+
 def _probe_head(model) -> None:
-    """See `FocalPOTrainer._check_head`."""
+    """The fused head's log-probs must be the model's own, or construction raises (`FocalPOTrainer`'s docstring).
+
+    The fused head computes the logits as hidden states × `get_output_embeddings().weight` (+ bias), scaled
+    and soft-capped as `fk.logit_options_from_config` reads the config. A model whose forward does more
+    (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function does
+    not know) would train on wrong log-probs, silently: an 8-token forward each way (fused and the model's own),
+    in eval mode, without gradients, compares them, and a difference beyond rounding raises."""
     vocab = model.get_input_embeddings().num_embeddings
     rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
     vocab = min(vocab, rows) if rows else vocab
@@ -393,23 +416,22 @@ def _probe_head(model) -> None:
             logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
     finally:
         model.train(was_training)
-    own = logits.double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    own = logits.double().log_softmax(-1).gather(-1, ids[:, 1:, None].to(logits.device)).squeeze(-1)
     weight = model.get_output_embeddings().weight
-    dtypes = [d for d in (weight.dtype, logits.dtype) if d.is_floating_point]
-    eps = max(torch.finfo(d).eps for d in dtypes)
-    if torch.get_float32_matmul_precision() != "highest":  # TF32 / bf16 GEMMs for float32 tensors
-        eps = max(eps, 2.0**-10 if torch.get_float32_matmul_precision() == "high" else 2.0**-8)
-    # the log-softmax of logits rounded to their dtype moves by up to eps·max|logit|; GEMM summation orders differ
-    tolerance = eps * (64 + 8 * float(logits.abs().max()))
-    change = float((fused.double() - own).abs().max())
+    eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype) if d.is_floating_point]
+              + [_fp32_matmul_eps(weight.device)])
+    # The log-softmax of logits rounded to their dtype moves by up to eps·max|logit|; GEMM summation orders
+    # differ by a few eps more. A missing soft-cap or scale moves it by a large fraction of the logits.
+    tolerance = eps * (16 + 4 * float(logits.abs().max()))
+    change = float((fused.double().to(own.device) - own).abs().max())
     if not change <= tolerance:
         raise NotImplementedError(
             f"FocalPOTrainer does not support this model's output head ({model.config.model_type!r}): the fused "
             f"head's log-probs (final hidden states × `get_output_embeddings().weight`, with the logit options "
             f"fk.logit_options_from_config reads) differ from its own forward's by {change:.3g} (tolerance "
             f"{tolerance:.3g}). Its forward transforms the logits in another way (a head of more than one layer, "
-            "an unread scaling or soft-cap field, a sliced vocabulary). Use TRL's DPOTrainer without its fused "
-            "head for it."
+            "an unread scaling or soft-cap field, a sliced vocabulary). TRL 1.16's DPOTrainer, whose fused head "
+            "reads fewer fields, would train on wrong log-probs too: use a trainer that computes the full logits."
         )
 
 
@@ -426,7 +448,7 @@ class FocalPOTrainer(DPOTrainer):
     `compute_metrics`, `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or
     reference model that cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any
     other architecture is probed), PEFT adapters on `lm_head` other than plain LoRA without dropout, and a model
-    whose own logits the fused head does not reproduce (probed: `_check_head`).
+    whose own logits the fused head does not reproduce (probed as each head is installed: `_probe_head`).
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -480,6 +502,10 @@ class FocalPOTrainer(DPOTrainer):
             if temperature != 1.0 or cast_lm_head_to_fp32:
                 raise NotImplementedError("FocalPOTrainer's fused head takes no temperature / fp32 cast")
             _install_fk_head(m, outputs=outputs, chunk_size=chunk_size)
+            # Probed as soon as installed (before TRL precomputes any reference log-probs), the policy and the
+            # reference model alike; a reference model that only reference-free types select never runs.
+            if not (m is getattr(self, "ref_model", None) and _reference_free(user_loss_types)):
+                _probe_head(m)
 
         # TRL's `__init__` checks its own loss names (f-divergence support, WPO) and turns `padding_free` off with
         # a warning; FocalPO is a sigmoid-family loss of the reward margin, and padding-free is implemented here.
@@ -521,7 +547,6 @@ class FocalPOTrainer(DPOTrainer):
         self._fk_constructing = False
         self.loss_types = user_loss_types
         self._check_model_supported()
-        self._check_head()
         if self.padding_free:
             self._check_packing()
 
@@ -534,20 +559,6 @@ class FocalPOTrainer(DPOTrainer):
     def padding_free(self, value: bool) -> None:
         if not self.__dict__.get("_fk_constructing", False):
             self._fk_padding_free = bool(value)
-
-    def _check_head(self) -> None:
-        """At construction: the fused head's log-probs must be the model's own (policy and reference model).
-
-        The fused head computes the logits as hidden states × `get_output_embeddings().weight` (+ bias), scaled
-        and soft-capped as `fk.logit_options_from_config` reads the config. A model whose forward does more
-        (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function
-        does not know) would train on wrong log-probs, silently: one 8-token forward each way, in eval mode,
-        without gradients, compares them and raises `NotImplementedError` on a difference beyond rounding. (A
-        reference model that reference-free loss types never run is not probed.)"""
-        ref_model = None if _reference_free(self.loss_types) else self.ref_model  # never run then
-        for model in (self.model, ref_model):
-            if model is not None:
-                _probe_head(self.accelerator.unwrap_model(model))
 
     def _check_packing(self) -> None:
         """Before the first padding-free forward (at construction, or after `padding_free` was set): the

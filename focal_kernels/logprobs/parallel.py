@@ -87,8 +87,9 @@ def _dist():
 
 
 def check_group(group, what="group"):
-    """The ProcessGroup to use: `group` itself, or a one-dimensional DeviceMesh's group. Raises a clear error
-    when torch.distributed is unavailable or not initialized, or when this process is not in the group
+    """The ProcessGroup to use: `group` itself, or a one-dimensional DeviceMesh's group (whose ranks must
+    ascend, `mesh_group`, unless it is the sequence-parallel group: a sum needs no order). Raises a clear
+    error when torch.distributed is unavailable or not initialized, or when this process is not in the group
     (before any collective: nothing can hang here)."""
     if not torch.distributed.is_available():
         raise RuntimeError(f"{what} was given, but torch.distributed is not available in this PyTorch build")
@@ -104,7 +105,7 @@ def check_group(group, what="group"):
         if group.ndim != 1:
             raise ValueError(f"{what}: a DeviceMesh must be one-dimensional (pass mesh['name'] or "
                              f"mesh.get_group(dim)), got a {group.ndim}-dimensional mesh")
-        group = mesh_group(group, 0, what)
+        group = group.get_group() if what == "sequence_parallel_group" else mesh_group(group, 0, what)
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {what}")
     if not isinstance(group, dist.ProcessGroup):
@@ -664,15 +665,17 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
 
 
 def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_seqlens, return_token_counts,
-                                   validate_labels, more_checks=None, agree_on=(0, 0), names=("logits", "labels")):
+                                   validate_labels, more_checks=None, agree_on=(0, 0), names=("logits", "labels"),
+                                   group_name="group"):
     """vocab_parallel_sequence_logps, with more_checks() (the caller's own argument checks) run among this
     rank's checks, before the agreement: an error there raises on every rank of the group; agree_on: two
     ints (or 0-dim integer tensors) of the caller's that must be equal on every rank; names: the logits'
-    and labels' names in the errors."""
+    and labels' names in the errors, group_name the group's (its checks run inside a sequence-parallel
+    caller's agreement)."""
     if is_dtensor(logits):
         logits, mesh_group = dtensor_vocab_logits(logits)
-        group = mesh_group if group is None else _same_ranks(check_group(group), mesh_group, "logits")
-    group = check_group(group)
+        group = mesh_group if group is None else _same_ranks(check_group(group, group_name), mesh_group, "logits")
+    group = check_group(group, group_name)
     what = "vocab_parallel_sequence_logps"
     error = None
     try:
@@ -727,10 +730,10 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
 def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens,
                                                 return_token_counts, chunk_size, logit_softcap, logit_scale,
                                                 temperature, validate_labels, more_checks=None, agree_on=(0, 0),
-                                                names=("hidden", "labels")):
+                                                names=("hidden", "labels"), group_name="group"):
     """vocab_parallel_fused_linear_sequence_logps, with more_checks(), agree_on and names as in
     `_vocab_parallel_sequence_logps`."""
-    group = check_group(group)
+    group = check_group(group, group_name)
     what = "vocab_parallel_fused_linear_sequence_logps"
     error = None
     try:
@@ -860,12 +863,12 @@ def _padded(values, width):
 
 # ------------------------------------------------------------------ the public entry points' parallel branch
 
-def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), options=tuple,
+def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), shared=tuple,
                        what="sequence_parallel_sum"):
     """compute(), then its per-sequence values summed over the sequence-parallel group (when given). An error
     from compute on one rank (its own inputs' checks, or its vocabulary-parallel group's agreement) goes
     through the sequence-parallel group's agreement, so that every rank of the group raises instead of
-    waiting in the collective; so does a return_token_counts, an `agree_on` or an `options()` (at most
+    waiting in the collective; so does a return_token_counts, an `agree_on` or a `shared()` (at most
     _SP_OPTIONS ints, read once compute's checks passed) that differs between ranks. `what` names the caller
     in the errors."""
     if group is None:
@@ -876,7 +879,7 @@ def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), opt
     except Exception as exc:  # any error, so that the other ranks hear of it
         _agreed_sum(None, group, exc, what)  # raises on every rank of the group
         raise  # pragma: no cover (the agreement re-raises exc on this rank)
-    tags = (int(bool(return_token_counts)), *agree_on, *_padded(options(), _SP_OPTIONS))
+    tags = (int(bool(return_token_counts)), *agree_on, *_padded(shared(), _SP_OPTIONS))
     if return_token_counts:
         logps, counts = out
         return _agreed_sum(logps, group, None, what, tags), _agreed_sum(counts, group, None, what)
@@ -891,9 +894,6 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
     more_checks(), the caller's own) run inside the groups' agreement, so that a bad argument on one rank
     raises on all; the caller's two `agree_on` ints are compared there too. names: the logits' and labels'
     names in the errors."""
-    if vocab_parallel_group is not None:
-        vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
-
     def checks():
         check_flag(inplace_backward, "inplace_backward")
         if inplace_backward:
@@ -908,13 +908,14 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
                    names=names)
     if vocab_parallel_group is not None or is_dtensor(logits):
         compute = partial(_vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group,
-                          more_checks=checks, agree_on=agree_on, **options)
+                          more_checks=checks, agree_on=agree_on, group_name="vocab_parallel_group", **options)
     else:
         compute = _checked(checks, partial(local, logits, labels, ignore_index, **options))
-    def options():  # what the ranks of a sequence-parallel group must share, besides the shapes
+
+    def shared():  # what the ranks of a sequence-parallel group must share, besides the shapes
         return int(ignore_index), logits.shape[-1], _dtype_code(logits.dtype)
 
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, options,
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,
                               "sequence_logps (sequence-parallel)")
 
 
@@ -929,9 +930,6 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
     (`vocab_shard`). The argument checks
     (memory_budget, then more_checks()) run inside the groups' agreement, and agree_on is compared there, as
     in `parallel_sequence_logps`; so are the names."""
-    if vocab_parallel_group is not None:
-        vocab_parallel_group = check_group(vocab_parallel_group, "vocab_parallel_group")
-
     def checks():
         check_memory_budget(memory_budget)
         if memory_budget and vocab_parallel_group is not None:
@@ -945,17 +943,19 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
                    validate_labels=validate_labels, names=names)
     if vocab_parallel_group is not None:
         compute = partial(_vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
-                          group=vocab_parallel_group, more_checks=checks, agree_on=agree_on, **options)
+                          group=vocab_parallel_group, more_checks=checks, agree_on=agree_on,
+                          group_name="vocab_parallel_group", **options)
     else:  # DTensor parameters (FSDP2) gathered first on every rank, then the checks, agreed over their mesh
         weight, bias, mesh = gathered_params(weight, bias)
         compute = partial(agreed_on_mesh, mesh, _checked(checks, partial(
             local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
-    def options():  # as in parallel_sequence_logps
+
+    def shared():  # as in parallel_sequence_logps
         return (int(ignore_index), *weight.shape, _dtype_code(hidden.dtype), _dtype_code(weight.dtype),
                 -1 if bias is None else _dtype_code(bias.dtype),
                 *(_float_bits(v) for v in (logit_softcap, logit_scale, temperature)))
 
-    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, options,
+    return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,
                               "fused_linear_sequence_logps (sequence-parallel)")
 
 

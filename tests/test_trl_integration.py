@@ -301,6 +301,13 @@ def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
     if kind == "roberta":
         with pytest.raises(NotImplementedError, match="output head .*'roberta'"):
             build()
+        # refused as the policy's head is installed: before any reference log-probs are precomputed
+        ref, calls = tiny_lm.clone(model), []
+        ref.register_forward_hook(lambda *_: calls.append(1))
+        with pytest.raises(NotImplementedError, match="output head"):
+            FocalPOTrainer(model=model, ref_model=ref, train_dataset=dataset, processing_class=tok,
+                           args=_args(FocalPOConfig, tmp_path / "pre", precompute_ref_log_probs=True))
+        assert not calls
         return
     trainer = build()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

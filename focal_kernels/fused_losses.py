@@ -25,7 +25,7 @@ from .logprobs.parallel import (float_words, parallel_fused_linear_sequence_logp
 from .logprobs.packing import layout_of, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
-from .losses.validation import check_options, check_tensors, resolve_loss_types
+from .losses.validation import check_options, check_tensors, OPTION_DEFAULTS, resolve_loss_types
 from .output import PreferenceLossOutput
 
 
@@ -48,8 +48,7 @@ def _padded_counts(labels, ignore_index):
 
 _LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence_type",
                  "f_alpha_divergence_coef", "pair_weights")
-_OPTION_DEFAULTS = {"label_smoothing": 0.0, "simpo_gamma": 0.5, "discopop_tau": 0.05,
-                    "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
+_OPTION_DEFAULTS = {name: OPTION_DEFAULTS[name] for name in _LOSS_OPTIONS if name in OPTION_DEFAULTS}
 
 
 def _check_loss_options(*, beta, gamma, detach_focal_weight, reduction, loss_options):

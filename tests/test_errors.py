@@ -261,3 +261,20 @@ def test_loss_tensor_errors_come_before_any_kernel(device, monkeypatch):
     with pytest.raises(ValueError, match="pair_weights must have shape"):
         fk.fused_linear_focal_po_loss(hidden, hidden, torch.randn(10, 4, device=device), inputs["chosen_labels"],
                                       inputs["chosen_labels"], pair_weights=torch.ones(3, device=device))
+
+
+def test_signature_defaults_are_the_checked_defaults():
+    """An option that no selected loss type reads is refused unless at its default (losses/validation.py):
+    every public signature must default it to that same value, or its own default would be refused."""
+    import inspect
+
+    from focal_kernels.losses.validation import OPTION_DEFAULTS
+
+    seen = set()
+    for fn in (fk.preference_loss, fk.focal_po_loss, fk.fused_linear_focal_po_loss, fk.FocalPOLoss.__init__,
+               fk.FusedLinearFocalPOLoss.__init__, fk.PreferenceLoss.__init__):
+        for name, parameter in inspect.signature(fn).parameters.items():
+            if name in OPTION_DEFAULTS:
+                assert parameter.default == OPTION_DEFAULTS[name], (fn.__qualname__, name)
+                seen.add(name)
+    assert seen == set(OPTION_DEFAULTS)

@@ -634,3 +634,14 @@ def test_option_no_loss_type_reads_raises(tmp_path, tok, dataset, option, words)
         FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path, loss_type="sigmoid",
                                                                  **option),
                        train_dataset=dataset, processing_class=tok)
+
+
+def test_config_defaults_are_the_checked_defaults(tmp_path):
+    """FocalPOConfig's (and TRL's DPOConfig's) defaults of the loss options are the ones fk accepts when no
+    selected loss type reads them: a default config with any loss type constructs."""
+    from focal_kernels.losses.validation import OPTION_DEFAULTS
+
+    args = _args(FocalPOConfig, tmp_path)
+    given = {"gamma": args.focal_gamma, "detach_focal_weight": args.detach_focal_weight,
+             **{name: getattr(args, name) for name in OPTION_DEFAULTS if name not in ("gamma", "detach_focal_weight")}}
+    assert given == OPTION_DEFAULTS

@@ -224,7 +224,7 @@ def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
             labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = _head_weight_and_bias(head)
-        if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling slices its logits so
+        if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling keeps only these logits
             weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
         hidden = hidden.to(weight.device)
         labels = labels.to(weight.device)

@@ -52,6 +52,13 @@ def resolve_loss_types(loss_type, loss_weights) -> tuple:
     return tuple(names), tuple(_number(f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights))
 
 
+# The options' defaults (those of `preference_loss`'s signature; a test compares them): an option that no
+# selected loss type reads must keep its default, or it would be silently ignored.
+OPTION_DEFAULTS = {"gamma": 0.05, "detach_focal_weight": False, "label_smoothing": 0.0, "simpo_gamma": 0.5,
+                   "discopop_tau": 0.05, "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
+_OWNERS = {"gamma": "focal", "detach_focal_weight": "focal", "simpo_gamma": "simpo", "discopop_tau": "discopop"}
+
+
 def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, simpo_gamma, discopop_tau,
                   f_divergence_type, f_alpha_divergence_coef, reduction) -> LossOptions:
     """Check the non-tensor options against the selected loss types; return them as `LossOptions`."""
@@ -85,13 +92,12 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
         raise ValueError(f"label_smoothing must lie in (0, 1) for the 'exo_pair' loss (the EXO paper "
                          f"recommends 1e-3), got {label_smoothing}")
 
-    # One loss type's own options: a value other than the default, with that type not selected, would be ignored
-    owned = (("gamma", gamma, 0.05, "focal"), ("detach_focal_weight", detach_focal_weight, False, "focal"),
-             ("simpo_gamma", simpo_gamma, 0.5, "simpo"), ("discopop_tau", discopop_tau, 0.05, "discopop"))
-    for option, value, default, owner in owned:
-        if value != default and owner not in names:
-            raise ValueError(f"{option}={value!r} is read only by the {owner!r} loss type, which is not among "
-                             f"{list(names)}; leave it at its default ({default!r})")
+    given = dict(gamma=gamma, detach_focal_weight=detach_focal_weight, simpo_gamma=simpo_gamma,
+                 discopop_tau=discopop_tau)
+    for option, owner in _OWNERS.items():
+        if given[option] != OPTION_DEFAULTS[option] and owner not in names:
+            raise ValueError(f"{option}={given[option]!r} is read only by the {owner!r} loss type, which is not "
+                             f"among {list(names)}; leave it at its default ({OPTION_DEFAULTS[option]!r})")
 
     if not isinstance(f_divergence_type, str) or f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got {f_divergence_type!r}")
@@ -101,9 +107,11 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
             allowed = sorted(name for name, fn in LOSS_TYPES.items() if spec_of(fn)["f_divergence"])
             raise ValueError(f"f_divergence_type={f_divergence_type!r} is not supported by the loss types "
                              f"{refused}; it is supported by {allowed}. Use f_divergence_type='reverse_kl'")
-    if f_divergence_type != "alpha_divergence" and float(f_alpha_divergence_coef) != 0.5:
+    alpha_default = OPTION_DEFAULTS["f_alpha_divergence_coef"]
+    if f_divergence_type != "alpha_divergence" and float(f_alpha_divergence_coef) != alpha_default:
         raise ValueError(f"f_alpha_divergence_coef={f_alpha_divergence_coef!r} is read only with "
-                         f"f_divergence_type='alpha_divergence', got {f_divergence_type!r}; leave it at 0.5")
+                         f"f_divergence_type='alpha_divergence', got {f_divergence_type!r}; leave it at "
+                         f"{alpha_default}")
     return LossOptions(beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
                        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
 

@@ -323,6 +323,23 @@ def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
     torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_head_probe_sees_a_vocabulary_masked_with_minus_inf(tmp_path, tok, dataset):
+    """A model that masks part of its vocabulary with -inf (which the fused head cannot know) is refused: the
+    probe's tolerance scales with the largest finite logit, not with inf."""
+    model = tiny_lm.make_model(tok, seed=0)
+    forward = model.forward
+
+    def masked(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits[..., -1] = float("-inf")  # a row the probe's tokens never name
+        return out
+
+    model.forward = masked
+    with pytest.raises(NotImplementedError, match="output head"):
+        FocalPOTrainer(model=model, ref_model=tiny_lm.make_model(tok, seed=1), args=_args(FocalPOConfig, tmp_path),
+                       train_dataset=dataset, processing_class=tok)
+
+
 def test_head_probe_reads_the_per_backend_tf32_switch(tmp_path, tok, dataset):
     """transformers' `tf32=True` sets PyTorch's per-backend `fp32_precision` (after which the legacy getter may
     raise): the head probe's tolerance reads it there, and construction works."""

@@ -323,21 +323,34 @@ def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
     torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_head_probe_sees_a_vocabulary_masked_with_minus_inf(tmp_path, tok, dataset):
-    """A model that masks part of its vocabulary with -inf (which the fused head cannot know) is refused: the
-    probe's tolerance scales with the largest finite logit, not with inf."""
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min])
+def test_head_probe_sees_a_masked_vocabulary(tmp_path, tok, dataset, fill):
+    """A model that masks part of its vocabulary (which the fused head cannot know) is refused: the probe's
+    tolerance scales with the logits that carry probability mass, not with the mask's value."""
     model = tiny_lm.make_model(tok, seed=0)
     forward = model.forward
 
     def masked(*args, **kwargs):
         out = forward(*args, **kwargs)
-        out.logits[..., -1] = float("-inf")  # a row the probe's tokens never name
+        out.logits[..., -1] = fill  # a row the probe's tokens never name
         return out
 
     model.forward = masked
     with pytest.raises(NotImplementedError, match="output head"):
         FocalPOTrainer(model=model, ref_model=tiny_lm.make_model(tok, seed=1), args=_args(FocalPOConfig, tmp_path),
                        train_dataset=dataset, processing_class=tok)
+
+
+def test_peft_trainable_token_indices(tmp_path, tok, dataset):
+    """PEFT's trainable tokens wrap the embedding (a wrapper without `num_embeddings`): the trainer builds and
+    its loss is finite."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[5, 6])
+    trainer = FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path),
+                             train_dataset=dataset, processing_class=tok, peft_config=config)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
 def test_head_probe_reads_the_per_backend_tf32_switch(tmp_path, tok, dataset):
@@ -595,9 +608,11 @@ def test_simpo_alone_needs_no_reference_model(tmp_path, tok, dataset):
 
 def test_simpo_averages_the_scored_tokens_without_a_prompt(tmp_path, tok):
     """With empty prompts a completion starts at the sequence's first token, which nothing predicts: SimPO's
-    average log-prob (loss and logged rewards) divides by the tokens really scored, as TRL's CPOTrainer does."""
+    average log-prob (loss and logged rewards) divides by the tokens really scored, as TRL's CPOTrainer does,
+    and by 1 where none is (an empty answer: EOS alone, at the first position)."""
     rows = tiny_lm.preference_rows(8)
     rows["prompt"] = [""] * len(rows["prompt"])
+    rows["rejected"][0] = ""
     trainer = FocalPOTrainer(model=tiny_lm.make_model(tok, seed=0), train_dataset=datasets.Dataset.from_dict(rows),
                              processing_class=tok,
                              args=_args(FocalPOConfig, tmp_path, loss_type="simpo", beta=0.5, simpo_gamma=0.3))
@@ -609,6 +624,8 @@ def test_simpo_averages_the_scored_tokens_without_a_prompt(tmp_path, tok):
     loss = trainer.compute_loss(trainer.model, batch)
     chosen, rejected = logged["chosen_logps"].detach(), logged["rejected_logps"].detach()
     scored_c, scored_r = batch["completion_mask"][:, 1:].sum(dim=1).chunk(2)
+    assert (scored_r == 0).any(), "the test needs a rejected answer with no scored token"
+    scored_c, scored_r = scored_c.clamp(min=1), scored_r.clamp(min=1)
     expected = -torch.nn.functional.logsigmoid(0.5 * (chosen / scored_c - rejected / scored_r) - 0.3).mean()
     torch.testing.assert_close(loss.detach(), expected)
     torch.testing.assert_close(logged["chosen_rewards"], 0.5 * chosen / scored_c)

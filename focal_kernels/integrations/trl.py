@@ -351,7 +351,7 @@ def _refuse_unpackable(model) -> None:
 
 def _probe_packing(model) -> None:
     """See `FocalPOTrainer._check_packing`."""
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().weight.shape[0]  # (PEFT's trainable-token wrapper has no num_embeddings)
     device = model.get_input_embeddings().weight.device
     tokens = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(0)).to(device)
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
@@ -403,7 +403,7 @@ def _probe_head(model) -> None:
     (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function does
     not know) would train on wrong log-probs, silently: an 8-token forward each way (fused and the model's own),
     in eval mode, without gradients, compares them, and a difference beyond rounding raises."""
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().weight.shape[0]  # (PEFT's trainable-token wrapper has no num_embeddings)
     rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
     vocab = min(vocab, rows) if rows else vocab
     device = model.get_input_embeddings().weight.device
@@ -416,15 +416,20 @@ def _probe_head(model) -> None:
             logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
     finally:
         model.train(was_training)
-    own = logits.double().log_softmax(-1).gather(-1, ids[:, 1:, None].to(logits.device)).squeeze(-1)
+    labels = ids[:, 1:, None].to(logits.device)
+    own = logits.double().log_softmax(-1).gather(-1, labels).squeeze(-1)
     weight = model.get_output_embeddings().weight
-    # The log-softmax of logits rounded to their dtype moves by up to eps·max|logit|. In float32 the GEMMs'
-    # summation orders dominate (the fused head multiplies only the scored rows, in vocabulary chunks): up to
-    # 2.8e-7·max|logit| measured (H = 4096, CPU), hence a unit of at least 2^-20 (a margin of about 10). A
-    # missing soft-cap or scale moves the log-probs by a large fraction of the logits.
+    # The log-softmax of logits rounded to their dtype moves by up to eps·max|logit| over the logits that carry
+    # probability mass and the label's. In float32 the GEMMs' summation orders dominate (the fused head
+    # multiplies only the scored rows, in vocabulary chunks): up to 2.8e-7·max|logit| measured (H = 4096,
+    # CPU), hence a unit of at least 2^-20 (a margin of about 10). A missing soft-cap or scale moves the
+    # log-probs by a large fraction of the logits. Logits more than 100 below their row's largest carry no
+    # mass: a vocabulary masked with -inf or -1e9 must not set the scale (it would accept anything).
     eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype) if d.is_floating_point]
               + [_fp32_matmul_eps(weight.device), 2.0**-20])
-    largest = float(torch.where(logits.isfinite(), logits.abs(), 0).max())  # a vocabulary masked with -inf: finite
+    z = logits.double()
+    carrying = torch.where(z >= z.amax(-1, keepdim=True) - 100, z.abs(), 0).amax(-1)
+    largest = float(torch.maximum(carrying, z.gather(-1, labels).squeeze(-1).abs()).nan_to_num(0.0).max())
     tolerance = eps * (16 + 4 * largest)
     change = float((fused.double().to(own.device) - own).abs().max())
     if not change <= tolerance:
@@ -875,7 +880,8 @@ class FocalPOTrainer(DPOTrainer):
 
         token_counts = completion_mask.sum(dim=1)
         chosen_counts, rejected_counts = token_counts.chunk(2, dim=0)
-        scored_counts = shift_completion_mask.sum(dim=1).chunk(2, dim=0)
+        # (at least 1, as TRL counts for ipo: a completion of one token at the first position scores none)
+        scored_counts = shift_completion_mask.sum(dim=1).clamp(min=1).chunk(2, dim=0)
         pair_weights = None
         if self.use_weighting:
             # WPO (Eq. 2 of https://huggingface.co/papers/2406.11827), as TRL weights it: per sequence

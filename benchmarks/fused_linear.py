@@ -194,16 +194,21 @@ class OursFrozen(FrozenHead, Ours):
 
 
 class OursMemoryBudget(Ours):
-    """memory_budget = Liger's net extra memory on the same shape in this run, else DEFAULT_MEMORY_BUDGET."""
+    """memory_budget = Liger's net extra memory on the same shape in this run less ours' own (default) net
+    extra memory, so that the kept logits bring ours to Liger's memory and no further (the target compares
+    times at no more memory than Liger's); else DEFAULT_MEMORY_BUDGET."""
 
     key, name = "ours_budget", "ours (memory_budget)"
 
     def prepare(self, shape, earlier_rows):
-        liger = next((r for r in earlier_rows if r["impl"] == "liger" and r["status"] == "ok"
-                      and (r["peak_extra_bytes_without_grads"] or 0) > 0), None)
-        if liger is not None:
-            self.memory_budget = int(liger["peak_extra_bytes_without_grads"])
-            source = "Liger's net extra memory in this run"
+        def net(impl):
+            row = next((r for r in earlier_rows if r["impl"] == impl and r["status"] == "ok"), None)
+            return (row or {}).get("peak_extra_bytes_without_grads") or 0
+
+        liger, own = net("liger"), net("ours")
+        if liger > own:
+            self.memory_budget = int(liger - own)
+            source = "Liger's net extra memory in this run, less ours' default"
         else:
             self.memory_budget = DEFAULT_MEMORY_BUDGET
             source = "fixed: no Liger memory figure on this shape"

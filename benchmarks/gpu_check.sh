@@ -34,6 +34,13 @@ export PYTHONUNBUFFERED=1
 # machine without CUDA the benchmarks and the tests' conftest set it again themselves.
 unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The bench phases' shapes are GPU-sized (inputs of up to 17 GB, run through the interpreter without CUDA):
+# refuse to start without a GPU (GPU_CHECK_WITHOUT_CUDA=1 overrides, for trying the script itself).
+if [ -z "${GPU_CHECK_WITHOUT_CUDA:-}" ] && \
+    ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "no CUDA device here: gpu_check.sh is for a lent GPU (GPU_CHECK_WITHOUT_CUDA=1 runs it anyway)" >&2
+    exit 3
+fi
 
 commit="$(git rev-parse HEAD 2>/dev/null || true)"
 commit="${commit:-${BENCH_COMMIT:-}}"

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .environment import prepare_environment
+from .environment import describe, prepare_environment
 
 prepare_environment()  # TRITON_INTERPRET=1 without a GPU; before anything imports triton
 
@@ -222,7 +222,9 @@ def main(argv=None) -> int:
             print(f"; peak above step start: {d['peak_above_step_start_mib']:.0f} vs "
                   f"{f['peak_above_step_start_mib']:.0f} MiB", end="")
         print()
-    result = {"device": device, "shape": shape, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+    # the commit and the versions (describe), as the other benchmarks' JSON carries them
+    result = {**describe(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "device": device,
+              "shape": shape, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
               "complete": all(r["status"] == "ok" for r in rows)}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

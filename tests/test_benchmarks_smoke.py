@@ -89,8 +89,13 @@ def test_gpu_check_script_parses_and_refuses_unknown_phases():
     proc = subprocess.run(["bash", str(script), "no-such-phase"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage" in proc.stderr
     text = script.read_text()
-    for phase in ("tests)", "bench)", "logits-small)", "fused)", "all)"):
-        assert phase in text
+    assert re.search(r"^\s*tests\|bench\|logits-small\|fused\|trl\) ;;$", text, re.M)  # the phases it accepts
+    for phase in ("tests", "bench", "logits-small", "fused", "trl"):
+        assert re.search(rf'^\s*{re.escape(phase)}\)\s', text, re.M), phase  # ... and runs
+    if not torch.cuda.is_available():  # the GPU-sized phases refuse to start here
+        proc = subprocess.run(["bash", str(script), "bench"], capture_output=True, text=True, timeout=60,
+                              env={k: v for k, v in os.environ.items() if k != "GPU_CHECK_WITHOUT_CUDA"})
+        assert proc.returncode == 3 and "no CUDA device" in proc.stderr
 
 
 def test_config_sweep_runs_the_kernels_it_tunes():

@@ -62,3 +62,25 @@ def test_fused_linear_benchmark_every_row(tmp_path, capsys):
         assert "NOT GPU timings" in stdout
         assert results["meta"]["matmul"] is None
     check_written_files(stdout, tmp_path, output)
+
+
+def test_memory_budget_row_and_target_are_at_ligers_memory():
+    """ours (memory_budget) keeps logits up to Liger's net memory less ours' own, and its target is met only
+    when it is faster at no more net memory than Liger's."""
+    from benchmarks import targets
+    from benchmarks.fused_linear import OursMemoryBudget
+
+    mib = 2**20
+
+    def row(impl, ms, net):
+        return {"impl": impl, "status": "ok", "fwdbwd_ms": ms, "peak_extra_bytes_without_grads": net * mib,
+                "seq_len": 2048}
+
+    budget = OursMemoryBudget()
+    budget.prepare(None, [row("ours", 12.0, 384), row("liger", 10.0, 4200)])
+    assert budget.memory_budget == (4200 - 384) * mib and "less ours' default" in budget.note
+    goal = next(t for t in targets.FUSED_TARGETS if t.what.startswith("memory_budget"))
+    for net, met in ((4100, True), (4584, False)):
+        rows = [row("ours", 12.0, 384), row("liger", 10.0, 4200), row("ours_budget", 8.0, net)]
+        assert goal.evaluate(rows)[1] is met, net
+    assert goal.evaluate([row("liger", 10.0, 4200), row("ours_budget", 9.5, 4100)])[1] is False  # 1.05× < 1.10×

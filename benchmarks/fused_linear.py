@@ -33,7 +33,9 @@ Implementations, all on the same inputs:
 (d) trl / liger / cce run only where importable (and never in --quick); each is skipped with its reason.
 
 Per row, measured by the same code as the logits benchmark (measure.py, runner.py): fwd, bwd and fwd+bwd
-median ms (triton.testing.do_bench, a 1 ms warm-up, i.e. one call, and --reps timed calls); bwd re-runs the
+median ms (triton.testing.do_bench, a 1 ms warm-up, i.e. one call, and a budget of --reps fwd+bwd steps per
+phase: about --reps calls of fwd+bwd, more of the shorter fwd and bwd; "timed_calls" in the JSON is that
+--reps); bwd re-runs the
 backward of one graph built once with retain_graph=True (fresh graphs, each built untimed, where an
 implementation refuses that; the note says so). Liger computes its gradients in its forward, so its bwd is
 only their scaling. The GEMM floor: floor_gemms GEMMs of 2·N_valid·H·V FLOPs (4 for a trainable head:

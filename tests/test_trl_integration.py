@@ -301,6 +301,7 @@ def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
     if kind == "roberta":
         with pytest.raises(NotImplementedError, match="output head .*'roberta'"):
             build()
+        assert "forward" not in model.__dict__  # refused: left as it came, without the fused head's forward
         # refused as the policy's head is installed: before any reference log-probs are precomputed
         ref, calls = tiny_lm.clone(model), []
         ref.register_forward_hook(lambda *_: calls.append(1))

@@ -509,11 +509,19 @@ class FocalPOTrainer(DPOTrainer):
         def install_head(m, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
             if temperature != 1.0 or cast_lm_head_to_fp32:
                 raise NotImplementedError("FocalPOTrainer's fused head takes no temperature / fp32 cast")
+            unpatched = m.__dict__.get("forward")  # an instance's own forward, if it had one
             _install_fk_head(m, outputs=outputs, chunk_size=chunk_size)
             # Probed as soon as installed (before TRL precomputes any reference log-probs), the policy and the
             # reference model alike; a reference model that only reference-free types select never runs.
             if not (m is getattr(self, "ref_model", None) and _reference_free(user_loss_types)):
-                _probe_head(m)
+                try:
+                    _probe_head(m)
+                except Exception:  # refused: the model is left as it came
+                    if unpatched is None:
+                        del m.forward
+                    else:
+                        m.forward = unpatched
+                    raise
 
         # TRL's `__init__` checks its own loss names (f-divergence support, WPO) and turns `padding_free` off with
         # a warning; FocalPO is a sigmoid-family loss of the reward margin, and padding-free is implemented here.

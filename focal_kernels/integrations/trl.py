@@ -42,7 +42,7 @@ import torch
 
 import focal_kernels as fk
 from focal_kernels.losses.batch import spec_of
-from focal_kernels.losses.validation import check_options, resolve_loss_types
+from focal_kernels.losses.validation import check_options, OPTION_DEFAULTS, reads_option, resolve_loss_types
 
 SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
 _SUPPORTED_RELEASE = (1, 16)
@@ -349,25 +349,35 @@ def _refuse_unpackable(model) -> None:
         )
 
 
-def _probe_packing(model) -> None:
-    """See `FocalPOTrainer._check_packing`."""
-    vocab = model.get_input_embeddings().weight.shape[0]  # (PEFT's trainable-token wrapper has no num_embeddings)
-    device = model.get_input_embeddings().weight.device
-    tokens = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(0)).to(device)
-    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
-    runs = []
+@contextlib.contextmanager
+def _probing(model, shape):
+    """Random token ids of `shape` (a fixed seed, the global RNG untouched) within the vocabulary the head
+    scores, on the embeddings' device, with the model in eval mode and gradients off for the block."""
+    embeddings = model.get_input_embeddings().weight  # (PEFT's trainable-token wrapper has no num_embeddings)
+    vocab = embeddings.shape[0]
+    rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
+    vocab = min(vocab, rows) if rows else vocab
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(embeddings.device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for first in (tokens[0], tokens[1]):
-                ids = torch.cat([first, tokens[2, :3]])[None]
-                labels = ids.clone()
-                labels[:, :5] = -100  # score B's second and third tokens, each predicted from B alone
-                out = model(input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True)
-                runs.append(out.log_probs[0, 4:6].float())
+            yield ids
     finally:
         model.train(was_training)
+
+
+def _probe_packing(model) -> None:
+    """See `FocalPOTrainer._check_packing`."""
+    runs = []
+    with _probing(model, (3, 4)) as tokens:
+        position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=tokens.device)
+        for first in (tokens[0], tokens[1]):
+            ids = torch.cat([first, tokens[2, :3]])[None]
+            labels = ids.clone()
+            labels[:, :5] = -100  # score B's second and third tokens, each predicted from B alone
+            out = model(input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True)
+            runs.append(out.log_probs[0, 4:6].float())
     change = float((runs[0] - runs[1]).abs().max())
     if not change <= 1e-4:
         raise NotImplementedError(
@@ -403,19 +413,9 @@ def _probe_head(model) -> None:
     (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function does
     not know) would train on wrong log-probs, silently: an 8-token forward each way (fused and the model's own),
     in eval mode, without gradients, compares them, and a difference beyond rounding raises."""
-    vocab = model.get_input_embeddings().weight.shape[0]  # (PEFT's trainable-token wrapper has no num_embeddings)
-    rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
-    vocab = min(vocab, rows) if rows else vocab
-    device = model.get_input_embeddings().weight.device
-    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            fused = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).log_probs[:, -7:]
-            logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
-    finally:
-        model.train(was_training)
+    with _probing(model, (1, 8)) as ids:
+        fused = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).log_probs[:, -7:]
+        logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
     labels = ids[:, 1:, None].to(logits.device)
     own = logits.double().log_softmax(-1).gather(-1, labels).squeeze(-1)
     weight = model.get_output_embeddings().weight
@@ -664,10 +664,7 @@ class FocalPOTrainer(DPOTrainer):
         fails now, not at the first step."""
         loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
         names, _ = resolve_loss_types(loss_types, None)
-        check_options(names, beta=args.beta, gamma=self.focal_gamma, detach_focal_weight=self.detach_focal_weight,
-                      label_smoothing=args.label_smoothing, simpo_gamma=self.simpo_gamma,
-                      discopop_tau=args.discopop_tau, f_divergence_type=args.f_divergence_type,
-                      f_alpha_divergence_coef=args.f_alpha_divergence_coef, reduction="mean")
+        check_options(names, beta=args.beta, reduction="mean", **self._loss_options(args))
         one = torch.zeros(2, dtype=torch.float32)
         counts = torch.ones(2, dtype=torch.int64)
         self._preference_loss(args, one, one, one, one, counts, counts, None)
@@ -688,6 +685,14 @@ class FocalPOTrainer(DPOTrainer):
 
     # -- the loss -----------------------------------------------------------------------------------------------------
 
+    def _loss_options(self, args) -> dict:
+        """The loss options (OPTION_DEFAULTS' names): FocalPO's from the trainer, TRL's from the trainer's
+        attributes after `DPOTrainer.__init__` (which TRL's own loss reads), from `args` before."""
+        fk_options = {"gamma": self.focal_gamma, "detach_focal_weight": self.detach_focal_weight,
+                      "simpo_gamma": self.simpo_gamma, "discopop_tau": args.discopop_tau}
+        return {name: fk_options[name] if name in fk_options else getattr(self, name, getattr(args, name))
+                for name in OPTION_DEFAULTS}
+
     def _preference_loss(self, args, chosen, rejected, ref_chosen, ref_rejected, chosen_counts, rejected_counts,
                          pair_weights, scored_counts=None):
         """The loss of the configured loss types, Σ_k w_k · mean ℓ_k. Reference-free types (simpo) are computed
@@ -704,6 +709,7 @@ class FocalPOTrainer(DPOTrainer):
         loss_types, weights = resolve_loss_types(list(option("loss_types", "loss_type")),
                                                  None if loss_weights is None else list(loss_weights))
         free = [spec_of(fk.LOSS_TYPES[name])["reference_free"] for name in loss_types]
+        options = self._loss_options(args)
         loss = 0.0
         groups = ((False, (ref_chosen, ref_rejected), (chosen_counts, rejected_counts)),
                   (True, (None, None), scored_counts or (chosen_counts, rejected_counts)))
@@ -711,17 +717,8 @@ class FocalPOTrainer(DPOTrainer):
             names = [name for name, is_free in zip(loss_types, free) if is_free == reference_free]
             if not names:
                 continue
-            owned = {}
-            if any(spec_of(fk.LOSS_TYPES[name])["label_smoothing"] for name in names):
-                owned["label_smoothing"] = option("label_smoothing")
-            if "focal" in names:
-                owned.update(gamma=self.focal_gamma, detach_focal_weight=self.detach_focal_weight)
-            if "simpo" in names:
-                owned["simpo_gamma"] = self.simpo_gamma
-            if "discopop" in names:
-                owned["discopop_tau"] = args.discopop_tau
-            if option("f_divergence_type") == "alpha_divergence":
-                owned["f_alpha_divergence_coef"] = option("f_alpha_divergence_coef")
+            read = {name: value for name, value in options.items()
+                    if reads_option(name, names, options["f_divergence_type"])}
             loss = loss + fk.preference_loss(
                 chosen,
                 rejected,
@@ -729,11 +726,10 @@ class FocalPOTrainer(DPOTrainer):
                 loss_type=names,
                 loss_weights=[w for w, is_free in zip(weights, free) if is_free == reference_free],
                 beta=option("beta"),
-                f_divergence_type=option("f_divergence_type"),
                 chosen_token_counts=counts[0],
                 rejected_token_counts=counts[1],
                 pair_weights=pair_weights,
-                **owned,
+                **read,
             ).loss
         return loss
 

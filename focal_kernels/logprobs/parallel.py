@@ -86,10 +86,10 @@ def _dist():
     return dist
 
 
-def check_group(group, what="group"):
+def check_group(group, what="group", *, ordered=True):
     """The ProcessGroup to use: `group` itself, or a one-dimensional DeviceMesh's group (whose ranks must
-    ascend, `mesh_group`, unless it is the sequence-parallel group: a sum needs no order). Raises a clear
-    error when torch.distributed is unavailable or not initialized, or when this process is not in the group
+    ascend, `mesh_group`, when `ordered`: vocabulary slices follow the rank order, a sum does not). Raises a
+    clear error when torch.distributed is unavailable or not initialized, or when this process is not in the group
     (before any collective: nothing can hang here)."""
     if not torch.distributed.is_available():
         raise RuntimeError(f"{what} was given, but torch.distributed is not available in this PyTorch build")
@@ -105,7 +105,7 @@ def check_group(group, what="group"):
         if group.ndim != 1:
             raise ValueError(f"{what}: a DeviceMesh must be one-dimensional (pass mesh['name'] or "
                              f"mesh.get_group(dim)), got a {group.ndim}-dimensional mesh")
-        group = group.get_group() if what == "sequence_parallel_group" else mesh_group(group, 0, what)
+        group = mesh_group(group, 0, what) if ordered else group.get_group()
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of {what}")
     if not isinstance(group, dist.ProcessGroup):
@@ -800,7 +800,7 @@ def sequence_parallel_sum(per_sequence_values, group):
     slice of every sequence's tokens (log-probs, token counts). Forward: one all-reduce (after one small
     all_gather checking that every rank passes the same shape and dtype); backward: the gradient unchanged.
     See the module docstring for the data-parallel recipe. Must be called by every rank of the group."""
-    group = check_group(group, "sequence_parallel_group")
+    group = check_group(group, "sequence_parallel_group", ordered=False)
     error = None
     if not isinstance(per_sequence_values, torch.Tensor):
         error = TypeError(f"per_sequence_values must be a torch.Tensor, got {type(per_sequence_values).__name__}")
@@ -873,7 +873,7 @@ def _sequence_parallel(compute, group, return_token_counts, agree_on=(0, 0), sha
     in the errors."""
     if group is None:
         return compute()
-    group = check_group(group, "sequence_parallel_group")
+    group = check_group(group, "sequence_parallel_group", ordered=False)
     try:
         out = compute()
     except Exception as exc:  # any error, so that the other ranks hear of it

@@ -59,6 +59,16 @@ OPTION_DEFAULTS = {"gamma": 0.05, "detach_focal_weight": False, "label_smoothing
 _OWNERS = {"gamma": "focal", "detach_focal_weight": "focal", "simpo_gamma": "simpo", "discopop_tau": "discopop"}
 
 
+def reads_option(option, names, f_divergence_type="reverse_kl") -> bool:
+    """Whether the loss types `names` read `option` (a name in OPTION_DEFAULTS): label_smoothing those marked
+    for it, f_alpha_divergence_coef the alpha divergence, one type's own option that type, the rest all."""
+    if option == "label_smoothing":
+        return any(spec_of(LOSS_TYPES[name])["label_smoothing"] for name in names)
+    if option == "f_alpha_divergence_coef":
+        return f_divergence_type == "alpha_divergence"
+    return option not in _OWNERS or _OWNERS[option] in names
+
+
 def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, simpo_gamma, discopop_tau,
                   f_divergence_type, f_alpha_divergence_coef, reduction) -> LossOptions:
     """Check the non-tensor options against the selected loss types; return them as `LossOptions`."""
@@ -82,7 +92,7 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
     label_smoothing = _number("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if label_smoothing != 0.0 and not any(spec["label_smoothing"] for spec in specs.values()):
+    if label_smoothing != 0.0 and not reads_option("label_smoothing", names):
         users = sorted(name for name, fn in LOSS_TYPES.items() if spec_of(fn)["label_smoothing"])
         raise ValueError(f"label_smoothing={label_smoothing} is read by none of the loss types {list(names)}; "
                          f"only {users} use it. Set label_smoothing=0.0")
@@ -95,7 +105,7 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
     given = dict(gamma=gamma, detach_focal_weight=detach_focal_weight, simpo_gamma=simpo_gamma,
                  discopop_tau=discopop_tau)
     for option, owner in _OWNERS.items():
-        if given[option] != OPTION_DEFAULTS[option] and owner not in names:
+        if given[option] != OPTION_DEFAULTS[option] and not reads_option(option, names):
             raise ValueError(f"{option}={given[option]!r} is read only by the {owner!r} loss type, which is not "
                              f"among {list(names)}; leave it at its default ({OPTION_DEFAULTS[option]!r})")
 
@@ -108,7 +118,8 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
             raise ValueError(f"f_divergence_type={f_divergence_type!r} is not supported by the loss types "
                              f"{refused}; it is supported by {allowed}. Use f_divergence_type='reverse_kl'")
     alpha_default = OPTION_DEFAULTS["f_alpha_divergence_coef"]
-    if f_divergence_type != "alpha_divergence" and float(f_alpha_divergence_coef) != alpha_default:
+    if float(f_alpha_divergence_coef) != alpha_default and not reads_option("f_alpha_divergence_coef", names,
+                                                                             f_divergence_type):
         raise ValueError(f"f_alpha_divergence_coef={f_alpha_divergence_coef!r} is read only with "
                          f"f_divergence_type='alpha_divergence', got {f_divergence_type!r}; leave it at "
                          f"{alpha_default}")

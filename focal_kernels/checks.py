@@ -43,11 +43,9 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
         raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
     refuse_dtensor(logits, logits_name)
     refuse_dtensor(labels, labels_name)
-    if not logits.dtype.is_floating_point:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{logits_name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
                         f"got {logits.dtype}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{logits_name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{labels_name} must be an int64 or int32 tensor, got {labels.dtype}")
     if logits.dim() != 3:
@@ -66,12 +64,17 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     check_ignore_index(ignore_index, labels, labels_name)
 
 
-def check_ignore_index(ignore_index, labels, labels_name="labels") -> None:
-    """An int that fits the labels' dtype (int32 or int64 labels)."""
+def check_ignore_index_value(ignore_index) -> None:
+    """An int that fits in int64 (checked before any labels are seen, e.g. by the loss modules' constructors)."""
     if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+
+def check_ignore_index(ignore_index, labels, labels_name="labels") -> None:
+    """An int that fits the labels' dtype (int32 or int64 labels)."""
+    check_ignore_index_value(ignore_index)
     if labels.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
         # (labels != ignore_index) would compare in int32, where such an index wraps onto real label ids
         raise ValueError(f"ignore_index={ignore_index} does not fit in {labels_name}'s dtype int32: pass int64 "
@@ -88,6 +91,35 @@ def data_checks_enabled(validate_labels, tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+# ------------------------------------------------------------------ packed sequences (cu_seqlens)
+
+def check_cu_seqlens(cu_seqlens, values):
+    """Type, dtype, device and rank; the values are checked with the labels (one device read)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of shape (S + 1,) or None, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 0, got {tuple(cu_seqlens.shape)}")
+    if isinstance(values, torch.Tensor) and cu_seqlens.device != values.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {values.device}; "
+                         "they must be on the same device")
+
+
+def cu_seqlens_problems(cu_seqlens, tokens):
+    """Device-side (0-dim bool) flags, one per rule: [starts at 0, non-decreasing, ends at N]; read by the
+    caller together with the label checks, in one synchronization."""
+    first_ok = cu_seqlens[0] == 0
+    last_ok = cu_seqlens[-1] == tokens
+    monotone = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()  # True for a single entry (no sequences)
+    return torch.stack([first_ok, monotone, last_ok])
+
+
+CU_SEQLENS_RULES = ("cu_seqlens must start at 0", "cu_seqlens must be non-decreasing",
+                    "cu_seqlens must end at N, the number of packed tokens")
+
+
 def check_labels_in_range(named_labels, vocab, *, ignore_index=-100, cu_seqlens=()):
     """Every label in [0, vocab) or == ignore_index, and every (cu_seqlens, tokens) in `cu_seqlens` well
     formed, for several tensors with one device synchronization.
@@ -95,8 +127,6 @@ def check_labels_in_range(named_labels, vocab, *, ignore_index=-100, cu_seqlens=
     A few small kernels per tensor (ignored labels replaced by 0, then min and max; the cu_seqlens rules as
     flags) and one read of their results: this sync is the price of an error raised before any kernel runs.
     """
-    from .logprobs.packing import CU_SEQLENS_RULES, cu_seqlens_problems
-
     named_labels = [(labels, name) for labels, name in named_labels if labels.numel()]
     parts = [torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels))).long()
              for labels, _ in named_labels]
@@ -139,27 +169,6 @@ def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_devi
                          f"got {chosen_shape[-1]} and {rejected_shape[-1]}")
 
 
-def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what="logits"):
-    """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`, the
-    device of the policy's `what` (logits, or hidden states)."""
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        given, missing = ("ref_chosen_logps", "ref_rejected_logps") if ref_rejected_logps is None else \
-            ("ref_rejected_logps", "ref_chosen_logps")
-        raise ValueError(f"{given} was given but {missing} is None: pass both reference log-probs, or neither "
-                         "(reference-free)")
-    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if ref is None:
-            continue
-        if not isinstance(ref, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},) or None, got {type(ref).__name__}")
-        if not ref.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {ref.dtype}")
-        if tuple(ref.shape) != (batch,):
-            raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(ref.shape)}")
-        if ref.device != device:
-            raise ValueError(f"{name} is on {ref.device} but the {what} are on {device}")
-
-
 def check_flag(value, name):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -174,7 +183,7 @@ def check_inplace_target(logits, name="logits"):
         raise ValueError(f"inplace_backward=True needs {name} whose last dimension is contiguous "
                          f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
     if torch.compiler.is_compiling():  # symbolic sizes cannot be sorted; the in-place operator checks at run time
-        return logits
+        return
     extent = 1  # elements spanned so far, walking the dimensions from the smallest stride up
     dims = sorted(((st, s) for s, st in zip(logits.shape, logits.stride()) if s > 1))
     for stride, size in dims:
@@ -183,7 +192,6 @@ def check_inplace_target(logits, name="logits"):
                              f"(no expand() or overlapping views), got shape {tuple(logits.shape)} and strides "
                              f"{tuple(logits.stride())}")
         extent = stride * (size - 1) + extent
-    return logits
 
 
 def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
@@ -193,7 +201,7 @@ def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
     Each side has already passed `check_inplace_target` (unit-stride rows of V elements that do not overlap),
     so the test is exact at row granularity: the rows' start offsets (metadata only, no device access) of both
     sides, sorted together, must lie at least V apart. Skipped while torch.compile traces (storage identity
-    cannot be traced); the in-place kernel's own launcher checks again at run time."""
+    cannot be traced); the in-place custom op's body (ops._checked_logits_grad_inplace) checks again at run time."""
     if torch.compiler.is_compiling():
         return
     if chosen_logits.numel() == 0 or rejected_logits.numel() == 0:
@@ -226,55 +234,51 @@ def is_integer(value):
 
 # ------------------------------------------------------------------ the hidden-state path
 
-def check_linear(weight, bias, *, weight_name="weight", bias_name="bias"):
+def check_linear(weight, bias):
     """weight (V, H) floating with V >= 1; bias None or (V,) with the weight's dtype and device."""
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{weight_name} must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+        raise TypeError(f"weight must be float32, bfloat16, float16 or float64, got {weight.dtype}")
     if weight.numel() == 0 and (hasattr(weight, "ds_shape") or weight.dim() == 1):
-        raise ValueError(f"{weight_name} is an empty placeholder of shape {tuple(weight.shape)}, as DeepSpeed ZeRO-3 "
+        raise ValueError(f"weight is an empty placeholder of shape {tuple(weight.shape)}, as DeepSpeed ZeRO-3 "
                          "leaves a partitioned parameter outside its forward: gather it first (e.g. inside "
                          "deepspeed.zero.GatheredParameters) or compute the loss inside the model's forward")
     if weight.dim() != 2:
-        raise ValueError(f"{weight_name} must have shape (V, H), got {tuple(weight.shape)}")
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError(f"{weight_name} must have a non-empty vocabulary (V >= 1), got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must have a non-empty vocabulary (V >= 1), got shape {tuple(weight.shape)}")
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{bias_name} must be a torch.Tensor or None, got {type(bias).__name__}")
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if bias.dtype != weight.dtype:
-        raise TypeError(f"{bias_name} must have the dtype of {weight_name} ({weight.dtype}), got {bias.dtype}")
+        raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
     if tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{bias_name} must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if bias.device != weight.device:
-        raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
+        raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
 
 
 def check_hidden_and_labels(hidden, labels, weight, *, hidden_name="hidden", labels_name="labels",
-                            weight_name="weight", ignore_index=-100):
-    """hidden (B, T, H) with the weight's dtype, device and H; labels (B, T) int.
+                            ignore_index=-100):
+    """hidden (B, T, H) floating with the weight's dtype, device and H; labels (B, T) int.
 
     The weight must already have passed `check_linear`; label values are left to `check_labels_in_range`.
     """
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     check_logits_and_labels(hidden, labels, logits_name=hidden_name, labels_name=labels_name,
                             ignore_index=ignore_index, last_dim="H")
     if hidden.dtype != weight.dtype:
         after_autocast = ""
         if autocast_dtype(hidden.device) is not None:
             after_autocast = " (under autocast: after casting to the autocast dtype, which leaves float64 alone)"
-        raise TypeError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same "
+        raise TypeError(f"{hidden_name} ({hidden.dtype}) and weight ({weight.dtype}) must have the same "
                         f"dtype{after_autocast}")
     if hidden.device != weight.device:
-        raise ValueError(f"{hidden_name} is on {hidden.device} but {weight_name} is on {weight.device}; "
+        raise ValueError(f"{hidden_name} is on {hidden.device} but weight is on {weight.device}; "
                          "they must be on the same device")
     if hidden.shape[2] != weight.shape[1]:
-        raise ValueError(f"{hidden_name} has hidden size H = {hidden.shape[2]} but {weight_name} has shape "
+        raise ValueError(f"{hidden_name} has hidden size H = {hidden.shape[2]} but weight has shape "
                          f"{tuple(weight.shape)}; it must be (V, {hidden.shape[2]})")
 
 
@@ -287,12 +291,12 @@ def autocast_dtype(device):
     return torch.get_autocast_dtype(device.type) if enabled else None
 
 
-def check_chunk_size(chunk_size):
+def check_chunk_size(chunk_size, name="chunk_size"):
     """chunk_size None or a positive integer (a NumPy one too), returned as a Python int (or None)."""
     if chunk_size is None:
         return None
     if not is_integer(chunk_size):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+        raise TypeError(f"{name} must be a positive int or None, got {type(chunk_size).__name__}")
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        raise ValueError(f"{name} must be a positive int or None, got {chunk_size}")
     return int(chunk_size)

@@ -15,17 +15,18 @@ from functools import partial
 
 import torch
 
-from .checks import (check_chunk_size, check_flag, check_labels_in_range, check_logits_and_labels, check_logits_pair,
-                     check_pair_shapes, check_reference_logps, data_checks_enabled, is_integer)
+from .checks import (check_chunk_size, check_flag, check_ignore_index_value, check_labels_in_range,
+                     check_logits_and_labels, check_logits_pair, check_pair_shapes, data_checks_enabled, is_dtensor)
 from .logprobs.linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
                                gathered_params, linear_token_logps, local_fused_linear_sequence_logps)
-from .logprobs.logits import is_dtensor, local_sequence_logps, pair_sequence_logps, sum_per_sequence
+from .logprobs.logits import local_sequence_logps, pair_sequence_logps
 from .logprobs.parallel import (float_words, parallel_fused_linear_sequence_logps, parallel_sequence_logps,
                                 position_weights)
-from .logprobs.packing import layout_of, token_counts
+from .logprobs.packing import layout_of, sum_per_sequence, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
-from .losses.validation import check_options, check_tensors, OPTION_DEFAULTS, resolve_loss_types
+from .losses.validation import (check_options, check_reference_logps, check_tensors, OPTION_DEFAULTS,
+                                resolve_loss_types)
 from .output import PreferenceLossOutput
 
 
@@ -305,11 +306,7 @@ def _check_module_options(functional, options):
     _check_loss_options(beta=options["beta"], gamma=options["gamma"],
                         detach_focal_weight=options["detach_focal_weight"], reduction=options["reduction"],
                         loss_options=loss_options)
-    ignore_index = options["ignore_index"]
-    if not is_integer(ignore_index):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    check_ignore_index_value(options["ignore_index"])
     for flag in _FLAGS:
         if flag in options:
             check_flag(options[flag], flag)

@@ -11,8 +11,9 @@ From hidden states: x = transform(hidden · Wᵀ + bias) with transform(r) = sof
 
 Everything is computed in float32, or float64 for float64 logits. Ignored tokens contribute exactly 0,
 whatever their logits hold; a label outside [0, V) gives NaN. The kernels must match these functions; the
-CPU path without the Triton interpreter runs the log-prob functions directly. This file materializes the
-log-softmax: it is the spec, not the fast path.
+logits path on a CPU without the Triton interpreter calls `token_logps` directly; the rest is the spec that
+the tests and the self-check compare against. This file materializes the log-softmax: it is the spec, not
+the fast path.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_labels_in_range, check_logits_pair, check_reference_logps
-from .losses.validation import check_options
+from .checks import check_labels_in_range, check_logits_pair
+from .losses.validation import check_options, check_reference_logps
 from .dtypes import compute_dtype
 from .output import PreferenceLossOutput
 

@@ -148,6 +148,10 @@ def test_hidden_path_option_types():
         fk.fused_linear_sequence_logps(hidden, weight, labels, memory_budget=1.5)
     with pytest.raises(TypeError, match=r"stats=\('entropy',\)"):
         fk.fused_linear_token_logps(hidden, weight, labels, stats="entropy")
+    packed = torch.randn(4, 3)  # (N, H): labels (N,) or (1, N), as everywhere else on the packed path
+    assert fk.fused_linear_token_logps(packed, weight, torch.zeros(1, 4, dtype=torch.long)).log_probs.shape == (1, 4)
+    with pytest.raises(ValueError, match=r"labels of packed hidden \(N, H\) must have shape \(N,\) or \(1, N\)"):
+        fk.fused_linear_token_logps(packed, weight, torch.zeros(2, 2, dtype=torch.long))
 
 
 def test_inplace_backward_needs_contiguous_vocabulary(device):

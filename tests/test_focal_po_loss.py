@@ -105,6 +105,22 @@ def test_views(device, dtype):
     compare_with_reference(interleaved, rejected, random_labels(2, 4, vocab, device), labels_r)
 
 
+def test_copy_warning_names_the_callers_line(device):
+    """The one-time copy of logits with a vocabulary stride warns at the user's line, whichever entry point
+    (and however many library frames) led there."""
+    vocab = 50
+    chosen = random_logits(2, 3, 2 * vocab, torch.float32, device)[:, :, ::2]
+    rejected = random_logits(2, 3, vocab, torch.float32, device)
+    labels = random_labels(2, 3, vocab, device)
+    for call in (lambda: fk.sequence_logps(chosen, labels), lambda: fk.focal_po_loss(chosen, rejected, labels, labels),
+                 lambda: fk.sequence_logps(chosen.reshape(6, vocab), labels.reshape(6),
+                                           cu_seqlens=torch.tensor([0, 2, 6], device=device))):
+        with pytest.warns(UserWarning, match="last-dimension stride") as record:
+            call()
+        ours = [warning.filename for warning in record if "last-dimension stride" in str(warning.message)]
+        assert ours == [__file__]  # (Triton 3.6's interpreter adds NumPy deprecation warnings of its own)
+
+
 def test_int32_labels(device):
     vocab = 99
     chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,

@@ -247,6 +247,12 @@ def test_logit_options_from_config():
     assert fk.logit_options_from_config(no_cap) == {"logit_softcap": None, "logit_scale": 1.0}
     with pytest.raises(TypeError, match="got a dict"):  # its keys would be missed silently
         fk.logit_options_from_config(gemma.to_dict())
+    # the model instead of its config, or no config at all, would silently give the defaults
+    with pytest.raises(TypeError, match="pass model.config"):
+        fk.logit_options_from_config(torch.nn.Linear(2, 2))
+    for wrong in (None, "google/gemma-2-2b"):
+        with pytest.raises(TypeError, match="config must be a model config object"):
+            fk.logit_options_from_config(wrong)
 
 
 def tiny_gemma2():

@@ -602,6 +602,36 @@ def test_module_checks_options_at_construction():
         PreferenceLoss(loss_type="nope")
     with pytest.raises(ValueError, match="f_divergence_type"):
         PreferenceLoss(loss_type="aot", f_divergence_type="forward_kl")
+    with pytest.raises(TypeError, match="pass it at each call"):
+        PreferenceLoss(pair_weights=torch.ones(2))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['bta'\]"):
+        PreferenceLoss(bta=0.2)
+
+
+def test_reference_free_type_beside_reference_based_types():
+    """["sigmoid", "simpo"] with references: sigmoid reads them, simpo ignores them (as the trainer computes
+    it); simpo alone refuses them (they would be ignored)."""
+    c, r, rc, rr, nc, nr = make_inputs()
+    counts = dict(chosen_token_counts=nc, rejected_token_counts=nr, reduction="none")
+    mixed = preference_loss(c, r, rc, rr, loss_type=["sigmoid", "simpo"], loss_weights=[1.0, 0.5], **counts).loss
+    expected = (preference_loss(c, r, rc, rr, loss_type="sigmoid", **counts).loss
+                + 0.5 * preference_loss(c, r, loss_type="simpo", **counts).loss)
+    torch.testing.assert_close(mixed, expected, **F64)
+    with pytest.raises(ValueError, match="reference-free"):
+        preference_loss(c, r, rc, rr, loss_type="simpo", **counts)
+
+
+def test_module_options_are_attributes():
+    """As PyTorch's losses keep `reduction`: an attribute changed after construction is used (and checked)."""
+    c, r, rc, rr, _, _ = make_inputs()
+    module = PreferenceLoss(beta=0.1)
+    assert module.reduction == "mean" and module.beta == 0.1 and module.loss_type == ["focal"]
+    module.beta, module.reduction = 0.5, "none"
+    torch.testing.assert_close(module(c, r, rc, rr).loss,
+                               preference_loss(c, r, rc, rr, beta=0.5, reduction="none").loss, **F64)
+    module.beta = -1.0
+    with pytest.raises(ValueError, match="beta"):
+        module(c, r, rc, rr)
 
 
 # ---------------------------------------------------------------------------------------------------------

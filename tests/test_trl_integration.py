@@ -651,7 +651,8 @@ def test_reference_free_precompute_leaves_trl_cache_alone(tmp_path, tok, dataset
 
 @pytest.mark.parametrize("chunk", [0, -4, 2.5, True])
 def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chunk):
-    with pytest.raises(ValueError, match="logprob_chunk_size must be a positive int"):
+    with pytest.raises(TypeError if isinstance(chunk, (bool, float)) else ValueError,
+                       match="logprob_chunk_size must be a positive int"):
         FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=tiny_lm.make_model(tok, seed=1),
                        args=_args(FocalPOConfig, tmp_path, logprob_chunk_size=chunk), train_dataset=dataset,
                        processing_class=tok)
@@ -659,15 +660,16 @@ def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chun
 
 @pytest.mark.parametrize("option, words", [
     (dict(label_smoothing=0.1), "label_smoothing=0.1 is read by none"),
-    (dict(focal_gamma=2.0), "gamma=2.0 is read only by the 'focal'"),
+    (dict(focal_gamma=2.0), "focal_gamma=2.0 is read only by the 'focal'"),
+    (dict(focal_gamma=-1.0, loss_type="focal"), "focal_gamma must be >= 0"),
     (dict(detach_focal_weight=True), "detach_focal_weight=True"),
     (dict(simpo_gamma=5.0), "simpo_gamma=5.0 is read only by the 'simpo'"),
 ])
 def test_option_no_loss_type_reads_raises(tmp_path, tok, dataset, option, words):
     """TRL 1.16 ignores such options silently; FocalPOTrainer refuses them at construction."""
     with pytest.raises(ValueError, match=words):
-        FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path, loss_type="sigmoid",
-                                                                 **option),
+        FocalPOTrainer(model=tiny_lm.make_model(tok), args=_args(FocalPOConfig, tmp_path,
+                                                                 **{"loss_type": "sigmoid", **option}),
                        train_dataset=dataset, processing_class=tok)
 
 

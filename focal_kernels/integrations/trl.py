@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import threading
 import types
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 import focal_kernels as fk
+from focal_kernels.checks import check_chunk_size
 from focal_kernels.losses.batch import spec_of
 from focal_kernels.losses.validation import check_options, OPTION_DEFAULTS, reads_option, resolve_loss_types
 
@@ -338,6 +340,14 @@ def _reference_free(loss_types) -> bool:
                                for name in names)
 
 
+def _refuse_multimodal(model) -> None:
+    """Vision-language / multimodal models (a text config inside the model's config) are not supported."""
+    config = getattr(model, "config", None)
+    if config is not None and config.get_text_config() is not config:
+        raise NotImplementedError(f"FocalPOTrainer does not support vision-language / multimodal models "
+                                  f"({type(model).__name__}). Use a text-only causal LM, or TRL's DPOTrainer.")
+
+
 def _refuse_unpackable(model) -> None:
     """`padding_free=True` is refused for the listed architectures (policy or reference model)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -500,10 +510,7 @@ class FocalPOTrainer(DPOTrainer):
         self.focal_gamma = getattr(args, "focal_gamma", 0.05)
         self.detach_focal_weight = getattr(args, "detach_focal_weight", False)
         self.simpo_gamma = getattr(args, "simpo_gamma", 0.5)
-        chunk_size = getattr(args, "logprob_chunk_size", None)
-        if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
-                                           and chunk_size > 0):
-            raise ValueError(f"logprob_chunk_size must be a positive int or None, got {chunk_size!r}")
+        chunk_size = check_chunk_size(getattr(args, "logprob_chunk_size", None), "logprob_chunk_size")
         self._check_loss_options(args)
 
         def install_head(m, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
@@ -611,12 +618,7 @@ class FocalPOTrainer(DPOTrainer):
             if "image" in sample or "images" in sample:
                 refuse("vision datasets ('image' / 'images' columns)", "Use TRL's DPOTrainer for them.")
         if not isinstance(model, str):
-            config = getattr(model, "config", None)
-            if config is not None and config.get_text_config() is not config:
-                refuse(
-                    f"vision-language / multimodal models ({type(model).__name__})",
-                    "Use a text-only causal LM, or TRL's DPOTrainer.",
-                )
+            _refuse_multimodal(model)
         if args.sync_ref_model:
             refuse("`sync_ref_model=True`", "Set `sync_ref_model=False` (the reference stays fixed).")
         if args.use_liger_kernel:
@@ -664,17 +666,16 @@ class FocalPOTrainer(DPOTrainer):
         fails now, not at the first step."""
         loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
         names, _ = resolve_loss_types(loss_types, None)
-        check_options(names, beta=args.beta, reduction="mean", **self._loss_options(args))
         one = torch.zeros(2, dtype=torch.float32)
         counts = torch.ones(2, dtype=torch.int64)
-        self._preference_loss(args, one, one, one, one, counts, counts, None)
+        try:
+            check_options(names, beta=args.beta, reduction="mean", **self._loss_options(args))
+            self._preference_loss(args, one, one, one, one, counts, counts, None)
+        except (TypeError, ValueError) as exc:  # the library's `gamma` is the config's `focal_gamma`
+            raise type(exc)(re.sub(r"\bgamma\b", "focal_gamma", str(exc))) from None
 
     def _check_model_supported(self) -> None:
-        config = self.model.config
-        if config.get_text_config() is not config:
-            raise NotImplementedError(
-                f"FocalPOTrainer does not support vision-language / multimodal models ({type(self.model).__name__})."
-            )
+        _refuse_multimodal(self.model)
         for m in (self.model, self.ref_model):
             if m is None:
                 continue

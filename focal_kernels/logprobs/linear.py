@@ -16,12 +16,11 @@ from typing import NamedTuple
 import torch
 
 from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_labels_in_range,
-                      check_linear, data_checks_enabled, is_integer, is_real)
+                      check_linear, data_checks_enabled, is_dtensor, is_integer, is_real)
 from ..dtypes import compute_dtype
 from .linear_autograd import LinearOptions, LinearTokenLogps
-from .logits import is_dtensor, sum_per_sequence
 from .ops import STATS
-from .packing import as_token_grid, layout_of, token_counts
+from .packing import as_token_grid, per_sequence
 
 
 class TokenLogps(NamedTuple):
@@ -186,6 +185,9 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
         shape = labels.shape
         grid_hidden, grid_labels = hidden, labels
         if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed tokens: one row of N
+            if not (labels.dim() == 1 or (labels.dim() == 2 and labels.shape[0] == 1)):
+                raise ValueError(f"labels of packed hidden (N, H) must have shape (N,) or (1, N), got "
+                                 f"{tuple(labels.shape)}")
             grid_hidden, grid_labels = hidden[None], labels.reshape(1, -1)
         elif labels.dim() == 1:
             grid_labels = labels[None]
@@ -262,11 +264,7 @@ def local_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_
                                            logit_softcap=logit_softcap, logit_scale=logit_scale,
                                            temperature=temperature, validate_labels=validate_labels,
                                            cu_seqlens=checked_cu, memory_budget=memory_budget)
-    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
-    logps = sum_per_sequence(token_logps, layout, weight)
-    if return_token_counts:
-        return logps, token_counts(labels, layout, ignore_index)
-    return logps
+    return per_sequence(token_logps, labels, cu_seqlens, weight, ignore_index, return_token_counts)
 
 
 def logit_options_from_config(config) -> dict:
@@ -277,7 +275,8 @@ def logit_options_from_config(config) -> dict:
     `logits_scaling` (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies), `logits_mup_width_multiplier`
     (Inkling divides by it). A multimodal config's text config is read. Raises ValueError for a config whose
     logits this cannot reproduce (MiniCPM's `dim_model_base` width scaling). Pass the result as keyword
-    arguments. A dict (`config.to_dict()`) is refused with TypeError: its keys would be missed silently.
+    arguments. A dict (`config.to_dict()`), the model itself, None or a string is refused with TypeError: each
+    would silently give the default options.
 
     Options describe a scaling of hidden states × weight only: a head of more than one layer (RoBERTa-style
     decoders) or logits sliced to `unpadded_vocab_size` (Inkling: pass `weight[:unpadded_vocab_size]`) are the
@@ -285,6 +284,12 @@ def logit_options_from_config(config) -> dict:
     if isinstance(config, dict):
         raise TypeError("config must be a model config object (transformers.PretrainedConfig, e.g. model.config), "
                         "got a dict: rebuild it with transformers.AutoConfig.for_model(**d)")
+    if isinstance(config, torch.nn.Module):
+        raise TypeError(f"config must be a model config object, got the model itself ({type(config).__name__}): "
+                        "pass model.config")
+    if config is None or isinstance(config, (str, bytes, int, float)):
+        raise TypeError(f"config must be a model config object (transformers.PretrainedConfig, e.g. model.config), "
+                        f"got {type(config).__name__}: load a hub id with transformers.AutoConfig.from_pretrained")
     getter = getattr(config, "get_text_config", None)
     config = getter() if callable(getter) else (getattr(config, "text_config", None) or config)
     options = {"logit_softcap": None, "logit_scale": 1.0}

@@ -10,7 +10,7 @@ Forward   the scored rows of every group (chosen and rejected, say) are gathered
           vocabulary in chunks (vocab_chunks.py): a GEMM gives each chunk's raw logits, the chunk_lse_update
           kernel folds them into a running max / sum of exponentials per token, picks up the label's logit and,
           on request, TRL's statistics (entropy, log Σ p², mean logit, top-1). Per-token values are scattered
-          into zero (B, T) tensors.
+          into zero flat B·T tensors (LinearTokenLogps says why flat).
 Backward  with g_n the incoming gradient of token n's log-prob, one operator (ops.linear_backward) recomputes
           each chunk and the chunk_logits_grad kernel overwrites it with
               G = g_n · (1[v = y_n] − exp((x − m_n) − s_n)) · dx/draw
@@ -70,7 +70,8 @@ class LinearOptions(NamedTuple):
 
 
 def _row_values(state, vocab, row_labels, stats):
-    """Per-row log-probs (NaN for a label outside [0, V)) and the requested statistics, from the final state."""
+    """(per-row log-sum-exp, [per-row log-probs (NaN for a label outside [0, V)), then the requested
+    statistics]) from the final state."""
     row_max, running_sum, target = state[0], state[1], state[2]
     log_sum_exp = torch.log(running_sum)
     in_range = (row_labels >= 0) & (row_labels < vocab)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -9,19 +10,29 @@ import torch
 from .. import backend, reference
 from ..checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_labels_in_range,
                       check_logits_and_labels, data_checks_enabled, is_dtensor)
-from .packing import as_token_grid, layout_of, packed_sums, token_counts
+from .packing import as_token_grid, per_sequence
 
 
-def unit_stride_logits(logits, name="logits", stacklevel=3):
+def _user_stacklevel():
+    """The `stacklevel` that makes a warning raised by the caller of this function name the first frame outside
+    focal_kernels: the user's line, however deep the public entry calls."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "focal_kernels":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def unit_stride_logits(logits, name="logits"):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
-    in eager mode (torch.compile cannot trace warnings.warn; inplace_backward=True has refused such logits
-    already: `check_inplace`)."""
+    naming the user's line, in eager mode (torch.compile cannot trace warnings.warn; inplace_backward=True has
+    refused such logits already: `check_inplace`)."""
     if logits.stride(-1) == 1:
         return logits
     if not torch.compiler.is_compiling():
         warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
                       f"stride, so it is copied once ({logits.numel() * logits.element_size() / 2**20:.1f} MiB). "
-                      "Pass a tensor whose last dimension is contiguous to avoid the copy.", stacklevel=stacklevel)
+                      "Pass a tensor whose last dimension is contiguous to avoid the copy.",
+                      stacklevel=_user_stacklevel())
     return logits.contiguous()
 
 
@@ -46,7 +57,7 @@ def check_inplace(logits, name="logits"):
 def _kernel_ready(logits, inplace_backward, name="logits"):
     """The logits as the kernels read them: unit last stride (else copied, with a warning), and contiguous
     when batch-minor under torch.compile."""
-    logits = unit_stride_logits(logits, name, stacklevel=5)  # the warning names the caller of the public function
+    logits = unit_stride_logits(logits, name)
     if (torch.compiler.is_compiling() and not inplace_backward and logits.shape[0] > 1 and logits.shape[1] > 1
             and logits.stride(0) < logits.stride(1)):
         # Batch-minor logits (e.g. a transposed (T, B, V) tensor): inductor may lay out the saved tensor
@@ -86,15 +97,6 @@ def pair_sequence_logps(chosen_logits, rejected_logits, chosen_labels, rejected_
     rejected_logits = _kernel_ready(rejected_logits, inplace_backward, "rejected_logits")
     return PairSequenceLogps.apply(chosen_logits, rejected_logits, chosen_labels, rejected_labels,
                                    int(ignore_index), inplace_backward)
-
-
-def sum_per_sequence(token_values, layout, like):
-    """(S,) per-sequence sums of (B, T) token values: the deterministic segment kernel, or PyTorch."""
-    if not backend.use_triton(like):
-        return token_values.sum(-1) if not layout.packed else packed_sums(token_values, layout.offsets)
-    from .logits_autograd import SegmentSum
-
-    return SegmentSum.apply(token_values.contiguous(), layout.offsets, layout.batch, layout.seq_len, layout.packed)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
@@ -146,8 +148,5 @@ def local_sequence_logps(logits, labels, ignore_index=-100, *, cu_seqlens=None, 
     if data_checks_enabled(validate_labels, logits):
         check_labels_in_range([(labels, labels_name)], logits.shape[2], ignore_index=ignore_index,
                               cu_seqlens=[] if cu_seqlens is None else [(cu_seqlens, logits.shape[1])])
-    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens)
-    logps = sum_per_sequence(token_logps(logits, labels, ignore_index, inplace_backward), layout, logits)
-    if return_token_counts:
-        return logps, token_counts(labels, layout, ignore_index)
-    return logps
+    return per_sequence(token_logps(logits, labels, ignore_index, inplace_backward), labels, cu_seqlens, logits,
+                        ignore_index, return_token_counts)

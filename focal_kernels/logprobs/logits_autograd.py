@@ -1,16 +1,15 @@
-"""Autograd wiring of the logits path, and the per-sequence sum both paths share.
+"""Autograd wiring of the logits path.
 
     TokenLogpsFromLogits: logits (B, T, V), labels (B, T)  →  token log-probs (B, T), 0 at ignored tokens
         forward  token_logps kernel: one pass over each scored row; saves the row max and log-sum-exp (O(B·T))
         backward logits_grad kernel with g[b, t], the incoming gradient of each token's log-prob (a padded
                  sequence's gradient arrives broadcast over its tokens with time stride 0: no copy)
-    SegmentSum: token values (B, T) → per-sequence sums (S,) through the deterministic segment_sum kernel;
-        backward broadcasts each sequence's gradient to its tokens (packing.Layout.broadcast)
     PairSequenceLogps: padded chosen and rejected logits → their per-sequence log-probs (B,) and (B,), with
         one launch of each kernel for both sides: token_logps, then segment_sum, forward; logits_grad
         backward, reading each sequence's gradient broadcast over its tokens (time stride 0)
 
-Only the logits themselves (the caller's tensors, not copies) and O(B·T) values are saved.
+Only the logits the kernels read (the caller's tensors; a copy only where logits._kernel_ready made one: a
+last stride other than 1, or batch-minor logits under torch.compile) and O(B·T) values are saved.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import torch
 
 from ..first_order import first_order_only
 from . import ops
-from .packing import Layout
 
 
 def _logits_grads(ctx, logits, labels, row_max, log_sum_exp, grad_scales):
@@ -50,23 +48,6 @@ class TokenLogpsFromLogits(torch.autograd.Function):
         logits, labels, row_max, log_sum_exp = ctx.saved_tensors
         (grad,) = _logits_grads(ctx, [logits], [labels], row_max, log_sum_exp, [grad_tokens.to(row_max.dtype)])
         return grad, None, None, None
-
-
-class SegmentSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, token_values, offsets, batch, seq_len, packed):
-        # The grid's shape travels as a zero-stride tensor of that shape (no memory), not as ints on ctx:
-        # under torch.compile with dynamic shapes, sizes kept on ctx belong to the forward's graph and broke
-        # the backward's ("does not belong to this Graph").
-        ctx.save_for_backward(offsets, token_values.new_empty(()).expand(batch, seq_len))
-        ctx.packed = packed
-        (sums,) = ops.segment_sum(token_values.reshape(-1), offsets, [batch], [seq_len])
-        return sums
-
-    @staticmethod
-    def backward(ctx, grad_sums):
-        offsets, grid = ctx.saved_tensors
-        return Layout(*grid.shape, offsets, ctx.packed).broadcast(grad_sums), None, None, None, None
 
 
 class PairSequenceLogps(torch.autograd.Function):

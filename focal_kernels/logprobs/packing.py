@@ -13,35 +13,35 @@ already be shifted per sequence (`shift_packed_labels`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-from ..checks import check_ignore_index
+from .. import backend
+from ..checks import check_cu_seqlens, check_ignore_index
+from . import ops
 
 
 class Layout(NamedTuple):
     """The token grid's shape, the segment offsets (S + 1,) on the device (packed; None when padded: sequence
-    b is row b), and whether it came packed."""
+    b is row b), and whether it came packed (a field, not a property: torch 2.10's dynamo does not trace a
+    NamedTuple's properties; build it with `layout_of`)."""
 
     batch: int
     seq_len: int
-    offsets: torch.Tensor
+    offsets: Optional[torch.Tensor]
     packed: bool
-
-    @property
-    def num_sequences(self) -> int:
-        return self.offsets.shape[0] - 1 if self.packed else self.batch
 
     def broadcast(self, per_sequence: torch.Tensor) -> torch.Tensor:
         """(S,) per-sequence values → (B, T), each token holding its sequence's value (padded: an expanded
         view with time stride 0, no copy; packed: one gather)."""
         if not self.packed:
             return per_sequence[:, None].expand(self.batch, self.seq_len)
-        if self.num_sequences == 0:
+        sequences = self.offsets.shape[0] - 1
+        if sequences == 0:
             return per_sequence.new_zeros((1, self.seq_len))
         ids, inside = token_segments(self.offsets, self.seq_len)
-        values = per_sequence[ids.clamp(max=self.num_sequences - 1)]
+        values = per_sequence[ids.clamp(max=sequences - 1)]
         return torch.where(inside, values, 0).view(1, self.seq_len)
 
 
@@ -65,10 +65,51 @@ def packed_sums(token_values: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
     return flat.new_zeros(sequences + 1).index_add(0, torch.where(inside, ids, sequences), flat)[:sequences]
 
 
-def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_dim):
-    """(values as (B, T, last), labels as (B, T), Layout). Packed inputs become a (1, N, ...) view.
+def layout_of(batch, seq_len, cu_seqlens) -> Layout:
+    return Layout(batch, seq_len, cu_seqlens, cu_seqlens is not None)
 
-    Shapes are checked here; the cu_seqlens values are checked by `check_cu_seqlens_values`."""
+
+class SegmentSum(torch.autograd.Function):
+    """token values (B, T) → per-sequence sums (S,) through the deterministic segment_sum kernel; the
+    backward broadcasts each sequence's gradient to its tokens (Layout.broadcast)."""
+
+    @staticmethod
+    def forward(ctx, token_values, offsets, batch, seq_len):
+        # The grid's shape travels as a zero-stride tensor of that shape (no memory), not as ints on ctx:
+        # under torch.compile with dynamic shapes, sizes kept on ctx belong to the forward's graph and broke
+        # the backward's ("does not belong to this Graph").
+        ctx.save_for_backward(offsets, token_values.new_empty(()).expand(batch, seq_len))
+        (sums,) = ops.segment_sum(token_values.reshape(-1), offsets, [batch], [seq_len])
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        offsets, grid = ctx.saved_tensors
+        return layout_of(*grid.shape, offsets).broadcast(grad_sums), None, None, None
+
+
+def sum_per_sequence(token_values, layout, like):
+    """(S,) per-sequence sums of (B, T) token values: the deterministic segment kernel (`like` on a device
+    that runs the kernels), or PyTorch."""
+    if not backend.use_triton(like):
+        return token_values.sum(-1) if not layout.packed else packed_sums(token_values, layout.offsets)
+    return SegmentSum.apply(token_values.contiguous(), layout.offsets, layout.batch, layout.seq_len)
+
+
+def per_sequence(token_values, labels, cu_seqlens, like, ignore_index, return_token_counts):
+    """The common tail of every log-prob entry: (B, T) token log-probs on the grid `as_token_grid` made
+    → (S,) sums, and with return_token_counts the (S,) int64 scored-token counts too."""
+    layout = layout_of(labels.shape[0], labels.shape[1], cu_seqlens)
+    sums = sum_per_sequence(token_values, layout, like)
+    return (sums, token_counts(labels, layout, ignore_index)) if return_token_counts else sums
+
+
+def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_dim):
+    """(values as (B, T, last), labels as (B, T), cu_seqlens contiguous or None). Padded inputs come back
+    as they are; packed ones become (1, N, ...) views.
+
+    Shapes are checked here; the cu_seqlens values are checked with the labels (`checks.check_labels_in_range`,
+    one device read)."""
     if cu_seqlens is None:
         if isinstance(values, torch.Tensor) and values.dim() != 3:
             raise ValueError(f"{values_name} must have shape (B, T, {last_dim}) (or, packed with cu_seqlens, "
@@ -92,36 +133,6 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
         raise ValueError(f"packed {labels_name} (with cu_seqlens) must have shape (N,) or (1, N), got {shape}")
     return values[None], labels[None], cu_seqlens.contiguous()  # the segment-sum kernel reads it unstrided
 
-
-def layout_of(batch, seq_len, cu_seqlens) -> Layout:
-    return Layout(batch, seq_len, cu_seqlens, cu_seqlens is not None)
-
-
-def check_cu_seqlens(cu_seqlens, values):
-    """Type, dtype, device and rank; the values are checked with the labels (one device read)."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor of shape (S + 1,) or None, got "
-                        f"{type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 0, got {tuple(cu_seqlens.shape)}")
-    if isinstance(values, torch.Tensor) and cu_seqlens.device != values.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {values.device}; "
-                         "they must be on the same device")
-
-
-def cu_seqlens_problems(cu_seqlens, tokens):
-    """Device-side (0-dim bool) flags, one per rule: [starts at 0, non-decreasing, ends at N]; read by the
-    caller together with the label checks, in one synchronization."""
-    first_ok = cu_seqlens[0] == 0
-    last_ok = cu_seqlens[-1] == tokens
-    monotone = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()  # True for a single entry (no sequences)
-    return torch.stack([first_ok, monotone, last_ok])
-
-
-CU_SEQLENS_RULES = ("cu_seqlens must start at 0", "cu_seqlens must be non-decreasing",
-                    "cu_seqlens must end at N, the number of packed tokens")
 
 
 def token_counts(labels: torch.Tensor, layout: Layout, ignore_index: int) -> torch.Tensor:

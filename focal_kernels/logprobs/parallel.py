@@ -62,15 +62,15 @@ from typing import NamedTuple
 import torch
 
 from .. import backend
-from ..checks import (check_chunk_size, check_flag, check_hidden_and_labels, check_linear, check_logits_and_labels,
-                      data_checks_enabled)
+from ..checks import (CU_SEQLENS_RULES, check_chunk_size, check_flag, check_hidden_and_labels, check_linear,
+                      check_logits_and_labels, cu_seqlens_problems, data_checks_enabled, is_dtensor)
 from ..dtypes import compute_dtype
 from ..first_order import first_order_only
 from . import ops
 from .linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget, gathered_params,
                      transform_params)
-from .logits import is_dtensor, sum_per_sequence, unit_stride_logits
-from .packing import as_token_grid, cu_seqlens_problems, CU_SEQLENS_RULES, layout_of, token_counts
+from .logits import unit_stride_logits
+from .packing import as_token_grid, per_sequence
 from .scored_rows import masked_rows
 from .vocab_chunks import default_chunk_size
 
@@ -139,7 +139,10 @@ def _device_mesh_type():
 
 
 def _info_device(group, tensor):
-    """Where the small agreement tensors travel: the CPU for gloo, the inputs' device otherwise (NCCL)."""
+    """Where the small agreement tensors travel: the CPU for gloo, the inputs' device otherwise (NCCL). The
+    first step of every agreement (`_agree` follows): under torch.compile, the graph break comes here, before
+    any torch.distributed call (torch 2.10's dynamo cannot trace get_backend)."""
+    _leave_graph()
     if _dist().get_backend(group) == "gloo":
         return torch.device("cpu")
     if isinstance(tensor, torch.Tensor):
@@ -151,8 +154,21 @@ _GRAPH_BREAK = ("focal_kernels' vocabulary- and sequence-parallel calls read the
                 "host (a graph break): use torch.compile without fullgraph=True, or call them outside the compiled "
                 "region")
 # graph_break(msg=) is there from torch 2.11 on at least (2.11, 2.13, 2.14 tested); older versions' graph_break
-# takes no argument (the break would happen, then the eager call raise TypeError), so they get none.
+# takes no argument (the break would happen, then the eager call raise TypeError), so they get none (2.10).
 _GRAPH_BREAK_TAKES_MSG = torch.torch_version.TorchVersion(torch.__version__) >= "2.11"
+
+
+def _leave_graph():
+    """Under torch.compile, an explicit graph break, so that the agreement runs eagerly and fullgraph=True
+    fails with that reason (not a data-dependent guard error). (torch.compiler.disable as a decorator would
+    import torch._dynamo, and with it triton, when focal_kernels is imported: see backend.py.)"""
+    if torch.compiler.is_compiling():
+        from torch import _dynamo  # already imported while compiling
+
+        if _GRAPH_BREAK_TAKES_MSG:
+            _dynamo.graph_break(msg=_GRAPH_BREAK)
+        else:  # torch < 2.11: a break without a reason
+            _dynamo.graph_break()
 
 
 def _agree(group, device, local_error, fields, what):
@@ -160,17 +176,8 @@ def _agree(group, device, local_error, fields, what):
     host read. Every rank learns every rank's fields; when any rank's own checks failed (local_error), every
     rank raises: the failing rank its own error, the others a ValueError naming it (messages exchanged with
     all_gather_object, on this path only). Returns the fields as a list of lists, in group rank order.
-
-    Under torch.compile an explicit graph break comes first, so the rest runs eagerly and fullgraph=True fails
-    with that reason (not a data-dependent guard error). (torch.compiler.disable as a decorator would import
-    torch._dynamo, and with it triton, when focal_kernels is imported: see backend.py.)"""
-    if torch.compiler.is_compiling():
-        from torch import _dynamo  # already imported while compiling
-
-        if _GRAPH_BREAK_TAKES_MSG:
-            _dynamo.graph_break(msg=_GRAPH_BREAK)
-        else:  # pragma: no cover (torch < 2.11)
-            _dynamo.graph_break()
+    `device` comes from `_info_device`, which broke the graph under torch.compile."""
+    _leave_graph()
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{what}: the vocabulary- and sequence-parallel calls cannot be captured in a CUDA "
                            "graph (every call reads the ranks' gathered checks on the host); call them outside "
@@ -252,8 +259,8 @@ def _ints_of(values, device):
 
 
 def _float_bits(value):
-    """A float's IEEE-754 float64 bits as an int64 (None as -1.0's: the options it encodes are positive), so
-    that options compare exactly in the agreement vector."""
+    """A float's IEEE-754 float64 bits as an int64, so that options compare exactly in the agreement vector.
+    None (only ever an absent soft-cap, which must be > 0 when given) is encoded as -1.0."""
     return struct.unpack("<q", struct.pack("<d", -1.0 if value is None else float(value)))[0]
 
 
@@ -620,10 +627,7 @@ def dtensor_vocab_logits(logits):
     a ColwiseParallel lm_head with use_local_output=False: `Shard(2)` or `Shard(-1)` on exactly one mesh
     dimension, Replicate on any other. The local tensor is differentiable (to_local): its gradient returns
     to the DTensor with the same placements."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # PyTorch < 2.5
-        from torch.distributed._tensor import DTensor
+    from torch.distributed.tensor import DTensor
     if not isinstance(logits, DTensor):
         raise TypeError(f"logits must be a DTensor sharded on the vocabulary dimension, got "
                         f"{type(logits).__name__}")
@@ -700,11 +704,7 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
         logits = unit_stride_logits(logits)
     where = _Slice(int(ignore_index), vocab_start, vocab_total, group, kernels)
     token_logps = VocabParallelTokenLogps.apply(logits, labels, where)
-    layout = layout_of(logits.shape[0], logits.shape[1], cu_seqlens)
-    logps = sum_per_sequence(token_logps, layout, logits)
-    if return_token_counts:
-        return logps, token_counts(labels, layout, ignore_index)
-    return logps
+    return per_sequence(token_logps, labels, cu_seqlens, logits, ignore_index, return_token_counts)
 
 
 def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_index: int = -100, *,
@@ -769,11 +769,7 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
     where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap)
     token_logps = VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where).view(labels.shape)
-    layout = layout_of(hidden.shape[0], hidden.shape[1], cu_seqlens)
-    logps = sum_per_sequence(token_logps, layout, weight)
-    if return_token_counts:
-        return logps, token_counts(labels, layout, ignore_index)
-    return logps
+    return per_sequence(token_logps, labels, cu_seqlens, weight, ignore_index, return_token_counts)
 
 
 class _SumOverRanks(torch.autograd.Function):

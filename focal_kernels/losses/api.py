@@ -68,6 +68,8 @@ def preference_loss(
 
     chosen_logps, rejected_logps:         (B,) floating, differentiable: Σ_t log p(y_t) per sequence.
     ref_chosen_logps, ref_rejected_logps: (B,) the reference model's, or both None (reference-free: 0).
+                  Reference-free types (simpo) never read them: given with only such types, they are
+                  refused; beside types that read them, they are those types'.
     loss_type:    a name in `LOSS_TYPES` or a list of names; `loss_weights` one float per name (default
                   1.0 each). The loss is Σ_k w_k · mean_i ℓ_k,i (TRL's rule; "sum" uses sums, "none" gives
                   Σ_k w_k · ℓ_k,i per pair).
@@ -113,11 +115,12 @@ def preference_loss(
         ref_c, ref_r = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
     logratio_c, logratio_r = policy_c - ref_c, policy_r - ref_r
     alpha = float(f_alpha_divergence_coef)
+    score_c = f_divergence_scores(logratio_c, f_divergence_type, alpha)
+    score_r = f_divergence_scores(logratio_r, f_divergence_type, alpha)
     pairs = PairBatch(
         chosen_logps=policy_c, rejected_logps=policy_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
-        chosen_logratios=logratio_c, rejected_logratios=logratio_r,
-        chosen_scores=f_divergence_scores(logratio_c, f_divergence_type, alpha),
-        rejected_scores=f_divergence_scores(logratio_r, f_divergence_type, alpha),
+        chosen_logratios=logratio_c, rejected_logratios=logratio_r, chosen_scores=score_c,
+        rejected_scores=score_r, delta_score=score_c - score_r,
         chosen_token_counts=None if chosen_token_counts is None else chosen_token_counts.to(dtype),
         rejected_token_counts=None if rejected_token_counts is None else rejected_token_counts.to(dtype),
     )
@@ -149,7 +152,9 @@ def preference_loss(
 
 
 class PreferenceLoss(nn.Module):
-    """`preference_loss` as a module: the options are fixed (and checked) at construction.
+    """`preference_loss` as a module: the options at construction (checked there), kept as attributes as
+    PyTorch's losses keep `reduction`; each call passes them to `preference_loss`, which checks them again (an
+    attribute may have been changed).
 
     loss_fn = PreferenceLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1], beta=0.1)
     out = loss_fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -159,19 +164,35 @@ class PreferenceLoss(nn.Module):
     running mean for bco_pair).
     """
 
+    _OPTION_NAMES = ("loss_type", "loss_weights", "beta", "gamma", "detach_focal_weight", "label_smoothing",
+                     "simpo_gamma", "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "reduction")
+
     def __init__(self, *, loss_type: Union[str, Sequence[str]] = "focal",
                  loss_weights: Optional[Sequence[float]] = None, beta: float = 0.1, gamma: float = 0.05,
                  detach_focal_weight: bool = False, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
                  discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl",
-                 f_alpha_divergence_coef: float = 0.5, reduction: str = "mean"):
+                 f_alpha_divergence_coef: float = 0.5, reduction: str = "mean", **unexpected):
+        if "pair_weights" in unexpected:
+            raise TypeError("pair_weights is a per-batch (B,) tensor, not a module option: pass it at each call, "
+                            "forward(..., pair_weights=...)")
+        if unexpected:
+            raise TypeError(f"PreferenceLoss got unexpected keyword argument(s) {sorted(unexpected)}; the options "
+                            f"are {list(self._OPTION_NAMES)}")
         super().__init__()
         names, weights = resolve_loss_types(loss_type, loss_weights)
-        self.options = dict(loss_type=list(names), loss_weights=list(weights), beta=beta, gamma=gamma,
-                            detach_focal_weight=detach_focal_weight, label_smoothing=label_smoothing,
-                            simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
-                            f_divergence_type=f_divergence_type,
-                            f_alpha_divergence_coef=f_alpha_divergence_coef, reduction=reduction)
-        check_options(names, **{k: v for k, v in self.options.items() if k not in ("loss_type", "loss_weights")})
+        check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
+                      label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
+                      f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                      reduction=reduction)
+        self.loss_type, self.loss_weights = list(names), list(weights)
+        self.beta, self.gamma, self.detach_focal_weight = beta, gamma, detach_focal_weight
+        self.label_smoothing, self.simpo_gamma, self.discopop_tau = label_smoothing, simpo_gamma, discopop_tau
+        self.f_divergence_type, self.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
+        self.reduction = reduction
+
+    @property
+    def options(self) -> dict:
+        return {name: getattr(self, name) for name in self._OPTION_NAMES}
 
     def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                 chosen_token_counts=None, rejected_token_counts=None, pair_weights=None) -> PreferenceLossOutput:

@@ -140,6 +140,27 @@ def _check_vector(name: str, tensor, like: torch.Tensor, *, floating: bool) -> N
         raise ValueError(f"{name} is on {tensor.device} but chosen_logps is on {like.device}")
 
 
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what="logits"):
+    """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`, the
+    device of the policy's `what` (the logits or hidden states of the fused losses, the log-probs here)."""
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        given, missing = ("ref_chosen_logps", "ref_rejected_logps") if ref_rejected_logps is None else \
+            ("ref_rejected_logps", "ref_chosen_logps")
+        raise ValueError(f"{given} was given but {missing} is None: pass both reference log-probs, or neither "
+                         "(reference-free)")
+    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if ref is None:
+            continue
+        if not isinstance(ref, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},) or None, got {type(ref).__name__}")
+        if not ref.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {ref.dtype}")
+        if tuple(ref.shape) != (batch,):
+            raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(ref.shape)}")
+        if ref.device != device:
+            raise ValueError(f"{name} is on {ref.device} but the {what} are on {device}")
+
+
 def check_tensors(names, *, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                   chosen_token_counts, rejected_token_counts, pair_weights) -> None:
     """Types, (B,) shapes, devices; which optional tensors the selected loss types need or refuse."""
@@ -152,18 +173,13 @@ def check_tensors(names, *, chosen_logps, rejected_logps, ref_chosen_logps, ref_
                          f"{tuple(chosen_logps.shape)}")
     _check_vector("rejected_logps", rejected_logps, chosen_logps, floating=True)
 
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        given, missing = (("ref_chosen_logps", "ref_rejected_logps") if ref_rejected_logps is None
-                          else ("ref_rejected_logps", "ref_chosen_logps"))
-        raise ValueError(f"{given} was given but {missing} is None: pass both reference log-probs, or neither "
-                         "(reference-free)")
-    if ref_chosen_logps is not None:
-        _check_vector("ref_chosen_logps", ref_chosen_logps, chosen_logps, floating=True)
-        _check_vector("ref_rejected_logps", ref_rejected_logps, chosen_logps, floating=True)
-        reference_free = [name for name in names if spec_of(LOSS_TYPES[name])["reference_free"]]
-        if reference_free:
-            raise ValueError(f"loss type {reference_free} is reference-free: pass ref_chosen_logps=None and "
-                             "ref_rejected_logps=None")
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logps.shape[0], chosen_logps.device,
+                          "log-probs (chosen_logps)")
+    if ref_chosen_logps is not None and all(spec_of(LOSS_TYPES[name])["reference_free"] for name in names):
+        # Only reference-free types, given references: a mistake (they would be ignored). Beside a type that
+        # reads them, they are the other types' and a reference-free type ignores them.
+        raise ValueError(f"loss type {list(names)} is reference-free: pass ref_chosen_logps=None and "
+                         "ref_rejected_logps=None")
 
     counts = {"chosen": chosen_token_counts, "rejected": rejected_token_counts}
     for side, tensor in counts.items():

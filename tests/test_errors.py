@@ -148,10 +148,10 @@ def test_hidden_path_option_types():
         fk.fused_linear_sequence_logps(hidden, weight, labels, memory_budget=1.5)
     with pytest.raises(TypeError, match=r"stats=\('entropy',\)"):
         fk.fused_linear_token_logps(hidden, weight, labels, stats="entropy")
-    packed = torch.randn(4, 3)  # (N, H): labels (N,) or (1, N), as everywhere else on the packed path
-    assert fk.fused_linear_token_logps(packed, weight, torch.zeros(1, 4, dtype=torch.long)).log_probs.shape == (1, 4)
-    with pytest.raises(ValueError, match=r"labels of packed hidden \(N, H\) must have shape \(N,\) or \(1, N\)"):
-        fk.fused_linear_token_logps(packed, weight, torch.zeros(2, 2, dtype=torch.long))
+    # flattened hidden states (N, H) take labels of any shape with N elements: outputs in the labels' shape
+    flat, grid = torch.randn(4, 3), torch.randint(0, 5, (2, 2))
+    torch.testing.assert_close(fk.fused_linear_token_logps(flat, weight, grid).log_probs,
+                               fk.fused_linear_token_logps(flat.view(2, 2, 3), weight, grid).log_probs)
 
 
 def test_inplace_backward_needs_contiguous_vocabulary(device):
@@ -282,3 +282,7 @@ def test_signature_defaults_are_the_checked_defaults():
                 assert parameter.default == OPTION_DEFAULTS[name], (fn.__qualname__, name)
                 seen.add(name)
     assert seen == set(OPTION_DEFAULTS)
+    from focal_kernels.losses import LossOptions  # its defaults too (for a user's own loss function's tests)
+
+    for name, default in LossOptions._field_defaults.items():
+        assert name == "beta" or default == OPTION_DEFAULTS[name], name

@@ -119,6 +119,11 @@ def test_copy_warning_names_the_callers_line(device):
             call()
         ours = [warning.filename for warning in record if "last-dimension stride" in str(warning.message)]
         assert ours == [__file__]  # (Triton 3.6's interpreter adds NumPy deprecation warnings of its own)
+    # a caller whose module name is not a string (exec with such globals): no error from finding its frame
+    # (Python itself then drops a warning attributed to such a frame)
+    scope = {"fk": fk, "chosen": chosen, "labels": labels, "__name__": None}
+    exec("out = fk.sequence_logps(chosen, labels)", scope)
+    assert torch.isfinite(scope["out"]).all()
 
 
 def test_int32_labels(device):

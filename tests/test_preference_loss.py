@@ -632,6 +632,13 @@ def test_module_options_are_attributes():
     module.beta = -1.0
     with pytest.raises(ValueError, match="beta"):
         module(c, r, rc, rr)
+    # a module pickled by 0.2.0 (its options in one dict attribute) still loads and computes the same
+    state = PreferenceLoss(beta=0.3, reduction="sum").__getstate__()
+    state["options"] = {name: state.pop(name) for name in PreferenceLoss._OPTION_NAMES}
+    old = PreferenceLoss.__new__(PreferenceLoss)
+    old.__setstate__(state)
+    torch.testing.assert_close(old(c, r, rc, rr).loss, preference_loss(c, r, rc, rr, beta=0.3, reduction="sum").loss,
+                               **F64)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -662,6 +662,7 @@ def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chun
     (dict(label_smoothing=0.1), "label_smoothing=0.1 is read by none"),
     (dict(focal_gamma=2.0), "focal_gamma=2.0 is read only by the 'focal'"),
     (dict(focal_gamma=-1.0, loss_type="focal"), "focal_gamma must be >= 0"),
+    (dict(f_divergence_type="gamma"), "got 'gamma'"),  # only the option's own name is renamed
     (dict(detach_focal_weight=True), "detach_focal_weight=True"),
     (dict(simpo_gamma=5.0), "simpo_gamma=5.0 is read only by the 'simpo'"),
 ])

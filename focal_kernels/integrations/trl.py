@@ -671,8 +671,8 @@ class FocalPOTrainer(DPOTrainer):
         try:
             check_options(names, beta=args.beta, reduction="mean", **self._loss_options(args))
             self._preference_loss(args, one, one, one, one, counts, counts, None)
-        except (TypeError, ValueError) as exc:  # the library's `gamma` is the config's `focal_gamma`
-            raise type(exc)(re.sub(r"\bgamma\b", "focal_gamma", str(exc))) from None
+        except (TypeError, ValueError) as exc:  # the library's `gamma` (a message's subject) is `focal_gamma` here
+            raise type(exc)(re.sub(r"^gamma\b", "focal_gamma", str(exc))) from None
 
     def _check_model_supported(self) -> None:
         _refuse_multimodal(self.model)

@@ -163,7 +163,9 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              validate_labels: bool = True, memory_budget: int | None = None) -> TokenLogps:
     """Per-token log p(labels[t]) under logits = transform(hidden · Wᵀ + bias), never materializing them.
 
-    hidden (B, T, H) with labels (B, T), or packed hidden (N, H) / (1, N, H) with labels (N,) / (1, N).
+    hidden (B, T, H) with labels (B, T), or packed hidden (N, H) / (1, N, H) with labels (N,) / (1, N); hidden
+    (N, H) also takes labels of any shape with N elements (e.g. flattened (B·T, H) with (B, T) labels: token
+    log-probs do not depend on the layout). The outputs have the labels' shape.
     transform: z = logit_scale · raw, then logit_softcap · tanh(z / logit_softcap) when set, then
     z / temperature (the order of the models and of TRL's fused head; `logit_options_from_config` reads
     them from a model config). stats: any of "entropy", "mean_logits", "is_top1", "log_sum_sq_probs",
@@ -184,10 +186,7 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         shape = labels.shape
         grid_hidden, grid_labels = hidden, labels
-        if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed tokens: one row of N
-            if not (labels.dim() == 1 or (labels.dim() == 2 and labels.shape[0] == 1)):
-                raise ValueError(f"labels of packed hidden (N, H) must have shape (N,) or (1, N), got "
-                                 f"{tuple(labels.shape)}")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # tokens: one row of N (any label shape)
             grid_hidden, grid_labels = hidden[None], labels.reshape(1, -1)
         elif labels.dim() == 1:
             grid_labels = labels[None]

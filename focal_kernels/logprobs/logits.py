@@ -17,9 +17,13 @@ def _user_stacklevel():
     """The `stacklevel` that makes a warning raised by the caller of this function name the first frame outside
     focal_kernels: the user's line, however deep the public entry calls."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "focal_kernels":
+    while frame is not None and _in_library(frame.f_globals.get("__name__")):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _in_library(module_name) -> bool:
+    return isinstance(module_name, str) and module_name.split(".")[0] == "focal_kernels"
 
 
 def unit_stride_logits(logits, name="logits"):

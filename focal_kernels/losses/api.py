@@ -68,8 +68,8 @@ def preference_loss(
 
     chosen_logps, rejected_logps:         (B,) floating, differentiable: Σ_t log p(y_t) per sequence.
     ref_chosen_logps, ref_rejected_logps: (B,) the reference model's, or both None (reference-free: 0).
-                  Reference-free types (simpo) never read them: given with only such types, they are
-                  refused; beside types that read them, they are those types'.
+                  Reference-free types (simpo) never read them: given when every selected type is
+                  reference-free, they are refused; beside other types, they are those types'.
     loss_type:    a name in `LOSS_TYPES` or a list of names; `loss_weights` one float per name (default
                   1.0 each). The loss is Σ_k w_k · mean_i ℓ_k,i (TRL's rule; "sum" uses sums, "none" gives
                   Σ_k w_k · ℓ_k,i per pair).
@@ -115,12 +115,11 @@ def preference_loss(
         ref_c, ref_r = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
     logratio_c, logratio_r = policy_c - ref_c, policy_r - ref_r
     alpha = float(f_alpha_divergence_coef)
-    score_c = f_divergence_scores(logratio_c, f_divergence_type, alpha)
-    score_r = f_divergence_scores(logratio_r, f_divergence_type, alpha)
     pairs = PairBatch(
         chosen_logps=policy_c, rejected_logps=policy_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
-        chosen_logratios=logratio_c, rejected_logratios=logratio_r, chosen_scores=score_c,
-        rejected_scores=score_r, delta_score=score_c - score_r,
+        chosen_logratios=logratio_c, rejected_logratios=logratio_r,
+        chosen_scores=f_divergence_scores(logratio_c, f_divergence_type, alpha),
+        rejected_scores=f_divergence_scores(logratio_r, f_divergence_type, alpha),
         chosen_token_counts=None if chosen_token_counts is None else chosen_token_counts.to(dtype),
         rejected_token_counts=None if rejected_token_counts is None else rejected_token_counts.to(dtype),
     )
@@ -192,7 +191,16 @@ class PreferenceLoss(nn.Module):
 
     @property
     def options(self) -> dict:
+        """The options as `preference_loss` keywords, read from the attributes at each call (a copy: change
+        the attributes, not this dict)."""
         return {name: getattr(self, name) for name in self._OPTION_NAMES}
+
+    def __setstate__(self, state):
+        # A module pickled by 0.2.0 kept its options in one dict attribute, `options`.
+        old_options = state.pop("options", None)
+        super().__setstate__(state)
+        for name, value in (old_options or {}).items():
+            setattr(self, name, value)
 
     def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                 chosen_token_counts=None, rejected_token_counts=None, pair_weights=None) -> PreferenceLossOutput:

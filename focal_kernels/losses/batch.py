@@ -17,9 +17,6 @@ class PairBatch(NamedTuple):
     chosen_logratios, rejected_logratios:  logp − ref.
     chosen_scores, rejected_scores:        the log-ratios after the f-divergence transform (= the log-ratios
                                            for the default "reverse_kl").
-    delta_score:                           chosen_scores − rejected_scores: DPO's implicit reward margin,
-                                           divided by β (a field, not a property: torch 2.10's dynamo does
-                                           not trace a NamedTuple's properties).
     chosen_token_counts, rejected_token_counts: scored tokens per sequence, or None when not given.
     """
 
@@ -31,21 +28,26 @@ class PairBatch(NamedTuple):
     rejected_logratios: torch.Tensor
     chosen_scores: torch.Tensor
     rejected_scores: torch.Tensor
-    delta_score: torch.Tensor
     chosen_token_counts: Optional[torch.Tensor]
     rejected_token_counts: Optional[torch.Tensor]
 
+    @property
+    def delta_score(self) -> torch.Tensor:
+        """(chosen score) − (rejected score): DPO's implicit reward margin, divided by β. (The built-in losses
+        call `pairwise.delta_score(p)` instead: torch 2.10's dynamo does not trace a NamedTuple's properties.)"""
+        return self.chosen_scores - self.rejected_scores
+
 
 class LossOptions(NamedTuple):
-    """Python numbers only (never tensors), so checks and formulas never read device data. No defaults here:
-    they are validation.OPTION_DEFAULTS, and `check_options` builds every instance."""
+    """Python numbers only (never tensors), so checks and formulas never read device data. The defaults are
+    validation.OPTION_DEFAULTS' (a test holds them equal); `check_options` builds the library's instances."""
 
-    beta: float
-    gamma: float
-    detach_focal_weight: bool
-    label_smoothing: float
-    simpo_gamma: float
-    discopop_tau: float
+    beta: float = 0.1
+    gamma: float = 0.05
+    detach_focal_weight: bool = False
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
 
 
 def loss_spec(*, f_divergence: bool = False, label_smoothing: bool = False, token_counts: tuple = (),
@@ -58,7 +60,8 @@ def loss_spec(*, f_divergence: bool = False, label_smoothing: bool = False, toke
     per_pair:        entry i of the loss is pair i's (False: the loss sorts across the batch or is a batch mean);
                      descriptive (what reduction="none" returns): the tests hold each loss to it.
     pair_weights:    per-pair weights may multiply the loss (False where entry i is not pair i's, e.g. sorted).
-    reference_free:  reference log-probs are refused.
+    reference_free:  the loss never reads reference log-probs: given when every selected loss is reference-free,
+                     they are refused (beside other losses they are theirs).
 
     A function without the mark gets these defaults.
     """

@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from .batch import LossOptions, PairBatch, loss_spec
 
 
+def delta_score(p: PairBatch) -> torch.Tensor:
+    """Δs = s_c − s_r (`PairBatch.delta_score`, written out: torch 2.10's dynamo does not trace a NamedTuple's
+    properties)."""
+    return p.chosen_scores - p.rejected_scores
+
+
 def _per_token(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """TRL's length normalization for ipo / sigmoid_norm: divide by the token count, at least 1."""
     return scores / counts.clamp(min=1.0)
@@ -46,7 +52,7 @@ def _sigmoid_log_sigmoid(x: torch.Tensor) -> torch.Tensor:
 @loss_spec(f_divergence=True)
 def sigmoid(p: PairBatch, o: LossOptions) -> torch.Tensor:
     """DPO (Rafailov et al., 2023): ℓ = −log σ(z)."""
-    return -F.logsigmoid(o.beta * p.delta_score)
+    return -F.logsigmoid(o.beta * delta_score(p))
 
 
 @loss_spec(f_divergence=True)
@@ -56,7 +62,7 @@ def focal(p: PairBatch, o: LossOptions) -> torch.Tensor:
     log p = log σ(z) keeps |z| = 1e4 finite; p^γ = exp(γ · log p). detach_focal_weight=True makes p^γ a
     constant in the backward. Not in TRL; takes the f-divergence scores like `sigmoid` (see the README).
     """
-    log_p = F.logsigmoid(o.beta * p.delta_score)
+    log_p = F.logsigmoid(o.beta * delta_score(p))
     if o.gamma == 0:  # exactly `sigmoid`, also where log p = −inf (exp(0 · −inf) would be NaN)
         return -log_p
     # p^γ · log p → 0 as p → 0 (γ > 0), and so does its gradient: where log p = −inf the limit 0 is taken, and
@@ -72,7 +78,7 @@ def focal(p: PairBatch, o: LossOptions) -> torch.Tensor:
 @loss_spec(f_divergence=True)
 def hinge(p: PairBatch, o: LossOptions) -> torch.Tensor:
     """SLiC (Zhao et al., 2023): ℓ = max(0, 1 − z)."""
-    return torch.relu(1 - o.beta * p.delta_score)
+    return torch.relu(1 - o.beta * delta_score(p))
 
 
 @loss_spec(f_divergence=True, token_counts=("chosen", "rejected"))
@@ -88,7 +94,7 @@ def ipo(p: PairBatch, o: LossOptions) -> torch.Tensor:
 def exo_pair(p: PairBatch, o: LossOptions) -> torch.Tensor:
     """EXO-pref (Ji et al., 2024, Eq. 16), K = 2, 0 < ε < 1:
     ℓ = σ(z)·(log σ(z) − log(1 − ε)) + σ(−z)·(log σ(−z) − log ε)."""
-    z = o.beta * p.delta_score
+    z = o.beta * delta_score(p)
     eps = o.label_smoothing
     # σ(±z)·log σ(±z) with its limit 0 at z = ∓inf (the product alone is 0·(−inf) = NaN there)
     return (_sigmoid_log_sigmoid(z) - torch.sigmoid(z) * math.log1p(-eps)
@@ -106,7 +112,7 @@ def nca_pair(p: PairBatch, o: LossOptions) -> torch.Tensor:
 def robust(p: PairBatch, o: LossOptions) -> torch.Tensor:
     """Robust DPO (Chowdhury et al., 2024), ε = flip probability in [0, ½):
     ℓ = (−(1 − ε)·log σ(z) + ε·log σ(−z)) / (1 − 2ε)."""
-    z = o.beta * p.delta_score
+    z = o.beta * delta_score(p)
     eps = o.label_smoothing
     return _weighted_sum((1 - eps, -F.logsigmoid(z)), (eps, F.logsigmoid(-z))) / (1 - 2 * eps)
 
@@ -165,7 +171,7 @@ def discopop(p: PairBatch, o: LossOptions) -> torch.Tensor:
     finite (not inf·0 = NaN) for very negative z when τ < 1. At z = −inf the loss is +inf (its first term;
     the second is (−inf) + inf there, and left out) with the first term's gradient.
     """
-    z = o.beta * p.delta_score
+    z = o.beta * delta_score(p)
     # at z = −inf: m = 0 (taken as the constant, whose derivative log σ(z)·m' would be −inf·0), and the
     # second term is left out
     at_minus_inf = z == -torch.inf

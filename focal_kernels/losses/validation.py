@@ -176,8 +176,8 @@ def check_tensors(names, *, chosen_logps, rejected_logps, ref_chosen_logps, ref_
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logps.shape[0], chosen_logps.device,
                           "log-probs (chosen_logps)")
     if ref_chosen_logps is not None and all(spec_of(LOSS_TYPES[name])["reference_free"] for name in names):
-        # Only reference-free types, given references: a mistake (they would be ignored). Beside a type that
-        # reads them, they are the other types' and a reference-free type ignores them.
+        # Only reference-free types, given references: a mistake (they would be ignored). Beside other types
+        # they are those types', and a reference-free type ignores them.
         raise ValueError(f"loss type {list(names)} is reference-free: pass ref_chosen_logps=None and "
                          "ref_rejected_logps=None")
 

@@ -686,12 +686,16 @@ class FocalPOTrainer(DPOTrainer):
 
     # -- the loss -----------------------------------------------------------------------------------------------------
 
+    def _option(self, args, attribute, arg=None):
+        """A TRL option: the trainer's attribute after `DPOTrainer.__init__` (which TRL's own loss reads), before
+        it `args`' field (`arg`, if named otherwise)."""
+        return getattr(self, attribute, getattr(args, arg or attribute))
+
     def _loss_options(self, args) -> dict:
-        """The loss options (OPTION_DEFAULTS' names): FocalPO's from the trainer, TRL's from the trainer's
-        attributes after `DPOTrainer.__init__` (which TRL's own loss reads), from `args` before."""
+        """The loss options (OPTION_DEFAULTS' names): FocalPO's from the trainer, TRL's by `_option`."""
         fk_options = {"gamma": self.focal_gamma, "detach_focal_weight": self.detach_focal_weight,
                       "simpo_gamma": self.simpo_gamma, "discopop_tau": args.discopop_tau}
-        return {name: fk_options[name] if name in fk_options else getattr(self, name, getattr(args, name))
+        return {name: fk_options[name] if name in fk_options else self._option(args, name)
                 for name in OPTION_DEFAULTS}
 
     def _preference_loss(self, args, chosen, rejected, ref_chosen, ref_rejected, chosen_counts, rejected_counts,
@@ -702,12 +706,8 @@ class FocalPOTrainer(DPOTrainer):
         refused the unread ones). `chosen_counts, rejected_counts`: the completion tokens, as TRL's ipo and
         sigmoid_norm count them; `scored_counts`, (chosen, rejected), the tokens really scored (one fewer where
         a completion starts at the first token), for the reference-free types' averages (CPOTrainer's)."""
-        # After `DPOTrainer.__init__`, the trainer's attributes (which TRL's own loss reads) rule; before, `args`.
-        def option(attribute, arg=None):
-            return getattr(self, attribute, getattr(args, arg or attribute))
-
-        loss_weights = option("loss_weights")
-        loss_types, weights = resolve_loss_types(list(option("loss_types", "loss_type")),
+        loss_weights = self._option(args, "loss_weights")
+        loss_types, weights = resolve_loss_types(list(self._option(args, "loss_types", "loss_type")),
                                                  None if loss_weights is None else list(loss_weights))
         free = [spec_of(fk.LOSS_TYPES[name])["reference_free"] for name in loss_types]
         options = self._loss_options(args)
@@ -726,7 +726,7 @@ class FocalPOTrainer(DPOTrainer):
                 *refs,
                 loss_type=names,
                 loss_weights=[w for w, is_free in zip(weights, free) if is_free == reference_free],
-                beta=option("beta"),
+                beta=self._option(args, "beta"),
                 chosen_token_counts=counts[0],
                 rejected_token_counts=counts[1],
                 pair_weights=pair_weights,

@@ -176,7 +176,8 @@ def _agree(group, device, local_error, fields, what):
     host read. Every rank learns every rank's fields; when any rank's own checks failed (local_error), every
     rank raises: the failing rank its own error, the others a ValueError naming it (messages exchanged with
     all_gather_object, on this path only). Returns the fields as a list of lists, in group rank order.
-    `device` comes from `_info_device`, which broke the graph under torch.compile."""
+    Under torch.compile the graph breaks here too, not only in `_info_device`: dynamo traces the frames that
+    run after a break anew, and this one makes the collectives."""
     _leave_graph()
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{what}: the vocabulary- and sequence-parallel calls cannot be captured in a CUDA "
@@ -676,10 +677,11 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
     ints (or 0-dim integer tensors) of the caller's that must be equal on every rank; names: the logits'
     and labels' names in the errors, group_name the group's (its checks run inside a sequence-parallel
     caller's agreement)."""
-    if is_dtensor(logits):
-        logits, mesh_group = dtensor_vocab_logits(logits)
-        group = mesh_group if group is None else _same_ranks(check_group(group, group_name), mesh_group, "logits")
-    group = check_group(group, group_name)
+    if is_dtensor(logits):  # its mesh's group (checked there), or the given group, which must have its ranks
+        logits, sharded_over = dtensor_vocab_logits(logits)
+        group = sharded_over if group is None else _same_ranks(check_group(group, group_name), sharded_over, "logits")
+    else:
+        group = check_group(group, group_name)
     what = "vocab_parallel_sequence_logps"
     error = None
     try:

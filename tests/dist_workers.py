@@ -396,6 +396,9 @@ def errors(rank, world):
     odd = torch.zeros(2, dtype=torch.int16 if first else torch.float32)
     kind, words = (TypeError, ["dtypes"]) if first else (ValueError, ["rank 0"])
     _raises(kind, words, lambda: sequence_parallel_sum(odd, group))
+    # more dimensions than the agreement compares: refused on every rank, not summed by storage
+    deep = torch.zeros((1,) * 10 + (2, 3)) if first else torch.zeros(2)
+    _raises(ValueError, ["at most 10 dimensions"] if first else ["rank 0"], lambda: sequence_parallel_sum(deep, group))
     # the group still works afterwards
     ref = fk.reference.sequence_logps(full.double(), labels)
     _close(vocab_parallel_sequence_logps(full[..., start:stop], labels, group=group), ref, "after the errors")

@@ -346,6 +346,45 @@ def test_compiled_inplace_backward_with_changing_shapes(path, dynamic):
             compiled(hidden, torch.randn(VOCAB, HIDDEN), labels).backward()
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_inductor_inplace_backward_at_a_symbolic_offset(dynamic):
+    """inplace_backward=True under inductor with logits at a storage offset that depends on a changing size
+    (the second half of a batch): inductor passes such a mutated view at offset 0 (seen with torch 2.11, 2.13
+    and 2.14.1), which overwrote the first half's rows (gradients off by ~10) and made chosen and rejected
+    halves "overlap"; the operator now writes where the forward read, and matches a float64 reference."""
+    batch = 2
+
+    def second_half(base, labels):
+        logits = base * 2.0
+        return fk.sequence_logps(logits[batch:, :-1], labels, inplace_backward=True).sum()
+
+    def halves(base, labels):
+        logits = base * 2.0
+        return fk.focal_po_loss(logits[:batch, :-1], logits[batch:, :-1], labels[:batch], labels[batch:],
+                                gamma=0.5, inplace_backward=True).loss
+
+    def reference(fn, base, labels):  # the same step in float64 through the spec
+        base = base.double().requires_grad_(True)
+        if fn is second_half:
+            loss = fk.reference.sequence_logps((base * 2.0)[batch:, :-1], labels).sum()
+        else:
+            logits = base * 2.0
+            loss = fk.reference.focal_po_loss(logits[:batch, :-1], logits[batch:, :-1], labels[:batch],
+                                              labels[batch:], gamma=0.5).loss
+        (grad,) = torch.autograd.grad(loss, [base])
+        return grad
+
+    for fn in (second_half, halves):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+        for seq_len in (5, 6, 7):
+            base = torch.randn(2 * batch, seq_len + 1, VOCAB)
+            labels = torch.randint(0, VOCAB, (2 * batch if fn is halves else batch, seq_len))
+            leaf = base.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(compiled(leaf, labels), [leaf])
+            assert_close(grad, reference(fn, base, labels), (1e-5, 1e-6), f"{fn.__name__}, T = {seq_len}")
+
+
 def test_logits_path_with_changing_shapes(path):
     """Padded (B, T) and packed N that change between calls (default dynamic: recompiled with symbolic
     sizes): before, the per-sequence sum kept its sizes on ctx, and the second recompilation's backward failed

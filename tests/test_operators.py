@@ -43,8 +43,33 @@ def test_pair_operators():
     assert row_max.shape == (3 * 5 + 3 * 2,)
     scales = [torch.randn(3, 1, device=DEVICE).expand(3, 5), torch.randn(3, 1, device=DEVICE).expand(3, 2)]
     torch.library.opcheck(ops._logits_grad_op, (*sides, row_max, log_sum_exp, scales, -100, 0), test_utils=CHECKS)
-    inplace = ([chosen.clone(), rejected.clone()], sides[1], row_max, log_sum_exp, scales, -100, 0)
-    torch.library.opcheck(ops._logits_grad_inplace_op, inplace, test_utils=CHECKS)
+    inplace = ([chosen.clone(), rejected.clone()], sides[1], row_max, log_sum_exp, scales, -100, 0, None)
+    torch.library.opcheck(ops._logits_grad_inplace_op, inplace, test_utils=CHECKS)  # places: opcheck copies
+    torch.library.opcheck(ops._storage_places_op, (sides[0],), test_utils=CHECKS)
+
+
+def test_inplace_operator_writes_where_the_forward_read():
+    """The compiled in-place backward's guard against a mutated view handed over at another storage offset
+    (inductor, symbolic offsets): the gradient lands on the rows the forward recorded, and other memory than
+    the forward read is refused."""
+    logits = torch.randn(4, 3, 11, device=DEVICE)
+    copy = logits.clone()
+    labels = torch.randint(0, 11, (2, 3), device=DEVICE)
+    second = logits[2:]
+    places = ops._storage_places([second])
+    assert places.tolist() == [[logits.untyped_storage().data_ptr(), 2 * 3 * 11]]
+    _, row_max, log_sum_exp = ops._token_logps([second], [labels], -100, 0, False)
+    scale = torch.ones(2, 3, device=DEVICE)
+    (expected,) = ops._logits_grad([second], [labels], row_max, log_sum_exp, [scale], -100, 0)
+    first_half = logits[:2].clone()
+    ops._checked_logits_grad_inplace([logits[:2]], [labels], row_max, log_sum_exp, [scale], -100, 0, places)
+    torch.testing.assert_close(logits[2:], expected)
+    torch.testing.assert_close(logits[:2], first_half)  # untouched
+    # a copy of the whole storage (a compiler's functional copy) at the recorded offset: written as given
+    ops._checked_logits_grad_inplace([copy[2:]], [labels], row_max, log_sum_exp, [scale], -100, 0, places)
+    torch.testing.assert_close(copy[2:], expected)
+    with pytest.raises(RuntimeError, match="other memory, at another storage offset"):
+        ops._checked_logits_grad_inplace([copy[:2]], [labels], row_max, log_sum_exp, [scale], -100, 0, places)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,7 +24,9 @@ What it changes in `DPOTrainer` (TRL 1.16), and nothing else:
 - `padding_free=True` (which TRL 1.16 turns off): the collated batch is packed into one row of real tokens with
   position ids restarting at 0 per sequence (transformers then keeps attention within each sequence), the first
   token of each sequence is never scored, and the per-token results are laid back out through `cu_seqlens` onto the
-  padded grid, so everything downstream is the padded computation.
+  padded grid, so everything downstream is the padded computation. (A model that reads the batch's largest
+  position id, as dynamic RoPE scaling does, sees the longest real sequence when packed and the padded length
+  when padded: the packed result is the one that does not depend on padding.)
 
 Data (tokenization, collator, reference precompute and its cache) is TRL's, unchanged.
 """

@@ -56,17 +56,45 @@ def _logits_grad(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max
 
 def _logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
                          log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
-                         vocab_start: int) -> None:
+                         vocab_start: int, places: None = None) -> None:
+    """Eager mode (`places`: the compiled operator's argument, None here)."""
     from ..kernels.logits_grad import logits_grad
     with _on_device(logits[0]):
         logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start, out=logits)
 
 
+def _storage_places(logits: list[torch.Tensor]) -> torch.Tensor:
+    """(len(logits), 2) int64 on the CPU: each tensor's storage address and storage offset, as a compiled
+    forward reads them (no device access), for `_at_recorded_place` in the compiled in-place backward."""
+    return torch.tensor([[part.untyped_storage().data_ptr(), part.storage_offset()] for part in logits],
+                        dtype=torch.int64)
+
+
+def _at_recorded_place(part, place):
+    """`part` at the storage offset the forward recorded. Inductor (seen with torch 2.11, 2.13 and 2.14.1)
+    passes a mutated view whose storage offset is symbolic (logits[B:] of a batch whose length changes between
+    calls) at offset 0, where the in-place gradient would overwrite other rows: such a view is moved back onto
+    the rows the forward read. A view in other memory at the recorded offset is the compiler's functional copy
+    of the logits' storage (aot_eager makes one), laid out alike, and is written as given; one at another offset
+    cannot be placed, and is refused."""
+    address, offset = place
+    if part.storage_offset() == offset:
+        return part
+    if part.untyped_storage().data_ptr() == address:
+        return part.as_strided(part.shape, part.stride(), offset)
+    raise RuntimeError("inplace_backward=True: the compiled backward received the logits in other memory, at "
+                       f"another storage offset ({part.storage_offset()}) than the forward read them ({offset}); "
+                       "turn inplace_backward off for this compiled step")
+
+
 def _checked_logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
                                  log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
-                                 vocab_start: int) -> None:
+                                 vocab_start: int, places: torch.Tensor | None) -> None:
     """The operator's body: eager mode checked the targets before the forward, but tracing cannot see
-    storage, so a compiled graph checks them here, when it runs."""
+    storage, so a compiled graph checks them here, when it runs, at the places its forward recorded
+    (`places`, from `storage_places`; None in eager mode)."""
+    if places is not None:
+        logits = [_at_recorded_place(part, place) for part, place in zip(logits, places.tolist())]
     for part in logits:
         check_inplace_target(part)
     if len(logits) == 2:
@@ -99,6 +127,7 @@ _logits_grad_op = _strided_op("focal_kernels::logits_grad", _logits_grad)
 _logits_grad_inplace_op = _strided_op("focal_kernels::logits_grad_inplace", _checked_logits_grad_inplace,
                                       mutates_args=("logits",))
 _segment_sum_op = torch.library.custom_op("focal_kernels::segment_sum", _segment_sum, mutates_args=())
+_storage_places_op = _strided_op("focal_kernels::storage_places", _storage_places)
 
 
 @_token_logps_op.register_fake
@@ -114,8 +143,13 @@ def _(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_sta
 
 
 @_logits_grad_inplace_op.register_fake
-def _(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start):
+def _(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start, places):
     return None
+
+
+@_storage_places_op.register_fake
+def _(logits):
+    return torch.empty((len(logits), 2), dtype=torch.int64, device="cpu")
 
 
 @_segment_sum_op.register_fake
@@ -128,6 +162,7 @@ def _(values, offsets, batches, seq_lens):
 token_logps = _dispatch(_token_logps_op, _token_logps)
 logits_grad = _dispatch(_logits_grad_op, _logits_grad)
 logits_grad_inplace = _dispatch(_logits_grad_inplace_op, _logits_grad_inplace)
+storage_places = _storage_places_op  # only ever called while torch.compile traces
 segment_sum = _dispatch(_segment_sum_op, _segment_sum)
 
 

@@ -323,12 +323,41 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
     return digest
 
 
-# Field positions in the agreement vector.
-_F_VOCAB, _F_BATCH, _F_TIME, _F_SEQS, _F_HIDDEN, _F_DTYPE, _F_GRAD, _F_CHECKED, _F_IGNORE, _F_BIAS = range(10)
-_F_OPTIONS = 10  # 3 fields: logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
-_F_DIGEST = 13  # 8 fields: min, max, Σ, Σ·w, 3 cu_seqlens flags, cu digest
-_F_CALLER = 21  # 2 fields: the caller's own digest (`agree_on`: the loss's arguments), compared as given
-_F_HIDDEN_BITS = 23  # the hidden states' `hidden_digest` (the hidden-state path; else 0)
+# The vocabulary-parallel agreement vector, written once: (field, width) in order.
+_LAYOUT_FIELDS = (
+    ("vocab", 1), ("batch", 1), ("time", 1), ("seqs", 1), ("hidden", 1), ("dtype", 1), ("grad", 1), ("checked", 1),
+    ("ignore", 1), ("bias", 1),
+    ("options", 3),      # logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
+    ("digest", 8),       # `_labels_digest`: min, max, Σ, Σ·w, 3 cu_seqlens flags, cu digest
+    ("caller", 2),       # the caller's own digest (`agree_on`: the loss's arguments), compared as given
+    ("hidden_bits", 1),  # the hidden states' `hidden_digest` (the hidden-state path; else 0)
+)
+
+
+def _layout_vector(values, device):
+    """The agreement vector from {field: int, 0-dim tensor, or a sequence of `width` of them}, in
+    _LAYOUT_FIELDS' order."""
+    flat = []
+    for name, width in _LAYOUT_FIELDS:
+        value = values.pop(name)
+        flat.extend([value] if width == 1 else value)
+        assert width == 1 or len(value) == width, name
+    assert not values, values
+    return _ints_of(flat, device)
+
+
+def _layout_row(row):
+    """A gathered agreement row as {field: int, or a list of `width` ints}."""
+    named, start = {}, 0
+    for name, width in _LAYOUT_FIELDS:
+        named[name] = row[start] if width == 1 else row[start:start + width]
+        start += width
+    return named
+
+
+assert sum(width for _, width in _LAYOUT_FIELDS) <= _INFO_WIDTH
+
+
 _OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")
 
 
@@ -341,43 +370,43 @@ def _check_agreement(rows, what, group, *, hidden_path, names):
     values_name, labels_name = names
     first = rows[0]
     for rank, row in enumerate(rows):
-        if row[_F_BATCH:_F_SEQS + 1] != first[_F_BATCH:_F_SEQS + 1]:
+        if any(row[name] != first[name] for name in ("batch", "time", "seqs")):
             def shape(r):
-                seqs = f", {r[_F_SEQS]} packed sequences" if r[_F_SEQS] >= 0 else ""
-                return f"(B, T) = ({r[_F_BATCH]}, {r[_F_TIME]}){seqs}"
+                seqs = f", {r['seqs']} packed sequences" if r["seqs"] >= 0 else ""
+                return f"(B, T) = ({r['batch']}, {r['time']}){seqs}"
             raise ValueError(f"{what}: every rank of the vocabulary-parallel group must score the same tokens, "
                              f"but rank 0{_global(group, 0)} has {shape(first)} and rank {rank}{_global(group, rank)} "
                              f"has {shape(row)}")
-        if row[_F_DTYPE] != first[_F_DTYPE]:
+        if row["dtype"] != first["dtype"]:
             kind = "hidden states" if hidden_path else "logits"
             raise ValueError(f"{what}: every rank's {kind} must have the same dtype, but {_ranks(group, 0, rank)} "
                              "differ")
-        if hidden_path and row[_F_HIDDEN] != first[_F_HIDDEN]:
-            raise ValueError(f"{what}: every rank's hidden size must match, got H = {first[_F_HIDDEN]} on rank 0 "
-                             f"and {row[_F_HIDDEN]} on rank {rank}{_global(group, rank)}")
-        if hidden_path and row[_F_GRAD] != first[_F_GRAD]:
+        if hidden_path and row["hidden"] != first["hidden"]:
+            raise ValueError(f"{what}: every rank's hidden size must match, got H = {first['hidden']} on rank 0 "
+                             f"and {row['hidden']} on rank {rank}{_global(group, rank)}")
+        if hidden_path and row["grad"] != first["grad"]:
             raise ValueError(f"{what}: hidden must require a gradient, with gradients enabled (not under "
                              "torch.no_grad()), on every rank or on none (the backward all-reduces its gradient), "
                              f"but {_ranks(group, 0, rank)} differ")
-        if hidden_path and row[_F_BIAS] != first[_F_BIAS]:
+        if hidden_path and row["bias"] != first["bias"]:
             raise ValueError(f"{what}: a bias must be given on every rank or on none, but "
                              f"{_ranks(group, 0, rank)} differ")
-        if hidden_path and row[_F_HIDDEN_BITS] != first[_F_HIDDEN_BITS]:
+        if hidden_path and row["hidden_bits"] != first["hidden_bits"]:
             raise ValueError(f"{what}: {values_name} must be the same on every rank of the vocabulary-parallel group "
                              f"(the lm_head's replicated input), but {_ranks(group, 0, rank)} differ")
-        if row[_F_IGNORE] != first[_F_IGNORE]:
-            raise ValueError(f"{what}: ignore_index must be the same on every rank, got {first[_F_IGNORE]} on rank 0 "
-                             f"and {row[_F_IGNORE]} on rank {rank}{_global(group, rank)}")
+        if row["ignore"] != first["ignore"]:
+            raise ValueError(f"{what}: ignore_index must be the same on every rank, got {first['ignore']} on rank 0 "
+                             f"and {row['ignore']} on rank {rank}{_global(group, rank)}")
         for k, name in enumerate(_OPTION_NAMES):
-            if row[_F_OPTIONS + k] != first[_F_OPTIONS + k]:
+            if row["options"][k] != first["options"][k]:
                 raise ValueError(f"{what}: {name} must be the same on every rank, but {_ranks(group, 0, rank)} differ")
         # compared whatever validate_labels says: cheap device sums, read with the rest of the agreement
-        if row[_F_DIGEST + 2:_F_DIGEST + 4] != first[_F_DIGEST + 2:_F_DIGEST + 4]:
+        if row["digest"][2:4] != first["digest"][2:4]:
             raise ValueError(f"{what}: {labels_name} must be the same on every rank of the vocabulary-parallel group "
                              "(global vocabulary ids), but they differ")
-        if row[_F_DIGEST + 7] != first[_F_DIGEST + 7]:
+        if row["digest"][7] != first["digest"][7]:
             raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
-        if row[_F_CALLER:_F_CALLER + 2] != first[_F_CALLER:_F_CALLER + 2]:
+        if row["caller"] != first["caller"]:
             raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the "
                              f"vocabulary-parallel group, but {_ranks(group, 0, rank)} differ")
 
@@ -388,17 +417,17 @@ _CALLER_ARGUMENTS = ("the loss's arguments (loss_type, loss_weights, beta, gamma
 
 def _vocab_layout(rows, group):
     """(vocab_start of this rank, total vocabulary) from the gathered local sizes, in group rank order."""
-    sizes = [row[_F_VOCAB] for row in rows]
+    sizes = [row["vocab"] for row in rows]
     rank = _dist().get_rank(group)
     return sum(sizes[:rank]), sum(sizes)
 
 
 def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens, labels_name="labels"):
-    checked = [row for row in rows if row[_F_CHECKED]]
+    checked = [row for row in rows if row["checked"]]
     if not checked:
         return
-    digest = checked[0][_F_DIGEST:_F_DIGEST + 8]
-    smallest, largest = min(r[_F_DIGEST] for r in checked), max(r[_F_DIGEST + 1] for r in checked)
+    digest = checked[0]["digest"]
+    smallest, largest = min(r["digest"][0] for r in checked), max(r["digest"][1] for r in checked)
     if smallest < 0 or largest >= vocab_total:
         bad = smallest if smallest < 0 else largest
         raise ValueError(f"{labels_name} must be in [0, {vocab_total}) (the vocabulary summed over the "
@@ -421,15 +450,16 @@ def _gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, c
     if local_error is None:
         checked = data_checks_enabled(validate_labels, tensor)
         digest = _labels_digest(labels, ignore_index, cu_seqlens, seq_len)
-        fields = _ints_of([vocab, batch, seq_len, -1 if cu_seqlens is None else cu_seqlens.shape[0] - 1, hidden,
-                           _dtype_code(dtype), int(needs_grad), int(checked), int(ignore_index), int(has_bias),
-                           *(_float_bits(v) for v in options), *digest, *agree_on,
-                           hidden_digest(hidden_values) if hidden >= 0 else 0], tensor.device)
-    rows = _agree(group, device, local_error, fields, what)
+        fields = _layout_vector(dict(
+            vocab=vocab, batch=batch, time=seq_len, seqs=-1 if cu_seqlens is None else cu_seqlens.shape[0] - 1,
+            hidden=hidden, dtype=_dtype_code(dtype), grad=int(needs_grad), checked=int(checked),
+            ignore=int(ignore_index), bias=int(has_bias), options=[_float_bits(v) for v in options], digest=digest,
+            caller=agree_on, hidden_bits=hidden_digest(hidden_values) if hidden >= 0 else 0), tensor.device)
+    rows = [_layout_row(row) for row in _agree(group, device, local_error, fields, what)]
     _check_agreement(rows, what, group, hidden_path=hidden >= 0, names=names)
-    if any(row[_F_VOCAB] < 1 for row in rows):
+    if any(row["vocab"] < 1 for row in rows):
         raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
-                         f"{[row[_F_VOCAB] for row in rows]}")
+                         f"{[row['vocab'] for row in rows]}")
     vocab_start, vocab_total = _vocab_layout(rows, group)
     _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens, names[1])
     return vocab_start, vocab_total
@@ -795,8 +825,9 @@ class _SumOverRanks(torch.autograd.Function):
 
 def sequence_parallel_sum(per_sequence_values, group):
     """Context parallelism: the SUM over the ranks of `group` of per-sequence values computed from each rank's
-    slice of every sequence's tokens (log-probs, token counts). Forward: one all-reduce (after one small
-    all_gather checking that every rank passes the same shape and dtype); backward: the gradient unchanged.
+    slice of every sequence's tokens (log-probs, token counts): a tensor of at most 10 dimensions, the same shape
+    and dtype on every rank. Forward: one all-reduce (after one small all_gather checking the shapes and
+    dtypes); backward: the gradient unchanged.
     See the module docstring for the data-parallel recipe. Must be called by every rank of the group."""
     group = check_group(group, "sequence_parallel_group", ordered=False)
     error = None
@@ -805,6 +836,9 @@ def sequence_parallel_sum(per_sequence_values, group):
     elif per_sequence_values.dtype not in _DTYPE_CODES:
         names = ", ".join(str(dtype).removeprefix("torch.") for dtype in _DTYPE_CODES)
         error = TypeError(f"per_sequence_values must have one of the dtypes {names}, got {per_sequence_values.dtype}")
+    elif per_sequence_values.dim() > _SP_MAX_DIMS:  # the agreement compares this many sizes
+        error = ValueError(f"per_sequence_values must have at most {_SP_MAX_DIMS} dimensions, got shape "
+                           f"{tuple(per_sequence_values.shape)}")
     return _agreed_sum(per_sequence_values, group, error, "sequence_parallel_sum")
 
 
@@ -816,7 +850,7 @@ def _agreed_sum(per_sequence_values, group, error, what, tags=()):
     device = _info_device(group, tensor)
     fields = None
     if error is None:
-        shape = list(per_sequence_values.shape)[:_INFO_WIDTH - _SP_SHAPE]
+        shape = list(per_sequence_values.shape)
         fields = _ints_of([per_sequence_values.dim(), _DTYPE_CODES.get(per_sequence_values.dtype, 99),
                            *_padded(tags, _SP_SHAPE - 2), *shape], device)
     rows = _agree(group, device, error, fields, what)
@@ -853,6 +887,7 @@ _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.flo
 # options (_SP_OPTIONS ints, unused ones 0), then the shape.
 _SP_OPTIONS = 9
 _SP_SHAPE = 5 + _SP_OPTIONS
+_SP_MAX_DIMS = _INFO_WIDTH - _SP_SHAPE
 
 
 def _padded(values, width):

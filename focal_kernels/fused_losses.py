@@ -21,7 +21,7 @@ from .logprobs.linear import (agreed_on_mesh, autocast_inputs, check_logit_trans
                                gathered_params, linear_token_logps, local_fused_linear_sequence_logps)
 from .logprobs.logits import local_sequence_logps, pair_sequence_logps
 from .logprobs.parallel import (float_words, parallel_fused_linear_sequence_logps, parallel_sequence_logps,
-                                position_weights)
+                                weighted_sum)
 from .logprobs.packing import layout_of, sum_per_sequence, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of
@@ -123,7 +123,7 @@ def _loss_digest(ref_chosen_logps, ref_rejected_logps, loss_options, **scalars):
         if not given:
             return crc, 0
         words = float_words(torch.cat([t.to(given[0].device) for t in given]) + 0.0)  # −0.0 and 0.0 alike
-        return crc, (words.to(torch.int64) * position_weights(words.numel(), words.device)).sum()
+        return crc, weighted_sum(words.to(torch.int64))
     except Exception:  # noqa: BLE001 (the checks raise the error, on every rank)
         return -1, -1
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from focal_kernels.logprobs.parallel import hidden_digest
+from focal_kernels.logprobs.parallel import hidden_digest, weighted_sum
 from helpers import DTYPES
 
 MASK = (1 << 64) - 1
@@ -98,10 +98,27 @@ def test_tells_apart(device, path, dtype):
     assert int(hidden_digest(nan)) == int(hidden_digest(nan.clone()))  # the same bits, NaN or not
 
 
-def test_traces_as_one_operator(device, path):
+def test_traces_as_one_operator(device):
     """Under torch.compile the kernel is the opaque operator focal_kernels::bits_digest (tracing into the
-    launcher failed in the interpreter), the PyTorch twin plain operations: the eager digest either way."""
+    launcher failed in the interpreter): one graph, the eager digest."""
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     x = torch.randn(2, 5, 7, device=device).transpose(1, 2)
     assert int(torch.compile(hidden_digest, fullgraph=True, backend=counter)(x)) == int(hidden_digest(x))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_int64_digests_run_eagerly_under_compile(device, path, backend):
+    """The digests' int64 arithmetic wraps modulo 2^64; inductor does not keep that (its constant folding
+    raised OverflowError for the hidden states' PyTorch twin, and its C++ gave the weighted sum of labels
+    other values than eager mode), so the PyTorch digests run eagerly inside a compiled region."""
+    x = torch.randn(2, 5, 7, device=device)
+    labels = torch.randint(0, 1000, (37,), device=device)
+
+    def digests(hidden, values):
+        return hidden_digest(hidden) + 0, weighted_sum(values) + 0  # computed in the graph around them
+
+    torch._dynamo.reset()
+    for dynamic in (False, True):
+        compiled = torch.compile(digests, backend=backend, dynamic=dynamic)
+        assert [int(v) for v in compiled(x, labels)] == [int(v) for v in digests(x, labels)]

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import struct
-from functools import partial
+from functools import partial, wraps
 from typing import NamedTuple
 
 import torch
@@ -274,12 +274,31 @@ def _odd_mix(z):
     return (z ^ (z >> 31)) | 1
 
 
+def _eager(fn):
+    """fn, run eagerly also where torch.compile traces its caller (only the distributed calls use it, and they
+    break the graph anyway): the digests' int64 arithmetic wraps modulo 2^64 in eager mode on every device,
+    which inductor does not keep (it folds constants in Python integers, an OverflowError, and its C++ leaves
+    signed overflow undefined: other digests than eager mode's)."""
+    @wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn, recursive=True)(*args)
+        return fn(*args)
+    return call
+
+
 def position_weights(count, device):
     """count pseudo-random odd int64 weights, a fixed function of the position. For x of 32-bit integers
     (labels, offsets, float64 values as `float_words`), Σ x·w modulo 2^64 always changes when one x does (an
     odd weight times a nonzero difference below 2^33), and otherwise only by an accident of probability about
     2^-32 or less (where Σ x·position misses e.g. +1, −2, +1 at three consecutive positions)."""
     return _odd_mix(torch.arange(1, count + 1, device=device, dtype=torch.int64))
+
+
+@_eager
+def weighted_sum(values):
+    """Σ values·w modulo 2^64 over a 1-D int64 tensor (w: `position_weights`): a 0-dim int64 device tensor."""
+    return (values * position_weights(values.numel(), values.device)).sum()
 
 
 def float_words(values):
@@ -298,6 +317,12 @@ def hidden_digest(hidden):
     bits = float_words(hidden)
     if backend.use_triton(hidden):
         return ops.bits_digest(bits)
+    return _bits_digest_torch(bits)
+
+
+@_eager
+def _bits_digest_torch(bits):
+    """hidden_digest's PyTorch twin of kernels/bits_digest.py."""
     flat = bits.reshape(-1, bits.shape[-1]).to(torch.int64)
     rows = torch.arange(flat.shape[0], dtype=torch.int64, device=flat.device)
     cols = torch.arange(flat.shape[1], dtype=torch.int64, device=flat.device)
@@ -311,7 +336,7 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
     flat = labels.reshape(-1).to(torch.int64)
     if flat.numel():
         smallest, largest = torch.aminmax(torch.where(flat == ignore_index, 0, flat))
-        digest = [smallest, largest, flat.sum(), (flat * position_weights(flat.numel(), flat.device)).sum()]
+        digest = [smallest, largest, flat.sum(), weighted_sum(flat)]
     else:
         digest = [0, 0, 0, 0]
     if cu_seqlens is None:
@@ -319,7 +344,7 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
     else:
         cu = cu_seqlens.to(torch.int64)
         digest += list(cu_seqlens_problems(cu, tokens).long().unbind())
-        digest.append((cu * position_weights(cu.numel(), cu.device)).sum())
+        digest.append(weighted_sum(cu))
     return digest
 
 

@@ -385,6 +385,46 @@ def test_inductor_inplace_backward_at_a_symbolic_offset(dynamic):
             assert_close(grad, reference(fn, base, labels), (1e-5, 1e-6), f"{fn.__name__}, T = {seq_len}")
 
 
+def test_inductor_inplace_backward_is_never_silently_wrong():
+    """Two more layouts inductor mishandles with sizes that change between calls (torch 2.13): interleaved views
+    (logits[0::2, :-1], logits[1::2, :-1]) reach the in-place operator in a copy at offset 0, which it refuses
+    (RuntimeError), and packed (N, V) logits fail inside inductor's own pass. Each call either raises or
+    matches the float64 reference: never a wrong gradient."""
+    def interleaved(base, labels, cu_seqlens):
+        logits = base * 2.0
+        return fk.focal_po_loss(logits[0::2, :-1], logits[1::2, :-1], labels[0::2], labels[1::2],
+                                inplace_backward=True).loss
+
+    def packed(base, labels, cu_seqlens):
+        return fk.sequence_logps(base[0] * 2.0, labels[0], cu_seqlens=cu_seqlens, inplace_backward=True).sum()
+
+    def reference(fn, base, labels, cu_seqlens):
+        base = base.double().requires_grad_(True)
+        if fn is interleaved:
+            logits = base * 2.0
+            loss = fk.reference.focal_po_loss(logits[0::2, :-1], logits[1::2, :-1], labels[0::2],
+                                              labels[1::2]).loss
+        else:
+            loss = fk.reference.sequence_logps(base[0] * 2.0, labels[0], cu_seqlens=cu_seqlens).sum()
+        (grad,) = torch.autograd.grad(loss, [base])
+        return grad
+
+    for fn in (interleaved, packed):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn)
+        for seq_len in (5, 6, 7):
+            base = torch.randn(4 if fn is interleaved else 1, seq_len + (fn is interleaved), VOCAB)
+            labels = torch.randint(0, VOCAB, (4 if fn is interleaved else 1, seq_len))
+            cu_seqlens = torch.tensor([0, 2, seq_len])
+            leaf = base.clone().requires_grad_(True)
+            try:
+                (grad,) = torch.autograd.grad(compiled(leaf, labels, cu_seqlens), [leaf])
+            except Exception:  # noqa: BLE001 (refused, or inductor's own failure: loud either way)
+                continue
+            expected = reference(fn, base, labels, cu_seqlens)
+            assert_close(grad, expected, (1e-5, 1e-6), f"{fn.__name__}, T = {seq_len}")
+
+
 def test_logits_path_with_changing_shapes(path):
     """Padded (B, T) and packed N that change between calls (default dynamic: recompiled with symbolic
     sizes): before, the per-sequence sum kept its sizes on ctx, and the second recompilation's backward failed

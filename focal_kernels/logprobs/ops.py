@@ -76,15 +76,18 @@ def _at_recorded_place(part, place):
     calls) at offset 0, where the in-place gradient would overwrite other rows: such a view is moved back onto
     the rows the forward read. A view in other memory at the recorded offset is the compiler's functional copy
     of the logits' storage (aot_eager makes one), laid out alike, and is written as given; one at another offset
-    cannot be placed, and is refused."""
+    cannot be placed (inductor hands over interleaved views such as logits[1::2, :-1] so, and moving them to the
+    recorded offset in its copy gave wrong gradients), and is refused."""
     address, offset = place
     if part.storage_offset() == offset:
         return part
     if part.untyped_storage().data_ptr() == address:
         return part.as_strided(part.shape, part.stride(), offset)
     raise RuntimeError("inplace_backward=True: the compiled backward received the logits in other memory, at "
-                       f"another storage offset ({part.storage_offset()}) than the forward read them ({offset}); "
-                       "turn inplace_backward off for this compiled step")
+                       f"another storage offset ({part.storage_offset()}) than the forward read them ({offset}), "
+                       "where its gradient would be wrong (inductor does this with sizes that change between calls "
+                       "for views such as logits[1::2]); turn inplace_backward off for this compiled step, or "
+                       "compile it with dynamic=False")
 
 
 def _checked_logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,

@@ -50,8 +50,8 @@ def test_pair_operators():
 
 def test_inplace_operator_writes_where_the_forward_read():
     """The compiled in-place backward's guard against a mutated view handed over at another storage offset
-    (inductor, symbolic offsets): the gradient lands on the rows the forward recorded, and other memory than
-    the forward read is refused."""
+    (inductor, symbolic offsets): the gradient lands on the rows the forward recorded; a copy of the storage at
+    the recorded offset is written as given, one at another offset refused."""
     logits = torch.randn(4, 3, 11, device=DEVICE)
     copy = logits.clone()
     labels = torch.randint(0, 11, (2, 3), device=DEVICE)

@@ -20,8 +20,8 @@ from .checks import (check_chunk_size, check_flag, check_ignore_index_value, che
 from .logprobs.linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
                                gathered_params, linear_token_logps, local_fused_linear_sequence_logps)
 from .logprobs.logits import local_sequence_logps, pair_sequence_logps
-from .logprobs.parallel import (float_words, parallel_fused_linear_sequence_logps, parallel_sequence_logps,
-                                weighted_sum)
+from .logprobs.agreement import float_words, weighted_sum
+from .logprobs.parallel import parallel_fused_linear_sequence_logps, parallel_sequence_logps
 from .logprobs.packing import layout_of, sum_per_sequence, token_counts
 from .losses import LOSS_TYPES, preference_loss
 from .losses.batch import spec_of

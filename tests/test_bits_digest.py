@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from focal_kernels.logprobs.parallel import hidden_digest, weighted_sum
+from focal_kernels.logprobs.agreement import hidden_digest, weighted_sum
 from helpers import DTYPES
 
 MASK = (1 << 64) - 1

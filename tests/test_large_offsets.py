@@ -94,7 +94,7 @@ CHUNK_SCRIPT = textwrap.dedent("""
     torch.testing.assert_close(chunk.float(), expected.float(), rtol=1.6e-2, atol=1e-6)
 
     # The vocabulary-parallel ranks' hidden-state digest reads through the same kind of strides.
-    from focal_kernels.logprobs.parallel import hidden_digest
+    from focal_kernels.logprobs.agreement import hidden_digest
     hidden = storage.as_strided((3, 1, width), (stride, width, 1))  # the last row past 2^31
     assert int(hidden_digest(hidden)) == int(hidden_digest(hidden.contiguous()))
     print("ok")

@@ -18,6 +18,7 @@ import torch
 from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_labels_in_range,
                       check_linear, data_checks_enabled, is_dtensor, is_integer, is_real)
 from ..dtypes import compute_dtype
+from .agreement import agree_over_mesh
 from .linear_autograd import LinearOptions, LinearTokenLogps
 from .ops import STATS
 from .packing import as_token_grid, per_sequence
@@ -97,8 +98,6 @@ def agreed_on_mesh(mesh, body):
     all_gather per mesh dimension."""
     if mesh is None:
         return body()
-    from .parallel import agree_over_mesh
-
     error = out = None
     try:
         out = body()

@@ -23,7 +23,7 @@ datasets = pytest.importorskip("datasets")
 
 import tiny_lm  # noqa: E402
 
-from focal_kernels.integrations import trl as fk_trl  # noqa: E402
+from focal_kernels.integrations import _trl_model, trl as fk_trl  # noqa: E402
 from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
@@ -363,15 +363,15 @@ def test_head_probe_reads_the_per_backend_tf32_switch(tmp_path, tok, dataset):
     saved = [backend.fp32_precision for backend in backends]
     try:
         enable_tf32(True)
-        assert fk_trl._fp32_matmul_eps(torch.device("cpu")) == 2.0**-10
+        assert _trl_model.fp32_matmul_eps(torch.device("cpu")) == 2.0**-10
         FocalPOTrainer(model=tiny_lm.make_model(tok), ref_model=tiny_lm.make_model(tok, seed=1),
                        args=_args(FocalPOConfig, tmp_path), train_dataset=dataset, processing_class=tok)
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        assert fk_trl._fp32_matmul_eps(torch.device("cpu")) == 2.0**-7
+        assert _trl_model.fp32_matmul_eps(torch.device("cpu")) == 2.0**-7
     finally:
         for backend, value in zip(backends, saved):
             backend.fp32_precision = value
-    assert fk_trl._fp32_matmul_eps(torch.device("cpu")) == 0.0
+    assert _trl_model.fp32_matmul_eps(torch.device("cpu")) == 0.0
 
 
 @pytest.mark.parametrize("head", ["lora", "modules_to_save"])
@@ -466,7 +466,7 @@ def test_padding_free_probe_refuses_an_unlisted_leaking_model(tmp_path, tok, dat
     probe alone, and a Llama passes it."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    monkeypatch.setattr(fk_trl, "_UNPACKABLE_MODEL_TYPES", frozenset())
+    monkeypatch.setattr(_trl_model, "_UNPACKABLE_MODEL_TYPES", frozenset())
     def opt(seed):
         torch.manual_seed(seed)
         return OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=32, ffn_dim=64, num_hidden_layers=2,

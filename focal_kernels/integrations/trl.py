@@ -34,11 +34,9 @@ Data (tokenization, collator, reference precompute and its cache) is TRL's, unch
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import threading
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -81,11 +79,13 @@ _check_trl_version()
 
 from accelerate.utils import is_peft_model  # noqa: E402
 from transformers import ProcessorMixin  # noqa: E402
-from transformers.utils import is_peft_available  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer import dpo_trainer as _trl_dpo  # noqa: E402
-from trl.trainer.utils import FusedCausalLMOutput, use_adapter  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+from ._trl_model import (install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,  # noqa: E402
+                         refuse_multimodal, refuse_unpackable)
 
 __all__ = ["SUPPORTED_TRL_VERSIONS", "FocalPOConfig", "FocalPOTrainer"]
 
@@ -129,7 +129,7 @@ class FocalPOConfig(DPOConfig):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The fused head: the same contract as TRL's `add_fused_lm_head`, computed by fk
+# Construction: what TRL's `__init__` runs with (the fused head and the model checks: _trl_model.py)
 
 
 def _is_zero3() -> bool:
@@ -138,143 +138,9 @@ def _is_zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def _lora_head_unsupported_reason(head) -> str | None:
-    """Why a PEFT-wrapped `lm_head` can't be expressed as one weight (and bias); None if it can."""
-    if not is_peft_available():
-        return None
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if not isinstance(head, BaseTunerLayer):
-        return None  # a plain Linear, or `modules_to_save` (whose `.weight` follows the active adapter)
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    if not isinstance(head, LoraLinear):
-        return f"a {type(head).__name__} adapter on `lm_head` (only plain LoRA is supported there)"
-    if getattr(head, "fan_in_fan_out", False):
-        return "LoRA with `fan_in_fan_out=True` on `lm_head`"
-    for name in head.lora_A:
-        if name in getattr(head, "lora_variant", {}):
-            return "a LoRA variant (DoRA, ...) on `lm_head`"
-        if getattr(head, "lora_bias", {}).get(name, False):
-            return "`lora_bias=True` on `lm_head`"
-        dropout = head.lora_dropout[name]
-        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-            return (
-                f"LoRA dropout ({dropout.p}) on `lm_head`: the head's output is computed from one effective weight "
-                "W + s·B·A, which dropout on the head's input can't be folded into; set `lora_dropout=0` or leave "
-                "`lm_head` out of `target_modules`"
-            )
-    return None
-
-
-def _head_weight_and_bias(head):
-    """The weight and bias `head(x)` applies, as differentiable tensors.
-
-    A plain `nn.Linear` and PEFT's `modules_to_save` wrapper give their parameters. A LoRA-wrapped head gives
-    W + Σ scaling·B·A over its active adapters (none while adapters are disabled or merged): one (V, H) tensor per
-    call, whose gradient reaches A and B.
-    """
-    reason = _lora_head_unsupported_reason(head)
-    if reason is not None:
-        raise NotImplementedError(f"FocalPOTrainer does not support {reason}.")
-    if is_peft_available():
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if isinstance(head, BaseTunerLayer):
-            base = head.get_base_layer()
-            weight, bias = base.weight, base.bias
-            if not head.disable_adapters and not head.merged:
-                for name in head.active_adapters:
-                    if name in head.lora_A:
-                        weight = weight + head.get_delta_weight(name).to(weight.dtype)
-            return weight, bias
-    return head.weight, getattr(head, "bias", None)
-
-
-def _install_fk_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
-    """Patch `model.forward` like TRL's `add_fused_lm_head`, with the log-probs computed by fk.
-
-    `model(..., labels=labels, fused_lm_head=True)` runs the backbone and returns a `FusedCausalLMOutput` whose
-    per-token fields (log_probs and the requested `outputs`) are `(B, T-1)` (the usual next-token shift) or, with
-    `shift_labels=`, aligned with those; 0 where the label is -100. Without `fused_lm_head` the forward is the
-    original one.
-    """
-    original_forward = model.forward
-    text_config = model.config.get_text_config()
-    logit_options = fk.logit_options_from_config(text_config)  # softcap / logit scale the model applies
-    unpadded_rows = getattr(text_config, "unpadded_vocab_size", None)
-    stats = tuple(name for name in outputs if name != "log_probs")
-
-    @functools.wraps(type(model).forward)
-    def _fk_fused_forward(
-        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
-    ):
-        if not fused_lm_head:
-            for key, value in (("labels", labels), ("shift_labels", shift_labels)):
-                if value is not None:
-                    kwargs[key] = value
-            if num_items_in_batch is not None:
-                kwargs["num_items_in_batch"] = num_items_in_batch
-            return original_forward(*args, **kwargs)
-
-        kwargs["use_cache"] = False
-        if getattr(text_config, "output_router_logits", False):
-            kwargs.setdefault("output_router_logits", True)
-        backbone_outputs = self.base_model(*args, **kwargs)
-        hidden = backbone_outputs.last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        head = self.get_output_embeddings()
-        weight, bias = _head_weight_and_bias(head)
-        if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling keeps only these logits
-            weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
-        hidden = hidden.to(weight.device)
-        labels = labels.to(weight.device)
-        # A DTensor head (FSDP2 outside its own gather) is gathered by fk, its gradient averaged back to the shard.
-        token = fk.fused_linear_token_logps(
-            hidden, weight, labels, bias, -100, chunk_size=chunk_size, stats=stats, **logit_options
-        )
-        mask = labels != -100
-        log_probs = token.log_probs
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-
-        aux_loss = None
-        if kwargs.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            aux_loss = load_balancing_loss_func(
-                backbone_outputs.router_logits,
-                text_config.num_experts if hasattr(text_config, "num_experts") else text_config.num_local_experts,
-                text_config.num_experts_per_tok,
-                kwargs.get("attention_mask"),
-            )
-            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
-
-        return FusedCausalLMOutput(
-            loss=loss,
-            log_probs=log_probs,
-            entropy=token.entropy,
-            log_sum_sq_probs=token.log_sum_sq_probs,
-            mean_logits=token.mean_logits,
-            is_top1=token.is_top1,
-            label_mask=mask,
-            aux_loss=aux_loss,
-        )
-
-    model.forward = types.MethodType(_fk_fused_forward, model)
-
-
 class _NoTunerLayer:
     """Matches no module: stands in for PEFT's `BaseTunerLayer` in TRL's lm_head-adapter refusal."""
 
-
-# Architectures whose packed sequences see each other (found by comparing packed with padded log-probs under
-# transformers 5): learned absolute positions or ALiBi without per-sequence masking, or a recurrent state.
-# GPT-Neo is exact with eager attention but not with sdpa; refused whatever the attention.
-_UNPACKABLE_MODEL_TYPES = frozenset({"opt", "bloom", "mpt", "xglm", "gpt_neo", "mamba", "mamba2", "falcon_mamba",
-                                     "jamba"})
 
 # TRL's `__init__` is run with two of its module's names swapped (`_swap_attribute`): trainers built at once in
 # several threads take turns.
@@ -342,119 +208,6 @@ def _reference_free(loss_types) -> bool:
                                for name in names)
 
 
-def _refuse_multimodal(model) -> None:
-    """Vision-language / multimodal models (a text config inside the model's config) are not supported."""
-    config = getattr(model, "config", None)
-    if config is not None and config.get_text_config() is not config:
-        raise NotImplementedError(f"FocalPOTrainer does not support vision-language / multimodal models "
-                                  f"({type(model).__name__}). Use a text-only causal LM, or TRL's DPOTrainer.")
-
-
-def _refuse_unpackable(model) -> None:
-    """`padding_free=True` is refused for the listed architectures (policy or reference model)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _UNPACKABLE_MODEL_TYPES:
-        raise NotImplementedError(
-            f"FocalPOTrainer does not support `padding_free=True` with {model_type!r} models. Their attention (or "
-            "state) does not keep packed sequences apart by `position_ids`, so the log-probs would be wrong; set "
-            "`padding_free=False`."
-        )
-
-
-@contextlib.contextmanager
-def _probing(model, shape):
-    """Random token ids of `shape` (a fixed seed, the global RNG untouched) within the vocabulary the head
-    scores, on the embeddings' device, with the model in eval mode and gradients off for the block."""
-    embeddings = model.get_input_embeddings().weight  # (PEFT's trainable-token wrapper has no num_embeddings)
-    vocab = embeddings.shape[0]
-    rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
-    vocab = min(vocab, rows) if rows else vocab
-    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(embeddings.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield ids
-    finally:
-        model.train(was_training)
-
-
-def _probe_packing(model) -> None:
-    """See `FocalPOTrainer._check_packing`."""
-    runs = []
-    with _probing(model, (3, 4)) as tokens:
-        position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=tokens.device)
-        for first in (tokens[0], tokens[1]):
-            ids = torch.cat([first, tokens[2, :3]])[None]
-            labels = ids.clone()
-            labels[:, :5] = -100  # score B's second and third tokens, each predicted from B alone
-            out = model(input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True)
-            runs.append(out.log_probs[0, 4:6].float())
-    change = float((runs[0] - runs[1]).abs().max())
-    if not change <= 1e-4:
-        raise NotImplementedError(
-            f"FocalPOTrainer does not support `padding_free=True` with this model "
-            f"({model.config.model_type!r}): a probe found that its packed sequences see each other (a "
-            f"sequence's log-probs changed by {change:.3g} when the sequence packed before it changed), so the "
-            "log-probs would be wrong. Set `padding_free=False`."
-        )
-
-
-def _fp32_matmul_eps(device) -> float:
-    """The rounding unit of float32 GEMMs on `device` as PyTorch is set to run them: TF32 2^-10, bfloat16 2^-7,
-    else 0. Read per backend (`fp32_precision`, PyTorch >= 2.9; transformers' `tf32=True` sets it there, and
-    the legacy getter then raises), else through the legacy setting, else bfloat16's (the coarsest)."""
-    try:
-        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
-        precision = backend.fp32_precision
-        if precision == "none":
-            precision = torch.backends.fp32_precision
-    except (AttributeError, RuntimeError):
-        try:
-            precision = {"high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "ieee")
-        except RuntimeError:
-            precision = "bf16"
-    return {"tf32": 2.0**-10, "bf16": 2.0**-7}.get(precision, 0.0)
-
-
-def _probe_head(model) -> None:
-    """The fused head's log-probs must be the model's own, or construction raises (`FocalPOTrainer`'s docstring).
-
-    The fused head computes the logits as hidden states × `get_output_embeddings().weight` (+ bias), scaled
-    and soft-capped as `fk.logit_options_from_config` reads the config. A model whose forward does more
-    (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function does
-    not know) would train on wrong log-probs, silently: an 8-token forward each way (fused and the model's own),
-    in eval mode, without gradients, compares them, and a difference beyond rounding raises."""
-    with _probing(model, (1, 8)) as ids:
-        fused = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).log_probs[:, -7:]
-        logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
-    labels = ids[:, 1:, None].to(logits.device)
-    own = logits.double().log_softmax(-1).gather(-1, labels).squeeze(-1)
-    weight = model.get_output_embeddings().weight
-    # The log-softmax of logits rounded to their dtype moves by up to eps·max|logit| over the logits that carry
-    # probability mass and the label's. In float32 the GEMMs' summation orders dominate (the fused head
-    # multiplies only the scored rows, in vocabulary chunks): up to 2.8e-7·max|logit| measured (H = 4096,
-    # CPU), hence a unit of at least 2^-20 (a margin of about 10). A missing soft-cap or scale moves the
-    # log-probs by a large fraction of the logits. Logits more than 100 below their row's largest carry no
-    # mass: a vocabulary masked with -inf or -1e9 must not set the scale (it would accept anything).
-    eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype) if d.is_floating_point]
-              + [_fp32_matmul_eps(weight.device), 2.0**-20])
-    z = logits.double()
-    carrying = torch.where(z >= z.amax(-1, keepdim=True) - 100, z.abs(), 0).amax(-1)
-    largest = float(torch.maximum(carrying, z.gather(-1, labels).squeeze(-1).abs()).nan_to_num(0.0).max())
-    tolerance = eps * (16 + 4 * largest)
-    change = float((fused.double().to(own.device) - own).abs().max())
-    if not change <= tolerance:
-        raise NotImplementedError(
-            f"FocalPOTrainer does not support this model's output head ({model.config.model_type!r}): the fused "
-            f"head's log-probs (final hidden states × `get_output_embeddings().weight`, with the logit options "
-            f"fk.logit_options_from_config reads) differ from its own forward's by {change:.3g} (tolerance "
-            f"{tolerance:.3g}). Its forward transforms the logits in another way (a head of more than one layer, "
-            "an unread scaling or soft-cap field, a sliced vocabulary). TRL 1.16's DPOTrainer, whose fused head "
-            "reads fewer fields, would train on wrong log-probs too: use a trainer that computes the full logits."
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -468,7 +221,7 @@ class FocalPOTrainer(DPOTrainer):
     `compute_metrics`, `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or
     reference model that cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any
     other architecture is probed), PEFT adapters on `lm_head` other than plain LoRA without dropout, and a model
-    whose own logits the fused head does not reproduce (probed as each head is installed: `_probe_head`).
+    whose own logits the fused head does not reproduce (probed as each head is installed: `probe_head`).
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -519,12 +272,12 @@ class FocalPOTrainer(DPOTrainer):
             if temperature != 1.0 or cast_lm_head_to_fp32:
                 raise NotImplementedError("FocalPOTrainer's fused head takes no temperature / fp32 cast")
             unpatched = m.__dict__.get("forward")  # an instance's own forward, if it had one
-            _install_fk_head(m, outputs=outputs, chunk_size=chunk_size)
+            install_fused_head(m, outputs=outputs, chunk_size=chunk_size)
             # Probed as soon as installed (before TRL precomputes any reference log-probs), the policy and the
             # reference model alike; a reference model that only reference-free types select never runs.
             if not (m is getattr(self, "ref_model", None) and _reference_free(user_loss_types)):
                 try:
-                    _probe_head(m)
+                    probe_head(m)
                 except Exception:  # refused: the model is left as it came
                     if unpatched is None:
                         del m.forward
@@ -598,9 +351,9 @@ class FocalPOTrainer(DPOTrainer):
             return
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
         for model in models:  # the listed architectures first (a model given as a path is loaded by now)
-            _refuse_unpackable(model)
+            refuse_unpackable(model)
         for model in models:
-            _probe_packing(model)
+            probe_packing(model)
         self._fk_packing_checked = True
 
     # -- construction-time checks ------------------------------------------------------------------------------------
@@ -620,7 +373,7 @@ class FocalPOTrainer(DPOTrainer):
             if "image" in sample or "images" in sample:
                 refuse("vision datasets ('image' / 'images' columns)", "Use TRL's DPOTrainer for them.")
         if not isinstance(model, str):
-            _refuse_multimodal(model)
+            refuse_multimodal(model)
         if args.sync_ref_model:
             refuse("`sync_ref_model=True`", "Set `sync_ref_model=False` (the reference stays fixed).")
         if args.use_liger_kernel:
@@ -644,7 +397,7 @@ class FocalPOTrainer(DPOTrainer):
             )
         if args.padding_free:
             for m in (model, ref_model):  # a model given as a hub id / path is checked once loaded
-                _refuse_unpackable(m)
+                refuse_unpackable(m)
         if args.padding_free and getattr(args, "neftune_noise_alpha", None):
             refuse(
                 "`padding_free=True` with `neftune_noise_alpha`",
@@ -677,12 +430,12 @@ class FocalPOTrainer(DPOTrainer):
             raise type(exc)(re.sub(r"^gamma\b", "focal_gamma", str(exc))) from None
 
     def _check_model_supported(self) -> None:
-        _refuse_multimodal(self.model)
+        refuse_multimodal(self.model)
         for m in (self.model, self.ref_model):
             if m is None:
                 continue
             base = m.get_base_model() if is_peft_model(m) else m
-            reason = _lora_head_unsupported_reason(base.get_output_embeddings())
+            reason = lora_head_unsupported_reason(base.get_output_embeddings())
             if reason is not None:
                 raise NotImplementedError(f"FocalPOTrainer does not support {reason}.")
 

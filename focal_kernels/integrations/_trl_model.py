@@ -154,6 +154,7 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 _UNPACKABLE_MODEL_TYPES = frozenset({"opt", "bloom", "mpt", "xglm", "gpt_neo", "mamba", "mamba2", "falcon_mamba",
                                      "jamba"})
 
+
 def refuse_multimodal(model) -> None:
     """Vision-language / multimodal models (a text config inside the model's config) are not supported."""
     config = getattr(model, "config", None)

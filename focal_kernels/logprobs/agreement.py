@@ -2,12 +2,12 @@
 (logprobs/parallel.py) raise the same clear error on every rank instead of hanging in a collective or
 mixing different inputs into wrong log-probs.
 
-Every parallel call makes one agreement round: each rank runs its own argument checks, then all_gathers a
-small int64 vector (whether its checks passed; its shapes, dtypes, options as float64 bits, digests of its
+Before it communicates, a parallel call makes one agreement round per group (and per tensor it sums over a
+sequence-parallel group): each rank runs its own argument checks, then all_gathers a small int64 vector (whether its checks passed; its shapes, dtypes, options as float64 bits, digests of its
 labels, cu_seqlens and hidden states), and one host read lets every rank compare every rank's vector. A rank
 whose checks failed raises its own error; the others raise `RankFailed`, naming it. Digests are sums of
 values times odd pseudo-random weights modulo 2^64 (`position_weights`), computed on the device and read with
-the rest of the vector: one synchronization per call. Nothing here is vocabulary-sized.
+the rest of the vector: one synchronization per round. Nothing here is vocabulary-sized.
 """
 
 from __future__ import annotations
@@ -332,7 +332,6 @@ def _layout_row(row):
 
 
 assert sum(width for _, width in _LAYOUT_FIELDS) <= _INFO_WIDTH
-
 
 
 _OPTION_NAMES = ("logit_softcap", "logit_scale", "temperature")

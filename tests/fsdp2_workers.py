@@ -234,5 +234,49 @@ def outside_forward_pair_loss(rank, world, what):
     _check_grads(model, ref_grads, rank_grads, world, what)
 
 
+def compiled_pair_loss(rank, world, what):
+    """`outside_forward_pair_loss` in a step compiled with inductor, twice (the second call runs the compiled
+    code): the gradient that flows back to the DTensor shards is still averaged over the ranks. Each rank gets
+    its own inductor cache directory, as the README advises: with one shared cache, PyTorch's (2.13) FX graph
+    cache keys a DTensor input by its global shape, so that on a later run rank 1 (5 rows) loads the code
+    compiled for rank 0's 6-row shard and fails an assert_size_stride (plain PyTorch too)."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch._dynamo
+
+    import focal_kernels as fk
+
+    cache = tempfile.mkdtemp(prefix=f"fk-inductor-rank{rank}-")
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        torch._dynamo.reset()
+        ref_losses, ref_grads, rank_grads = _reference(world, PlainHead, pair=True)
+        model = _shard(_build(PlainHead), world)
+        input_ids, labels = _data(rank)
+
+        @torch.compile(backend="inductor")
+        def step(input_ids, labels):
+            hidden = model(input_ids)
+            return fk.fused_linear_focal_po_loss(hidden[0::2], hidden[1::2], model.lm_head.weight, labels[0::2],
+                                                 labels[1::2], bias=model.lm_head.bias, beta=0.5, gamma=0.3).loss
+
+        for call in range(2):
+            model.zero_grad(set_to_none=True)
+            loss = step(input_ids, labels)
+            _close(loss, ref_losses[rank], f"{what}, call {call}: loss")
+            loss.backward()
+            _check_grads(model, ref_grads, rank_grads, world, f"{what}, call {call}")
+    finally:
+        torch._dynamo.reset()
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 SCENARIOS = {fn.__name__: fn for fn in (outside_forward, outside_forward_root_group, inside_forward,
-                                        outside_forward_pair_loss)}
+                                        outside_forward_pair_loss, compiled_pair_loss)}

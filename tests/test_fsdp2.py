@@ -2,8 +2,9 @@
 
 One spawned group (tests/fsdp2_workers.py) runs every scenario: the lm_head applied outside the model's forward,
 where its weight and bias are DTensor shards that focal_kernels gathers, and inside an FSDP-wrapped module's
-forward, where FSDP has gathered them; log-probs, loss and every parameter's gradient (averaged over the
-data-parallel ranks by FSDP) against a single-process float64 reference.
+forward, where FSDP has gathered them, and the pair loss in a step compiled with inductor; log-probs, loss and
+every parameter's gradient (averaged over the data-parallel ranks by FSDP) against a single-process float64
+reference.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def test_fully_shard_lm_head():
     import torch.multiprocessing as mp
 
     scenarios = [("plain", name) for name in SCENARIOS] + [("interpret", "outside_forward"),
-                                                            ("interpret", "inside_forward")]
+                                                            ("interpret", "inside_forward"),
+                                                            ("interpret", "compiled_pair_loss")]
     try:
         dist_workers.spawn(2, scenarios, target=fsdp2_workers.run)
     except mp.ProcessRaisedException as exc:

@@ -62,8 +62,9 @@ def _describe(value):
 
 
 @contextlib.contextmanager
-def recording(specs: dict):
-    """Record, into specs (key -> specification), every kernel launch made through the interpreter."""
+def recording(specs: dict, execute: bool = True):
+    """Record, into specs (key -> specification), every kernel launch made through the interpreter; with
+    execute=False the launches are recorded but not run (their outputs keep whatever they were allocated with)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     original = InterpretedFunction.run
@@ -78,7 +79,9 @@ def recording(specs: dict):
                        for name, value in sorted(kwargs.items())},
         }
         specs.setdefault(json.dumps(spec, sort_keys=True), spec)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if execute:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
 
     InterpretedFunction.run = run
     try:
@@ -261,10 +264,11 @@ def _summary(spec: dict) -> str:
     return f"{spec['kernel']}({kinds}; {spec['kwargs']})"
 
 
-def _record(path: str, run) -> int:
-    """Run run() with every launch recorded; write the distinct ones to path; run()'s status (None: 0)."""
+def _record(path: str, run, execute: bool = True) -> int:
+    """Run run() with every launch recorded (and run, if execute); write the distinct ones to path; run()'s
+    status (None: 0)."""
     specs = {}
-    with recording(specs):
+    with recording(specs, execute):
         status = run()
     with open(path, "w") as file:
         json.dump(list(specs.values()), file, indent=1)
@@ -297,7 +301,13 @@ def main(argv=None) -> int:
         return _record(args.specs, lambda: pytest.main([arg for arg in args.pytest_args if arg != "--"]))
     if args.command == "record-gpu-shapes":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-        return _record(args.specs, launch_gpu_shapes)
+        from focal_kernels import backend
+
+        # The launch configurations depend on the shapes and dtypes, not on the values: the GPU-sized launches
+        # are recorded without running them (a minute of interpreter time saved). The interpreter's one-element
+        # probe runs first, for real, as it checks its result.
+        backend.use_triton(torch.zeros(1))
+        return _record(args.specs, launch_gpu_shapes, execute=False)
 
     os.environ.pop("TRITON_INTERPRET", None)
     with open(args.specs) as file:

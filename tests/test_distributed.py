@@ -35,11 +35,17 @@ API = ("api_logits", "api_hidden", "api_losses")  # the public entry points' gro
     # One group per world size (spawning dominates the run time): the Triton kernels through the interpreter,
     # then the plain PyTorch path.
     (2, [("interpret", name) for name in KERNELS + ("vp_logits_bf16", "sp_logits", "errors") + API]
-        + [("plain", name) for name in ALL + API + ("compiled",)]),
+        + [("plain", name) for name in ALL + API]),
     (3, [("interpret", name) for name in KERNELS] + [("plain", name) for name in ALL]),
 ], ids=["world2", "world3"])
 def test_process_group(world, scenarios):
     _spawn(world, scenarios)
+
+
+def test_compiled():
+    """The calls with a group under torch.compile (aot_eager, then inductor: its compile time, most of this
+    test's, gets a group of its own within the spawn's time limit)."""
+    _spawn(2, [("plain", "compiled")])
 
 
 def test_context_by_vocabulary_mesh():

@@ -3,11 +3,12 @@
 mixing different inputs into wrong log-probs.
 
 Before it communicates, a parallel call makes one agreement round per group (and per tensor it sums over a
-sequence-parallel group): each rank runs its own argument checks, then all_gathers a small int64 vector (whether its checks passed; its shapes, dtypes, options as float64 bits, digests of its
-labels, cu_seqlens and hidden states), and one host read lets every rank compare every rank's vector. A rank
-whose checks failed raises its own error; the others raise `RankFailed`, naming it. Digests are sums of
-values times odd pseudo-random weights modulo 2^64 (`position_weights`), computed on the device and read with
-the rest of the vector: one synchronization per round. Nothing here is vocabulary-sized.
+sequence-parallel group): each rank runs its own argument checks, then all_gathers a small int64 vector
+(whether its checks passed; its shapes, dtypes, options as float64 bits, digests of its labels, cu_seqlens
+and hidden states), and one host read lets every rank compare every rank's vector. A rank whose checks
+failed raises its own error; the others raise `RankFailed`, naming it. Digests are sums of values times odd
+pseudo-random weights modulo 2^64 (`position_weights`), computed on the device and read with the rest of the
+vector: one synchronization per round. Nothing here is vocabulary-sized.
 """
 
 from __future__ import annotations

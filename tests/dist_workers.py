@@ -25,10 +25,12 @@ def run(rank, world, port, scenarios):
     run_group(rank, world, port, scenarios, lambda name, mode: SCENARIOS[name](rank, world))
 
 
-def run_group(rank, world, port, scenarios, call):
+def run_group(rank, world, port, scenarios, call, finish=None):
     """scenarios: (mode, name) pairs; mode "interpret" runs the Triton kernels through the interpreter,
     "plain" the PyTorch path. The kernels are imported once under TRITON_INTERPRET=1 (it must precede
-    `import triton`); the variable is then switched per scenario, which the CPU dispatch reads at every call."""
+    `import triton`); the variable is then switched per scenario, which the CPU dispatch reads at every call.
+    finish(), when given, runs after every scenario (it raises what they recorded); this process then ends
+    here (os._exit): nothing after run_group runs."""
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
     os.environ["TRITON_INTERPRET"] = "1"
     if sys.platform.startswith("linux"):
@@ -49,6 +51,8 @@ def run_group(rank, world, port, scenarios, call):
             assert backend.use_triton(torch.zeros(1)) == (mode == "interpret")
             call(name, mode)
             dist.barrier()
+        if finish is not None:
+            finish()
     except BaseException:
         dist.destroy_process_group()
         raise

@@ -23,9 +23,12 @@ UNSUPPORTED = "FULLY_SHARD_UNSUPPORTED"  # marks an error raised by fully_shard 
 def run(rank, world, port, scenarios):
     from dist_workers import run_group
 
-    run_group(rank, world, port, scenarios, lambda name, mode: SCENARIOS[name](rank, world, f"{name} ({mode})"))
-    if FAILURES:
-        raise AssertionError(f"rank {rank}: {len(FAILURES)} mismatch(es):\n\n" + "\n\n".join(FAILURES))
+    def finish():
+        if FAILURES:
+            raise AssertionError(f"rank {rank}: {len(FAILURES)} mismatch(es):\n\n" + "\n\n".join(FAILURES))
+
+    run_group(rank, world, port, scenarios, lambda name, mode: SCENARIOS[name](rank, world, f"{name} ({mode})"),
+              finish)
 
 
 # ------------------------------------------------------------------ the model
@@ -236,10 +239,12 @@ def outside_forward_pair_loss(rank, world, what):
 
 def compiled_pair_loss(rank, world, what):
     """`outside_forward_pair_loss` in a step compiled with inductor, twice (the second call runs the compiled
-    code): the gradient that flows back to the DTensor shards is still averaged over the ranks. Each rank gets
-    its own inductor cache directory, as the README advises: with one shared cache, PyTorch's (2.13) FX graph
-    cache keys a DTensor input by its global shape, so that on a later run rank 1 (5 rows) loads the code
-    compiled for rank 0's 6-row shard and fails an assert_size_stride (plain PyTorch too)."""
+    code): the gradient that flows back to the DTensor shards is still averaged over the ranks (torch 2.11
+    had doubled it, see linear.gathered). Each rank gets its own inductor cache directory, as the README
+    advises: with one shared cache, PyTorch's (2.13) FX graph cache keys a DTensor input by its global shape,
+    so that on a later run rank 1 (5 rows) loads the code compiled for rank 0's 6-row shard and fails an
+    assert_size_stride (plain PyTorch too). Before torch 2.13, with dynamic=False: 2.11's inductor fails
+    to compile the gather's backward with symbolic sizes (plain PyTorch's full_tensor too)."""
     import os
     import shutil
     import tempfile
@@ -257,7 +262,9 @@ def compiled_pair_loss(rank, world, what):
         model = _shard(_build(PlainHead), world)
         input_ids, labels = _data(rank)
 
-        @torch.compile(backend="inductor")
+        dynamic = False if torch.torch_version.TorchVersion(torch.__version__) < "2.13" else None
+
+        @torch.compile(backend="inductor", dynamic=dynamic)
         def step(input_ids, labels):
             hidden = model(input_ids)
             return fk.fused_linear_focal_po_loss(hidden[0::2], hidden[1::2], model.lm_head.weight, labels[0::2],

@@ -76,12 +76,28 @@ def gathered(tensor):
     """A DTensor parameter (FSDP2's shard of the lm_head, say) as the whole tensor, differentiably; anything
     else unchanged. Its gradient returns to the shard averaged over the mesh, as FSDP averages every other
     parameter's (each rank's gradient comes from its own data: a plain full_tensor() would keep each rank's
-    own rows unreduced)."""
+    own rows unreduced): summed over the mesh (Partial("sum"): a reduce-scatter), then scaled by 1 / the
+    mesh's size on the shard. Not Partial("avg"): under torch.compile, torch 2.11 reduced it as a sum (gloo),
+    gradients world-size times too large without a word; torch 2.13 does not."""
     if not is_dtensor(tensor):
         return tensor
     from torch.distributed.tensor import Partial
 
-    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+    mesh = tensor.device_mesh
+    return _ScaledGrad.apply(tensor, 1.0 / mesh.size()).full_tensor(grad_placements=[Partial("sum")] * mesh.ndim)
+
+
+class _ScaledGrad(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `scale` (on a DTensor shard: shard-sized)."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale):
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 def gathered_params(weight, bias):

@@ -77,8 +77,9 @@ def gathered(tensor):
     else unchanged. Its gradient returns to the shard averaged over the mesh, as FSDP averages every other
     parameter's (each rank's gradient comes from its own data: a plain full_tensor() would keep each rank's
     own rows unreduced): summed over the mesh (Partial("sum"): a reduce-scatter), then scaled by 1 / the
-    mesh's size on the shard. Not Partial("avg"): under torch.compile, torch 2.11 reduced it as a sum (gloo),
-    gradients world-size times too large without a word; torch 2.13 does not."""
+    mesh's size on the shard. Not Partial("avg"): in a compiled step on torch 2.11 (gloo; the mesh agreement's
+    graph break between this gather and its use), its backward summed, gradients world-size times too large
+    without an error; 2.13 averages."""
     if not is_dtensor(tensor):
         return tensor
     from torch.distributed.tensor import Partial

@@ -6,6 +6,7 @@ Without a GPU the harness runs the kernels through Triton's interpreter on one t
 (a few seconds). With a GPU it adds --tiny (the real runs are benchmarks/gpu_check.sh's job).
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -61,7 +62,9 @@ def test_logits_benchmark_every_row(tmp_path, capsys):
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["complete"], output
     rows = results["rows"]
-    for impl in impls:
+    # TRL's row is checked wherever TRL is installed (the runner records a baseline that raises as an error
+    # row and goes on: an unchecked row would hide it).
+    for impl in impls + (["trl"] if importlib.util.find_spec("trl") is not None else []):
         ok = [r for r in rows if r["impl"] == impl and r["status"] == "ok"]
         assert len(ok) == 1, f"no successful {impl!r} row\n{output}"
         row = ok[0]
@@ -69,7 +72,9 @@ def test_logits_benchmark_every_row(tmp_path, capsys):
             ms = row[f"{phase}_ms"]
             assert ms is not None and math.isfinite(ms) and ms > 0, (impl, phase, ms)
         assert row["loss"] is not None and math.isfinite(row["loss"])
-        assert row["loss_rel_diff_vs_ours"] < 1e-3, row  # all compute the same loss on the same inputs
+        # All compute the same loss on the same inputs; TRL's selective_log_softmax returns bf16 token log-probs
+        # from bf16 logits (2e-3 here, at V = 256), which its tolerance allows.
+        assert row["loss_rel_diff_vs_ours"] < (1e-2 if impl == "trl" else 1e-3), row
         assert row["bwd_method"] == ("fresh_graph" if impl == "inplace" else "retain_graph"), row
     markdown = (tmp_path / "bench.md").read_text()
     assert markdown.count("| ours |") == 1 and "| seqlogps packed |" in markdown

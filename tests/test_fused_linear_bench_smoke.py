@@ -8,6 +8,7 @@ Without a GPU the benchmark runs tiny shapes through Triton's interpreter in thi
 With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
 """
 
+import importlib.util
 import json
 import math
 
@@ -29,8 +30,7 @@ def test_fused_linear_benchmark_every_row(tmp_path, capsys):
     assert results["complete"], output
     rows = {r["impl"]: r for r in results["rows"]}
     expected = {"ours", "ours_chunk64", *IMPLS}
-    trl_missing = any(name.startswith("trl") for name, _ in results["skipped_implementations"])
-    if trl_missing:
+    if importlib.util.find_spec("trl") is None:  # installed, its rows must run (a failed import included)
         expected -= {"trl", "trl_frozen"}
     assert set(rows) == expected and all(r["status"] == "ok" for r in rows.values()), output
     for key, row in rows.items():

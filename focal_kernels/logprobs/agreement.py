@@ -466,7 +466,7 @@ def agree_sum_layout(per_sequence_values, group, error, what, tags=()):
     if error is None:
         shape = list(per_sequence_values.shape)
         tags = (*tags, *(0,) * (_SP_SHAPE - 2 - len(tags)))
-        fields = _ints_of([per_sequence_values.dim(), DTYPE_CODES.get(per_sequence_values.dtype, 99), *tags,
+        fields = _ints_of([per_sequence_values.dim(), dtype_code(per_sequence_values.dtype), *tags,
                            *shape], device)
     rows = _agree(group, device, error, fields, what)
     for rank, row in enumerate(rows):

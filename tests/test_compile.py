@@ -476,6 +476,82 @@ def test_hidden_path_with_changing_shapes(path, step, dynamic):
         assert_compiled_matches_eager(step, compiled, inputs)
 
 
+
+def _budgeted_step(hidden, weight, labels, bias, budget):
+    logps = fk.fused_linear_sequence_logps(hidden, weight, labels, bias, chunk_size=16, logit_softcap=3.0,
+                                           memory_budget=budget)
+    return fk.preference_loss(logps[0::2], logps[1::2], loss_type="focal", beta=0.2, gamma=0.3).loss + \
+        0.01 * logps.sum()
+
+
+def _check_budgeted_step(compiled, mode):
+    """compiled(_budgeted_step) over changing (B, T) against eager and the float64 reference, the lm_head
+    frozen (mode "frozen") or trainable with memory_budget (a kept-chunk count that depends on the symbolic
+    row count: one chunk of four, then all of them); a frozen step under no_grad too."""
+    trainable = mode == "budget"
+    vocab = 53  # 3 full chunks of 16, and a tail of 5
+    for batch, seq_len, budget_chunks in ((4, 6, 1), (4, 9, 4), (6, 7, 1)):
+        labels = torch.randint(0, vocab, (batch, seq_len))
+        labels[0, :2] = IGNORE
+        labels[-1] = IGNORE  # an all-ignored sequence
+        # Under compile every token is a row (the eager path gathers the scored ones): the budget in those rows.
+        budget = budget_chunks * batch * seq_len * 16 * 4 if trainable else None
+        values = [torch.randn(batch, seq_len, HIDDEN, dtype=torch.float64), torch.randn(vocab, HIDDEN,
+                  dtype=torch.float64), labels, torch.randn(vocab, dtype=torch.float64), budget]
+        results = []
+        for fn in (compiled, _budgeted_step, fk.reference):
+            if fn is fk.reference:
+                leaves = [values[0].clone().requires_grad_(True), values[1].clone().requires_grad_(trainable),
+                          labels, values[3].clone().requires_grad_(trainable)]
+                logps = fk.reference.sequence_logps(fk.reference.linear_logits(
+                    leaves[0], leaves[1], leaves[3], logit_softcap=3.0), labels)
+                loss = fk.reference.focal_po_pair_loss(logps[0::2], logps[1::2], beta=0.2,
+                                                       gamma=0.3).mean() + 0.01 * logps.sum()
+            else:
+                leaves = [values[0].float().requires_grad_(True), values[1].float().requires_grad_(trainable),
+                          labels, values[3].float().requires_grad_(trainable)]
+                loss = fn(*leaves, budget)
+            results.append((loss, *torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])))
+        (got, *grads), (eager, *eager_grads), (expected, *expected_grads) = results
+        assert len(grads) == (3 if trainable else 1)
+        assert_close(got, eager, (1e-5, 1e-6), f"{mode}: loss vs eager")
+        assert_close(got, expected, (1e-5, 1e-5), f"{mode}: loss vs reference")
+        for k, (g, e, x) in enumerate(zip(grads, eager_grads, expected_grads)):
+            assert_close(g, e, (1e-5, 1e-6), f"{mode}: gradient {k} vs eager")
+            assert_close(g, x, (1e-4, 1e-5), f"{mode}: gradient {k} vs reference")
+    if mode == "frozen":
+        hidden, weight = torch.randn(2, 5, HIDDEN), torch.randn(vocab, HIDDEN)
+        labels = torch.randint(0, vocab, (2, 5))
+        with torch.no_grad():
+            got = compiled(hidden, weight, labels, None, None)
+        assert_close(got, _budgeted_step(hidden, weight, labels, None, None), (1e-5, 1e-6), "no_grad")
+
+
+@pytest.mark.parametrize("mode", ["frozen", "budget"])
+def test_frozen_head_and_memory_budget_with_changing_shapes(path, mode):
+    """The hidden-state path's GEMM-saving modes compiled (fullgraph, automatic dynamic shapes) match eager
+    and float64; a frozen head's backward graphs hold no GEMM (its gradient was accumulated in the forward),
+    a budgeted one's do (the weight's gradient, and the chunks not kept)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_graphs = []
+
+    def record(gm, _inputs):
+        backward_graphs.append(str(gm.graph))
+        return gm
+
+    _check_budgeted_step(torch.compile(_budgeted_step, fullgraph=True,
+                                       backend=aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=record)), mode)
+    gemms = ("focal_kernels.linear_backward", "aten.mm", "aten.addmm", "aten.bmm")
+    assert len(backward_graphs) >= 2  # a static compilation, then dynamic ones
+    assert all(any(op in g for op in gemms) == (mode == "budget") for g in backward_graphs), backward_graphs
+
+
+@pytest.mark.parametrize("mode", ["frozen", "budget"])
+def test_frozen_head_and_memory_budget_under_inductor(mode):
+    _check_budgeted_step(torch.compile(_budgeted_step, fullgraph=True), mode)
+
+
 def test_strided_last_dimension_traces(path):
     """Logits whose last dimension is not contiguous are copied: in eager mode with a warning, under
     torch.compile(fullgraph=True) silently (it cannot trace warnings.warn)."""

@@ -451,9 +451,13 @@ def _fused_loss(chosen, rejected, weight, chosen_labels, rejected_labels):
 
 
 def _summed_token_logps(chosen, rejected, weight, chosen_labels, rejected_labels):
-    """A reduction of the token log-probs: their gradient arrives expanded, strides (1, 0)."""
-    return sum(fk.fused_linear_token_logps(hidden, weight, labels, chunk_size=16).log_probs.sum(-1)
-               for hidden, labels in ((chosen, chosen_labels), (rejected, rejected_labels)))
+    """A reduction of the token log-probs: their gradient arrives expanded, strides (1, 0). The rejected side
+    asks for every statistic too (summed beside the log-probs, compared with eager's)."""
+    chosen = fk.fused_linear_token_logps(chosen, weight, chosen_labels, chunk_size=16).log_probs.sum(-1)
+    rejected = fk.fused_linear_token_logps(rejected, weight, rejected_labels, chunk_size=16,
+                                           stats=("entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
+    return torch.stack([chosen + rejected.log_probs.sum(-1), *(getattr(rejected, name).sum(-1).to(chosen.dtype)
+                        for name in ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))])
 
 
 def _sequence_logps(chosen, rejected, weight, chosen_labels, rejected_labels):

@@ -75,11 +75,14 @@ def git_commit() -> dict:
                               check=True).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        # Only this repository's own checkout: a copied tree inside some other repository is not it.
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) == os.path.realpath(root):
+            return {"commit": git("rev-parse", "HEAD"),
+                    "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
-        given = os.environ.get("BENCH_COMMIT", "").strip()
-        return {"commit": given or None, "commit_dirty": None}
+        pass
+    given = os.environ.get("BENCH_COMMIT", "").strip()
+    return {"commit": given or None, "commit_dirty": None}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -41,10 +41,12 @@ implementation refuses that; the note says so). Liger computes its gradients in 
 only their scaling. The GEMM floor: floor_gemms GEMMs of 2·N_valid·H·V FLOPs (4 for a trainable head:
 forward logits, their recompute, grad_W, grad_hidden; 2 for a frozen one: logits and grad_hidden;
 N_valid = scored tokens) at two rates measured in this run: the sustained rate of the very GEMMs ours runs
-(the (N_valid, H) × (H, chunk) products over the whole vocabulary at ours' default chunk, timed as one loop
-per shape) and the 8192³ torch.mm burst rate; time / each floor; peak extra memory of one fwd+bwd
-(max_memory_allocated minus memory_allocated before it), also net of the returned gradients; that as % of
-the bf16 logits' size N·V·2; and each row's time and memory over ours'. A target table (targets.py) reads
+(its chunk loops' four GEMMs over the whole vocabulary at ours' default chunk: forward logits, recompute,
+grad_W, grad_hidden; timed as one call per shape, their mean rate) and the 8192³ torch.mm burst rate;
+time / each floor; peak extra memory of one fwd+bwd (max_memory_allocated minus memory_allocated before
+it), also net of the returned gradients; that as % of the bf16 logits' size N·V·2; and each row's time
+and memory over ours'. TRL, Liger and CCE take chosen and rejected as one batch: it is concatenated once
+per input set, outside the measured calls (a trainer's concatenated forward hands it over so). A target table (targets.py) reads
 the issue's goals off the rows. Without CUDA: tiny shapes (H=16, V=128, 2 pairs x 4 tokens) through Triton's
 interpreter, CPU timings (NOT GPU timings), no 8192³ rate, no memory figures.
 
@@ -126,10 +128,13 @@ class Inputs:
     rejected_labels: torch.Tensor
     ref_chosen_logps: torch.Tensor
     ref_rejected_logps: torch.Tensor
+    hidden: torch.Tensor | None = None   # (2·pairs, T, H) leaf: chosen then rejected, for `Concatenated` rows
+    labels: torch.Tensor | None = None   # (2·pairs, T) likewise
 
     @property
     def grad_inputs(self):
-        return tuple(t for t in (self.chosen_hidden, self.rejected_hidden, self.weight) if t.requires_grad)
+        hiddens = (self.chosen_hidden, self.rejected_hidden) if self.hidden is None else (self.hidden,)
+        return tuple(t for t in (*hiddens, self.weight) if t.requires_grad)
 
     @property
     def grad_bytes(self) -> int:
@@ -187,7 +192,18 @@ class FrozenHead:
     floor_gemms = 2
 
     def inputs(self, x: Inputs) -> Inputs:
-        return dataclasses.replace(x, weight=x.weight.detach())
+        return dataclasses.replace(super().inputs(x), weight=x.weight.detach())
+
+
+class Concatenated:
+    """Mixin: chosen and rejected hidden states (and labels) as one (2·pairs, T, H) leaf, made once per input
+    set outside the measured calls, as a trainer's concatenated forward hands them to these baselines (whose
+    APIs take one batch); the gradients go to that leaf."""
+
+    def inputs(self, x: Inputs) -> Inputs:
+        x = super().inputs(x)
+        hidden = torch.cat([x.chosen_hidden, x.rejected_hidden]).detach().requires_grad_()
+        return dataclasses.replace(x, hidden=hidden, labels=torch.cat([x.chosen_labels, x.rejected_labels]))
 
 
 class OursFrozen(FrozenHead, Ours):
@@ -196,21 +212,18 @@ class OursFrozen(FrozenHead, Ours):
 
 
 class OursMemoryBudget(Ours):
-    """memory_budget = Liger's net extra memory on the same shape in this run less ours' own (default) net
-    extra memory, so that the kept logits bring ours to Liger's memory and no further (the target compares
-    times at no more memory than Liger's); else DEFAULT_MEMORY_BUDGET."""
+    """memory_budget = Liger's net extra memory on the same shape in this run (the issue's setting: the
+    logits Liger's memory would hold are kept; ours' own default net comes on top, and the target table shows
+    the total over Liger's); else DEFAULT_MEMORY_BUDGET."""
 
     key, name = "ours_budget", "ours (memory_budget)"
 
     def prepare(self, shape, earlier_rows):
-        def net(impl):
-            row = next((r for r in earlier_rows if r["impl"] == impl and r["status"] == "ok"), None)
-            return (row or {}).get("peak_extra_bytes_without_grads") or 0
-
-        liger, own = net("liger"), net("ours")
-        if liger > own:
-            self.memory_budget = int(liger - own)
-            source = "Liger's net extra memory in this run, less ours' default"
+        liger = next((r for r in earlier_rows if r["impl"] == "liger" and r["status"] == "ok"), None)
+        net = (liger or {}).get("peak_extra_bytes_without_grads")
+        if net and net > 0:
+            self.memory_budget = int(net)
+            source = "Liger's net extra memory in this run"
         else:
             self.memory_budget = DEFAULT_MEMORY_BUDGET
             source = "fixed: no Liger memory figure on this shape"
@@ -298,8 +311,7 @@ class Eager(Impl):
 
 def _scored_rows(x: Inputs):
     """(rows (N_valid, H) of chosen then rejected, their int64 labels, flat positions in the (2·pairs·T) grid)."""
-    hidden = torch.cat([x.chosen_hidden, x.rejected_hidden]).flatten(0, 1)
-    labels = torch.cat([x.chosen_labels, x.rejected_labels]).reshape(-1)
+    hidden, labels = x.hidden.flatten(0, 1), x.labels.reshape(-1)
     positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     return hidden.index_select(0, positions), labels.index_select(0, positions), positions
 
@@ -314,7 +326,7 @@ def _pair_loss_from_token_logps(x: Inputs, token_logps, positions):
                                x.ref_rejected_logps, BETA, GAMMA)
 
 
-class TRLChunkedLogProb(Impl):
+class TRLChunkedLogProb(Concatenated, Impl):
     """TRL's fused LM head on the scored rows of chosen and rejected together (one call, as its DPOTrainer
     concatenates them). The Function's positional arguments are matched to its forward's parameter names,
     since they have changed between TRL releases."""
@@ -359,7 +371,7 @@ class TRLChunkedLogProbFrozen(FrozenHead, TRLChunkedLogProb):
     note = "trl.kernels.ChunkedLogProbFunction, weight without grad"
 
 
-class LigerFusedLinearDPO(Impl):
+class LigerFusedLinearDPO(Concatenated, Impl):
     """Liger's fused-linear DPO (gamma = 0), reference-free (it does not take precomputed reference
     log-probs): the same GEMM work on a different loss, so its loss value is not compared with ours."""
 
@@ -389,9 +401,7 @@ class LigerFusedLinearDPO(Impl):
         return None
 
     def loss(self, x):
-        hidden = torch.cat([x.chosen_hidden, x.rejected_hidden])
-        labels = torch.cat([x.chosen_labels, x.rejected_labels])
-        out = self._module(x.weight, hidden, labels)
+        out = self._module(x.weight, x.hidden, x.labels)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -407,7 +417,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-class CutCrossEntropy(Impl):
+class CutCrossEntropy(Concatenated, Impl):
     key, name = "cce", "cce"
     note = "cut_cross_entropy.linear_cross_entropy (default filter_eps: approximate gradient)"
 
@@ -419,10 +429,8 @@ class CutCrossEntropy(Impl):
         return reason
 
     def loss(self, x):
-        pairs = x.chosen_labels.shape[0]
-        hidden = torch.cat([x.chosen_hidden, x.rejected_hidden])
-        labels = torch.cat([x.chosen_labels, x.rejected_labels])
-        nll = self._fn(hidden, x.weight, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        pairs, labels = x.chosen_labels.shape[0], x.labels
+        nll = self._fn(x.hidden, x.weight, labels, ignore_index=IGNORE_INDEX, reduction="none")
         # Its backward views the incoming gradient as flat: hand it a contiguous one (sum's is expanded).
         nll = _ContiguousGrad.apply(nll)
         sequence_logps = -nll.float().reshape(labels.shape).sum(-1)  # ignored tokens have loss 0
@@ -454,26 +462,41 @@ def matmul_rate(device) -> dict | None:
 
 
 def chunk_gemm_loop(shape: Shape, weight: torch.Tensor, device, reps: int) -> dict:
-    """The sustained rate of the GEMMs ours runs on this shape: (N_valid, H) × (H, chunk) products over the
-    whole vocabulary at ours' default chunk, through ours' own loop (vocab_chunks.logits_pass), timed as one
-    call (do_bench median on a GPU, L2 flushed before each loop)."""
+    """The sustained rate of the GEMMs ours runs on this shape: through ours' own loops at ours' default chunk,
+    the forward's (N_valid, H) × (H, chunk) products over the whole vocabulary (vocab_chunks.logits_pass), then
+    the backward's recompute, grad_W and float32-accumulating grad_hidden products (vocab_chunks.gradient_pass,
+    the logits standing in for their gradient), timed as one call (do_bench median on a GPU, L2 flushed before
+    each): "ms" is the time of those 4 GEMMs, so a task of n GEMMs has the floor n/4 · ms."""
     from focal_kernels.logprobs import vocab_chunks
 
     rows = torch.randn((shape.valid_tokens, shape.hidden), dtype=DTYPE, device=device)
     chunk = vocab_chunks.default_chunk_size(shape.valid_tokens, shape.vocab, shape.hidden, rows.element_size())
-    timer = GpuTimer(device, warmup_ms=25, rep_ms=100) if device.type == "cuda" else CpuTimer(reps)
     weight = weight.detach()
-    ms = timer.median_ms(lambda: vocab_chunks.logits_pass(rows, weight, None, chunk, lambda logits, start: None))
-    del rows
-    return {"shape": shape.group(), "valid_tokens": shape.valid_tokens, "chunk": chunk, "ms": ms,
-            "tflops": shape.gemm_flops() / ms / 1e9}
+    grad_weight = torch.empty_like(weight)
+    grad_rows = torch.zeros((shape.valid_tokens, shape.hidden), dtype=torch.float32, device=device)
+
+    def four_gemms():
+        vocab_chunks.logits_pass(rows, weight, None, chunk, lambda logits, start: None)
+        vocab_chunks.gradient_pass(rows, weight, None, chunk, lambda logits, start: logits, grad_weight, None,
+                                   grad_rows)
+
+    timer = GpuTimer(device, warmup_ms=25, rep_ms=100) if device.type == "cuda" else CpuTimer(reps)
+    ms = timer.median_ms(four_gemms)
+    del rows, grad_weight, grad_rows
+    return {"shape": shape.group(), "valid_tokens": shape.valid_tokens, "chunk": chunk, "gemms": 4, "ms": ms,
+            "tflops": 4 * shape.gemm_flops() / ms / 1e9}
+
+
+def shape_fields(shape: Shape) -> dict:
+    """A row's shape fields (what the target table groups and selects rows by)."""
+    return {"hidden": shape.hidden, "vocab": shape.vocab, "pairs": shape.pairs, "seq_len": shape.seq_len,
+            "tokens": shape.tokens, "valid_tokens": shape.valid_tokens, "ignored_fraction": shape.ignored_fraction,
+            "dtype": DTYPE_NAME}
 
 
 def new_row(shape: Shape, impl, grad_bytes: int) -> dict:
     return {
-        "impl": impl.key, "name": impl.name, "hidden": shape.hidden, "vocab": shape.vocab, "pairs": shape.pairs,
-        "seq_len": shape.seq_len, "tokens": shape.tokens, "valid_tokens": shape.valid_tokens,
-        "ignored_fraction": shape.ignored_fraction, "dtype": DTYPE_NAME, "status": "ok", "note": impl.note,
+        "impl": impl.key, "name": impl.name, **shape_fields(shape), "status": "ok", "note": impl.note,
         **{f"{p}_ms": None for p in PHASES}, "bwd_method": None, "floor_gemms": impl.floor_gemms,
         "gemm_flops": impl.floor_gemms * shape.gemm_flops(), "gemm_floor_sustained_ms": None,
         "floor_ratio_sustained": None, "gemm_floor_ms": None, "floor_ratio": None,
@@ -496,7 +519,7 @@ def _fill(row: dict, m, shape: Shape, reps: int, tflops, loop) -> None:
         row["peak_without_grads_pct_of_logits"] = 100.0 * (peak - row["grad_bytes"]) / shape.logits_bytes
     if row["fwdbwd_ms"]:
         if loop:
-            row["gemm_floor_sustained_ms"] = row["floor_gemms"] * loop["ms"]
+            row["gemm_floor_sustained_ms"] = row["floor_gemms"] / loop["gemms"] * loop["ms"]
             row["floor_ratio_sustained"] = row["fwdbwd_ms"] / row["gemm_floor_sustained_ms"]
         if tflops:
             row["gemm_floor_ms"] = row["gemm_flops"] / (tflops * 1e9)
@@ -590,7 +613,7 @@ def markdown_report(results: dict) -> str:
     meta = results["meta"]
     parts = ["# focal-kernels fused-linear benchmark", "", *(f"{line}  " for line in report_header(meta)), ""]
     parts.append("GEMM floor = n GEMMs × 2·N_valid·H·V FLOPs (n in brackets: 4 for a trainable head, 2 for a "
-                 "frozen one) at the sustained rate of ours' own chunk GEMMs on that shape, and at the 8192³ burst "
+                 "frozen one) at the mean sustained rate of ours' own four chunk GEMMs on that shape, and at the 8192³ burst "
                  "rate. bwd: backward of a retained graph unless the note says fresh graphs. Peak extra = "
                  "max_memory_allocated − memory_allocated before one fwd+bwd; \"net\" subtracts the returned "
                  "gradients (the hidden states' and, for a trainable head, the weight's). % of logits: of N·V·2 "
@@ -605,7 +628,8 @@ def save(results: dict, out_dir: str) -> None:
     """fused.json and fused.md, flat in out_dir (rewritten after every row)."""
     results["targets"] = targets.evaluate(targets.FUSED_TARGETS, results["rows"],
                                           lambda row: f"{row['pairs']} × {row['seq_len']}, "
-                                                      f"{row['ignored_fraction']:.0%} ignored")
+                                                      f"{row['ignored_fraction']:.0%} ignored",
+                                          results.get("planned_shapes", ()))
     os.makedirs(out_dir, exist_ok=True)
     _write_atomically(os.path.join(out_dir, "fused.json"), json.dumps(_clean(results), indent=1) + "\n")
     _write_atomically(os.path.join(out_dir, "fused.md"), markdown_report(results))
@@ -694,7 +718,7 @@ def main(argv=None) -> int:
         print(f"skipping {name}: {reason}", flush=True)
 
     results = {"meta": meta, "skipped_implementations": skipped, "skipped_shapes": [], "rows": [],
-               "complete": False}
+               "complete": False, "planned_shapes": [shape_fields(shape) for shape in shapes]}
     started = time.perf_counter()
     tflops = None
     if device.type == "cuda":
@@ -736,7 +760,7 @@ def main(argv=None) -> int:
             loop = chunk_gemm_loop(shape, weight, device, reps)
             meta["gemm_loops"].append(loop)
             print(f"  sustained GEMM rate: {loop['tflops']:.4g} TFLOP/s (chunk {loop['chunk']}, "
-                  f"{loop['ms']:.4g} ms per pass over V)", flush=True)
+                  f"{loop['ms']:.4g} ms for its 4 GEMMs over V)", flush=True)
         except Exception as exc:  # the rows keep the 8192³ floor
             print(f"  sustained GEMM rate not measured: {describe_failure(exc)}", flush=True)
         release_memory()

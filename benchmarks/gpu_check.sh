@@ -42,7 +42,12 @@ if [ -z "${GPU_CHECK_WITHOUT_CUDA:-}" ] && \
     exit 3
 fi
 
-commit="$(git rev-parse HEAD 2>/dev/null || true)"
+commit=""
+git_here=""  # this repository's own checkout (not a copied tree inside some other repository)
+if [ "$(git rev-parse --show-toplevel 2>/dev/null)" = "$(pwd -P)" ]; then
+    git_here=1
+    commit="$(git rev-parse HEAD 2>/dev/null || true)"
+fi
 commit="${commit:-${BENCH_COMMIT:-}}"
 export BENCH_COMMIT="$commit"
 label="${commit:0:7}"
@@ -50,7 +55,9 @@ if [ -z "$label" ]; then
     label="unknown-commit"
     echo "WARNING: no commit known (no .git here and BENCH_COMMIT unset): results are NOT tied to a commit" >&2
 fi
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then label="$label-dirty"; fi
+if [ -n "$git_here" ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    label="$label-dirty"
+fi
 out_dir="${OUT:-./bench_out}/$label"
 mkdir -p "$out_dir"
 log="$out_dir/$phase.log"

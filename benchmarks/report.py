@@ -143,7 +143,8 @@ def _write_atomically(path: str, text: str) -> None:
 
 def save(results: dict, out_dir: str) -> None:
     """bench.json and bench.md in out_dir (rewritten after every row)."""
-    results["targets"] = targets.evaluate(targets.LOGITS_TARGETS, results["rows"], _shape_label)
+    results["targets"] = targets.evaluate(targets.LOGITS_TARGETS, results["rows"], _shape_label,
+                                          results.get("planned_shapes", ()))
     os.makedirs(out_dir, exist_ok=True)
     _write_atomically(os.path.join(out_dir, "bench.json"), json.dumps(_clean(results), indent=1) + "\n")
     _write_atomically(os.path.join(out_dir, "bench.md"), markdown_report(results))

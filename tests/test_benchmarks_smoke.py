@@ -103,6 +103,37 @@ def test_gpu_check_script_parses_and_refuses_unknown_phases():
         assert proc.returncode == 3 and "no CUDA device" in proc.stderr
 
 
+
+def test_commit_of_a_copied_tree_inside_another_repository(tmp_path):
+    """A copied tree (no .git of its own, as on the lent GPU) inside some other git repository: the results
+    name BENCH_COMMIT, not the outer repository's HEAD, in gpu_check.sh's folder and in the JSON headers."""
+    import shutil
+
+    outer = tmp_path / "outer"
+    (outer / "inner").mkdir(parents=True)
+    shutil.copytree(ROOT / "benchmarks", outer / "inner" / "benchmarks",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    git = ["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "outer"], check=True)
+    named = "0123456789abcdef0123456789abcdef01234567"
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "python").write_text("#!/bin/sh\nexit 0\n")  # every step "succeeds" at once
+    (shim / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "BENCH_COMMIT": named, "GPU_CHECK_WITHOUT_CUDA": "1"}
+    proc = subprocess.run(["bash", str(outer / "inner" / "benchmarks" / "gpu_check.sh"), "logits-small"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"commit {named}" in proc.stdout and (tmp_path / "out" / named[:7]).is_dir(), proc.stdout
+    probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); from benchmarks.environment import git_commit; "
+             "print(json.dumps(git_commit()))")
+    found = subprocess.run([sys.executable, "-c", probe, str(outer / "inner")], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "BENCH_COMMIT": named}, check=True)
+    assert json.loads(found.stdout.strip().splitlines()[-1]) == {"commit": named, "commit_dirty": None}
+
 def test_config_sweep_runs_the_kernels_it_tunes():
     """benchmarks.sweep_configs drives the kernels through their own launchers with the configuration
     forced: every configuration runs (none fails on a signature) and the forced block size is the one used."""

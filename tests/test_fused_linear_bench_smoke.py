@@ -64,23 +64,68 @@ def test_fused_linear_benchmark_every_row(tmp_path, capsys):
     check_written_files(stdout, tmp_path, output)
 
 
-def test_memory_budget_row_and_target_are_at_ligers_memory():
-    """ours (memory_budget) keeps logits up to Liger's net memory less ours' own, and its target is met only
-    when it is faster at no more net memory than Liger's."""
+def test_memory_budget_row_and_target():
+    """ours (memory_budget) keeps logits up to Liger's net extra memory (the issue's setting); its target is
+    speed alone, at 0% ignored only, with ours' net memory over Liger's shown beside."""
     from benchmarks import targets
-    from benchmarks.fused_linear import OursMemoryBudget
+    from benchmarks.fused_linear import DEFAULT_MEMORY_BUDGET, OursMemoryBudget
 
     mib = 2**20
 
-    def row(impl, ms, net):
+    def row(impl, ms, net, ignored=0.0, seq_len=2048):
         return {"impl": impl, "status": "ok", "fwdbwd_ms": ms, "peak_extra_bytes_without_grads": net * mib,
-                "seq_len": 2048}
+                "seq_len": seq_len, "ignored_fraction": ignored}
 
     budget = OursMemoryBudget()
     budget.prepare(None, [row("ours", 12.0, 384), row("liger", 10.0, 4200)])
-    assert budget.memory_budget == (4200 - 384) * mib and "less ours' default" in budget.note
+    assert budget.memory_budget == 4200 * mib and "Liger's net extra memory" in budget.note
+    budget.prepare(None, [row("ours", 12.0, 384), {**row("liger", 10.0, 4200), "status": "oom"}])
+    assert budget.memory_budget == DEFAULT_MEMORY_BUDGET and "fixed" in budget.note
     goal = next(t for t in targets.FUSED_TARGETS if t.what.startswith("memory_budget"))
-    for net, met in ((4100, True), (4584, False)):
-        rows = [row("ours", 12.0, 384), row("liger", 10.0, 4200), row("ours_budget", 8.0, net)]
-        assert goal.evaluate(rows)[1] is met, net
-    assert goal.evaluate([row("liger", 10.0, 4200), row("ours_budget", 9.5, 4100)])[1] is False  # 1.05× < 1.10×
+    for ms, seq_len, met in ((9.0, 2048, True), (9.5, 2048, False), (9.9, 4096, True), (10.5, 4096, False)):
+        rows = [row("liger", 10.0, 4200, seq_len=seq_len), row("ours_budget", ms, 4584, seq_len=seq_len)]
+        assert goal.applies(rows)
+        text, verdict = goal.evaluate(rows)
+        assert verdict is met and "1.09 of its net memory" in text, (ms, seq_len, text)
+    assert not goal.applies([row("liger", 10.0, 4200, ignored=0.4), row("ours_budget", 9.0, 4584, ignored=0.4)])
+
+
+def test_target_table_names_every_shape_and_missing_row():
+    """A shape whose rows a target needs are missing or failed, and a planned shape never reached (a timeout),
+    each get a line saying what is not measured; nothing drops out of the table. The V = 32000 / 50257 default
+    mode is reported beside the no-label-check row, without a verdict of its own."""
+    from benchmarks import targets
+
+    def row(impl, seq_len, ignored, status="ok", ms=10.0):
+        return {"impl": impl, "status": status, "fwdbwd_ms": ms if status == "ok" else None, "pairs": 4,
+                "seq_len": seq_len, "ignored_fraction": ignored, "peak_extra_bytes_without_grads": 2**20}
+
+    def key(r):
+        return f"{r['pairs']} × {r['seq_len']}, {r['ignored_fraction']:.0%} ignored"
+
+    rows = [row(impl, 2048, 0.0) for impl in ("ours", "gemms", "trl")]
+    rows += [row("ours", 2048, 0.4), row("gemms", 2048, 0.4), row("trl", 2048, 0.4, status="oom")]
+    planned = [{"pairs": 4, "seq_len": t, "ignored_fraction": f} for t in (2048, 4096) for f in (0.0, 0.4)]
+    lines = targets.evaluate(targets.FUSED_TARGETS, rows, key, planned)
+    trl = [t for t in lines if t["target"].startswith("trainable head, default: TRL")]
+    assert [t["shape"] for t in trl] == [key(p) for p in planned]
+    assert trl[0]["met"] is not None and "TRL" not in trl[0]["measured"]
+    assert trl[1]["measured"] == "not measured (trl: OOM)" and trl[1]["met"] is None
+    assert trl[2]["measured"] == trl[3]["measured"] == "not measured (trl: no row, ours: no row)"
+    budget = [t for t in lines if t["target"].startswith("memory_budget")]
+    assert [t["shape"] for t in budget] == [key(planned[0]), key(planned[2])]  # 0% ignored only
+    assert "**not measured (trl: OOM)**" in "\n".join(targets.markdown(lines, True))
+
+    def logits_row(impl, vocab, pct):
+        return {"impl": impl, "status": "ok", "vocab": vocab, "tokens": 16384, "dtype": "bf16",
+                "ignored_fraction": 0.0, "fwdbwd_ms": 1.0, "fwdbwd_pct_copy": pct}
+
+    logits = targets.evaluate(targets.LOGITS_TARGETS, [logits_row("ours", 32000, 58.0),
+                                                       logits_row("novalidate", 32000, 88.0),
+                                                       logits_row("ours", 128256, 90.0)],
+                              lambda r: r["vocab"])
+    verdicts = {(t["target"].split(" fwd+bwd")[0], t["shape"]): t["met"] for t in logits}
+    assert verdicts[("ours", 32000)] is None and verdicts[("ours (no label check)", 32000)] is True
+    assert verdicts[("ours", 128256)] is False
+    assert next(t for t in logits if t["shape"] == 128256 and "no label" in t["target"])["measured"] == \
+        "not measured (novalidate: no row)"

@@ -9,6 +9,11 @@ steps, and the peak GPU memory during them, absolute and above the memory held w
     python -m benchmarks.trl_step --layers 4 --batch 8 --prompt-len 512 --completion-len 1536
     python -m benchmarks.trl_step --tiny               # tiny shapes (the default without a GPU): a smoke run
 
+The loss: FocalPOTrainer's --loss-type (default focal) against DPOTrainer's --dpo-loss-type (default the same
+with focal read as sigmoid, DPO being FocalPO at γ = 0); every row names its loss. A trainer that fails
+(out of memory, or any error) gets a row saying so, and the others still run; the JSON is written after
+every row.
+
 With --shrink, a trainer that runs out of memory at the requested batch is retried at half the batch (down to
 1), and its row says at which batch it ran: the trainers' rows may then be at different batches (the other is
 not re-run), so compare per-pair times there.
@@ -19,15 +24,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from .environment import describe, prepare_environment
+from .environment import describe, is_out_of_memory, prepare_environment
 
 prepare_environment()  # TRITON_INTERPRET=1 without a GPU; before anything imports triton
 
@@ -47,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="timed steps (default 10; 2 tiny)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; 1 tiny)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="model dtype (default bf16)")
-    p.add_argument("--loss-type", default="focal", help="FocalPOTrainer's loss_type (default focal; DPO: sigmoid)")
+    p.add_argument("--loss-type", default="focal", help="FocalPOTrainer's loss_type, a comma list (default focal)")
+    p.add_argument("--dpo-loss-type", help="DPOTrainer's loss_type, a comma list (default --loss-type with focal "
+                                           "read as sigmoid: DPO is FocalPO at gamma = 0)")
     p.add_argument("--impls", default="dpo,focalpo", help="comma list of dpo (TRL), focalpo (default both)")
     p.add_argument("--padding-free", action="store_true", help="FocalPOTrainer with padding_free=True too")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on for both (TRL's default is on; "
@@ -65,7 +74,34 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.tiny = tiny
+    args.loss_type = _loss_types(args.loss_type, "--loss-type")
+    args.dpo_loss_type = (_loss_types(args.dpo_loss_type, "--dpo-loss-type") if args.dpo_loss_type else
+                          ["sigmoid" if name == "focal" else name for name in args.loss_type])
     return args
+
+
+def _loss_types(text: str, option: str) -> list:
+    from focal_kernels import LOSS_TYPES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LOSS_TYPES]
+    if not names or unknown:
+        raise SystemExit(f"{option}: unknown loss types {unknown or text!r}; known: {', '.join(LOSS_TYPES)}")
+    return names
+
+
+VERSIONED = ("trl", "transformers", "accelerate", "peft", "datasets")
+
+
+def package_versions() -> dict:
+    """The versions of the packages a trainer step runs through (None: not installed)."""
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def make_tokenizer(n_words: int):
@@ -144,7 +180,7 @@ def run_one(impl: str, args, batch: int, tokenizer, dataset, out_dir: str) -> di
         max_length=None, dataloader_num_workers=0,
     )
     if impl == "dpo":
-        config, trainer_cls = DPOConfig(loss_type="sigmoid", **common), DPOTrainer
+        config, trainer_cls = DPOConfig(loss_type=args.dpo_loss_type, **common), DPOTrainer
     else:
         padding_free = impl == "focalpo_padding_free"
         config = FocalPOConfig(loss_type=args.loss_type, padding_free=padding_free, **common)
@@ -162,7 +198,9 @@ def run_one(impl: str, args, batch: int, tokenizer, dataset, out_dir: str) -> di
         if cuda:
             torch.cuda.empty_cache()
     timed = times[args.warmup:]
-    row = {"impl": impl, "batch": batch, "status": "ok", "step_ms": 1e3 * statistics.median(timed),
+    loss_type = config.loss_type if isinstance(config.loss_type, str) else ",".join(config.loss_type)
+    row = {"impl": impl, "loss_type": loss_type, "batch": batch, "status": "ok",
+           "step_ms": 1e3 * statistics.median(timed),
            "step_ms_all": [1e3 * t for t in timed], "train_loss": losses[-1] if losses else None}
     if cuda:
         row["peak_mib"] = max(peaks[args.warmup:]) / 2**20
@@ -180,55 +218,78 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown impls: {sorted(unknown)}")
     n_words = min(args.vocab - 3, 30000)
     tokenizer = make_tokenizer(n_words)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter: smoke run)"
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: smoke run)"
     shape = (f"H={args.hidden} V={args.vocab} layers={args.layers} {args.dtype}, "
              f"{args.prompt_len}+{args.completion_len} tokens per sequence")
-    print(f"# FocalPOTrainer vs DPOTrainer step — {device}\n# {shape}, loss_type={args.loss_type}", flush=True)
-    rows = []
+    versions = package_versions()
+    losses = f"FocalPOTrainer loss_type={','.join(args.loss_type)}, DPOTrainer loss_type={','.join(args.dpo_loss_type)}"
+    print(f"# FocalPOTrainer vs DPOTrainer step — {device}\n# {shape}; {losses}\n# "
+          + ", ".join(f"{name} {version}" for name, version in versions.items()), flush=True)
+    # the commit and the versions (describe), as the other benchmarks' JSON carries them
+    result = {**describe(torch.device("cuda" if cuda else "cpu")), "device": device, "shape": shape,
+              "versions": versions, "args": dict(vars(args)), "rows": [], "complete": False}
+    rows = result["rows"]
+
+    def write():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
+    write()
     with tempfile.TemporaryDirectory() as out_dir:
         for impl in impls:
             batch = args.batch
             while True:
                 dataset = make_dataset(batch * (args.warmup + args.steps), n_words, args.prompt_len,
                                        args.completion_len)
+                row = failure = None
                 try:
                     row = run_one(impl, args, batch, tokenizer, dataset, out_dir)
-                except torch.cuda.OutOfMemoryError as e:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    if args.shrink and batch > 1:
+                except Exception as exc:  # one trainer's failure must not lose the other's row
+                    oom = is_out_of_memory(exc)
+                    text = (str(exc).strip().splitlines() or [""])[0][:300]
+                    failure = (oom, f"{'oom' if oom else 'error'}: {type(exc).__name__}: {text}")
+                    if not oom:
+                        print(f"{impl}: error\n" + "".join(traceback.format_exc(limit=-4)), flush=True)
+                    traceback.clear_frames(exc.__traceback__)  # the frames hold the trainer and its model
+                if failure is not None:
+                    gc.collect()  # outside the except block: nothing holds the failed trainer now
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    oom, status = failure
+                    if oom and args.shrink and batch > 1:
                         print(f"{impl}: out of memory at batch {batch}, retrying at {batch // 2}", flush=True)
                         batch //= 2
                         continue
-                    row = {"impl": impl, "batch": batch, "status": f"oom: {str(e).splitlines()[0]}"}
+                    intended = args.dpo_loss_type if impl == "dpo" else args.loss_type
+                    row = {"impl": impl, "loss_type": ",".join(intended), "batch": batch, "status": status}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "step_ms_all"}), flush=True)
+                write()
                 break
 
-    print("\n| trainer | pairs/step | step ms (median) | peak MiB | peak above step start MiB | mean train loss |")
-    print("|---|---|---|---|---|---|")
+    print("\n| trainer | loss_type | pairs/step | step ms (median) | peak MiB | peak above step start MiB | "
+          "mean train loss |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         def fmt(key, spec):
             value = r.get(key)
             return "—" if value is None else format(value, spec)
-        print(f"| {r['impl']} | {r['batch']} | {fmt('step_ms', '.1f')} | {fmt('peak_mib', '.0f')} | "
-              f"{fmt('peak_above_step_start_mib', '.0f')} | {fmt('train_loss', '.4f')} |"
+        print(f"| {r['impl']} | {r.get('loss_type', '—')} | {r['batch']} | {fmt('step_ms', '.1f')} | "
+              f"{fmt('peak_mib', '.0f')} | {fmt('peak_above_step_start_mib', '.0f')} | {fmt('train_loss', '.4f')} |"
               + ("" if r["status"] == "ok" else f" {r['status']}"))
     ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
     if "dpo" in ok and "focalpo" in ok and ok["dpo"]["batch"] == ok["focalpo"]["batch"]:
         d, f = ok["dpo"], ok["focalpo"]
-        print(f"\nDPOTrainer / FocalPOTrainer step time: {d['step_ms'] / f['step_ms']:.2f}x", end="")
+        print(f"\nDPOTrainer ({d['loss_type']}) / FocalPOTrainer ({f['loss_type']}) step time: "
+              f"{d['step_ms'] / f['step_ms']:.2f}x", end="")
         if "peak_above_step_start_mib" in d:
             print(f"; peak above step start: {d['peak_above_step_start_mib']:.0f} vs "
                   f"{f['peak_above_step_start_mib']:.0f} MiB", end="")
         print()
-    # the commit and the versions (describe), as the other benchmarks' JSON carries them
-    result = {**describe(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "device": device,
-              "shape": shape, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
-              "complete": all(r["status"] == "ok" for r in rows)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    result["complete"] = all(r["status"] == "ok" for r in rows)
+    write()
     return 0 if all(r["status"] == "ok" and math.isfinite(r["step_ms"]) for r in rows) else 1
 
 

@@ -542,6 +542,17 @@ def test_trl_step_benchmark_smoke(tmp_path):
 
     result = json.loads(out.read_text())
     assert result["complete"] and {r["impl"] for r in result["rows"]} == {"dpo", "focalpo", "focalpo_padding_free"}
+    assert {r["impl"]: r["loss_type"] for r in result["rows"]}["dpo"] == "sigmoid"  # focal's γ = 0
+    assert all(r["loss_type"] == "focal" for r in result["rows"] if r["impl"] != "dpo")
+    assert result["versions"]["trl"] and result["versions"]["transformers"] and result["commit"] is not None
+    # One trainer failing (TRL has no simpo) leaves a row saying so; the other trainer's row is still measured.
+    cmd = [*cmd[:cmd.index("--padding-free")], "--loss-type", "simpo", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["dpo"]["status"].startswith("error: ValueError") and rows["dpo"]["loss_type"] == "simpo"
+    assert rows["focalpo"]["status"] == "ok" and rows["focalpo"]["loss_type"] == "simpo"
 
 
 def test_importing_focal_kernels_does_not_import_trl():

@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from .environment import describe, is_out_of_memory, prepare_environment
+from .runner import describe_failure
 
 prepare_environment()  # TRITON_INTERPRET=1 without a GPU; before anything imports triton
 
@@ -248,8 +249,7 @@ def main(argv=None) -> int:
                     row = run_one(impl, args, batch, tokenizer, dataset, out_dir)
                 except Exception as exc:  # one trainer's failure must not lose the other's row
                     oom = is_out_of_memory(exc)
-                    text = (str(exc).strip().splitlines() or [""])[0][:300]
-                    failure = (oom, f"{'oom' if oom else 'error'}: {type(exc).__name__}: {text}")
+                    failure = (oom, f"{'oom' if oom else 'error'}: {describe_failure(exc)}")
                     if not oom:
                         print(f"{impl}: error\n" + "".join(traceback.format_exc(limit=-4)), flush=True)
                     traceback.clear_frames(exc.__traceback__)  # the frames hold the trainer and its model

@@ -196,6 +196,8 @@ class TRLSelectiveLogSoftmax(Impl):
 
     def unavailable_reason(self, device):
         self._select, reason = import_baseline("trl.trainer.utils", "selective_log_softmax", device)
+        if device.type != "cuda":  # its plain-PyTorch fallback returns bf16 token log-probs (its kernel: 2e-5)
+            self.loss_tolerance = 1e-2
         return reason
 
     def _sequence_logps(self, logits, labels):
@@ -218,6 +220,13 @@ class LigerCrossEntropy(Impl):
 
     key = name = "liger"
     overwrites_inputs = True
+    gradient_in_forward = True
+
+    def prepare(self, shape, earlier_rows):
+        # Its reduction="none" losses come back in the logits' dtype: bf16-rounded per token, then summed
+        # (0.3-0.7% from ours' at 16K tokens on the H200, more with fewer pairs), so only fp32 compares.
+        self.loss_tolerance = None if shape.dtype_name == "bf16" else 1e-3
+        self.note = "" if self.loss_tolerance else "bf16 per-token losses: loss not compared"
 
     def __init__(self):
         self._cross_entropy = None

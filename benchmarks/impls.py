@@ -16,7 +16,9 @@ class Impl:
     key = ""                  # the name on the command line and in the JSON rows' "impl"
     name = ""                 # the name in the tables
     note = ""                 # shown in the table's note column
-    comparable = True         # computes the very same loss as ours (its loss value is checked against ours')
+    loss_tolerance = 1e-3     # computes ours' loss: relative difference beyond which its row is flagged (None:
+                              # a different loss, not compared; `prepare` may set it per shape)
+    gradient_in_forward = False  # computes its gradients in its forward: only fwd+bwd is like-for-like with ours
     overwrites_inputs = False  # writes into its input tensors: timed on a private copy refilled before each call
     floor_gemms = 4           # hidden-state path: GEMMs of 2·N_valid·H·V FLOPs its task needs (GEMM floor)
 

@@ -1,8 +1,9 @@
 """Timers (median milliseconds), peak extra memory, and the device copy bandwidth.
 
 GPU: `triton.testing.do_bench` medians (it warms up, sizes the repeat count to a time budget and
-flushes L2 before every call). Calls that need untimed set-up first (refilling inputs an implementation
-overwrites) use CUDA events around the call alone, with the same L2 flush. CPU: time.perf_counter
+flushes L2 before every call, queuing the calls without waiting in between). Calls that need untimed set-up
+first (refilling inputs an implementation overwrites, building a fresh graph) use CUDA events around the
+call alone, with the same L2 flush, queued the same way. CPU: time.perf_counter
 medians, which are NOT GPU timings (the kernels run through Triton's interpreter there).
 """
 
@@ -36,24 +37,32 @@ class GpuTimer:
         return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
 
     def median_ms_with_setup(self, setup, fn) -> float:
-        """Median over calls of fn(setup()), only fn timed; setup's work is done before the start event."""
+        """Median over calls of fn(setup()), only fn timed: setup's work and the L2 flush are queued before each
+        call's start event. As do_bench does, the timed calls are queued without waiting for the GPU between
+        them, so rows timed here (implementations that overwrite their inputs, backwards on fresh graphs) and
+        rows timed by do_bench are measured alike; waiting after each call would add its launch latency to its
+        time (an implementation's own host synchronizations count in both)."""
         if self._flush is None:
             self._flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=self.device)
-        self._one(setup, fn)  # warm-up
-        estimate = self._one(setup, fn)
+        self._timed(setup, fn, 1)  # warm-up
+        (estimate,) = self._timed(setup, fn, 1)
         reps = int(min(self.max_reps, max(self.min_reps, self.rep_ms / max(estimate, 1e-3))))
-        return statistics.median(self._one(setup, fn) for _ in range(reps))
+        return statistics.median(self._timed(setup, fn, reps))
 
-    def _one(self, setup, fn) -> float:
-        state = setup()
-        self._flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn(state)
-        end.record()
-        end.synchronize()
-        del out, state
-        return start.elapsed_time(end)
+    def _timed(self, setup, fn, reps: int) -> list:
+        """Milliseconds of `reps` calls, queued back to back, read after one synchronization at the end."""
+        events = []
+        for _ in range(reps):
+            state = setup()
+            self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(state)
+            end.record()
+            del out, state  # freed in stream order: the caching allocator reuses the memory after these kernels
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) for start, end in events]
 
 
 class CpuTimer:

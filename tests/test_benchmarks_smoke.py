@@ -134,6 +134,45 @@ def test_commit_of_a_copied_tree_inside_another_repository(tmp_path):
                            timeout=120, env={**os.environ, "BENCH_COMMIT": named}, check=True)
     assert json.loads(found.stdout.strip().splitlines()[-1]) == {"commit": named, "commit_dirty": None}
 
+
+def test_gpu_timer_with_setup_queues_calls_as_do_bench_does(monkeypatch):
+    """GpuTimer.median_ms_with_setup (rows that refill their inputs, backwards on fresh graphs): each call's
+    set-up and L2 flush come before its start event, and the timed calls are queued without a synchronization
+    between them (one at the end of each batch), as triton.testing.do_bench queues the other rows' calls.
+    Run here with stand-ins for CUDA events and synchronize."""
+    from benchmarks import timing
+
+    log = []
+
+    class Event:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            Event.clock += 1.0
+            self.at = Event.clock
+            log.append("record")
+
+        def elapsed_time(self, other):
+            return other.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    timer = timing.GpuTimer(torch.device("cpu"), warmup_ms=1, rep_ms=6, min_reps=2, max_reps=10)
+    timer._flush = torch.empty(8, dtype=torch.int8)
+
+    def fn(state):
+        Event.clock += state
+        log.append("call")
+
+    assert timer.median_ms_with_setup(lambda: log.append("setup") or 2.0, fn) == 3.0  # 1 (record) + 2 (work)
+    calls = ["setup", "record", "call", "record"]
+    # warm-up, estimate (3 ms: 2 calls for 6 ms), then 2 timed calls queued back to back.
+    assert log == calls + ["sync"] + calls + ["sync"] + calls * 2 + ["sync"], log
+
 def test_config_sweep_runs_the_kernels_it_tunes():
     """benchmarks.sweep_configs drives the kernels through their own launchers with the configuration
     forced: every configuration runs (none fails on a signature) and the forced block size is the one used."""

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device checks for a lent GPU, in phases that each fit in one device call of under 8 minutes:
 #
-#   bash benchmarks/gpu_check.sh tests          # self-check, the GPU test suite (not trl / distributed / fsdp2), ~3-5 min
+#   bash benchmarks/gpu_check.sh tests          # self-check, the GPU test suite (not trl / distributed / fsdp2 /
+#                                               # torch.compile), ~3-5 min
+#   bash benchmarks/gpu_check.sh tests-compile  # the torch.compile tests (inductor compiles on the GPU), ~2-4 min
 #   bash benchmarks/gpu_check.sh bench          # logits path: --quick, larger shapes, logits-small (~3-4 min)
 #   bash benchmarks/gpu_check.sh logits-small   # only V = 32000 and 50257 at 16K tokens, validate_labels on/off,
 #                                               # and logits off 16-byte alignment (what row peeling gains)
@@ -12,13 +14,14 @@
 #   BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh fused
 # (written into the command line here). Results go into $OUT/<short commit>/ (else ./bench_out/<...>/), so
 # every folder names the commit it measured; the JSON and Markdown headers carry the full hash. Where git is
-# present it wins, and uncommitted changes to tracked files add "-dirty". At most 8 files come back from
-# $OUT; per phase: tests -> tests.log; bench -> bench.log, bench.{json,md}, grid/bench.{json,md},
-# small/bench.{json,md}; logits-small -> logits-small.log, small/bench.{json,md}; fused -> fused.log,
-# fused.{json,md}; trl -> trl.log, trl_step.json. The console (of which only the last 12,000 characters
-# come back) gets each step's non-table output and, at the end, each table's header and target verdicts
-# (the full tables are in the files). Each step runs even when an earlier one failed; the exit status is
-# non-zero if any failed (124: timed out). SWEEP=1 adds the launch-configuration sweep (about a minute).
+# present (this tree's own checkout) it wins, and uncommitted changes to tracked files add "-dirty". At most
+# 8 files come back from $OUT; per phase: tests -> tests.log; tests-compile -> tests-compile.log; bench ->
+# bench.log, bench.{json,md}, grid/bench.{json,md}, small/bench.{json,md}; logits-small -> logits-small.log,
+# small/bench.{json,md}; fused -> fused.log, fused.{json,md}; trl -> trl.log, trl_step.json. The console
+# (of which only the last 12,000 characters come back) gets each step's non-table output and, at the end,
+# each table's header and target verdicts (the full tables are in the files). Each step runs even when an
+# earlier one failed; the exit status is non-zero if any failed (124: timed out; a pytest step interrupted
+# by its timeout: 2). SWEEP=1 adds the launch-configuration sweep (about a minute).
 #
 # Baselines that are not on the GPU image (TRL, Liger-Kernel, Cut Cross-Entropy) can travel as wheels in
 # ./.whl (see benchmarks/NOTES.md); they are installed into /tmp/site here, without dependencies.
@@ -26,8 +29,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-}"
 case "$phase" in
-    tests|bench|logits-small|fused|trl) ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh tests|bench|logits-small|fused|trl" >&2; exit 2 ;;
+    tests|tests-compile|bench|logits-small|fused|trl) ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh tests|tests-compile|bench|logits-small|fused|trl" >&2; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1
 # TRITON_INTERPRET=1 (set for CPU runs) would send the kernels through the interpreter on the GPU too; on a
@@ -84,6 +87,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout; everything into th
     [ "$rc" -eq 0 ] || failed+=("$name=$rc")
 }
 
+pytest_step() {  # pytest_step NAME SECONDS ARGS...: on timeout pytest gets SIGINT, so it still prints its summary
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name: pytest $*" | tee -a "$log"
+    timeout -s INT -k 20 "$limit" python -m pytest -q --maxfail=10 --durations=15 -p no:cacheprovider "$@" \
+        >> "$log" 2>&1
+    local rc=$?
+    [ "$rc" -eq 0 ] || failed+=("$name=$rc")
+    grep -E "^(FAILED|ERROR)|passed|failed|KeyboardInterrupt" "$log" | tail -n 25
+}
+
 run_tests() {
     nvidia-smi 2>&1 | tee -a "$log"
     python -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)" \
@@ -91,14 +105,14 @@ run_tests() {
     step selfcheck 80 python -m focal_kernels  # the GPU cases against float64 (odd V in bf16 among them)
     # Whole files ignored rather than deselected: a module that fails to import (TRL missing or of another
     # version) must not stop the collection of the others. distributed / fsdp2 are gloo tests on the CPU;
-    # test_gpu_compile compiles for sm_90 without a GPU, where here the other tests compile every kernel.
-    echo "== tests: pytest (GPU), without the TRL, distributed, FSDP2 and offline-compile files" | tee -a "$log"
-    timeout -k 10 360 python -m pytest -q --maxfail=10 --durations=15 -p no:cacheprovider tests \
-        --ignore=tests/test_trl_integration.py --ignore=tests/test_distributed.py --ignore=tests/test_fsdp2.py \
-        --ignore=tests/test_gpu_compile.py >> "$log" 2>&1
-    local rc=$?
-    [ "$rc" -eq 0 ] || failed+=("tests=$rc")
-    grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -n 25
+    # test_gpu_compile compiles for sm_90 without a GPU, where here the other tests compile every kernel;
+    # test_compile (inductor compiles on the GPU take seconds each) is the tests-compile phase.
+    pytest_step tests 360 tests --ignore=tests/test_trl_integration.py --ignore=tests/test_distributed.py \
+        --ignore=tests/test_fsdp2.py --ignore=tests/test_gpu_compile.py --ignore=tests/test_compile.py
+}
+
+run_tests_compile() {
+    pytest_step tests-compile 420 tests/test_compile.py
 }
 
 run_small() {
@@ -132,6 +146,7 @@ run_trl() {  # TRL itself travels as a wheel in ./.whl (transformers and PEFT ar
 
 case "$phase" in
     tests) run_tests ;;
+    tests-compile) run_tests_compile ;;
     trl) run_trl ;;
     bench) run_bench ;;
     logits-small) run_small ;;

@@ -17,7 +17,6 @@ from .inputs import make_input_set, plan_input_sets
 from .measure import PHASES, measure
 
 
-
 def shape_fields(shape) -> dict:
     """A row's shape fields (what the target table groups and selects rows by)."""
     return {"vocab": shape.vocab, "tokens": shape.tokens, "pairs": shape.pairs, "seq_len": shape.seq_len,

@@ -39,7 +39,7 @@ def _check_interpreted():
 
     failure = None
     try:  # a one-element probe: the interpreter fails inside the kernel when triton was imported without it
-        (probe,) = segment_sum(torch.ones(1), torch.tensor([0, 1]))
+        (probe,) = segment_sum(torch.ones(1, device="cpu"), torch.tensor([0, 1], device="cpu"))
         works = probe.item() == 1.0
     except Exception as exc:  # noqa: BLE001 (the interpreter wraps its failure in its own exception types)
         works, failure = False, exc

@@ -211,9 +211,9 @@ def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
     width = chosen_logits.shape[-1]  # both sides have V (check_logits_pair) and unit last stride
 
     def row_starts(t):  # element offsets into the shared storage, one per row
-        starts = torch.full((), t.storage_offset(), dtype=torch.int64)
+        starts = torch.full((), t.storage_offset(), dtype=torch.int64, device="cpu")  # host arithmetic
         for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
-            starts = (starts.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride)
+            starts = (starts.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device="cpu") * stride)
         return starts.reshape(-1)
 
     starts = torch.cat([row_starts(chosen_logits), row_starts(rejected_logits)]).sort().values

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +95,8 @@ def test_gpu_check_script_parses_and_refuses_unknown_phases():
     proc = subprocess.run(["bash", str(script), "no-such-phase"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage" in proc.stderr
     text = script.read_text()
-    assert re.search(r"^\s*tests\|bench\|logits-small\|fused\|trl\) ;;$", text, re.M)  # the phases it accepts
-    for phase in ("tests", "bench", "logits-small", "fused", "trl"):
+    assert re.search(r"^\s*tests\|tests-compile\|bench\|logits-small\|fused\|trl\) ;;$", text, re.M)  # accepted
+    for phase in ("tests", "tests-compile", "bench", "logits-small", "fused", "trl"):
         assert re.search(rf'^\s*{re.escape(phase)}\)\s', text, re.M), phase  # ... and runs
     if not torch.cuda.is_available():  # the GPU-sized phases refuse to start here
         proc = subprocess.run(["bash", str(script), "bench"], capture_output=True, text=True, timeout=60,
@@ -109,6 +110,8 @@ def test_commit_of_a_copied_tree_inside_another_repository(tmp_path):
     name BENCH_COMMIT, not the outer repository's HEAD, in gpu_check.sh's folder and in the JSON headers."""
     import shutil
 
+    if shutil.which("git") is None:
+        pytest.skip("needs the git command")
     outer = tmp_path / "outer"
     (outer / "inner").mkdir(parents=True)
     shutil.copytree(ROOT / "benchmarks", outer / "inner" / "benchmarks",

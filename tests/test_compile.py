@@ -420,6 +420,8 @@ def test_inductor_inplace_backward_is_never_silently_wrong():
             try:
                 (grad,) = torch.autograd.grad(compiled(leaf, labels, cu_seqlens), [leaf])
             except Exception:  # noqa: BLE001 (refused, or inductor's own failure: loud either way)
+                if seq_len == 5:  # the first call (static sizes) must work: only the changed sizes may fail
+                    raise
                 continue
             expected = reference(fn, base, labels, cu_seqlens)
             assert_close(grad, expected, (1e-5, 1e-6), f"{fn.__name__}, T = {seq_len}")

@@ -295,15 +295,17 @@ def test_inplace_backward_with_sides_interleaved_in_one_tensor(device):
     torch.testing.assert_close(grad, torch.cat([expected_c, expected_r], dim=1).float(), rtol=1e-5, atol=1e-6)
 
 
-def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch):
-    """Without the interpreter, CPU tensors take the PyTorch path: same results, same output types."""
+def test_torch_path_on_plain_cpu_matches_kernels(monkeypatch, device):
+    """Without the interpreter, CPU tensors take the PyTorch path: same results, same output types as the
+    kernels' (on the test device: the GPU, or the CPU through the interpreter)."""
     vocab = 150
-    chosen, rejected = random_logits(2, 3, vocab, torch.bfloat16, "cpu"), random_logits(2, 3, vocab, torch.bfloat16,
-                                                                                          "cpu")
-    labels_c, labels_r = random_labels(2, 3, vocab, "cpu"), random_labels(2, 3, vocab, "cpu")
-    kernel_out, kernel_gc, kernel_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
+    inputs = [random_logits(2, 3, vocab, torch.bfloat16, device), random_logits(2, 3, vocab, torch.bfloat16, device),
+              random_labels(2, 3, vocab, device), random_labels(2, 3, vocab, device)]
+    kernel_out, kernel_gc, kernel_gr = loss_and_grads(fk.focal_po_loss, *inputs)
     monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
-    torch_out, torch_gc, torch_gr = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
+    torch_out, torch_gc, torch_gr = loss_and_grads(fk.focal_po_loss, *(t.cpu() for t in inputs))
+    kernel_out = kernel_out._replace(**{name: getattr(kernel_out, name).cpu() for name in kernel_out._fields[:5]})
+    kernel_gc, kernel_gr = kernel_gc.cpu(), kernel_gr.cpu()
     for name in kernel_out._fields[:5]:
         assert getattr(torch_out, name).dtype == getattr(kernel_out, name).dtype
         assert_close(getattr(torch_out, name), getattr(kernel_out, name), (1e-5, 1e-6), name)

@@ -344,6 +344,8 @@ def test_mixed_precision_accumulation():
     assert list(works) == [(acc.device.type, torch.bfloat16, torch.float32)]
     if DEVICE == "cpu":
         assert works[("cpu", torch.bfloat16, torch.float32)] is False  # no such kernel on the CPU
+    else:  # CUDA from PyTorch 2.10: the float32 accumulation in cuBLAS, not the slower upcast fallback
+        assert works[("cuda", torch.bfloat16, torch.float32)] is True
 
 
 def test_module_form():
@@ -356,7 +358,7 @@ def test_module_form():
     direct = fused(inputs, beta=0.2, gamma=0.3, reduction="sum", chunk_size=9)
     assert torch.equal(out.loss, direct.loss)
     assert torch.equal(out.chosen_logps, direct.chosen_logps)
-    weights = torch.rand(inputs["chosen_labels"].shape[0], dtype=torch.float64)
+    weights = torch.rand(inputs["chosen_labels"].shape[0], dtype=torch.float64, device=DEVICE)
     out = module(inputs["chosen_hidden"], inputs["rejected_hidden"], inputs["weight"], inputs["chosen_labels"],
                  inputs["rejected_labels"], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
                  bias=inputs["bias"], pair_weights=weights)

@@ -214,3 +214,40 @@ def test_rows_off_16_byte_boundaries(device, monkeypatch, dtype, layout, vocab):
     aligned_base = layout != "unaligned base" or vocab * dtype.itemsize % 16 == 0
     assert peeled == [wide % 16 != 0 and aligned_base and block % align == 0] * 2
     assert bool(hints) == (peeled[0] and device == "cpu")
+
+
+def test_no_tensor_is_made_on_the_default_device(path):
+    """Every tensor the library makes goes on its inputs' device (or the host, for host-side bookkeeping),
+    never on torch's default device: with `torch.set_default_device("meta")` (as a user's "cuda" would be)
+    each entry point still runs on CPU inputs, forward and backward (before: the interpreter's probe, the
+    compiled in-place path's recorded storage places and the overlap check's row offsets took the default
+    device)."""
+    from focal_kernels.logprobs import ops
+
+    vocab = 37
+    logits = torch.randn(2, 5, vocab, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 5))
+    labels[0, :2] = -100
+    hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(vocab, 8, requires_grad=True)
+    base = torch.randn(4, 5, vocab, requires_grad=True)
+    counts = torch.ones(2)
+    calls = {
+        "padded": lambda: fk.sequence_logps(logits, labels).sum(),
+        "packed": lambda: fk.sequence_logps(logits.reshape(10, vocab), labels.reshape(10),
+                                            cu_seqlens=torch.tensor([0, 4, 10], device="cpu")).sum(),
+        "pair": lambda: fk.focal_po_loss(logits, logits * 2.0, labels, labels, gamma=0.3).loss,
+        "in place": lambda: fk.focal_po_loss(*(base * 1.0).split(2), labels, labels, inplace_backward=True).loss,
+        "hidden": lambda: fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16).sum(),
+        "frozen": lambda: fk.fused_linear_sequence_logps(hidden, weight.detach(), labels, chunk_size=16).sum(),
+        "budget": lambda: fk.fused_linear_sequence_logps(hidden, weight, labels, memory_budget=1 << 20).sum(),
+        "statistics": lambda: fk.fused_linear_token_logps(hidden, weight, labels, stats=ops.STATS).log_probs.sum(),
+        "hidden pair": lambda: fk.fused_linear_focal_po_loss(hidden, hidden * 2.0, weight, labels, labels).loss,
+        "losses": lambda: fk.preference_loss(logits.sum((1, 2)), logits.sum((1, 2)) / 2, loss_type=["ipo", "focal"],
+                                             chosen_token_counts=counts, rejected_token_counts=counts).loss,
+    }
+    with torch.device("meta"):
+        for name, call in calls.items():
+            out = call()
+            assert out.device.type == "cpu", name
+            out.backward()
+        assert ops._storage_places([logits]).device.type == "cpu"

@@ -268,8 +268,8 @@ def tiny_gemma2():
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_gemma2_logits_and_hidden_paths_agree(path, layout):
-    model = tiny_gemma2()
-    input_ids = torch.randint(0, 101, (2, 9))
+    model = tiny_gemma2().to(DEVICE)
+    input_ids = torch.randint(0, 101, (2, 9), device=DEVICE)
     with torch.no_grad():
         out = model(input_ids, output_hidden_states=True)
     logits, hidden = out.logits, out.hidden_states[-1]
@@ -283,7 +283,7 @@ def test_gemma2_logits_and_hidden_paths_agree(path, layout):
         from_logits = fk.sequence_logps(logits[:, :-1], labels)
         from_hidden = fk.fused_linear_sequence_logps(hidden[:, :-1], weight, labels, **options)
     else:
-        cu = torch.tensor([0, 8, 16])
+        cu = torch.tensor([0, 8, 16], device=DEVICE)
         from_logits = fk.sequence_logps(logits[:, :-1].reshape(16, -1), labels.reshape(16), cu_seqlens=cu)
         from_hidden = fk.fused_linear_sequence_logps(hidden[:, :-1].reshape(16, -1), weight, labels.reshape(16),
                                                      cu_seqlens=cu, **options)

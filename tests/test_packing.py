@@ -202,7 +202,7 @@ def test_cu_seqlens_from_position_ids(path, kind):
     got = fk.sequence_logps(logits, labels, cu_seqlens=cu)
     bounds = cu.tolist()
     expected = torch.stack([fk.reference.sequence_logps(logits[None, a:b - 1].double(), input_ids[None, a + 1:b])[0]
-                            if b - a > 1 else torch.zeros((), dtype=torch.float64)
+                            if b - a > 1 else torch.zeros((), dtype=torch.float64, device=DEVICE)
                             for a, b in zip(bounds, bounds[1:])])
     assert_close(got, expected, ACCUMULATED_TOL[torch.float32], "log-probs of position-id packing")
 
@@ -561,19 +561,20 @@ def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds(path):
     offsets past N or below 0 are clamped into [0, N] by the segment kernel (and alike on the PyTorch path,
     where an end below N was an IndexError), and the backward gives exactly the gradient of what the forward
     summed (tokens outside every sequence get none)."""
-    logits = torch.randn(6, 8, dtype=torch.float64)
-    labels = torch.randint(0, 8, (6,))
+    logits = torch.randn(6, 8, dtype=torch.float64, device=DEVICE)
+    labels = torch.randint(0, 8, (6,), device=DEVICE)
     token = fk.reference.token_logps(logits, labels)
     for cu, spans in (([0, 3, 9], [(0, 3), (3, 6)]), ([-4, 3, 6], [(0, 3), (3, 6)]), ([0, 3, 4], [(0, 3), (3, 4)]),
                       ([2, 3, 6], [(2, 3), (3, 6)])):
         leaf = logits.clone().requires_grad_(True)
-        logps, counts = fk.sequence_logps(leaf, labels, cu_seqlens=torch.tensor(cu), validate_labels=False,
+        logps, counts = fk.sequence_logps(leaf, labels, cu_seqlens=torch.tensor(cu, device=DEVICE),
+                                          validate_labels=False,
                                           return_token_counts=True)
         expected = torch.stack([token[a:b].sum() for a, b in spans])
         torch.testing.assert_close(logps, expected)
         assert counts.tolist() == [b - a for a, b in spans], cu  # the counts of the very segments summed
         (grad,) = torch.autograd.grad(logps.sum(), [leaf])
-        covered = torch.zeros(6, dtype=torch.bool)
+        covered = torch.zeros(6, dtype=torch.bool, device=DEVICE)
         for a, b in spans:
             covered[a:b] = True
         assert (grad[~covered] == 0).all() and (grad[covered].abs().sum(-1) > 0).all(), cu
@@ -582,9 +583,9 @@ def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds(path):
 def test_strided_cu_seqlens(path):
     """A cu_seqlens view with a stride (every other entry of a longer tensor): the segments its values name
     (the kernel read it as if contiguous: the whole pack in the first sequence)."""
-    logits, hidden = torch.randn(7, 9, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
-    weight, labels = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 9, (7,))
-    strided = torch.tensor([0, 99, 4, 99, 4, 99, 7])[::2]
+    logits, hidden = (torch.randn(7, n, dtype=torch.float64, device=DEVICE) for n in (9, 4))
+    weight, labels = torch.randn(9, 4, dtype=torch.float64, device=DEVICE), torch.randint(0, 9, (7,), device=DEVICE)
+    strided = torch.tensor([0, 99, 4, 99, 4, 99, 7], device=DEVICE)[::2]
     assert not strided.is_contiguous()
     for cu in (strided, strided.to(torch.int32)):
         expected = fk.reference.sequence_logps(logits, labels, cu_seqlens=cu.contiguous())

@@ -67,7 +67,7 @@ def _storage_places(logits: list[torch.Tensor]) -> torch.Tensor:
     """(len(logits), 2) int64 on the CPU: each tensor's storage address and storage offset, as a compiled
     forward reads them (no device access), for `_at_recorded_place` in the compiled in-place backward."""
     return torch.tensor([[part.untyped_storage().data_ptr(), part.storage_offset()] for part in logits],
-                        dtype=torch.int64)
+                        dtype=torch.int64, device="cpu")  # not the default device (torch.set_default_device)
 
 
 def _at_recorded_place(part, place):

@@ -112,7 +112,7 @@ def _local_stats_torch(logits, labels, ignore_index, vocab_start):
     local = labels.to(torch.int64) - vocab_start
     in_slice = scored & (local >= 0) & (local < logits.shape[-1])
     target = x.gather(-1, torch.where(in_slice, local, 0)[..., None])[..., 0]
-    zero = torch.zeros((), dtype=acc)
+    zero = torch.zeros((), dtype=acc, device=x.device)
     return (torch.where(in_slice, target, zero), torch.where(scored, row_max, zero),
             torch.where(scored, log_sum_exp, zero))
 

@@ -46,9 +46,9 @@ grad_W, grad_hidden; timed as one call per shape, their mean rate) and the 8192�
 time / each floor; peak extra memory of one fwd+bwd (max_memory_allocated minus memory_allocated before
 it), also net of the returned gradients; that as % of the bf16 logits' size N·V·2; and each row's time
 and memory over ours'. TRL, Liger and CCE take chosen and rejected as one batch: it is concatenated once
-per input set, outside the measured calls (a trainer's concatenated forward hands it over so). A target table (targets.py) reads
-the issue's goals off the rows. Without CUDA: tiny shapes (H=16, V=128, 2 pairs x 4 tokens) through Triton's
-interpreter, CPU timings (NOT GPU timings), no 8192³ rate, no memory figures.
+per input set, outside the measured calls (a trainer's concatenated forward hands it over so). A target
+table (targets.py) reads the issue's goals off the rows. Without CUDA: tiny shapes (H=16, V=128, 2 pairs
+x 4 tokens) through Triton's interpreter, CPU timings (NOT GPU timings), no 8192³ rate, no memory figures.
 
 Output: the Markdown table on stdout; fused.json (rewritten after every row) and fused.md in --out.
 """
@@ -617,8 +617,8 @@ def markdown_report(results: dict) -> str:
     meta = results["meta"]
     parts = ["# focal-kernels fused-linear benchmark", "", *(f"{line}  " for line in report_header(meta)), ""]
     parts.append("GEMM floor = n GEMMs × 2·N_valid·H·V FLOPs (n in brackets: 4 for a trainable head, 2 for a "
-                 "frozen one) at the mean sustained rate of ours' own four chunk GEMMs on that shape, and at the 8192³ burst "
-                 "rate. bwd: backward of a retained graph unless the note says fresh graphs. Peak extra = "
+                 "frozen one) at the mean sustained rate of ours' own four chunk GEMMs on that shape, and at the "
+                 "8192³ burst rate. bwd: backward of a retained graph unless the note says fresh graphs. Peak extra = "
                  "max_memory_allocated − memory_allocated before one fwd+bwd; \"net\" subtracts the returned "
                  "gradients (the hidden states' and, for a trainable head, the weight's). % of logits: of N·V·2 "
                  "bytes. \"ours faster\" / \"ours less mem\" = that row's time / peak ÷ ours' (>1: ours better).")

@@ -104,7 +104,6 @@ def test_gpu_check_script_parses_and_refuses_unknown_phases():
         assert proc.returncode == 3 and "no CUDA device" in proc.stderr
 
 
-
 def test_commit_of_a_copied_tree_inside_another_repository(tmp_path):
     """A copied tree (no .git of its own, as on the lent GPU) inside some other git repository: the results
     name BENCH_COMMIT, not the outer repository's HEAD, in gpu_check.sh's folder and in the JSON headers."""
@@ -175,6 +174,7 @@ def test_gpu_timer_with_setup_queues_calls_as_do_bench_does(monkeypatch):
     calls = ["setup", "record", "call", "record"]
     # warm-up, estimate (3 ms: 2 calls for 6 ms), then 2 timed calls queued back to back.
     assert log == calls + ["sync"] + calls + ["sync"] + calls * 2 + ["sync"], log
+
 
 def test_config_sweep_runs_the_kernels_it_tunes():
     """benchmarks.sweep_configs drives the kernels through their own launchers with the configuration

@@ -482,7 +482,6 @@ def test_hidden_path_with_changing_shapes(path, step, dynamic):
         assert_compiled_matches_eager(step, compiled, inputs)
 
 
-
 def _budgeted_step(hidden, weight, labels, bias, budget):
     logps = fk.fused_linear_sequence_logps(hidden, weight, labels, bias, chunk_size=16, logit_softcap=3.0,
                                            memory_budget=budget)

@@ -593,9 +593,10 @@ def report_header(meta: dict) -> list:
     else:
         lines.append(f"bf16 matmul rate: n/a ({meta.get('matmul_note', 'not measured')}); no 8192³ GEMM floor")
     for loop in meta.get("gemm_loops", []):
-        lines.append(f"Sustained GEMM rate (same run), {loop['shape']}: ({loop['valid_tokens']} × {meta['hidden']}) "
-                     f"× ({meta['hidden']} × {loop['chunk']}) over V: {loop['tflops']:.4g} TFLOP/s "
-                     f"({loop['ms']:.4g} ms per pass over the vocabulary)")
+        lines.append(f"Sustained GEMM rate (same run), {loop['shape']}: ours' {loop['gemms']} chunk GEMMs over V "
+                     f"(logits, recompute, grad_W, grad_hidden; {loop['valid_tokens']} rows × H={meta['hidden']}, "
+                     f"chunk {loop['chunk']}): {loop['tflops']:.4g} TFLOP/s mean ({loop['ms']:.4g} ms for the "
+                     f"{loop['gemms']})")
     lines.append(f"Head: H={meta['hidden']}, V={meta['vocab']}, {DTYPE_NAME}; β={BETA}, γ={GAMMA}; "
                  f"gradients w.r.t. both hidden states and the weight (frozen rows: the hidden states only)")
     used = meta.get("float32_addmm")

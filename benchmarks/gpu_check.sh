@@ -20,8 +20,9 @@
 # small/bench.{json,md}; fused -> fused.log, fused.{json,md}; trl -> trl.log, trl_step.json. The console
 # (of which only the last 12,000 characters come back) gets each step's non-table output and, at the end,
 # each table's header and target verdicts (the full tables are in the files). Each step runs even when an
-# earlier one failed; the exit status is non-zero if any failed (124: timed out; a pytest step interrupted
-# by its timeout: 2). SWEEP=1 adds the launch-configuration sweep (about a minute).
+# earlier one failed; the exit status is non-zero if any failed (124: timed out, a pytest step too: it is
+# interrupted with SIGINT, so its summary still reaches the log). SWEEP=1 adds the launch-configuration sweep
+# (about a minute).
 #
 # Baselines that are not on the GPU image (TRL, Liger-Kernel, Cut Cross-Entropy) can travel as wheels in
 # ./.whl (see benchmarks/NOTES.md); they are installed into /tmp/site here, without dependencies.

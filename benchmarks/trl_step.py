@@ -135,11 +135,13 @@ def make_dataset(n_rows: int, n_words: int, prompt_len: int, completion_len: int
 def make_model(args, tokenizer, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    heads = args.hidden // 128 if args.hidden >= 512 else 4
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        # Llama-3's head width (128) and 4 query heads per key-value head; 4 and 2 heads below H = 512
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128 if args.hidden >= 512 else 4,
-        num_key_value_heads=args.hidden // 512 if args.hidden >= 512 else 2,
+        # Llama-3's head width (128) and 4 query heads per key-value head (where they divide; else no grouping);
+        # 4 and 2 heads below H = 512
+        num_hidden_layers=args.layers, num_attention_heads=heads,
+        num_key_value_heads=(heads // 4 if heads % 4 == 0 else heads) if args.hidden >= 512 else 2,
         max_position_embeddings=args.prompt_len + args.completion_len + 8, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )

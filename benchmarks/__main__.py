@@ -20,7 +20,7 @@ from .environment import bench_device, describe
 from .impls import build_impls
 from .plot import save_plot
 from .report import header_lines, markdown_table, print_end, print_start, save, written_files
-from .runner import run, shape_fields
+from .runner import run
 from .timing import copy_bandwidth, make_timer
 
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         print(f"skipping torch.compile: {skipped[-1][1]}", flush=True)
 
     results = {"meta": meta, "skipped_implementations": skipped, "skipped_shapes": [], "rows": [],
-               "complete": False, "planned_shapes": [shape_fields(shape) for shape in shapes]}
+               "complete": False, "planned_shapes": [shape.row_fields() for shape in shapes]}
     started = time.perf_counter()
     try:
         meta["copy"] = copy_bandwidth(device, timer)

@@ -103,6 +103,11 @@ class Shape(PairedTokens):
     seq_len: int
     ignored_fraction: float
 
+    dtype_name = DTYPE_NAME
+
+    def row_fields(self) -> dict:
+        return {**super().row_fields(), "hidden": self.hidden}
+
     @property
     def logits_bytes(self) -> int:
         """The bf16 logits of all N rows (what the logits paths materialize, and their gradient's size)."""
@@ -490,16 +495,9 @@ def chunk_gemm_loop(shape: Shape, weight: torch.Tensor, device, reps: int) -> di
             "tflops": 4 * shape.gemm_flops() / ms / 1e9}
 
 
-def shape_fields(shape: Shape) -> dict:
-    """A row's shape fields (what the target table groups and selects rows by)."""
-    return {"hidden": shape.hidden, "vocab": shape.vocab, "pairs": shape.pairs, "seq_len": shape.seq_len,
-            "tokens": shape.tokens, "valid_tokens": shape.valid_tokens, "ignored_fraction": shape.ignored_fraction,
-            "dtype": DTYPE_NAME}
-
-
 def new_row(shape: Shape, impl, grad_bytes: int) -> dict:
     return {
-        "impl": impl.key, "name": impl.name, **shape_fields(shape), "status": "ok", "note": impl.note,
+        "impl": impl.key, "name": impl.name, **shape.row_fields(), "status": "ok", "note": impl.note,
         **{f"{p}_ms": None for p in PHASES}, "bwd_method": None, "floor_gemms": impl.floor_gemms,
         "gemm_flops": impl.floor_gemms * shape.gemm_flops(), "gemm_floor_sustained_ms": None,
         "floor_ratio_sustained": None, "gemm_floor_ms": None, "floor_ratio": None,
@@ -723,7 +721,7 @@ def main(argv=None) -> int:
         print(f"skipping {name}: {reason}", flush=True)
 
     results = {"meta": meta, "skipped_implementations": skipped, "skipped_shapes": [], "rows": [],
-               "complete": False, "planned_shapes": [shape_fields(shape) for shape in shapes]}
+               "complete": False, "planned_shapes": [shape.row_fields() for shape in shapes]}
     started = time.perf_counter()
     tflops = None
     if device.type == "cuda":

@@ -17,16 +17,9 @@ from .inputs import make_input_set, plan_input_sets
 from .measure import PHASES, measure
 
 
-def shape_fields(shape) -> dict:
-    """A row's shape fields (what the target table groups and selects rows by)."""
-    return {"vocab": shape.vocab, "tokens": shape.tokens, "pairs": shape.pairs, "seq_len": shape.seq_len,
-            "dtype": shape.dtype_name, "ignored_fraction": shape.ignored_fraction,
-            "valid_tokens": shape.valid_tokens}
-
-
 def new_row(shape, impl, input_sets: int) -> dict:
     return {
-        **shape_fields(shape), "impl": impl.key, "name": impl.name, "status": "ok",
+        **shape.row_fields(), "impl": impl.key, "name": impl.name, "status": "ok",
         "note": impl.note, "input_sets": input_sets,
         **{f"{p}_ms": None for p in PHASES}, "bwd_method": None,
         **{f"{p}_bytes": b for p, b in shape.floor_bytes().items()},

@@ -51,6 +51,13 @@ class PairedTokens:
     def valid_tokens(self) -> int:
         return 2 * self.pairs * (self.seq_len - self.ignored_per_sequence)
 
+    def row_fields(self) -> dict:
+        """A result row's shape fields (what the target tables group and select rows by); the dataclass has
+        vocab and dtype_name too."""
+        return {"vocab": self.vocab, "pairs": self.pairs, "seq_len": self.seq_len, "tokens": self.tokens,
+                "valid_tokens": self.valid_tokens, "ignored_fraction": self.ignored_fraction,
+                "dtype": self.dtype_name}
+
 
 @dataclass(frozen=True)
 class Shape(PairedTokens):

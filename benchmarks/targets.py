@@ -64,10 +64,10 @@ def _faster_at_less_memory(rows, key, other, at_least, memory_fraction):
     if speed is None:
         return None
     share = _net_share(rows, key, other)
-    if share is None:
-        return f"{speed[0]}, memory not measured", speed[1] if memory_fraction is None else None
-    return (f"{speed[0]}, {share:.2f} of its net memory",
-            speed[1] if memory_fraction is None else speed[1] and share <= memory_fraction)
+    text = f"{speed[0]}, " + ("memory not measured" if share is None else f"{share:.2f} of its net memory")
+    if memory_fraction is None:
+        return text, speed[1]
+    return text, None if share is None else speed[1] and share <= memory_fraction
 
 
 def _not_measured(rows, needs) -> str:

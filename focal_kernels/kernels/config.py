@@ -1,4 +1,5 @@
-"""Launch parameters for the row kernels, chosen from the vocabulary size and element size.
+"""Launch parameters for the row kernels, chosen from the vocabulary size and element size (and, for the
+backward's vocabulary split, the number of rows).
 
 Fixed heuristics rather than autotuning: the same shape always gets the same configuration, so results
 are bitwise reproducible for the same shape and layout (a row's 16-byte offset decides where its aligned

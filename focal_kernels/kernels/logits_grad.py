@@ -1,13 +1,16 @@
 """Backward: the gradient of Σ_b g_b · logp_b with respect to the logits, recomputing the softmax.
 
-Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V), labels y[b, t] (global ids; v0 =
+Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V) (float32 / bfloat16 / float16 / float64, any
+        batch and time strides, last dimension contiguous), labels y[b, t] (int32 / int64, any strides; global
+        ids; v0 =
         vocab_start is 0 unless the vocabulary is split over ranks), the forward's row_max[b, t] and
         log_sum_exp[b, t] (over the whole vocabulary: lse = row_max + log_sum_exp) and the incoming gradient
         g[b, t] of each token's log-prob (any strides: a padded sequence's gradient broadcast over its tokens
         is read with a time stride of 0), in float32 (float64 for float64 logits).
-Writes  grad[b, t, v] = g[b, t] · m_t · (1[v0 + v = y_t] − exp((x[b, t, v] − row_max) − log_sum_exp))  in the logits' dtype,
-        computed in float32 (float64), into `grad` (a fresh tensor, or the logits themselves in place).
-Rows whose label is ignore_index read no logits and write zeros; every element of `grad` is written.
+Writes  grad[b, t, v] = g[b, t] · (1[v0 + v = y[b, t]] − exp((x[b, t, v] − row_max) − log_sum_exp)) for scored
+        rows, in the logits' dtype, computed in float32 (float64), into `grad` (a fresh tensor, or the logits
+        themselves in place). Rows whose label is ignore_index read no logits and write zeros; every element
+        of `grad` is written.
 One grid (B, T, V), or two of one dtype, (B, T, V) and (B2, T2, V), in one launch (chosen and rejected:
 pair_rows.py), each with its own labels, g and gradient tensor; row_max and log_sum_exp are the forward's
 flat (rows,) statistics of both.

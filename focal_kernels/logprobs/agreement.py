@@ -7,7 +7,8 @@ sequence-parallel group): each rank runs its own argument checks, then all_gathe
 (whether its checks passed; its shapes, dtypes, options as float64 bits, digests of its labels, cu_seqlens
 and hidden states), and one host read lets every rank compare every rank's vector. A rank whose checks
 failed raises its own error; the others raise `RankFailed`, naming it. Digests are sums of values times odd
-pseudo-random weights modulo 2^64 (`position_weights`), computed on the device and read with the rest of the
+pseudo-random weights modulo 2^64 (the labels and cu_seqlens with `position_weights`, the hidden states' bits
+with kernels/bits_digest.py's row × column weights), computed on the device and read with the rest of the
 vector: one synchronization per round. Nothing here is vocabulary-sized.
 """
 
@@ -262,7 +263,8 @@ def float_words(values):
 
 def hidden_digest(hidden):
     """A 0-dim int64 device tensor that depends on hidden's (B, T, H) exact bits only (kernels/bits_digest.py;
-    its PyTorch twin, with a (B·T, H) int64 temporary, where the kernels do not run): one read of the hidden
+    its PyTorch twin, with a (B·T, C) int64 temporary, C = H (2H for float64: two int32 words a value), where
+    the kernels do not run): one read of the hidden
     states, no host read."""
     bits = float_words(hidden)
     if backend.use_triton(hidden):

@@ -2,18 +2,22 @@
 
 For the N scored tokens' hidden rows (N, H) and the lm_head weight W (V, H), the vocabulary is taken in
 chunks [v0, v1) of `chunk_size` rows of W. Each chunk's logits rows · W[v0:v1]ᵀ (+ bias) come from one GEMM in
-the inputs' dtype (cuBLAS accumulates in float32 and rounds its output), into an (N, v1 − v0) buffer that
-is the only chunk-sized memory. The forward folds each chunk into per-token state; the backward turns it
-into its gradient G in place and spends it on three reductions that each accumulate in float32:
+the inputs' dtype (cuBLAS accumulates in float32 and rounds its output), into an (N, v1 − v0) buffer: the
+walk's only chunk-sized buffer, but for float32 copies of a chunk where no mixed-dtype addmm can accumulate
+(`accumulate_product`) and the chunks a memory budget keeps for the whole step. The forward folds each chunk
+into per-token state; the backward turns it into its gradient G in place and spends it on three reductions
+that each accumulate in float32:
     grad_W[v0:v1] = Gᵀ · rows      (one GEMM, written straight into that slice: no running sum across chunks)
     grad_b[v0:v1] = Σ_n G
     grad_rows    += G · W[v0:v1]   (into an (N, H) float32 buffer, through cuBLAS where it can accumulate)
 Two variants save GEMMs. A memory budget keeps the first chunks' logits from the forward, so the backward
 copies them instead of recomputing (3 GEMMs for those chunks instead of 4). A frozen weight (no gradient
-for W or b) needs only grad_rows = g · (W[y]·x'_y − Σ_v p_v x'_v W_v) (x' = d logits / d raw), and Σ_v p_v x'_v W_v
-is accumulated during the forward walk with online rescaling, as flash-attention accumulates its output:
-acc ← acc · e^(m_old − m_new) + E · W[v0:v1] with E = e^(x − m_new) · x', and Σ p x' W = acc / Σ e^(x − m).
-That is 2 GEMMs in all (1 under no_grad), and the backward only scales rows.
+for W or b) needs only grad_rows = g · (W[y]·x'_y − Σ_v p_v x'_v W_v) (x' = d logits / d raw), and the sum
+over v ≠ y is accumulated during the forward walk with online rescaling, as flash-attention accumulates its
+output: acc ← acc · e^(m_old − m_new) + E · W[v0:v1] with E = e^(x − m_new) · x' and the label's column of E
+set to 0, so that acc / S = Σ_{v≠y} p_v x'_v W_v (S = Σ e^(x − m)). The label's own term, x'_y·W[y]·(1 − p_y),
+is added at the end with 1 − p_y = (S − e^(x_y − m)) / S from the float32 state, which keeps its precision
+where p_y is close to 1. That is 2 GEMMs in all (1 under no_grad), and the backward only scales rows.
 """
 
 from __future__ import annotations

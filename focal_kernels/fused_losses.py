@@ -267,26 +267,48 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
 
 
 class _OptionsModule(torch.nn.Module):
-    """The options kept as attributes (as PyTorch's losses keep `reduction`); `options` gathers them for the
-    functional form at each call, which validates them again (an attribute may have been changed).
-    Construction checks what can be checked without tensors: the loss options, ignore_index, the flags,
-    chunk_size and the logit transform."""
+    """Every option of the functional form kept as an attribute (as PyTorch's losses keep `reduction`), given
+    or default; `options` reads them all at each call, and the functional form validates them again, so an
+    attribute changed after construction (`module.temperature = 2.0`) takes effect or raises, never is
+    ignored. Construction checks what can be checked without tensors: the loss options, ignore_index, the
+    flags, chunk_size and the logit transform."""
 
-    def __init__(self, functional, **options):
-        _check_module_options(functional, options)
+    _functional = None  # the functional form; _defaults: its module options and their defaults (per class)
+    _defaults: dict = {}
+
+    def __init__(self, **options):
+        _check_module_options(self._functional, options)
         super().__init__()
-        for name, value in options.items():
-            setattr(self, name, value)
-        self._option_names = tuple(options)
+        for name, default in self._defaults.items():
+            setattr(self, name, options.get(name, default))
 
     @property
     def options(self) -> dict:
-        return {name: getattr(self, name) for name in self._option_names}
+        """The functional form's keywords, read from the attributes (a copy: change the attributes)."""
+        # getattr's default: a module pickled before every option was an attribute
+        return {name: getattr(self, name, default) for name, default in self._defaults.items()}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        shown = {name: value for name, value in self.options.items()
+                 if name in ("beta", "gamma", "reduction") or not _same_option(value, self._defaults[name])}
+        return ", ".join(f"{name}={value!r}" for name, value in shown.items())
 
 
+def _same_option(value, default) -> bool:
+    return value is default or (not isinstance(value, torch.Tensor) and type(value) is type(default)
+                                and value == default)
+
+
+def _module_option_defaults(functional) -> dict:
+    """name → default of every module option of `functional`: its keyword-only parameters but the per-call
+    tensors (bias, pair_weights), and the loss options."""
+    parameters = inspect.signature(functional).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in _CALL_TENSORS}
+    defaults.update(loss_type="focal", loss_weights=None, **_OPTION_DEFAULTS)
+    return defaults
+
+
+_CALL_TENSORS = ("bias", "pair_weights")
 _FLAGS = ("inplace_backward", "validate_labels")
 
 
@@ -325,10 +347,13 @@ class FocalPOLoss(_OptionsModule):
     `preference_loss` option: loss_type, loss_weights, label_smoothing, ...), the tensors at call
     (pair_weights, a per-batch tensor, included)."""
 
+    _functional = staticmethod(focal_po_loss)
+    _defaults = _module_option_defaults(focal_po_loss)
+
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, inplace_backward: bool = False,
                  **loss_options):
-        super().__init__(focal_po_loss, beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                          detach_focal_weight=detach_focal_weight, inplace_backward=inplace_backward, **loss_options)
 
     def forward(self, chosen_logits, rejected_logits, chosen_labels, rejected_labels,
@@ -343,10 +368,13 @@ class FusedLinearFocalPOLoss(_OptionsModule):
     validate_labels, the group keywords, ..., and any `preference_loss` option), the tensors (the lm_head's
     weight and bias, pair_weights) at call."""
 
+    _functional = staticmethod(fused_linear_focal_po_loss)
+    _defaults = _module_option_defaults(fused_linear_focal_po_loss)
+
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
                  reduction: str = "mean", detach_focal_weight: bool = False, chunk_size: int | None = None,
                  **loss_options):
-        super().__init__(fused_linear_focal_po_loss, beta=beta, gamma=gamma, ignore_index=ignore_index,
+        super().__init__(beta=beta, gamma=gamma, ignore_index=ignore_index,
                          reduction=reduction, detach_focal_weight=detach_focal_weight, chunk_size=chunk_size,
                          **loss_options)
 

@@ -231,6 +231,22 @@ def test_sequence_logps_matches_reference(device):
         assert not fk.sequence_logps(logits, labels).requires_grad
 
 
+def test_module_options_changed_after_construction_take_effect(device):
+    """An option not given to the constructor, set as an attribute later, is used (it was ignored)."""
+    vocab = 53
+    chosen, rejected = random_logits(2, 3, vocab, torch.float64, device), random_logits(2, 3, vocab, torch.float64,
+                                                                                          device)
+    labels_c, labels_r = random_labels(2, 3, vocab, device), random_labels(2, 3, vocab, device)
+    for change in (dict(loss_type="ipo"), dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+                   dict(detach_focal_weight=True, gamma=2.0), dict(label_smoothing=0.1, loss_type="robust")):
+        module = fk.FocalPOLoss()
+        for name, value in change.items():
+            setattr(module, name, value)
+        expected = fk.focal_po_loss(chosen, rejected, labels_c, labels_r, **change).loss
+        assert torch.equal(module(chosen, rejected, labels_c, labels_r).loss, expected), change
+        assert not torch.equal(expected, fk.focal_po_loss(chosen, rejected, labels_c, labels_r).loss), change
+
+
 def test_module_matches_functional(device):
     vocab = 321
     chosen, rejected = random_logits(2, 3, vocab, torch.float32, device), random_logits(2, 3, vocab, torch.float32,

@@ -348,6 +348,41 @@ def test_mixed_precision_accumulation():
         assert works[("cuda", torch.bfloat16, torch.float32)] is True
 
 
+def test_module_options_changed_after_construction_take_effect():
+    """Every option of the functional form is an attribute, given at construction or not: one changed later is
+    used at the next call (it was ignored unless given to the constructor), or refused there."""
+    inputs = make_inputs(dtype=torch.float64, seq_len=3, rejected_len=3)
+
+    def call(module):
+        return module(inputs["chosen_hidden"], inputs["rejected_hidden"], inputs["weight"], inputs["chosen_labels"],
+                      inputs["rejected_labels"], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
+                      bias=inputs["bias"]).loss
+
+    changes = [dict(temperature=2.0), dict(logit_softcap=1.0), dict(logit_scale=0.5),
+               dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.25]), dict(loss_type="ipo"),
+               dict(gamma=0.7), dict(chunk_size=7)]
+    for change in changes:
+        module = FusedLinearFocalPOLoss()
+        for name, value in change.items():
+            setattr(module, name, value)
+        expected = fused(inputs, **change).loss
+        assert torch.equal(call(module), expected), change
+        if "chunk_size" not in change:  # (the chunking changes no value)
+            assert not torch.equal(expected, fused(inputs).loss), f"{change} should change the loss"
+        assert all(f"{name}=" in repr(module) for name in change)
+    module = FusedLinearFocalPOLoss()
+    module.temperature = 0.0
+    with pytest.raises(ValueError, match="temperature"):
+        call(module)
+    # a module pickled before every option was an attribute (only the given ones) still computes the same
+    state = FusedLinearFocalPOLoss(gamma=0.3).__getstate__()
+    for name in ("temperature", "logit_softcap", "loss_type", "validate_labels"):
+        del state[name]
+    old = FusedLinearFocalPOLoss.__new__(FusedLinearFocalPOLoss)
+    old.__setstate__(state)
+    assert torch.equal(call(old), fused(inputs, gamma=0.3).loss)
+
+
 def test_module_form():
     inputs = make_inputs(dtype=torch.float64, seq_len=3, rejected_len=3)
     module = FusedLinearFocalPOLoss(beta=0.2, gamma=0.3, reduction="sum", chunk_size=9)

@@ -450,12 +450,14 @@ def test_api_listing():
                                            "FusedLinearFocalPOLoss"}
     undocumented = {name: _check_signature(name, params) for name, params in calls}
     # "both take vocab_parallel_group=None, sequence_parallel_group=None ..., as do focal_po_loss and
-    # fused_linear_focal_po_loss below (not the nn.Module forms)"
+    # fused_linear_focal_po_loss below (their modules take them as options)"
     for name in ("sequence_logps", "fused_linear_sequence_logps"):
         assert set(undocumented[name]) == {"vocab_parallel_group", "sequence_parallel_group"}, name
     for name in ("sequence_logps", "fused_linear_sequence_logps", "focal_po_loss", "fused_linear_focal_po_loss"):
         params = inspect.signature(getattr(fk, name)).parameters
         assert params["vocab_parallel_group"].default is None and params["sequence_parallel_group"].default is None
+    for module in (fk.FocalPOLoss(), fk.FusedLinearFocalPOLoss()):
+        assert {"vocab_parallel_group", "sequence_parallel_group"} <= set(module.options), type(module).__name__
 
     # Fields and names the listing promises.
     token_fields = re.search(r"TokenLogps\(([^)]*)\)", code).group(1)

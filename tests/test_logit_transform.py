@@ -215,11 +215,33 @@ def test_bad_transform_options_raise(options, match):
         fk.fused_linear_token_logps(h, w, labels, b, **options)
 
 
+@pytest.mark.parametrize("options, match", [
+    (dict(logit_scale=1e39), "logit_scale"),
+    (dict(logit_scale=1e-50), "logit_scale"),  # finite and non-zero, but 0 in float32
+    (dict(logit_softcap=1e300), "logit_softcap"),
+    (dict(temperature=1e-300), "temperature"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transform_options_beyond_the_compute_dtype_raise(options, match, dtype):
+    """The transform of float32 / bfloat16 / float16 weights is computed in float32: an option it cannot hold
+    raised PyTorch's overflow error naming no argument, or silently became 0 (a scale of 1e-50)."""
+    h, w, b, labels = inputs(1, 3, dtype)
+    with pytest.raises(ValueError, match=match):
+        fk.fused_linear_sequence_logps(h, w, labels, b, **options)
+    with pytest.raises(ValueError, match=match):
+        fk.fused_linear_token_logps(h, w, labels, b, **options)
+    fk.fused_linear_sequence_logps(h.double(), w.double(), labels, b.double(), **options)  # float64 holds it
+
+
 def test_bad_stats_raise():
     h, w, b, labels = inputs(1, 3, torch.float32)
     for stats in (("bogus",), ("entropy", "entropy"), ("entropy", "log_probs")):
         with pytest.raises(ValueError, match="stats"):
             fk.fused_linear_token_logps(h, w, labels, b, stats=stats)
+    for stats in (None, 3, iter(("entropy",))):
+        with pytest.raises(TypeError, match="stats must be a tuple, list or set"):
+            fk.fused_linear_token_logps(h, w, labels, b, stats=stats)
+    assert fk.fused_linear_token_logps(h, w, labels, b, stats={"entropy", "is_top1"}).is_top1 is not None
 
 
 def test_zero3_placeholder_weight_is_refused():
@@ -240,6 +262,8 @@ def transformers():
 
 
 def test_logit_options_from_config(transformers):
+    from types import SimpleNamespace
+
     gemma = transformers.Gemma2Config(final_logit_softcapping=3.0)
     assert fk.logit_options_from_config(gemma) == {"logit_softcap": 3.0, "logit_scale": 1.0}
     cohere = transformers.CohereConfig(logit_scale=0.0625)
@@ -254,9 +278,18 @@ def test_logit_options_from_config(transformers):
     # the model instead of its config, or no config at all, would silently give the defaults
     with pytest.raises(TypeError, match="pass model.config"):
         fk.logit_options_from_config(torch.nn.Linear(2, 2))
-    for wrong in (None, "google/gemma-2-2b"):
+    for wrong in (None, "google/gemma-2-2b", transformers.GenerationConfig(), object(), [gemma]):
         with pytest.raises(TypeError, match="config must be a model config object"):
             fk.logit_options_from_config(wrong)
+    # fields that are no usable number raise naming the field (a ZeroDivisionError, a bare float() error, or a
+    # negative soft-cap refused later as logit_softcap before)
+    for config, field in ((transformers.GraniteConfig(logits_scaling=0), "logits_scaling"),
+                          (SimpleNamespace(model_type="granite", logits_scaling="x"), "logits_scaling"),
+                          (SimpleNamespace(model_type="cohere", logit_scale=[1.0]), "logit_scale"),
+                          (transformers.CohereConfig(logit_scale=math.inf), "logit_scale"),
+                          (transformers.Gemma2Config(final_logit_softcapping=-30.0), "final_logit_softcapping")):
+        with pytest.raises(ValueError, match=f"{type(config).__name__}.{field} must be a finite"):
+            fk.logit_options_from_config(config)
 
 
 def tiny_gemma2(transformers):
@@ -303,17 +336,17 @@ def test_logit_options_from_other_configs(transformers):
     """The multipliers TRL's fused head also reads, and a width scaling this cannot reproduce."""
     from types import SimpleNamespace
 
-    import transformers
-
     assert fk.logit_options_from_config(transformers.FalconH1Config(lm_head_multiplier=0.5))["logit_scale"] == 0.5
     hyperclovax = SimpleNamespace(model_type="hyperclovax", logits_scaling=4.0)
     assert fk.logit_options_from_config(hyperclovax)["logit_scale"] == 4.0
-    assert fk.logit_options_from_config(SimpleNamespace(output_multiplier=2.0))["logit_scale"] == 2.0
+    # (stand-ins for configs of remote code: a model_type is what every config has)
+    assert fk.logit_options_from_config(SimpleNamespace(model_type="m", output_multiplier=2.0))["logit_scale"] == 2.0
     with pytest.raises(ValueError, match="dim_model_base"):
-        fk.logit_options_from_config(SimpleNamespace(dim_model_base=256, hidden_size=1024))
+        fk.logit_options_from_config(SimpleNamespace(model_type="minicpm", dim_model_base=256, hidden_size=1024))
     # soft-caps under other names, and Inkling's division of the hidden states
     recurrent_gemma = transformers.RecurrentGemmaConfig(logits_soft_cap=7.0)
     assert fk.logit_options_from_config(recurrent_gemma) == {"logit_softcap": 7.0, "logit_scale": 1.0}
-    assert fk.logit_options_from_config(SimpleNamespace(output_logit_soft_cap=5.0))["logit_softcap"] == 5.0
-    inkling = SimpleNamespace(logits_mup_width_multiplier=4.0)
+    xlstm = SimpleNamespace(model_type="xlstm", output_logit_soft_cap=5.0)
+    assert fk.logit_options_from_config(xlstm)["logit_softcap"] == 5.0
+    inkling = SimpleNamespace(model_type="inkling", logits_mup_width_multiplier=4.0)
     assert fk.logit_options_from_config(inkling) == {"logit_softcap": None, "logit_scale": 0.25}

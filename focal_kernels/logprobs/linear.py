@@ -65,7 +65,15 @@ def transform_params(weight, logit_softcap, logit_scale, temperature):
     kernels, so CUDA-graph capture works), or None when the transform is the identity."""
     if logit_softcap is None and logit_scale == 1 and temperature == 1:
         return None, False
-    params = torch.empty(3, dtype=compute_dtype(weight.dtype), device=weight.device)
+    dtype = compute_dtype(weight.dtype)
+    info = torch.finfo(dtype)
+    for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap), ("temperature", temperature)):
+        # (comparisons only, as in check_logit_transform: traceable with symbolic floats; a normal temperature
+        # has a finite reciprocal)
+        if value is not None and not (info.smallest_normal <= abs(value) <= info.max):
+            raise ValueError(f"{name} = {value!r} is outside {dtype}'s normal range, in which the transform of "
+                             f"{weight.dtype} weights is computed; it would overflow or round to 0")
+    params = torch.empty(3, dtype=dtype, device=weight.device)
     params[0] = float(logit_scale)
     params[1] = float(logit_softcap) if logit_softcap is not None else 1.0
     params[2] = 1.0 / float(temperature)
@@ -194,6 +202,9 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
         if isinstance(stats, str):
             raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
                             f"stats=({stats!r},))")
+        if not isinstance(stats, (tuple, list, set, frozenset)):
+            raise TypeError(f"stats must be a tuple, list or set of names from {STATS} (() for none), got "
+                            f"{type(stats).__name__}")
         names = tuple(stats)
         unknown = [name for name in names if name not in STATS]
         if unknown or len(set(names)) != len(names):
@@ -282,6 +293,19 @@ def local_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_
     return per_sequence(token_logps, labels, cu_seqlens, weight, ignore_index, return_token_counts)
 
 
+def _config_number(config, name, positive=False) -> float:
+    """config.name as a finite non-zero float (> 0 for a soft-cap), or a ValueError naming the field."""
+    value = getattr(config, name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and (number > 0 if positive else number != 0)):
+        raise ValueError(f"{type(config).__name__}.{name} must be a finite {'positive' if positive else 'non-zero'} "
+                         f"number, got {value!r}")
+    return number
+
+
 def logit_options_from_config(config) -> dict:
     """The hidden-state path's logit options (logit_softcap, logit_scale) for a Hugging Face model config, so
     that the log-probs are those of the model's own logits. Read: the soft-cap `final_logit_softcapping`
@@ -290,8 +314,9 @@ def logit_options_from_config(config) -> dict:
     `logits_scaling` (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies), `logits_mup_width_multiplier`
     (Inkling divides by it). A multimodal config's text config is read. Raises ValueError for a config whose
     logits this cannot reproduce (MiniCPM's `dim_model_base` width scaling). Pass the result as keyword
-    arguments. A dict (`config.to_dict()`), the model itself, None or a string is refused with TypeError: each
-    would silently give the default options.
+    arguments. Anything but a model config (a dict from `config.to_dict()`, the model itself, None, a string, a
+    GenerationConfig: no `model_type`) is refused with TypeError, as each would silently give the default
+    options; a field this reads that is not a finite non-zero number (a soft-cap: > 0) raises ValueError.
 
     Options describe a scaling of hidden states × weight only: a head of more than one layer (RoBERTa-style
     decoders) or logits sliced to `unpadded_vocab_size` (Inkling: pass `weight[:unpadded_vocab_size]`) are the
@@ -305,23 +330,26 @@ def logit_options_from_config(config) -> dict:
     if config is None or isinstance(config, (str, bytes, int, float)):
         raise TypeError(f"config must be a model config object (transformers.PretrainedConfig, e.g. model.config), "
                         f"got {type(config).__name__}: load a hub id with transformers.AutoConfig.from_pretrained")
+    if not hasattr(config, "model_type"):  # every PretrainedConfig has one; a GenerationConfig or DPOConfig not
+        raise TypeError(f"config must be a model config object (transformers.PretrainedConfig, e.g. model.config), "
+                        f"got {type(config).__name__}, which has no model_type")
     getter = getattr(config, "get_text_config", None)
     config = getter() if callable(getter) else (getattr(config, "text_config", None) or config)
     options = {"logit_softcap": None, "logit_scale": 1.0}
     for name in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):
         if getattr(config, name, None) is not None:
-            options["logit_softcap"] = float(getattr(config, name))
+            options["logit_softcap"] = _config_number(config, name, positive=True)
             break
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         if getattr(config, name, None) is not None:
-            options["logit_scale"] = float(getattr(config, name))
+            options["logit_scale"] = _config_number(config, name)
             return options
-    divisor = getattr(config, "logits_scaling", None)
-    if divisor is not None:
+    if getattr(config, "logits_scaling", None) is not None:
+        divisor = _config_number(config, "logits_scaling")
         multiplies = getattr(config, "model_type", None) == "hyperclovax"
-        options["logit_scale"] = float(divisor) if multiplies else 1.0 / float(divisor)
+        options["logit_scale"] = divisor if multiplies else 1.0 / divisor
     elif getattr(config, "logits_mup_width_multiplier", None) is not None:
-        options["logit_scale"] = 1.0 / float(config.logits_mup_width_multiplier)
+        options["logit_scale"] = 1.0 / _config_number(config, "logits_mup_width_multiplier")
     elif getattr(config, "dim_model_base", None) is not None:
         raise ValueError("this config scales the lm_head's input by dim_model_base / hidden_size (MiniCPM); "
                          "logit_options_from_config does not reproduce it: pass logit_scale yourself")

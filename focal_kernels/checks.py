@@ -170,8 +170,10 @@ def check_pair_shapes(chosen_shape, rejected_shape, chosen_device, rejected_devi
 
 
 def check_flag(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+    if not isinstance(value, bool):  # (a NumPy bool included: its repr may read True)
+        kind = type(value)
+        raise TypeError(f"{name} must be True or False (a Python bool), got {value!r} of type "
+                        f"{kind.__module__}.{kind.__qualname__}")
 
 
 def check_inplace_target(logits, name="logits"):

@@ -219,6 +219,8 @@ def test_numpy_numbers_and_flags(device):
     torch.testing.assert_close(out.loss, fk.focal_po_loss(**inputs, beta=float(np.float32(0.5)), gamma=0.05).loss)
     with pytest.raises(TypeError, match="inplace_backward must be True or False"):
         _call(fk.focal_po_loss, device, inplace_backward=1)
+    with pytest.raises(TypeError, match=r"inplace_backward must be True or False \(a Python bool\), got .* numpy"):
+        _call(fk.focal_po_loss, device, inplace_backward=np.bool_(True))  # (its repr may read True)
     with pytest.raises(TypeError, match="inplace_backward must be True or False"):
         fk.sequence_logps(torch.randn(1, 2, 5, device=device), torch.zeros(1, 2, dtype=torch.long, device=device),
                           inplace_backward=None)

@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -433,15 +434,21 @@ def test_discopop_is_finite_where_the_product_form_overflows():
 
 
 def test_nan_in_nan_out():
+    """A NaN log-prob gives a NaN loss, and a NaN gradient for its pair (hinge's relu gave it a finite one);
+    sft is linear in the log-probs, so its gradient does not depend on them."""
     c, r, rc, rr, nc, nr = make_inputs()
     c = c.detach().clone()
     c[1] = float("nan")
+    c.requires_grad_(True)
     for name in ALL_TYPES:
         refs = () if name == "simpo" else (rc, rr)
         nci, nri = counts_for(name, nc, nr)
         out = preference_loss(c, r, *refs, loss_type=name, label_smoothing=SMOOTHING.get(name, 0.0),
                               chosen_token_counts=nci, rejected_token_counts=nri)
         assert torch.isnan(out.loss), name
+        grad = grads(out.loss, (c,))[0]
+        assert torch.isnan(grad[1]) != (name == "sft"), (name, grad)
+        assert torch.isfinite(grad[[0, 2, 3, 4, 5]]).all(), (name, grad)
     per_pair = preference_loss(c, r, rc, rr, reduction="none").loss
     assert torch.isnan(per_pair[1]) and torch.isfinite(per_pair[[0, 2, 3, 4, 5]]).all()
 
@@ -569,6 +576,9 @@ ERROR_CASES = [
     (dict(reduction=None), ValueError, "reduction"),
     (dict(detach_focal_weight=1), TypeError, "detach_focal_weight"),
     (dict(detach_focal_weight=torch.tensor(True)), TypeError, "detach_focal_weight"),
+    (dict(detach_focal_weight=np.bool_(True)), TypeError, r"a Python bool\), got .*numpy"),
+    (dict(chosen_logps=torch.zeros(0), rejected_logps=torch.zeros(0), ref_chosen_logps=torch.zeros(0),
+          ref_rejected_logps=torch.zeros(0)), ValueError, r"at least one pair \(B >= 1\)"),
     (dict(chosen_logps=[1.0, 2.0, 3.0]), TypeError, "chosen_logps"),
     (dict(chosen_logps=torch.zeros(3, dtype=torch.long)), TypeError, "chosen_logps"),
     (dict(chosen_logps=torch.zeros(3, 1)), ValueError, "chosen_logps"),

@@ -77,8 +77,11 @@ def focal(p: PairBatch, o: LossOptions) -> torch.Tensor:
 
 @loss_spec(f_divergence=True)
 def hinge(p: PairBatch, o: LossOptions) -> torch.Tensor:
-    """SLiC (Zhao et al., 2023): ℓ = max(0, 1 − z)."""
-    return torch.relu(1 - o.beta * delta_score(p))
+    """SLiC (Zhao et al., 2023): ℓ = max(0, 1 − z). relu passes a finite gradient to a NaN margin; the
+    factor (1, or NaN where the margin is NaN) makes it NaN, and changes nothing else (±inf included)."""
+    margin = 1 - o.beta * delta_score(p)
+    nan_through = torch.where(margin.isnan(), margin, 1.0).detach()
+    return torch.relu(margin) * nan_through
 
 
 @loss_spec(f_divergence=True, token_counts=("chosen", "rejected"))

@@ -79,7 +79,9 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if not isinstance(detach_focal_weight, bool):
-        raise TypeError(f"detach_focal_weight must be a bool, got {type(detach_focal_weight).__name__}")
+        kind = type(detach_focal_weight)
+        raise TypeError(f"detach_focal_weight must be True or False (a Python bool), got {detach_focal_weight!r} "
+                        f"of type {kind.__module__}.{kind.__qualname__}")
     simpo_gamma = _number("simpo_gamma", simpo_gamma)
     discopop_tau = _number("discopop_tau", discopop_tau)
     if discopop_tau <= 0:
@@ -171,6 +173,8 @@ def check_tensors(names, *, chosen_logps, rejected_logps, ref_chosen_logps, ref_
     if chosen_logps.dim() != 1:
         raise ValueError(f"chosen_logps must be a (B,) tensor of per-sequence log-probs, got shape "
                          f"{tuple(chosen_logps.shape)}")
+    if chosen_logps.shape[0] == 0:  # a mean over no pairs would be NaN, a sum 0: neither is a loss
+        raise ValueError("chosen_logps must have at least one pair (B >= 1), got shape (0,)")
     _check_vector("rejected_logps", rejected_logps, chosen_logps, floating=True)
 
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logps.shape[0], chosen_logps.device,

@@ -8,8 +8,6 @@ import torch
 
 from .dtypes import FLOAT_DTYPES
 
-
-
 _LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
 
 
@@ -98,6 +96,7 @@ def check_cu_seqlens(cu_seqlens, values):
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor of shape (S + 1,) or None, got "
                         f"{type(cu_seqlens).__name__}")
+    refuse_dtensor(cu_seqlens, "cu_seqlens")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:

@@ -34,3 +34,20 @@ def path(request, monkeypatch):
 
         monkeypatch.setattr(backend, "use_triton", lambda tensor: False)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_rank_mesh():
+    """A ("tp", "cp") DeviceMesh of one CPU rank over gloo in this process, torn down after the module: for
+    DTensors and group keywords without spawning workers (tests/dist_workers.py runs several ranks)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, as tests/dist_workers.py
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("tp", "cp"))
+    finally:
+        dist.destroy_process_group()

@@ -288,3 +288,37 @@ def test_signature_defaults_are_the_checked_defaults():
 
     for name, default in LossOptions._field_defaults.items():
         assert name == "beta" or default == OPTION_DEFAULTS[name], name
+
+
+def test_dtensors_where_plain_tensors_are_expected_raise(one_rank_mesh):
+    """A DTensor reference log-prob, count, pair weight, cu_seqlens or packing input failed deep inside PyTorch
+    ("mixed torch.Tensor and DTensor", a sharding propagation error); it raises naming the argument."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    def dt(tensor):
+        return distribute_tensor(tensor, one_rank_mesh["tp"], [Replicate()])
+
+    logps = torch.randn(2)
+    pair = dict(chosen_logps=logps, rejected_logps=torch.randn(2), ref_chosen_logps=torch.randn(2),
+                ref_rejected_logps=torch.randn(2), chosen_token_counts=torch.ones(2),
+                rejected_token_counts=torch.ones(2), pair_weights=torch.ones(2))
+    for name in pair:
+        with pytest.raises(TypeError, match=f"{name} is a DTensor"):
+            fk.preference_loss(**{**pair, name: dt(pair[name])}, loss_type="ipo")
+    with pytest.raises(TypeError, match="ref_chosen_logps is a DTensor"):
+        _call(fk.focal_po_loss, "cpu", ref_chosen_logps=dt(torch.randn(2)), ref_rejected_logps=torch.randn(2))
+    with pytest.raises(TypeError, match="pair_weights is a DTensor"):
+        _call(fk.focal_po_loss, "cpu", pair_weights=dt(torch.ones(2)))
+    tokens, labels = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    with pytest.raises(TypeError, match="cu_seqlens is a DTensor"):
+        fk.sequence_logps(tokens, labels, cu_seqlens=dt(torch.tensor([0, 2, 5])))
+    position_ids = torch.tensor([0, 1, 0, 1, 2])
+    with pytest.raises(TypeError, match="position_ids is a DTensor"):
+        fk.cu_seqlens_from_position_ids(dt(position_ids))
+    cu = torch.tensor([0, 2, 5])
+    for arguments, name in (((dt(labels), cu), "input_ids"), ((labels, dt(cu)), "cu_seqlens"),
+                            ((labels, cu, -100, dt(labels)), "labels")):
+        with pytest.raises(TypeError, match=f"{name} is a DTensor"):
+            fk.shift_packed_labels(*arguments)
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):  # (before: an error about labels)
+        fk.shift_packed_labels(labels.tolist(), cu, labels=labels)

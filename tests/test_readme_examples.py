@@ -14,7 +14,6 @@ import ast
 import contextlib
 import inspect
 import math
-import os
 import re
 import sys
 import types
@@ -272,19 +271,9 @@ def test_trl_trainer(tmp_path, monkeypatch):
 # "Beyond one GPU": the parallel blocks on a one-rank gloo group (every name and keyword is exercised)
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, as tests/dist_workers.py
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("tp", "cp"))
-    finally:
-        dist.destroy_process_group()
+@pytest.fixture
+def mesh(one_rank_mesh):  # (conftest.py)
+    return one_rank_mesh
 
 
 def test_vocab_parallel(mesh):
@@ -348,6 +337,7 @@ def test_torch_compile():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # (other tests in this process compiled too)
     ns = run(block(*README_BLOCKS[6]), torch=torch, fk=fk)
     for call, prompt_len in enumerate((1, 3)):  # same shapes, other labels and mask: no recompilation
         cl, rl, cy, ry = _pair_batch(2, 5, 4, seed=7 + call, prompt_len=prompt_len)

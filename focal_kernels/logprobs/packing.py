@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import backend
-from ..checks import check_cu_seqlens, check_ignore_index
+from ..checks import check_cu_seqlens, check_ignore_index, refuse_dtensor
 from . import ops
 
 
@@ -157,6 +157,7 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError("position_ids must be an int32 or int64 tensor of shape (N,) or (1, N)")
+    refuse_dtensor(position_ids, "position_ids")
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         position_ids = position_ids[0]
     if position_ids.dim() != 1:
@@ -178,16 +179,19 @@ def shift_packed_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignor
     the same shape out; no synchronization, so the cu_seqlens values are not read (the log-prob functions
     check them).
     """
+    if not isinstance(input_ids, torch.Tensor):  # (read for its shape only when labels are given)
+        raise TypeError(f"input_ids must be a torch.Tensor of shape (N,) or (1, N), got {type(input_ids).__name__}")
+    refuse_dtensor(input_ids, "input_ids")
     source = input_ids if labels is None else labels
     name = "input_ids" if labels is None else "labels"
     if not isinstance(source, torch.Tensor) or source.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor of shape (N,) or (1, N)")
+    refuse_dtensor(source, name)
     if not (source.dim() == 1 or (source.dim() == 2 and source.shape[0] == 1)):
         raise ValueError(f"{name} must have shape (N,) or (1, N), got {tuple(source.shape)}")
-    if labels is not None and not (isinstance(input_ids, torch.Tensor)
-                                   and tuple(input_ids.shape) == tuple(labels.shape)):
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)} and {shape}")
+    if labels is not None and tuple(input_ids.shape) != tuple(labels.shape):
+        raise ValueError(f"labels must have the shape of input_ids, got {tuple(labels.shape)} and "
+                         f"{tuple(input_ids.shape)}")
     check_ignore_index(ignore_index, source, name)
     check_cu_seqlens(cu_seqlens, source)
     flat = source.reshape(-1)

@@ -8,6 +8,7 @@ from numbers import Real
 
 import torch
 
+from ..checks import refuse_dtensor
 from .batch import LossOptions, spec_of
 from .divergence import F_DIVERGENCE_TYPES
 from .pairwise import LOSS_TYPES
@@ -132,6 +133,7 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
 def _check_vector(name: str, tensor, like: torch.Tensor, *, floating: bool) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    refuse_dtensor(tensor, name)
     if floating and not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if not floating and (tensor.is_complex() or tensor.dtype == torch.bool):
@@ -155,6 +157,7 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, w
             continue
         if not isinstance(ref, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},) or None, got {type(ref).__name__}")
+        refuse_dtensor(ref, name)
         if not ref.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {ref.dtype}")
         if tuple(ref.shape) != (batch,):
@@ -168,6 +171,7 @@ def check_tensors(names, *, chosen_logps, rejected_logps, ref_chosen_logps, ref_
     """Types, (B,) shapes, devices; which optional tensors the selected loss types need or refuse."""
     if not isinstance(chosen_logps, torch.Tensor):
         raise TypeError(f"chosen_logps must be a torch.Tensor, got {type(chosen_logps).__name__}")
+    refuse_dtensor(chosen_logps, "chosen_logps")
     if not chosen_logps.is_floating_point():
         raise TypeError(f"chosen_logps must be a floating-point tensor, got {chosen_logps.dtype}")
     if chosen_logps.dim() != 1:

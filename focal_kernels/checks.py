@@ -82,9 +82,10 @@ def check_ignore_index(ignore_index, labels, labels_name="labels") -> None:
 def data_checks_enabled(validate_labels, tensor) -> bool:
     """Whether to read label and cu_seqlens values (one device synchronization): yes in eager mode unless
     validate_labels=False; never while torch.compile traces or a CUDA graph is being captured (there the
-    kernels still never read out of bounds: a sequence with an out-of-range label gets a NaN log-prob)."""
+    kernels still never read out of bounds: a sequence with an out-of-range label gets a NaN log-prob), nor
+    for meta tensors, which hold no values."""
     check_flag(validate_labels, "validate_labels")
-    if not validate_labels or torch.compiler.is_compiling():
+    if not validate_labels or torch.compiler.is_compiling() or tensor.device.type == "meta":
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 

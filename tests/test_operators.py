@@ -86,3 +86,41 @@ def test_hidden_path_operators(dtype, needs):
     backward = (rows, weight, bias, labels, state[0], torch.log(state[1]), torch.randn(6, device=DEVICE), params,
                 True, 0, 4, *needs, None)
     torch.library.opcheck(ops._linear_backward_op, backward, test_utils=CHECKS)
+
+
+def test_meta_tensors_give_shapes_forward_and_backward():
+    """Meta tensors (shape inference without data) through every entry point, forward and backward: the
+    label checks read no values there (they raised "Cannot copy out of meta tensor"), the hidden-state path
+    projects every token (no data-dependent selection) and turns no autocast off (torch.autocast refused
+    the meta device). Results and gradients have the shapes, dtypes and device of a real call."""
+    import focal_kernels as fk
+
+    def meta(*shape, dtype=torch.float32, grad=False):
+        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+
+    B, T, V, H = 2, 5, 11, 8
+    logits, hidden, weight = meta(B, T, V, grad=True), meta(B, T, H, grad=True), meta(V, H, grad=True)
+    labels, cu = meta(B, T, dtype=torch.int64), meta(3, dtype=torch.int64)
+    calls = {
+        "logits": lambda: fk.sequence_logps(logits, labels),
+        "packed": lambda: fk.sequence_logps(logits.reshape(B * T, V), labels.reshape(-1), cu_seqlens=cu),
+        "hidden": lambda: fk.fused_linear_sequence_logps(hidden, weight, labels),
+        "hidden packed": lambda: fk.fused_linear_sequence_logps(hidden.reshape(B * T, H), weight, labels.reshape(-1),
+                                                                cu_seqlens=cu),
+        "frozen": lambda: fk.fused_linear_sequence_logps(hidden, weight.detach(), labels),
+        "budget": lambda: fk.fused_linear_sequence_logps(hidden, weight, labels, memory_budget=2**20),
+        "statistics": lambda: fk.fused_linear_token_logps(hidden, weight, labels, stats=("entropy",)).entropy,
+        "pair": lambda: fk.focal_po_loss(logits, logits, labels, labels.clone()).loss,
+        "hidden pair": lambda: fk.fused_linear_focal_po_loss(hidden, hidden, weight, labels, labels.clone()).loss,
+    }
+    shapes = {"statistics": (B, T), "pair": (), "hidden pair": ()}
+    for name, call in calls.items():
+        out = call()
+        assert out.device.type == "meta" and out.dtype == torch.float32, name
+        assert tuple(out.shape) == shapes.get(name, (B if "packed" not in name else 2,)), name
+        if out.requires_grad:
+            grads = torch.autograd.grad(out.sum(), [t for t in (logits, hidden, weight) if t.requires_grad],
+                                        allow_unused=True)
+            assert all(g is None or g.device.type == "meta" for g in grads), name
+    with pytest.raises(ValueError, match="meta"):  # its output length depends on the values
+        fk.cu_seqlens_from_position_ids(meta(7, dtype=torch.int64))

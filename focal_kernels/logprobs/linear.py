@@ -164,7 +164,8 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
     if data_checks_enabled(validate_labels, weight):
         check_labels_in_range([(labels, labels_name) for _, labels, _, labels_name in groups], weight.shape[0],
                               ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    compact = not (torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+    compact = not (torch.compiler.is_compiling() or weight.device.type == "meta"
+                   or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
     frozen = (torch.is_grad_enabled() and not weight.requires_grad and (bias is None or not bias.requires_grad)
               and any(hidden.requires_grad for hidden, *_ in groups))

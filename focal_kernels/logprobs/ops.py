@@ -27,6 +27,14 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def _without_autocast(tensor):
+    """Autocast off for the chunk GEMMs (they run in the inputs' dtype); nothing to turn off on a device type
+    autocast does not know (meta: torch.autocast raises there)."""
+    if tensor.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _dispatch(op, impl):
     """`impl` in eager mode, the registered operator while torch.compile traces."""
     def call(*args):
@@ -239,7 +247,7 @@ def _linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             accumulate_product(acc, weights, weight[start:start + chunk.shape[1]])
 
     if total:
-        with _on_device(rows), torch.autocast(device_type=rows.device.type, enabled=False):
+        with _on_device(rows), _without_autocast(rows):
             logits_pass(rows, weight, bias, chunk_size, fold_chunk, kept)
     unit = rows.new_empty((0,), dtype=acc_dtype)
     if acc is not None:  # x'_y·W[y]·(1 − p_y) − Σ_{v≠y} p_v x'_v W_v, with 1 − p_y = (S − e^(x_y − m)) / S in float32
@@ -286,7 +294,7 @@ def _linear_backward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     grad_rows = torch.zeros(rows.shape, dtype=acc_dtype, device=rows.device) if needs_rows else None
     _, to_gradient = _chunks.chunk_kernels(backend.use_triton(weight))
     transform = _transform(params, has_softcap)
-    with _on_device(rows), torch.autocast(device_type=rows.device.type, enabled=False):
+    with _on_device(rows), _without_autocast(rows):
         if rows.shape[0]:
             gradient_pass(rows, weight, bias, chunk_size,
                           lambda chunk, start: to_gradient(chunk, row_labels, start + vocab_start, row_max,

@@ -158,6 +158,9 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError("position_ids must be an int32 or int64 tensor of shape (N,) or (1, N)")
     refuse_dtensor(position_ids, "position_ids")
+    if position_ids.device.type == "meta":
+        raise ValueError("position_ids is a meta tensor: cu_seqlens_from_position_ids reads the values (its output "
+                         "length depends on them), which a meta tensor does not hold")
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         position_ids = position_ids[0]
     if position_ids.dim() != 1:

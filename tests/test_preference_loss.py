@@ -642,6 +642,13 @@ def test_module_options_are_attributes():
     module.beta = -1.0
     with pytest.raises(ValueError, match="beta"):
         module(c, r, rc, rr)
+    # loss_weights not given stays None: a loss_type changed later gets equal weights (it raised about
+    # loss_weights, which the constructor had filled in as [1.0])
+    module = PreferenceLoss(loss_type="sigmoid")
+    assert module.loss_weights is None
+    module.loss_type = ["sigmoid", "hinge"]
+    torch.testing.assert_close(module(c, r, rc, rr).loss,
+                               preference_loss(c, r, rc, rr, loss_type=["sigmoid", "hinge"]).loss, **F64)
     # a module pickled by 0.2.0 (its options in one dict attribute) still loads and computes the same
     state = PreferenceLoss(beta=0.3, reduction="sum").__getstate__()
     state["options"] = {name: state.pop(name) for name in PreferenceLoss._OPTION_NAMES}

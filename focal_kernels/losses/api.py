@@ -183,7 +183,8 @@ class PreferenceLoss(nn.Module):
                       label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
                       f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                       reduction=reduction)
-        self.loss_type, self.loss_weights = list(names), list(weights)
+        # loss_weights as given: None stays None (equal weights for whatever loss_type becomes later)
+        self.loss_type, self.loss_weights = list(names), None if loss_weights is None else list(weights)
         self.beta, self.gamma, self.detach_focal_weight = beta, gamma, detach_focal_weight
         self.label_smoothing, self.simpo_gamma, self.discopop_tau = label_smoothing, simpo_gamma, discopop_tau
         self.f_divergence_type, self.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef

@@ -119,6 +119,37 @@ def test_compiled_packed_linear_step_matches_eager_without_recompiling(path):
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for one shape"
 
 
+def test_one_tensor_passed_for_both_sides_compiles_fullgraph():
+    """The same labels (or logits, or hidden states) for chosen and rejected: dynamo refused the autograd
+    function that takes both sides ("duplicate tensor input"), so fullgraph=True raised; now it matches eager
+    mode, gradients included (they accumulate into the one leaf from both sides)."""
+    batch, seq_len = 2, 4
+    labels = torch.randint(0, VOCAB, (batch, seq_len))
+    labels[0, 0] = IGNORE
+    logits, other = torch.randn(batch, seq_len, VOCAB), torch.randn(batch, seq_len, VOCAB)
+    hidden, weight = torch.randn(batch, seq_len, HIDDEN), torch.randn(VOCAB, HIDDEN)
+    cases = {
+        "same labels": (fk.focal_po_loss, lambda x, y: (x, y, labels, labels), [logits, other]),
+        "same logits": (fk.focal_po_loss, lambda x: (x, x, labels, labels.clone()), [logits]),
+        "same labels, hidden": (fk.fused_linear_focal_po_loss, lambda h, w: (h, h * 2, w, labels, labels),
+                                [hidden, weight]),
+        "same hidden": (fk.fused_linear_focal_po_loss, lambda h, w: (h, h, w, labels, labels.clone()),
+                        [hidden, weight]),
+    }
+    for name, (loss_fn, arguments, leaves) in cases.items():
+        def step(*tensors):
+            return loss_fn(*arguments(*tensors), beta=0.5).loss
+
+        torch._dynamo.reset()
+        eager_leaves = [t.clone().requires_grad_(True) for t in leaves]
+        compiled_leaves = [t.clone().requires_grad_(True) for t in leaves]
+        expected = step(*eager_leaves)
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_leaves)
+        assert_close(got, expected, (1e-6, 1e-6), name)
+        for g, e in zip(torch.autograd.grad(got, compiled_leaves), torch.autograd.grad(expected, eager_leaves)):
+            assert_close(g, e, (1e-6, 1e-6), f"{name} gradient")
+
+
 def test_grad_of_loss_with_respect_to_returned_logps():
     """out.chosen_logps is the tensor the loss was computed from: autograd.grad(loss, it) works and equals the
     pair loss's own derivative."""

@@ -20,7 +20,7 @@ from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden
 from ..dtypes import compute_dtype
 from .agreement import agree_over_mesh
 from .linear_autograd import LinearOptions, LinearTokenLogps
-from .ops import STATS
+from .ops import STATS, distinct
 from .packing import as_token_grid, per_sequence
 
 
@@ -174,8 +174,8 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
     budget = int(memory_budget) if memory_budget and will_backward and not frozen else 0
     options = LinearOptions(int(ignore_index), chunk_size, params, has_softcap, tuple(stats), compact, frozen,
                             budget)
-    outputs = LinearTokenLogps.apply(weight, bias, options,
-                                     *(t for hidden, labels, *_ in groups for t in (hidden, labels)), None)
+    group_tensors = distinct([t for hidden, labels, *_ in groups for t in (hidden, labels)])
+    outputs = LinearTokenLogps.apply(weight, bias, options, *group_tensors, None)
     per_group = 1 + len(stats)
     return [[out.view(hidden.shape[:2]) for out in outputs[k * per_group:(k + 1) * per_group]]
             for k, (hidden, *_) in enumerate(groups)]

@@ -27,6 +27,18 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def distinct(tensors):
+    """The tensors, with any tensor passed a second time (the same labels for chosen and rejected, say)
+    replaced by a view of itself: torch.compile refuses an autograd.Function that is given one tensor twice
+    ("duplicate tensor input"). The view shares the memory, and gradients flow back through it."""
+    out = []
+    for tensor in tensors:
+        if tensor is not None and any(tensor is seen for seen in out):
+            tensor = tensor.view_as(tensor)
+        out.append(tensor)
+    return out
+
+
 def _without_autocast(tensor):
     """Autocast off for the chunk GEMMs (they run in the inputs' dtype); nothing to turn off on a device type
     autocast does not know (meta: torch.autocast raises there)."""

@@ -2,8 +2,7 @@
 
 Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V) (float32 / bfloat16 / float16 / float64, any
         batch and time strides, last dimension contiguous), labels y[b, t] (int32 / int64, any strides; global
-        ids; v0 =
-        vocab_start is 0 unless the vocabulary is split over ranks), the forward's row_max[b, t] and
+        ids; v0 = vocab_start is 0 unless the vocabulary is split over ranks), the forward's row_max[b, t] and
         log_sum_exp[b, t] (over the whole vocabulary: lse = row_max + log_sum_exp) and the incoming gradient
         g[b, t] of each token's log-prob (any strides: a padded sequence's gradient broadcast over its tokens
         is read with a time stride of 0), in float32 (float64 for float64 logits).

@@ -264,8 +264,7 @@ def float_words(values):
 def hidden_digest(hidden):
     """A 0-dim int64 device tensor that depends on hidden's (B, T, H) exact bits only (kernels/bits_digest.py;
     its PyTorch twin, with a (B·T, C) int64 temporary, C = H (2H for float64: two int32 words a value), where
-    the kernels do not run): one read of the hidden
-    states, no host read."""
+    the kernels do not run): one read of the hidden states, no host read."""
     bits = float_words(hidden)
     if backend.use_triton(hidden):
         return ops.bits_digest(bits)

@@ -10,7 +10,7 @@ import torch
 from .. import backend, reference
 from ..checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_labels_in_range,
                       check_logits_and_labels, data_checks_enabled, is_dtensor)
-from . import ops
+from .ops import distinct
 from .packing import as_token_grid, per_sequence
 
 
@@ -100,7 +100,7 @@ def pair_sequence_logps(chosen_logits, rejected_logits, chosen_labels, rejected_
 
     chosen_logits = _kernel_ready(chosen_logits, inplace_backward, "chosen_logits")
     rejected_logits = _kernel_ready(rejected_logits, inplace_backward, "rejected_logits")
-    tensors = ops.distinct([chosen_logits, rejected_logits, chosen_labels, rejected_labels])
+    tensors = distinct([chosen_logits, rejected_logits, chosen_labels, rejected_labels])
     return PairSequenceLogps.apply(*tensors, int(ignore_index), inplace_backward)
 
 

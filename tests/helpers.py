@@ -94,5 +94,8 @@ def poison_empty(monkeypatch):
             t.fill_(-12345)
         return t
 
+    real_new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    # (the hidden-state path's kept chunks and empty outputs come from Tensor.new_empty)
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))

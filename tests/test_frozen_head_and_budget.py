@@ -5,6 +5,7 @@ memory_budget (chunks of logits kept from the forward instead of recomputed)."""
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import poison_empty
 
 import focal_kernels as fk
 from focal_kernels import backend
@@ -124,6 +125,66 @@ def test_memory_budget_keeps_chunks_and_matches(monkeypatch, budget_chunks):
     again = torch.autograd.grad(logps.sum(), [hidden, weight, bias])  # the kept chunks survived the first backward
     for got, want in zip(again, expected_grads):
         assert torch.equal(got, want)
+
+
+LAYOUTS = ("packed", "shifted view", "one token")
+
+
+def _layout(layout, dtype, vocab=53, hidden=8):
+    """(hidden leaf, the tensor passed, labels, cu_seqlens): packed rows with an empty and an all-ignored
+    sequence; a causal view [:, :-1] (not contiguous); sequences of one token."""
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(DEVICE, dtype).requires_grad_(True)
+
+    if layout == "packed":
+        cu_seqlens = torch.tensor([0, 4, 4, 7, 12], device=DEVICE)  # the second sequence is empty
+        labels = torch.randint(0, vocab, (12,), device=DEVICE)
+        labels[4:7] = -100  # the third: every token ignored
+        labels[0] = -100
+        states = leaf(12, hidden)
+        return states, states, labels, cu_seqlens
+    seq_len = 5 if layout == "shifted view" else 1
+    full = leaf(3, seq_len + 1, hidden)
+    labels = torch.randint(0, vocab, (3, seq_len), device=DEVICE)
+    labels[1] = -100
+    return full, full[:, :-1] if layout == "shifted view" else full[:, :1], labels, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["frozen", "memory_budget"])
+def test_gemm_saving_modes_at_odd_layouts(monkeypatch, mode, layout, dtype):
+    """Both modes against float64 at the layouts their first tests left out (packed with empty and all-ignored
+    sequences, a non-contiguous view, T = 1), every dtype, with fresh memory poisoned: values, the hidden
+    gradient, and for memory_budget (trainable weight and bias) the weight and bias gradients too."""
+    poison_empty(monkeypatch)
+    vocab = 53
+    leaf, states, labels, cu_seqlens = _layout(layout, dtype, vocab)
+    weight = torch.randn(vocab, states.shape[-1], dtype=torch.float64).to(DEVICE, dtype)
+    bias = torch.randn(vocab, dtype=torch.float64).to(DEVICE, dtype)
+    leaves = [leaf]
+    options = dict(chunk_size=16, cu_seqlens=cu_seqlens)
+    if mode == "memory_budget":
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        leaves += [weight, bias]
+        options["memory_budget"] = 2 * int((labels != -100).sum()) * 16 * weight.element_size()  # 2 of 4 chunks
+    logps = fk.fused_linear_sequence_logps(states, weight, labels, bias, **options)
+    upstream = torch.rand(logps.shape[0], dtype=torch.float64, device=DEVICE) + 0.5
+    grads = torch.autograd.grad((logps.double() * upstream).sum(), leaves)
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    w64, b64 = (leaves64[1], leaves64[2]) if mode == "memory_budget" else (weight.double(), bias.double())
+    states64 = leaves64[0] if layout == "packed" else leaves64[0][:, :states.shape[1]]
+    expected = fk.reference.sequence_logps(fk.reference.linear_logits(states64, w64, b64), labels, -100, cu_seqlens)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves64)
+    value_tol, grad_tol = TOL[dtype]
+    _close(logps, expected, value_tol, "log-probs")
+    if layout == "packed":
+        assert logps[1] == 0 and logps[2] == 0  # the empty and the all-ignored sequence
+    for got, want, name in zip(grads, expected_grads, ("hidden", "weight", "bias")):
+        assert got.dtype == dtype, name
+        _close(got, want, grad_tol * want.abs().max().item(), f"{name} gradient")
 
 
 def test_memory_budget_validated():

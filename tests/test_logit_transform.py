@@ -161,6 +161,27 @@ def test_stats_match_reference(path, name, chunk_size):
     check_stats(packed, {k: v.reshape(12) for k, v in expected.items()}, subset, "packed subset")
 
 
+@pytest.mark.parametrize("chunk_size", [8, 64])
+def test_stats_with_a_masked_vocabulary(path, chunk_size):
+    """−inf logits (a vocabulary masked by a −inf bias): the entropy counts 0 log 0 as 0 and equals the entropy
+    over the unmasked columns (it was NaN: 0 · (−inf)); the log-probs, their gradient and the other statistics
+    are those of the unmasked vocabulary too."""
+    h, w, b, labels = inputs(2, 5, torch.float64, vocab=37, hidden=16)
+    masked = torch.arange(37, device=DEVICE) % 3 == 1  # (a masked label id + 1 is not masked, and < 37)
+    b = b.masked_fill(masked, -math.inf)
+    labels = torch.where(masked[labels.clamp(min=0)] & (labels >= 0), labels + 1, labels)  # no masked labels
+    out = fk.fused_linear_token_logps(h, w, labels, b, chunk_size=chunk_size, stats=("entropy", "log_sum_sq_probs"))
+    kept = ~masked
+    remapped = torch.where(labels >= 0, torch.cumsum(kept, 0)[labels.clamp(min=0)] - 1, labels)
+    expected = fk.reference.token_stats(fk.reference.linear_logits(h, w[kept], b[kept]), remapped, IGNORE)
+    assert torch.isfinite(out.entropy).all()
+    for stat in ("entropy", "log_sum_sq_probs"):
+        assert_close(getattr(out, stat), expected[stat], (1e-10, 1e-10), stat)
+    # the spec itself gives the same on the masked vocabulary
+    spec = fk.reference.token_stats(fk.reference.linear_logits(h, w, b), labels, IGNORE)
+    assert_close(spec["entropy"], expected["entropy"], (1e-12, 1e-12), "reference entropy")
+
+
 @pytest.mark.parametrize("chunk_size", [4, 8, 64], ids=["tie-across-chunks", "tie-across-chunks-8", "one-chunk"])
 def test_is_top1_takes_the_first_argmax_on_ties(path, chunk_size):
     """Rows 5 and 9 of the vocabulary give the same, largest logit at every token: a label of 5 is top-1,

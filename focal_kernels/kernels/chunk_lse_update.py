@@ -7,6 +7,7 @@ Reads   raw logits r[n, j] of one chunk, the columns v0 + j for j in [0, C) (flo
             max[n], sum[n] = Σ exp(x − max)                   always
             target[n] = x[n, y[n] − v0]  when v0 <= y[n] < v0 + C, else left unchanged
             wsum[n] = Σ exp(x − max)·(x − max)                ENTROPY:      entropy = log sum − wsum / sum
+                                                              (a −inf logit adds 0: 0 log 0 = 0)
             sqsum[n] = Σ exp(2(x − max))                      SQUARES:      log Σ p² = log sqsum − 2 log sum
             xsum[n] = Σ x                                     LOGIT_SUM:    mean logit = xsum / V
             before[n] = max of x over columns v < y[n]        TOP1:         y is the first argmax when
@@ -70,7 +71,8 @@ def chunk_lse_update_kernel(
         exps = tl.exp(x - safe_max)
         if ENTROPY:  # Σ e^(x − m)(x − m) moves to the new max m' as r·(wsum + (m − m')·sum), r = e^(m − m')
             shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
-            centered = tl.where(in_chunk, x - safe_max, 0.0)  # masked columns: e^(−inf) · 0, not 0 · (−inf)
+            # masked columns and −inf logits (a masked vocabulary): e^(−inf) · 0, not 0 · (−inf), so 0 log 0 = 0
+            centered = tl.where(x > float("-inf"), x - safe_max, 0.0)
             wsum = rescale * (wsum + shift * running_sum) + tl.sum(exps * centered, axis=0)
         if SQUARES:
             sqsum = sqsum * rescale * rescale + tl.sum(exps * exps, axis=0)

@@ -59,7 +59,8 @@ def chunk_lse_update_torch(logits_chunk, labels, vocab_start, state, transform):
     exps = torch.exp(shifted)
     if "wsum" in state:
         shift = torch.where(running_max == -math.inf, torch.zeros_like(running_max), running_max - safe_max)
-        state["wsum"].copy_(rescale * (state["wsum"] + shift * running_sum) + (exps * shifted).sum(dim=1))
+        centered = torch.where(x > -math.inf, shifted, torch.zeros_like(shifted))  # 0 log 0 = 0 at −inf logits
+        state["wsum"].copy_(rescale * (state["wsum"] + shift * running_sum) + (exps * centered).sum(dim=1))
     if "sqsum" in state:
         state["sqsum"].mul_(rescale * rescale).add_((exps * exps).sum(dim=1))
     running_sum.mul_(rescale).add_(exps.sum(dim=1))

@@ -75,7 +75,7 @@ def compare_with_reference(chosen_logits, rejected_logits, chosen_labels, reject
     for name, actual, expected in (("grad chosen_logits", grad_c, ref_grad_c),
                                    ("grad rejected_logits", grad_r, ref_grad_r)):
         assert actual.dtype == dtype, f"{name} dtype {actual.dtype}, expected {dtype}"
-        scale = expected.abs().max().item() or 1.0
+        scale = (expected.abs().max().item() if expected.numel() else 0.0) or 1.0  # (T = 0: no elements)
         rtol, atol = GRAD_TOL[dtype]
         # Plus two steps of the dtype's subnormal spacing: float16 gradients below 6e-5 are subnormal.
         subnormal_step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps

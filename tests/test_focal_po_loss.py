@@ -105,6 +105,26 @@ def test_views(device, dtype):
     compare_with_reference(interleaved, rejected, random_labels(2, 4, vocab, device), labels_r)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequences_of_no_tokens(device, dtype):
+    """Padded T = 0 on one side (a shifted view) and T = 1 on the other, against float64: log-prob 0 and an
+    empty gradient there; inplace_backward gives the same gradients, in every dtype (its tests covered
+    float32 and bfloat16)."""
+    vocab = 37
+    chosen = random_logits(2, 0, vocab, dtype, device, extra_time=1)  # (2, 0, V)
+    rejected = random_logits(2, 1, vocab, dtype, device)
+    labels_c, labels_r = random_labels(2, 0, vocab, device), random_labels(2, 1, vocab, device)
+    out = compare_with_reference(chosen, rejected, labels_c, labels_r)
+    assert torch.equal(out.chosen_logps, torch.zeros_like(out.chosen_logps))
+    _, expected_c, expected_r = loss_and_grads(fk.focal_po_loss, chosen, rejected, labels_c, labels_r)
+    base_c, base_r = (t.detach().clone().requires_grad_(True) for t in (chosen, rejected))
+    out = fk.focal_po_loss(base_c * 1, base_r * 1, labels_c, labels_r, inplace_backward=True)
+    total = out.loss + 0.01 * out.chosen_logps.sum() - 0.02 * out.rejected_logps.sum()
+    grad_c, grad_r = torch.autograd.grad(total, [base_c, base_r])
+    assert grad_c.shape == (2, 0, vocab)
+    assert torch.equal(grad_c, expected_c) and torch.equal(grad_r, expected_r)
+
+
 def test_copy_warning_names_the_callers_line(device):
     """The one-time copy of logits with a vocabulary stride warns at the user's line, whichever entry point
     (and however many library frames) led there."""

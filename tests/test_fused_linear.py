@@ -36,7 +36,7 @@ def make_inputs(batch=2, seq_len=5, rejected_len=4, hidden_size=16, vocab=37, dt
 
     chosen_labels = torch.randint(0, vocab, (batch, seq_len), device=device)
     rejected_labels = torch.randint(0, vocab, (batch, rejected_len), device=device)
-    chosen_labels[:, 0] = IGNORE  # a prompt token
+    chosen_labels[:, :1] = IGNORE  # a prompt token (none at T = 0)
     rejected_labels[-1, -1] = IGNORE
     return dict(
         chosen_hidden=leaf(batch, seq_len, hidden_size),
@@ -96,7 +96,7 @@ def assert_matches_reference(inputs, dtype, *, chunk_size, **options):
     expected_grads = torch.autograd.grad(objective(expected), leaves)
     for got, want in zip(grads, expected_grads):
         assert got.dtype == dtype
-        tol = grad_rtol * max(want.abs().max().item(), 1e-3)
+        tol = grad_rtol * max(want.abs().max().item() if want.numel() else 0.0, 1e-3)  # (T = 0: none)
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
 
 
@@ -105,6 +105,16 @@ def assert_matches_reference(inputs, dtype, *, chunk_size, **options):
 def test_matches_reference(dtype, bias, ref):
     inputs = make_inputs(dtype=dtype, bias=bias, ref=ref)
     assert_matches_reference(inputs, dtype, chunk_size=8)  # 37 = 4·8 + 5: a ragged last chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_sequences_of_no_tokens(dtype):
+    """Padded T = 0 chosen hidden states beside T = 1 rejected ones: log-prob 0, an empty gradient."""
+    inputs = make_inputs(dtype=dtype, seq_len=0, rejected_len=1)
+    assert inputs["chosen_hidden"].shape == (2, 0, 16)
+    assert_matches_reference(inputs, dtype, chunk_size=8)
+    chosen_logps = fused(inputs).chosen_logps
+    assert torch.equal(chosen_logps, torch.zeros_like(chosen_logps))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 36, 37, 64, None])

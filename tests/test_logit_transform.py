@@ -161,6 +161,44 @@ def test_stats_match_reference(path, name, chunk_size):
     check_stats(packed, {k: v.reshape(12) for k, v in expected.items()}, subset, "packed subset")
 
 
+# (statistics, and every token's log-prob, of low-precision inputs: absolute, against float64 of the same inputs)
+STATS_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["shifted view", "one token"])
+@pytest.mark.parametrize("memory_budget", [None, 2**20])
+def test_token_logps_and_stats_every_dtype(dtype, layout, memory_budget):
+    """fused_linear_token_logps with every statistic, against float64, in every dtype: per-token log-probs and
+    their gradients for hidden, weight and bias (those were compared in float64 only), the statistics on a
+    non-contiguous causal view or one-token sequences with an all-ignored row, beside memory_budget."""
+    seq_len = 5 if layout == "shifted view" else 1
+    h, w, b, labels = inputs(3, seq_len + 1, torch.float64, vocab=41, hidden=16)
+    labels = labels[:, :seq_len].clone()
+    labels[1] = IGNORE
+    h_leaf, w_leaf, b_leaf = (t.to(dtype).requires_grad_(True) for t in (h, w, b))
+    out = fk.fused_linear_token_logps(h_leaf[:, :seq_len], w_leaf, labels, b_leaf, chunk_size=16, stats=STAT_NAMES,
+                                      memory_budget=memory_budget)
+    upstream = torch.rand(labels.shape, dtype=torch.float64, device=DEVICE) + 0.5
+    grads = torch.autograd.grad((out.log_probs.double() * upstream).sum(), [h_leaf, w_leaf, b_leaf])
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (h_leaf, w_leaf, b_leaf)]
+    logits = fk.reference.linear_logits(leaves64[0][:, :seq_len], leaves64[1], leaves64[2])
+    expected = fk.reference.token_logps(logits, labels, IGNORE)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves64)
+    tol = STATS_TOL[dtype]
+    assert_close(out.log_probs, expected, (tol, tol), "log-probs")
+    for got, want, name in zip(grads, expected_grads, ("hidden", "weight", "bias")):
+        assert got.dtype == dtype
+        assert_close(got, want, (0, tol * want.abs().max().item()), f"{name} gradient")
+    stats = fk.reference.token_stats(logits.detach(), labels, IGNORE)
+    for stat in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        assert getattr(out, stat).dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_close(getattr(out, stat), stats[stat], (tol, tol), stat)
+    assert not out.is_top1[1].any() and not out.entropy[1].any()  # the all-ignored row: False / 0
+    if dtype == torch.float64:  # (lower precisions may order near-ties otherwise)
+        assert torch.equal(out.is_top1, stats["is_top1"])
+
+
 @pytest.mark.parametrize("chunk_size", [8, 64])
 def test_stats_with_a_masked_vocabulary(path, chunk_size):
     """−inf logits (a vocabulary masked by a −inf bias): the entropy counts 0 log 0 as 0 and equals the entropy

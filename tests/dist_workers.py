@@ -336,6 +336,79 @@ def sp_hidden(rank, world):
         assert not torch.allclose(own_share.double(), ref_w, atol=1e-3), "one rank's share is not the whole gradient"
 
 
+def modes_and_dtypes(rank, world):
+    """What the scenarios above leave out (a coverage review): the frozen head on vocabulary-parallel hidden
+    states in bfloat16 and float64 (a causal view, one-token sequences, an all-ignored row, the transform);
+    sequence-parallel packed hidden states, frozen and with memory_budget; vocabulary-parallel float16
+    logits. Each against float64 of the same inputs."""
+    import torch.distributed as dist
+
+    import focal_kernels as fk
+    from focal_kernels import reference
+
+    start, stop = _slice(rank, world)
+    H = 8
+    options = dict(logit_softcap=4.0, logit_scale=0.7, temperature=1.3)
+    tolerance = {torch.float64: (1e-10, 1e-10), torch.bfloat16: (1e-1, 4e-2), torch.float16: (2e-2, 1e-2),
+                 torch.float32: (2e-5, 2e-5)}
+    for dtype in (torch.bfloat16, torch.float64):
+        weight = (_logits((V, H), 61) / 6).to(dtype)
+        for seq_len in (4, 1):
+            hidden = (_logits((2, seq_len + 1, H), 62) / 3).to(dtype)
+            labels = _labels((2, seq_len), 63)
+            labels[1] = -100
+            h64 = hidden.double().requires_grad_(True)
+            ref = reference.sequence_logps(reference.linear_logits(h64[:, :-1], weight.double(), **options), labels)
+            (ref_grad,) = torch.autograd.grad(_loss(ref), [h64])
+            h = hidden.clone().requires_grad_(True)
+            logps = fk.fused_linear_sequence_logps(h[:, :-1], weight[start:stop], labels, chunk_size=6,
+                                                   vocab_parallel_group=_world(), **options)
+            value_tol, grad_tol = tolerance[dtype]
+            what = f"frozen vocabulary-parallel ({dtype}, T = {seq_len})"
+            _close(logps, ref, f"logps {what}", value_tol, value_tol)
+            (grad,) = torch.autograd.grad(_loss(logps), [h])
+            assert grad.dtype == dtype
+            _close(grad, ref_grad, f"hidden grad {what}", 0, grad_tol * ref_grad.abs().max().item())
+
+    cu = torch.tensor([0, 3, 3, 8, 12])  # an empty and an all-ignored sequence
+    hidden, weight, bias = _logits((12, H), 64) / 3, _logits((V, H), 65) / 6, _logits((V,), 66) / 3
+    labels = _labels((12,), 67)
+    labels[8:] = -100
+    a, b = _token_split(12, rank, world)
+    local_cu = cu.clamp(a, b) - a
+    for mode in ("frozen", "memory_budget"):
+        trainable = mode == "memory_budget"
+        leaves64 = [hidden.double().requires_grad_(True)] + [t.double().requires_grad_(True) for t in (weight, bias)
+                                                             if trainable]
+        w64, b64 = (leaves64[1], leaves64[2]) if trainable else (weight.double(), bias.double())
+        ref = reference.sequence_logps(reference.linear_logits(leaves64[0], w64, b64), labels, cu_seqlens=cu)
+        ref_grads = torch.autograd.grad(_loss(ref), leaves64)
+        h = hidden[a:b].clone().requires_grad_(True)
+        w, bb = weight.clone().requires_grad_(trainable), bias.clone().requires_grad_(trainable)
+        logps = fk.fused_linear_sequence_logps(h, w, labels[a:b], bb, cu_seqlens=local_cu, chunk_size=8,
+                                               sequence_parallel_group=_world(),
+                                               memory_budget=2**20 if trainable else None)
+        _close(logps, ref, f"sequence-parallel packed logps ({mode})")
+        assert logps[1] == 0 and logps[3] == 0
+        grads = torch.autograd.grad(_loss(logps), [h] + ([w, bb] if trainable else []))
+        _close(grads[0], ref_grads[0][a:b], f"sequence-parallel packed hidden grad ({mode})", 1e-5, 1e-5)
+        for got, want, name in zip(grads[1:], ref_grads[1:], ("weight", "bias")):
+            summed = got.clone()
+            dist.all_reduce(summed)  # each rank holds its tokens' share
+            _close(summed, want, f"sequence-parallel packed {name} grad ({mode}, summed)", 1e-5, 1e-5)
+
+    full = _logits((2, 5, V), 68, torch.float16)
+    labels = _labels((2, 4), 69)
+    ref, ref_grad = _reference_logits(full[:, :-1], labels)
+    local = full[..., start:stop].clone().requires_grad_(True)
+    logps = fk.sequence_logps(local[:, :-1], labels, vocab_parallel_group=_world())
+    _close(logps, ref, "vocabulary-parallel float16 logps", 2e-3, 2e-3)
+    (grad,) = torch.autograd.grad(_loss(logps), [local])
+    assert grad.dtype == torch.float16
+    _close(grad[:, :-1], ref_grad[..., start:stop], "vocabulary-parallel float16 grad", 2e-3,
+           1e-3 * ref_grad.abs().max().item())
+
+
 # ------------------------------------------------------------------ bad input: the same error on every rank
 
 def _raises(kind, words, fn):
@@ -1053,4 +1126,5 @@ def _refused_in_capture(rank, world):
 
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,
                                         vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, agreement,
-                                        api_logits, api_hidden, api_losses, mesh_2x2, compiled)}
+                                        api_logits, api_hidden, api_losses, mesh_2x2, compiled,
+                                        modes_and_dtypes)}

@@ -588,6 +588,35 @@ def test_frozen_head_and_memory_budget_under_inductor(mode):
     _check_budgeted_step(torch.compile(_budgeted_step, fullgraph=True), mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_hidden_path_compiles_like_eager(dtype):
+    """bfloat16 / float16 hidden states and weights (the compile tests above use float32 and float64): the
+    frozen head with statistics, memory_budget, and packed rows with an empty sequence, compiled with
+    fullgraph=True, give eager mode's values and gradients."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 6, HIDDEN).to(dtype), torch.randn(VOCAB, HIDDEN).to(dtype)
+    labels = torch.randint(0, VOCAB, (2, 5))
+    labels[1, :2] = IGNORE
+    cu_seqlens = torch.tensor([0, 4, 4, 10])
+
+    def step(h, w):
+        frozen = fk.fused_linear_token_logps(h[:, :-1], w.detach(), labels, stats=("entropy", "mean_logits"))
+        budget = fk.fused_linear_sequence_logps(h[:, :-1], w, labels, memory_budget=2**20, chunk_size=16)
+        packed = fk.fused_linear_sequence_logps(h.reshape(12, HIDDEN)[:10], w, labels.new_zeros(10) + 3,
+                                                cu_seqlens=cu_seqlens)
+        return (frozen.log_probs.sum() + frozen.entropy.sum() + frozen.mean_logits.sum() + budget.sum()
+                + packed.sum())
+
+    leaves = [[t.clone().requires_grad_(True) for t in (hidden, weight)] for _ in range(2)]
+    expected = step(*leaves[0])
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves[1])
+    assert_close(got, expected, (1e-5, 1e-5), f"{dtype} value")
+    for g, e, name in zip(torch.autograd.grad(got, leaves[1]), torch.autograd.grad(expected, leaves[0]),
+                          ("hidden", "weight")):
+        assert g.dtype == dtype
+        assert_close(g, e, (1e-2, 1e-2 * e.abs().max().item()), f"{dtype} {name} gradient")
+
+
 def test_strided_last_dimension_traces(path):
     """Logits whose last dimension is not contiguous are copied: in eager mode with a warning, under
     torch.compile(fullgraph=True) silently (it cannot trace warnings.warn)."""

@@ -203,8 +203,9 @@ def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
     Each side has already passed `check_inplace_target` (unit-stride rows of V elements that do not overlap),
     so the test is exact at row granularity: the rows' start offsets (metadata only, no device access) of both
     sides, sorted together, must lie at least V apart. Skipped while torch.compile traces (storage identity
-    cannot be traced); the in-place custom op's body (ops._checked_logits_grad_inplace) checks again at run time."""
-    if torch.compiler.is_compiling():
+    cannot be traced); the in-place custom op's body (ops._checked_logits_grad_inplace) checks again at run time.
+    Skipped for meta tensors too: every meta storage has address 0, and nothing is written."""
+    if torch.compiler.is_compiling() or chosen_logits.device.type == "meta":
         return
     if chosen_logits.numel() == 0 or rejected_logits.numel() == 0:
         return

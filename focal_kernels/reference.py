@@ -68,7 +68,7 @@ def token_stats(logits, labels, ignore_index=-100):
     scored = labels != ignore_index
     x = logits.to(compute_dtype(logits.dtype))
     log_p = F.log_softmax(x, dim=-1)
-    p_log_p = torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0)
+    p_log_p = torch.where(log_p == -math.inf, 0.0, log_p.exp() * log_p)  # (a NaN stays NaN)
     stats = {"entropy": -p_log_p.sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
              "mean_logits": x.mean(-1), "is_top1": x.argmax(-1) == labels}
     return {name: torch.where(scored, value, torch.zeros_like(value)) for name, value in stats.items()}

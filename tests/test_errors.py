@@ -302,9 +302,12 @@ def test_dtensors_where_plain_tensors_are_expected_raise(one_rank_mesh):
     pair = dict(chosen_logps=logps, rejected_logps=torch.randn(2), ref_chosen_logps=torch.randn(2),
                 ref_rejected_logps=torch.randn(2), chosen_token_counts=torch.ones(2),
                 rejected_token_counts=torch.ones(2), pair_weights=torch.ones(2))
-    for name in pair:
+    for name in pair:  # one DTensor among plain tensors
         with pytest.raises(TypeError, match=f"{name} is a DTensor"):
             fk.preference_loss(**{**pair, name: dt(pair[name])}, loss_type="ipo")
+    # DTensors for every argument (replicated log-probs) compute, as before: a DTensor loss, the same value
+    everywhere = fk.preference_loss(**{name: dt(tensor) for name, tensor in pair.items()}, loss_type="ipo")
+    torch.testing.assert_close(everywhere.loss.full_tensor(), fk.preference_loss(**pair, loss_type="ipo").loss)
     with pytest.raises(TypeError, match="ref_chosen_logps is a DTensor"):
         _call(fk.focal_po_loss, "cpu", ref_chosen_logps=dt(torch.randn(2)), ref_rejected_logps=torch.randn(2))
     with pytest.raises(TypeError, match="pair_weights is a DTensor"):

@@ -218,6 +218,14 @@ def test_stats_with_a_masked_vocabulary(path, chunk_size):
     # the spec itself gives the same on the masked vocabulary
     spec = fk.reference.token_stats(fk.reference.linear_logits(h, w, b), labels, IGNORE)
     assert_close(spec["entropy"], expected["entropy"], (1e-12, 1e-12), "reference entropy")
+    # ... while a NaN logit still gives NaN (NaN in, NaN out), in the kernels and the spec
+    h_nan = h.clone()
+    h_nan[0, 1] = math.nan
+    labels[0, 1] = 2  # scored (an unmasked id)
+    nan_entropy = fk.fused_linear_token_logps(h_nan, w, labels, b, chunk_size=chunk_size, stats=("entropy",)).entropy
+    assert nan_entropy[0, 1].isnan() and torch.isfinite(nan_entropy[1]).all()
+    spec_nan = fk.reference.token_stats(fk.reference.linear_logits(h_nan, w, b), labels, IGNORE)["entropy"]
+    assert spec_nan[0, 1].isnan()
 
 
 @pytest.mark.parametrize("chunk_size", [4, 8, 64], ids=["tie-across-chunks", "tie-across-chunks-8", "one-chunk"])

@@ -433,24 +433,40 @@ def test_discopop_is_finite_where_the_product_form_overflows():
     assert out.loss[0].item() == pytest.approx(2000.0)
 
 
-def test_nan_in_nan_out():
-    """A NaN log-prob gives a NaN loss, and a NaN gradient for its pair (hinge's relu gave it a finite one);
-    sft is linear in the log-probs, so its gradient does not depend on them."""
+@pytest.mark.parametrize("f_divergence_type", F_DIVERGENCES)
+def test_nan_in_nan_out(f_divergence_type):
+    """A NaN log-prob gives a NaN loss, and a NaN gradient for its pair, under every f-divergence (hinge's relu,
+    and the clamps of forward_kl's and alpha_divergence's exponents, gave it a finite one); sft is linear in
+    the log-probs, so its gradient does not depend on them."""
     c, r, rc, rr, nc, nr = make_inputs()
     c = c.detach().clone()
     c[1] = float("nan")
     c.requires_grad_(True)
     for name in ALL_TYPES:
+        if f_divergence_type != "reverse_kl" and name not in F_DIVERGENCE_TYPES:
+            continue
         refs = () if name == "simpo" else (rc, rr)
         nci, nri = counts_for(name, nc, nr)
         out = preference_loss(c, r, *refs, loss_type=name, label_smoothing=SMOOTHING.get(name, 0.0),
-                              chosen_token_counts=nci, rejected_token_counts=nri)
+                              chosen_token_counts=nci, rejected_token_counts=nri, f_divergence_type=f_divergence_type,
+                              f_alpha_divergence_coef=0.3 if f_divergence_type == "alpha_divergence" else 0.5)
         assert torch.isnan(out.loss), name
         grad = grads(out.loss, (c,))[0]
         assert torch.isnan(grad[1]) != (name == "sft"), (name, grad)
         assert torch.isfinite(grad[[0, 2, 3, 4, 5]]).all(), (name, grad)
-    per_pair = preference_loss(c, r, rc, rr, reduction="none").loss
+    per_pair = preference_loss(c, r, rc, rr, reduction="none", f_divergence_type=f_divergence_type).loss
     assert torch.isnan(per_pair[1]) and torch.isfinite(per_pair[[0, 2, 3, 4, 5]]).all()
+
+
+def test_empty_batch_sums_to_zero():
+    """B = 0 (a rank's empty share of a batch): "sum" gives 0 and "none" an empty tensor, with gradients;
+    "mean" would be NaN and raises (test_errors)."""
+    c, r = torch.zeros(0, requires_grad=True), torch.zeros(0)
+    for name in ("sigmoid", "focal", "ipo", "aot"):
+        counts = dict(chosen_token_counts=torch.ones(0), rejected_token_counts=torch.ones(0))
+        out = preference_loss(c, r, r, r, loss_type=name, reduction="sum", **counts)
+        assert out.loss.item() == 0 and grads(out.loss, (c,))[0].shape == (0,)
+        assert preference_loss(c, r, r, r, loss_type=name, reduction="none", **counts).loss.shape == (0,)
 
 
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
@@ -578,7 +594,7 @@ ERROR_CASES = [
     (dict(detach_focal_weight=torch.tensor(True)), TypeError, "detach_focal_weight"),
     (dict(detach_focal_weight=np.bool_(True)), TypeError, r"a Python bool\), got .*numpy"),
     (dict(chosen_logps=torch.zeros(0), rejected_logps=torch.zeros(0), ref_chosen_logps=torch.zeros(0),
-          ref_rejected_logps=torch.zeros(0)), ValueError, r"at least one pair \(B >= 1\)"),
+          ref_rejected_logps=torch.zeros(0)), ValueError, r"no pairs \(B = 0\): reduction='mean'"),
     (dict(chosen_logps=[1.0, 2.0, 3.0]), TypeError, "chosen_logps"),
     (dict(chosen_logps=torch.zeros(3, dtype=torch.long)), TypeError, "chosen_logps"),
     (dict(chosen_logps=torch.zeros(3, 1)), ValueError, "chosen_logps"),

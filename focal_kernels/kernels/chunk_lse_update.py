@@ -72,7 +72,7 @@ def chunk_lse_update_kernel(
         if ENTROPY:  # Σ e^(x − m)(x − m) moves to the new max m' as r·(wsum + (m − m')·sum), r = e^(m − m')
             shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
             # masked columns and −inf logits (a masked vocabulary): e^(−inf) · 0, not 0 · (−inf), so 0 log 0 = 0
-            centered = tl.where(x > float("-inf"), x - safe_max, 0.0)
+            centered = tl.where(x == float("-inf"), 0.0, x - safe_max)
             wsum = rescale * (wsum + shift * running_sum) + tl.sum(exps * centered, axis=0)
         if SQUARES:
             sqsum = sqsum * rescale * rescale + tl.sum(exps * exps, axis=0)

@@ -59,7 +59,7 @@ def chunk_lse_update_torch(logits_chunk, labels, vocab_start, state, transform):
     exps = torch.exp(shifted)
     if "wsum" in state:
         shift = torch.where(running_max == -math.inf, torch.zeros_like(running_max), running_max - safe_max)
-        centered = torch.where(x > -math.inf, shifted, torch.zeros_like(shifted))  # 0 log 0 = 0 at −inf logits
+        centered = torch.where(x == -math.inf, torch.zeros_like(shifted), shifted)  # 0 log 0 = 0 at −inf logits
         state["wsum"].copy_(rescale * (state["wsum"] + shift * running_sum) + (exps * centered).sum(dim=1))
     if "sqsum" in state:
         state["sqsum"].mul_(rescale * rescale).add_((exps * exps).sum(dim=1))

@@ -103,6 +103,9 @@ def preference_loss(
                   ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                   chosen_token_counts=chosen_token_counts, rejected_token_counts=rejected_token_counts,
                   pair_weights=pair_weights)
+    if reduction == "mean" and chosen_logps.shape[0] == 0:  # (a sum over no pairs is 0, "none" empty)
+        raise ValueError("chosen_logps has no pairs (B = 0): reduction='mean' would be NaN; pass at least one "
+                         "pair, or reduction='sum' (0 for an empty batch, e.g. a rank's share that is empty)")
 
     out_dtype = _compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     # forward_kl's score 1 − e^(−u) leaves float32 at u < −88 (a sequence log-ratio reached in training), where

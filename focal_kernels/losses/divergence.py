@@ -27,16 +27,22 @@ ALPHA_EXPONENT_MAX = 80.0
 FORWARD_KL_EXPONENT_MAX = 700.0
 
 
+def _capped(exponent: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(exponent, cap), with gradient 0 beyond the cap; a NaN stays NaN and keeps a NaN gradient (clamp's
+    backward gives it 0)."""
+    return torch.where(exponent > cap, cap, exponent)
+
+
 def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
     """The score of each log-ratio under the named f-divergence (name already validated)."""
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":
-        return 1 - torch.exp(torch.clamp(-logratios, max=FORWARD_KL_EXPONENT_MAX))
+        return 1 - torch.exp(_capped(-logratios, FORWARD_KL_EXPONENT_MAX))
     if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(logratios)
     # alpha_divergence
     if abs(alpha - 1.0) < 1e-6:
         return logratios
-    exponent = torch.clamp((alpha - 1.0) * logratios, max=ALPHA_EXPONENT_MAX)
+    exponent = _capped((alpha - 1.0) * logratios, ALPHA_EXPONENT_MAX)
     return (torch.exp(exponent) - 1.0) * (1.0 / (alpha - 1.0))

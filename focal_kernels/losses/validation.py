@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-from ..checks import refuse_dtensor
+from ..checks import is_dtensor, refuse_dtensor
 from .batch import LossOptions, spec_of
 from .divergence import F_DIVERGENCE_TYPES
 from .pairwise import LOSS_TYPES
@@ -130,10 +130,20 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
                        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
 
 
+def _same_kind(name: str, tensor, like: torch.Tensor) -> None:
+    """DTensors or plain tensors, not both: PyTorch refuses to mix them deep inside the arithmetic. (All
+    DTensors, replicated log-probs say, compute a DTensor loss.)"""
+    if is_dtensor(tensor) != is_dtensor(like):
+        dtensor, plain = (name, "chosen_logps") if is_dtensor(tensor) else ("chosen_logps", name)
+        raise TypeError(f"{dtensor} is a DTensor but {plain} is not: pass DTensors for all of the log-probs, "
+                        "reference log-probs, counts and pair weights, or plain tensors for all (.to_local() "
+                        "or .full_tensor())")
+
+
 def _check_vector(name: str, tensor, like: torch.Tensor, *, floating: bool) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    refuse_dtensor(tensor, name)
+    _same_kind(name, tensor, like)
     if floating and not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if not floating and (tensor.is_complex() or tensor.dtype == torch.bool):
@@ -144,9 +154,10 @@ def _check_vector(name: str, tensor, like: torch.Tensor, *, floating: bool) -> N
         raise ValueError(f"{name} is on {tensor.device} but chosen_logps is on {like.device}")
 
 
-def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what="logits"):
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what="logits", like=None):
     """Reference log-probs: both None (reference-free) or floating tensors of shape (B,) on `device`, the
-    device of the policy's `what` (the logits or hidden states of the fused losses, the log-probs here)."""
+    device of the policy's `what` (the logits or hidden states of the fused losses, the log-probs here).
+    Plain tensors, or DTensors where `like` (the policy's log-probs) is one."""
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         given, missing = ("ref_chosen_logps", "ref_rejected_logps") if ref_rejected_logps is None else \
             ("ref_rejected_logps", "ref_chosen_logps")
@@ -157,7 +168,10 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, w
             continue
         if not isinstance(ref, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},) or None, got {type(ref).__name__}")
-        refuse_dtensor(ref, name)
+        if like is None:
+            refuse_dtensor(ref, name)
+        else:
+            _same_kind(name, ref, like)
         if not ref.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {ref.dtype}")
         if tuple(ref.shape) != (batch,):
@@ -171,18 +185,15 @@ def check_tensors(names, *, chosen_logps, rejected_logps, ref_chosen_logps, ref_
     """Types, (B,) shapes, devices; which optional tensors the selected loss types need or refuse."""
     if not isinstance(chosen_logps, torch.Tensor):
         raise TypeError(f"chosen_logps must be a torch.Tensor, got {type(chosen_logps).__name__}")
-    refuse_dtensor(chosen_logps, "chosen_logps")
     if not chosen_logps.is_floating_point():
         raise TypeError(f"chosen_logps must be a floating-point tensor, got {chosen_logps.dtype}")
     if chosen_logps.dim() != 1:
         raise ValueError(f"chosen_logps must be a (B,) tensor of per-sequence log-probs, got shape "
                          f"{tuple(chosen_logps.shape)}")
-    if chosen_logps.shape[0] == 0:  # a mean over no pairs would be NaN, a sum 0: neither is a loss
-        raise ValueError("chosen_logps must have at least one pair (B >= 1), got shape (0,)")
     _check_vector("rejected_logps", rejected_logps, chosen_logps, floating=True)
 
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, chosen_logps.shape[0], chosen_logps.device,
-                          "log-probs (chosen_logps)")
+                          "log-probs (chosen_logps)", like=chosen_logps)
     if ref_chosen_logps is not None and all(spec_of(LOSS_TYPES[name])["reference_free"] for name in names):
         # Only reference-free types, given references: a mistake (they would be ignored). Beside other types
         # they are those types', and a reference-free type ignores them.

@@ -79,15 +79,20 @@ def check_ignore_index(ignore_index, labels, labels_name="labels") -> None:
                          "labels, or an ignore_index in [-2**31, 2**31)")
 
 
-def data_checks_enabled(validate_labels, tensor) -> bool:
-    """Whether to read label and cu_seqlens values (one device synchronization): yes in eager mode unless
-    validate_labels=False; never while torch.compile traces or a CUDA graph is being captured (there the
-    kernels still never read out of bounds: a sequence with an out-of-range label gets a NaN log-prob), nor
-    for meta tensors, which hold no values."""
-    check_flag(validate_labels, "validate_labels")
-    if not validate_labels or torch.compiler.is_compiling() or tensor.device.type == "meta":
+def values_readable(tensor) -> bool:
+    """Whether the host may read tensor values (a synchronization): not while torch.compile traces or a CUDA
+    graph is being captured, and not from meta tensors, which hold none."""
+    if torch.compiler.is_compiling() or tensor.device.type == "meta":
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def data_checks_enabled(validate_labels, tensor) -> bool:
+    """Whether to read label and cu_seqlens values (one device synchronization): where `values_readable`,
+    unless validate_labels=False (without the check the kernels still never read out of bounds: a sequence
+    with an out-of-range label gets a NaN log-prob)."""
+    check_flag(validate_labels, "validate_labels")
+    return validate_labels and values_readable(tensor)
 
 
 # ------------------------------------------------------------------ packed sequences (cu_seqlens)

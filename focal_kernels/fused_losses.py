@@ -273,11 +273,10 @@ class _OptionsModule(torch.nn.Module):
     ignored. Construction checks what can be checked without tensors: the loss options, ignore_index, the
     flags, chunk_size and the logit transform."""
 
-    _functional = None  # the functional form; _defaults: its module options and their defaults (per class)
-    _defaults: dict = {}
+    _defaults: dict = {}  # each option of the functional form and its default (per class)
 
     def __init__(self, **options):
-        _check_module_options(self._functional, options)
+        _check_module_options(self._defaults, options)
         super().__init__()
         for name, default in self._defaults.items():
             setattr(self, name, options.get(name, default))
@@ -312,19 +311,16 @@ _CALL_TENSORS = ("bias", "pair_weights")
 _FLAGS = ("inplace_backward", "validate_labels")
 
 
-def _check_module_options(functional, options):
-    """The module's options, as far as they can be checked without tensors, against its functional form."""
+def _check_module_options(defaults, options):
+    """The module's options, as far as they can be checked without tensors, against its functional form's
+    (`defaults`: _module_option_defaults)."""
     if "pair_weights" in options:
         raise TypeError("pair_weights is a per-batch (B,) tensor, not a module option: pass it at each call, "
                         "forward(..., pair_weights=...)")
-    loss_options = {k: v for k, v in options.items() if k in _LOSS_OPTIONS}
-    own = {k for k in options if k not in _LOSS_OPTIONS}
-    parameters = inspect.signature(functional).parameters.values()
-    allowed = {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - {"bias"}  # bias is a call argument
-    unknown = sorted(own - allowed)
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the options are {sorted(allowed)} and the loss "
-                        f"options {list(_LOSS_OPTIONS)}")
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the options are {sorted(defaults)}")
+    loss_options = {k: v for k, v in options.items() if k in _LOSS_OPTIONS}
     _check_loss_options(beta=options["beta"], gamma=options["gamma"],
                         detach_focal_weight=options["detach_focal_weight"], reduction=options["reduction"],
                         loss_options=loss_options)
@@ -347,7 +343,6 @@ class FocalPOLoss(_OptionsModule):
     `preference_loss` option: loss_type, loss_weights, label_smoothing, ...), the tensors at call
     (pair_weights, a per-batch tensor, included)."""
 
-    _functional = staticmethod(focal_po_loss)
     _defaults = _module_option_defaults(focal_po_loss)
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,
@@ -368,7 +363,6 @@ class FusedLinearFocalPOLoss(_OptionsModule):
     validate_labels, the group keywords, ..., and any `preference_loss` option), the tensors (the lm_head's
     weight and bias, pair_weights) at call."""
 
-    _functional = staticmethod(fused_linear_focal_po_loss)
     _defaults = _module_option_defaults(fused_linear_focal_po_loss)
 
     def __init__(self, *, beta: float = 0.1, gamma: float = 0.05, ignore_index: int = -100,

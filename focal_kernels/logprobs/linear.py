@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_labels_in_range,
-                      check_linear, data_checks_enabled, is_dtensor, is_integer, is_real)
+                      check_linear, data_checks_enabled, is_dtensor, is_integer, is_real, values_readable)
 from ..dtypes import compute_dtype
 from .agreement import agree_over_mesh
 from .linear_autograd import LinearOptions, LinearTokenLogps
@@ -164,8 +164,7 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
     if data_checks_enabled(validate_labels, weight):
         check_labels_in_range([(labels, labels_name) for _, labels, _, labels_name in groups], weight.shape[0],
                               ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    compact = not (torch.compiler.is_compiling() or weight.device.type == "meta"
-                   or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+    compact = values_readable(weight)  # projecting only the scored rows needs their count on the host
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
     frozen = (torch.is_grad_enabled() and not weight.requires_grad and (bias is None or not bias.requires_grad)
               and any(hidden.requires_grad for hidden, *_ in groups))

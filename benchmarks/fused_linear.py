@@ -43,12 +43,14 @@ forward logits, their recompute, grad_W, grad_hidden; 2 for a frozen one: logits
 N_valid = scored tokens) at two rates measured in this run: the sustained rate of the very GEMMs ours runs
 (its chunk loops' four GEMMs over the whole vocabulary at ours' default chunk: forward logits, recompute,
 grad_W, grad_hidden; timed as one call per shape, their mean rate) and the 8192³ torch.mm burst rate;
-time / each floor; peak extra memory of one fwd+bwd (max_memory_allocated minus memory_allocated before
-it), also net of the returned gradients; that as % of the bf16 logits' size N·V·2; and each row's time
-and memory over ours'. TRL, Liger and CCE take chosen and rejected as one batch: it is concatenated once
-per input set, outside the measured calls (a trainer's concatenated forward hands it over so). A target
-table (targets.py) reads the issue's goals off the rows. Without CUDA: tiny shapes (H=16, V=128, 2 pairs
-x 4 tokens) through Triton's interpreter, CPU timings (NOT GPU timings), no 8192³ rate, no memory figures.
+time / each floor; the loss' and the gradients' relative difference from ours' where the row computes the
+same ones (the gradients as a digest: measure.gradient_digest); peak extra memory of one fwd+bwd
+(max_memory_allocated minus memory_allocated before it), also net of the returned gradients; that as % of
+the bf16 logits' size N·V·2; and each row's time and memory over ours'. TRL, Liger and CCE take chosen and
+rejected as one batch: it is concatenated once per input set, outside the measured calls (a trainer's
+concatenated forward hands it over so). A target table (targets.py) reads the issue's goals off the rows.
+Without CUDA: tiny shapes (H=16, V=128, 2 pairs x 4 tokens) through Triton's interpreter, CPU timings (NOT
+GPU timings), no 8192³ rate, no memory figures.
 
 Output: the Markdown table on stdout; fused.json (rewritten after every row) and fused.md in --out.
 """
@@ -74,7 +76,7 @@ from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
 from .measure import PHASES
 from .report import (_clean, _write_atomically, header_lines, print_end, print_start, skip_notes,
                      written_files)
-from .runner import (compare_with_ours, describe_failure, fill_timings, loss_fields, record_row,
+from .runner import (compare_with_ours, comparison_fields, describe_failure, fill_timings, record_row,
                      run_implementation)
 from .shapes import PairedTokens, parse_list, parse_names
 from .timing import CpuTimer, GpuTimer, RepsTimer
@@ -137,10 +139,19 @@ class Inputs:
     hidden: torch.Tensor | None = None   # (2·pairs, T, H) leaf: chosen then rejected, for `Concatenated` rows
     labels: torch.Tensor | None = None   # (2·pairs, T) likewise
 
+    def _named_grad_inputs(self):
+        hiddens = (self.chosen_hidden, self.rejected_hidden) if self.hidden is None else (self.hidden,)
+        return [(name, t) for name, t in [*(("hidden", h) for h in hiddens), ("weight", self.weight)]
+                if t.requires_grad]
+
     @property
     def grad_inputs(self):
-        hiddens = (self.chosen_hidden, self.rejected_hidden) if self.hidden is None else (self.hidden,)
-        return tuple(t for t in (*hiddens, self.weight) if t.requires_grad)
+        return tuple(t for _, t in self._named_grad_inputs())
+
+    @property
+    def grad_groups(self):
+        """What each of grad_inputs is, for measure.gradient_digest (the hidden states, split or not; the weight)."""
+        return tuple(name for name, _ in self._named_grad_inputs())
 
     @property
     def grad_bytes(self) -> int:
@@ -273,7 +284,7 @@ class _OursGemmsOnly(torch.autograd.Function):
 
 class OursGemmsOnly(Impl):
     key, name = "gemms", "ours GEMMs only"
-    loss_tolerance = None
+    loss_tolerance = grad_tolerance = None
     note = "ours' chunk loop without its Triton kernels or loss: the rest of ours costs the difference"
 
     def loss(self, x):
@@ -382,10 +393,10 @@ class LigerFusedLinearDPO(Concatenated, Impl):
     log-probs): the same GEMM work on a different loss, so its loss value is not compared with ours."""
 
     key, name = "liger", "liger DPO γ=0"
-    loss_tolerance = None
+    loss_tolerance = grad_tolerance = None
     gradient_in_forward = True
-    note = "LigerFusedLinearDPOLoss, γ=0, reference-free: loss not compared; bwd only scales the gradients " \
-           "its forward computed"
+    note = "LigerFusedLinearDPOLoss, γ=0, reference-free: loss and gradients not compared; bwd only scales " \
+           "the gradients its forward computed"
 
     def __init__(self):
         self._module = None
@@ -503,7 +514,7 @@ def new_row(shape: Shape, impl, grad_bytes: int) -> dict:
         "floor_ratio_sustained": None, "gemm_floor_ms": None, "floor_ratio": None,
         "peak_extra_bytes": None, "grad_bytes": grad_bytes, "peak_extra_bytes_without_grads": None,
         "logits_bytes": shape.logits_bytes, "peak_pct_of_logits": None, "peak_without_grads_pct_of_logits": None,
-        "loss": None, **loss_fields(impl), "loss_rel_diff_vs_ours": None,
+        **comparison_fields(impl),
         "gradient_in_forward": impl.gradient_in_forward,
         **{f"speedup_{p}": None for p in PHASES}, "memory_vs_ours": None, "memory_without_grads_vs_ours": None,
         "timed_calls": None, "warmup_s": None, "wall_s": None,

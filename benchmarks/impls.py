@@ -18,6 +18,8 @@ class Impl:
     note = ""                 # shown in the table's note column
     loss_tolerance = 1e-3     # computes ours' loss: relative difference beyond which its row is flagged (None:
                               # a different loss, not compared; `prepare` may set it per shape)
+    grad_tolerance = 2e-2     # computes ours' gradients: a relative difference of their digest (measure.py)
+                              # beyond which its row is flagged (None: a different gradient, not compared)
     gradient_in_forward = False  # computes its gradients in its forward: only fwd+bwd is like-for-like with ours
     overwrites_inputs = False  # writes into its input tensors: timed on a private copy refilled before each call
     floor_gemms = 4           # hidden-state path: GEMMs of 2·N_valid·H·V FLOPs its task needs (GEMM floor)

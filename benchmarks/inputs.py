@@ -34,6 +34,8 @@ class InputSet:
     def grad_inputs(self):
         return (self.chosen_logits, self.rejected_logits)
 
+    grad_groups = ("logits", "logits")  # what each of grad_inputs is, for measure.gradient_digest
+
 
 def random_labels(shape, gen: torch.Generator, device) -> torch.Tensor:
     """(pairs, seq_len) int64 labels in [0, vocab), the first ignored_per_sequence of each row IGNORE_INDEX.

@@ -16,11 +16,16 @@ What each phase times:
 For implementations that overwrite their logits (ours with inplace_backward, Liger's forward), every
 timed call gets a private copy refilled from the next pristine input set first, untimed; bwd uses
 the fresh_graph method.
+
+The warm-up's gradients are kept as a digest (`gradient_digest`: a norm and a random projection per group
+of inputs), which runner.compare_with_ours compares with ours': a baseline timed on a wrong gradient is
+flagged, not only one with a wrong loss.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -43,6 +48,87 @@ class Measurement:
     peak_extra_bytes: int | None
     loss: float
     warmup_s: float
+    grad_digest: dict              # gradient_digest of the warm-up's gradients
+
+
+# Rows of a gradient turned into float32 at a time by gradient_digest (never a whole vocabulary-sized copy).
+_DIGEST_CHUNK_ELEMENTS = 1 << 25
+
+
+def gradient_digest(named_grads, chunk_elements=_DIGEST_CHUNK_ELEMENTS) -> dict:
+    """{group: [norm, projection]} of gradients given as (group, tensor) pairs, in order.
+
+    A group's rows are every index but the last, numbered on through the group's tensors (chosen's rows,
+    then rejected's: the order of a concatenation of the two), its columns the last index. norm is the
+    Frobenius norm; projection the sum of g[i, j] · r[i] · c[j] over the group, r and c fixed standard
+    normal vectors. Both are the same however a group is split into tensors, so a row that concatenates
+    chosen and rejected compares with ours. For any error e the projection's error is about ||e|| (its
+    expected square is ||e||^2), so a gradient off by a sign, a scale or a permutation of rows or columns
+    moves one of them by about its own norm, and bf16 rounding by about its own size. Accumulated in
+    float64 from float32 blocks of at most chunk_elements; run once, untimed (warm-up)."""
+    parts = {}
+    for group, grad in named_grads:
+        parts.setdefault(group, []).append(grad)
+    digest = {}
+    for group, grads in parts.items():
+        device, cols = grads[0].device, _columns(grads[0])
+        if any(_columns(g) != cols for g in grads):
+            raise ValueError(f"gradient_digest: the {group!r} gradients' last dimensions differ")
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        col_probe = torch.randn(cols, generator=gen, device=device)
+        row_probe = torch.randn(sum(g.numel() // max(cols, 1) for g in grads), generator=gen, device=device)
+        square = torch.zeros((), dtype=torch.float64, device=device)
+        projection = torch.zeros((), dtype=torch.float64, device=device)
+        offset = 0
+        for grad in grads:
+            for block in _row_blocks(grad, max(1, chunk_elements // max(cols, 1))):
+                block = block.float()
+                square += block.square().sum(dtype=torch.float64)
+                rows = row_probe[offset:offset + len(block)]
+                projection += (block @ col_probe).double() @ rows.double()
+                offset += len(block)
+        digest[group] = [float(square.sqrt()), float(projection)]
+    return digest
+
+
+def _columns(grad) -> int:
+    return grad.shape[-1] if grad.dim() else 1
+
+
+def _row_blocks(grad, rows_per_block):
+    """grad as 2-D views (rows, last dimension) of at most rows_per_block rows, in row order, never copied
+    whole (an expanded or strided gradient is walked along its leading dimensions)."""
+    if grad.dim() < 2:
+        grad = grad.reshape(1, _columns(grad))
+    elif grad.dim() > 2:
+        try:
+            grad = grad.view(-1, grad.shape[-1])
+        except RuntimeError:  # not viewable as 2-D: one leading index at a time
+            for part in grad.unbind(0):
+                yield from _row_blocks(part, rows_per_block)
+            return
+    for start in range(0, grad.shape[0], rows_per_block):
+        yield grad[start:start + rows_per_block]
+
+
+def gradient_rel_diff(digest: dict | None, ours: dict | None) -> float | None:
+    """The largest difference of norm or projection from ours', over the groups both have, relative to ours'
+    norm (for a random error e: about ||e|| / ||g_ours||). None: nothing to compare."""
+    shared = sorted((digest or {}).keys() & (ours or {}).keys())
+    if not shared:
+        return None
+    worst = 0.0
+    for group in shared:
+        (norm, projection), (norm_ours, projection_ours) = digest[group], ours[group]
+        differences = (abs(norm - norm_ours), abs(projection - projection_ours))
+        if any(math.isnan(d) for d in (*differences, norm_ours)):
+            return math.nan
+        if norm_ours > 0:
+            worst = max(worst, max(differences) / norm_ours)
+        elif max(differences) > 0:
+            return math.inf
+    return worst
 
 
 def _grads(loss, inputs, retain_graph=False):
@@ -68,7 +154,7 @@ def measure(impl, sets, timer, device, phases=PHASES) -> Measurement:
     first = take(sets[0])
     loss = impl.loss(first)  # warm-up: JIT / torch.compile / cuBLAS heuristics happen here, untimed
     loss_value = float(loss.detach())
-    _grads(loss, first.grad_inputs)
+    digest = gradient_digest(zip(first.grad_groups, _grads(loss, first.grad_inputs)))
     del loss
     synchronize(device)
     warmup_s = time.perf_counter() - started
@@ -87,7 +173,7 @@ def measure(impl, sets, timer, device, phases=PHASES) -> Measurement:
     fwd = timed(impl.loss) if "fwd" in phases else None
     fwdbwd = timed(step) if "fwdbwd" in phases else None
     bwd, method, note = _backward_ms(impl, sets, timer, take, work is None) if "bwd" in phases else (None, None, "")
-    return Measurement(fwd, bwd, fwdbwd, method, note, peak, loss_value, warmup_s)
+    return Measurement(fwd, bwd, fwdbwd, method, note, peak, loss_value, warmup_s, digest)
 
 
 def _backward_ms(impl, sets, timer, take, shared: bool):

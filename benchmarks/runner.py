@@ -14,7 +14,7 @@ import traceback
 
 from .environment import is_out_of_memory, release_memory
 from .inputs import make_input_set, plan_input_sets
-from .measure import PHASES, measure
+from .measure import PHASES, gradient_rel_diff, measure
 
 
 def new_row(shape, impl, input_sets: int) -> dict:
@@ -24,15 +24,22 @@ def new_row(shape, impl, input_sets: int) -> dict:
         **{f"{p}_ms": None for p in PHASES}, "bwd_method": None,
         **{f"{p}_bytes": b for p, b in shape.floor_bytes().items()},
         **{f"{p}_gbps": None for p in PHASES}, **{f"{p}_pct_copy": None for p in PHASES},
-        "peak_extra_bytes": None, "loss": None, **loss_fields(impl), "loss_rel_diff_vs_ours": None,
+        "peak_extra_bytes": None, **comparison_fields(impl),
         "gradient_in_forward": impl.gradient_in_forward,
         "warmup_s": None, **{f"speedup_{p}": None for p in PHASES},
     }
 
 
 def loss_fields(impl) -> dict:
-    """Whether a row's loss is compared with ours', and within what relative difference."""
-    return {"loss_comparable": impl.loss_tolerance is not None, "loss_tolerance": impl.loss_tolerance}
+    """Whether a row's loss and gradients are compared with ours', and within what relative difference."""
+    return {"loss_comparable": impl.loss_tolerance is not None, "loss_tolerance": impl.loss_tolerance,
+            "grad_tolerance": impl.grad_tolerance}
+
+
+def comparison_fields(impl) -> dict:
+    """A new row's loss and gradient fields (both benchmarks): the tolerances, the values still to measure."""
+    return {"loss": None, **loss_fields(impl), "loss_rel_diff_vs_ours": None, "grad_digest": None,
+            "grad_rel_diff_vs_ours": None}
 
 
 def like_for_like_phases(row: dict) -> tuple:
@@ -45,7 +52,8 @@ def fill_timings(row: dict, m) -> None:
     """The measurement's fields every row has (both benchmarks)."""
     note = "; ".join(text for text in (row["note"], m.bwd_note) if text)
     row.update(fwd_ms=m.fwd_ms, bwd_ms=m.bwd_ms, fwdbwd_ms=m.fwdbwd_ms, bwd_method=m.bwd_method, note=note,
-               peak_extra_bytes=m.peak_extra_bytes, loss=m.loss, warmup_s=round(m.warmup_s, 3))
+               peak_extra_bytes=m.peak_extra_bytes, loss=m.loss, warmup_s=round(m.warmup_s, 3),
+               grad_digest=m.grad_digest)
 
 
 def _fill_bandwidth(row: dict, m, copy_gbps: float) -> None:
@@ -60,7 +68,8 @@ def _fill_bandwidth(row: dict, m, copy_gbps: float) -> None:
 
 def compare_with_ours(shape_rows: list, more=None) -> None:
     """Per phase, each row's time over ours' (speedup_<phase>: >1 ours faster), the loss' relative difference
-    where the row computes the same loss, and `more(row, ours)` for a benchmark's own comparisons."""
+    where the row computes the same loss, the gradients' (measure.gradient_rel_diff) where it computes the
+    same gradients, and `more(row, ours)` for a benchmark's own comparisons."""
     ours = next((r for r in shape_rows if r["impl"] == "ours" and r["status"] == "ok"), None)
     if ours is None:
         return
@@ -73,6 +82,8 @@ def compare_with_ours(shape_rows: list, more=None) -> None:
                 row[f"speedup_{phase}"] = theirs / mine
         if row["loss"] is not None and ours["loss"] is not None and row["loss_comparable"]:
             row["loss_rel_diff_vs_ours"] = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-6)
+        if row is not ours and row["grad_tolerance"] is not None:
+            row["grad_rel_diff_vs_ours"] = gradient_rel_diff(row["grad_digest"], ours["grad_digest"])
         if more is not None:
             more(row, ours)
 
@@ -125,17 +136,18 @@ def _summary(row: dict) -> str:
 
 def record_row(row: dict, shape_rows: list, results: dict, compare, summarize) -> None:
     """Add a measured row to its shape's rows and to the results, compare the shape's rows with ours
-    (`compare`), print its summary line, and flag a loss that differs from ours beyond the row's tolerance
-    (in its note, so the tables show it, and on the console)."""
+    (`compare`), print its summary line, and flag a loss or gradients that differ from ours beyond the
+    row's tolerance, NaN included (in its note, so the tables show it, and on the console)."""
     shape_rows.append(row)
     results["rows"].append(row)
     compare(shape_rows)
     print(summarize(row), flush=True)
-    diff = row["loss_rel_diff_vs_ours"]
-    if diff is not None and diff > row["loss_tolerance"]:
-        flag = f"LOSS DIFFERS from ours' by {diff:.2%} (tolerance {row['loss_tolerance']:.0e})"
-        row["note"] = "; ".join(text for text in (row["note"], flag) if text)
-        print(f"  WARNING: {row['name']} loss {row['loss']:.6g}: {flag}", flush=True)
+    for what, key in (("LOSS", "loss"), ("GRADIENT", "grad")):
+        diff = row[f"{key}_rel_diff_vs_ours"]
+        if diff is not None and not diff <= row[f"{key}_tolerance"]:
+            flag = f"{what} DIFFERS from ours' by {diff:.2%} (tolerance {row[f'{key}_tolerance']:.0e})"
+            row["note"] = "; ".join(text for text in (row["note"], flag) if text)
+            print(f"  WARNING: {row['name']}: {flag}", flush=True)
 
 
 def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: dict, on_update) -> None:

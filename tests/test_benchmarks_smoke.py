@@ -76,6 +76,10 @@ def test_logits_benchmark_every_row(tmp_path, capsys):
         # All compute the same loss on the same inputs; TRL's selective_log_softmax returns bf16 token log-probs
         # from bf16 logits (2e-3 here, at V = 256), which its tolerance allows.
         assert row["loss_rel_diff_vs_ours"] < (1e-2 if impl == "trl" else 1e-3), row
+        # ... and the same gradients (a digest of both sides' logits gradients, measure.gradient_digest).
+        assert set(row["grad_digest"]) == {"logits"}, row
+        assert (row["grad_rel_diff_vs_ours"] is None) == (impl == "ours"), row
+        assert impl == "ours" or row["grad_rel_diff_vs_ours"] < 2e-2, row
         assert row["bwd_method"] == ("fresh_graph" if impl == "inplace" else "retain_graph"), row
     markdown = (tmp_path / "bench.md").read_text()
     assert markdown.count("| ours |") == 1 and "| seqlogps packed |" in markdown
@@ -202,3 +206,45 @@ def test_config_sweep_runs_the_kernels_it_tunes():
     assert [(row["block_v"], row["num_warps"]) for row in rows] == [(16, 1), (16, 2), (64, 1), (64, 2)]
     assert all(row["fwd_ms"] > 0 and row["bwd_ms"] > 0 for row in rows)
     assert sorted(set(seen[1:])) == [16, 64]  # seen[0]: the statistics, with the default configuration
+
+
+def test_gradient_digest_compares_split_and_concatenated_and_catches_wrong_gradients(capsys):
+    """The benchmarks' gradient check (measure.gradient_digest, gradient_rel_diff, runner.record_row): the same
+    gradients give the same digest whether chosen and rejected come split or concatenated, expanded or not,
+    and whatever the block size; a sign, a scale, a swap of two rows or of two columns, a NaN, or a missing group are caught."""
+    from benchmarks.measure import gradient_digest, gradient_rel_diff
+    from benchmarks.runner import record_row
+
+    chosen, rejected, weight = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(7, 5)
+    split = gradient_digest([("hidden", chosen), ("hidden", rejected), ("weight", weight)])
+    joined = gradient_digest([("hidden", torch.cat([chosen, rejected])), ("weight", weight)], chunk_elements=11)
+    assert gradient_rel_diff(joined, split) < 1e-6
+    expanded = torch.randn(1, 3, 5).expand(2, 3, 5)  # walked along its leading index, never copied whole
+    assert gradient_digest([("h", expanded)], chunk_elements=7)["h"] == pytest.approx(
+        gradient_digest([("h", expanded.contiguous())])["h"], rel=1e-6)
+    norm, projection = split["hidden"]
+    assert norm == pytest.approx(torch.cat([chosen, rejected]).double().norm().item())
+    assert projection != pytest.approx(0.0, abs=1e-3)
+
+    def rel_diff(changed_weight):
+        return gradient_rel_diff(gradient_digest([("hidden", chosen), ("hidden", rejected),
+                                                  ("weight", changed_weight)]), split)
+
+    assert 5e-4 < rel_diff(weight * (1 + 1e-3)) < 5e-3  # a rounding-sized difference stays that size
+    for wrong in (-weight, 2 * weight, weight[[1, 0, *range(2, 7)]], weight[:, [1, 0, 2, 3, 4]]):
+        assert rel_diff(wrong) > 0.05
+    nan_weight = weight.clone()
+    nan_weight[3, 2] = float("nan")
+    assert math.isnan(rel_diff(nan_weight))
+    assert gradient_rel_diff({"hidden": split["hidden"]}, split) == 0.0  # a frozen head: the hidden states only
+    assert gradient_rel_diff({"logits": [1.0, 0.5]}, split) is None  # nothing in common
+    zero = {"hidden": [0.0, 0.0]}
+    assert gradient_rel_diff(zero, zero) == 0.0 and gradient_rel_diff({"hidden": [1.0, 0.0]}, zero) == math.inf
+
+    # A row whose gradients differ beyond its tolerance is flagged in its note and on the console, NaN included.
+    for diff, flagged in ((1e-3, False), (0.5, True), (math.nan, True)):
+        row = {"name": "x", "note": "", "loss_rel_diff_vs_ours": 0.0, "loss_tolerance": 1e-3,
+               "grad_rel_diff_vs_ours": diff, "grad_tolerance": 2e-2}
+        record_row(row, [], {"rows": []}, lambda rows: None, lambda r: "")
+        assert ("GRADIENT DIFFERS" in row["note"]) == flagged, row
+        assert ("GRADIENT DIFFERS" in capsys.readouterr().out) == flagged

@@ -41,6 +41,11 @@ def test_fused_linear_benchmark_every_row(tmp_path, capsys):
         assert row["loss"] is not None and math.isfinite(row["loss"]), row
         if key != "ours" and row["loss_comparable"]:  # everything but the GEMMs-only row computes our loss
             assert row["loss_rel_diff_vs_ours"] < 1e-2, row
+            # ... and our gradients: the hidden states' (per side or concatenated) and, unless frozen, the weight's
+            groups = {"hidden"} if "frozen" in key else {"hidden", "weight"}
+            assert set(row["grad_digest"]) == groups and row["grad_rel_diff_vs_ours"] < 2e-2, row
+        else:
+            assert row["grad_rel_diff_vs_ours"] is None, row
         assert row["floor_ratio_sustained"] is not None and row["floor_ratio_sustained"] > 0, row
     assert rows["ours_frozen"]["floor_gemms"] == 2 and rows["ours"]["floor_gemms"] == 4
     # Frozen rows differentiate w.r.t. the hidden states only: their gradients are smaller than ours'.

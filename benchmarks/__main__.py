@@ -1,7 +1,7 @@
 """`python -m benchmarks`: time focal_po_loss against its baselines; table on stdout, JSON + PNG in --out.
 
     python -m benchmarks --quick                         # V=128256 and 32000 at 16K tokens, bf16
-    python -m benchmarks                                 # the full grid (4 vocabularies x 3 token counts x 2 dtypes x 2)
+    python -m benchmarks                                 # the full grid: 4 vocabularies x 3 token counts x 2 dtypes x 2
     python -m benchmarks --shapes 151936x16K --dtypes fp32 --baselines eager,compile
     python -m benchmarks fused-linear --quick            # the hidden-state path (= python -m benchmarks.fused_linear)
 Without a GPU every run uses tiny shapes through Triton's interpreter, and says its times are not GPU times.

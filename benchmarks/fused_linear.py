@@ -257,7 +257,8 @@ class _OursGemmsOnly(torch.autograd.Function):
         from focal_kernels.logprobs import scored_rows, vocab_chunks
 
         hiddens = (chosen_hidden, rejected_hidden)
-        positions = [scored_rows.scored_positions(labels != IGNORE_INDEX) for labels in (chosen_labels, rejected_labels)]
+        positions = [scored_rows.scored_positions(labels != IGNORE_INDEX)
+                     for labels in (chosen_labels, rejected_labels)]
         rows = sum(index.numel() for index in positions)
         chunk = vocab_chunks.default_chunk_size(rows, weight.shape[0], weight.shape[1], weight.element_size())
         hidden_rows = scored_rows.gather_rows(hiddens, positions)

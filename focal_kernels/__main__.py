@@ -103,7 +103,8 @@ def check_linear_case(case, device, generator):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     _, _, labels_c, labels_r, ref_c, ref_r = _inputs(batch, chosen_len, rejected_len, 1, torch.float32, device,
                                                      generator)
-    labels_c, labels_r = (torch.where(y == -100, y, torch.randint(0, vocab, y.shape, generator=generator, device=device))
+    labels_c, labels_r = (torch.where(y == -100, y, torch.randint(0, vocab, y.shape, generator=generator,
+                                                                  device=device))
                           for y in (labels_c, labels_r))
     weight = (torch.randn(vocab, hidden_size, generator=generator, device=device) / hidden_size ** 0.5).to(dtype)
     hidden_c, hidden_r = (torch.randn(batch, length, hidden_size, generator=generator, device=device).to(dtype)

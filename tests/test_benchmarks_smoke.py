@@ -211,7 +211,8 @@ def test_config_sweep_runs_the_kernels_it_tunes():
 def test_gradient_digest_compares_split_and_concatenated_and_catches_wrong_gradients(capsys):
     """The benchmarks' gradient check (measure.gradient_digest, gradient_rel_diff, runner.record_row): the same
     gradients give the same digest whether chosen and rejected come split or concatenated, expanded or not,
-    and whatever the block size; a sign, a scale, a swap of two rows or of two columns, a NaN, or a missing group are caught."""
+    and whatever the block size; a sign, a scale, a swap of two rows or of two columns, a NaN, or a missing
+    group are caught."""
     from benchmarks.measure import gradient_digest, gradient_rel_diff
     from benchmarks.runner import record_row
 

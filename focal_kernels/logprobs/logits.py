@@ -47,8 +47,9 @@ def refuse_leaf(logits, name="logits"):
         return
     base = logits._base if logits._base is not None else logits
     if base.is_leaf and base.requires_grad:
-        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a view "
-                         "of one), with its own gradient: pass the output of an op (e.g. the lm_head's), or turn it off")
+        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a "
+                         "view of one), with its own gradient: pass the output of an op (e.g. the lm_head's), or "
+                         "turn it off")
 
 
 def check_inplace(logits, name="logits"):

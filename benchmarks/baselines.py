@@ -216,7 +216,8 @@ class TRLSelectiveLogSoftmax(Impl):
 
 class LigerCrossEntropy(Impl):
     """Liger's kernel writes the gradient into its input during the forward. Older releases scale that
-    gradient by only the first element of a reduction="none" upstream gradient; the work is the same."""
+    gradient by only the first element of a reduction="none" upstream gradient; the work is the same (their
+    fp32 rows' gradients are flagged as differing from ours')."""
 
     key = name = "liger"
     overwrites_inputs = True
@@ -224,9 +225,12 @@ class LigerCrossEntropy(Impl):
 
     def prepare(self, shape, earlier_rows):
         # Its reduction="none" losses come back in the logits' dtype: bf16-rounded per token, then summed
-        # (0.3-0.7% from ours' at 16K tokens on the H200, more with fewer pairs), so only fp32 compares.
-        self.loss_tolerance = None if shape.dtype_name == "bf16" else 1e-3
-        self.note = "" if self.loss_tolerance else "bf16 per-token losses: loss not compared"
+        # (0.3-0.7% from ours' at 16K tokens on the H200, more with fewer pairs), so only fp32 compares. The
+        # gradient's per-pair scale comes from that rounded loss too (a simulation put its digest ~2% off at
+        # 1 pair); in fp32 it is compared, and older releases (one scale for every row) are flagged there.
+        bf16 = shape.dtype_name == "bf16"
+        self.loss_tolerance, self.grad_tolerance = (None, None) if bf16 else (1e-3, 2e-2)
+        self.note = "bf16 per-token losses: loss and gradients not compared" if bf16 else ""
 
     def __init__(self):
         self._cross_entropy = None

@@ -17,7 +17,7 @@ For implementations that overwrite their logits (ours with inplace_backward, Lig
 timed call gets a private copy refilled from the next pristine input set first, untimed; bwd uses
 the fresh_graph method.
 
-The warm-up's gradients are kept as a digest (`gradient_digest`: a norm and a random projection per group
+The warm-up's gradients are kept as a digest (`gradient_digest`: a norm and random projections per group
 of inputs), which runner.compare_with_ours compares with ours': a baseline timed on a wrong gradient is
 flagged, not only one with a wrong loss.
 """
@@ -51,57 +51,58 @@ class Measurement:
     grad_digest: dict              # gradient_digest of the warm-up's gradients
 
 
-# Rows of a gradient turned into float32 at a time by gradient_digest (never a whole vocabulary-sized copy).
-_DIGEST_CHUNK_ELEMENTS = 1 << 25
+# Elements of a gradient turned into float32 at a time by gradient_digest (never a whole vocabulary-sized copy).
+_DIGEST_CHUNK_ELEMENTS = 1 << 23
+# Random projections per gradient group. Their RMS misses an error of relative size ε (the tolerance being
+# 2e-2) with probability P(chi_k / sqrt(k) < 2e-2 / ε): with k = 16, 2e-9 at ε = 10% and 6e-5 at 5% (with
+# one projection: 16% and 31%).
+_DIGEST_PROBES = 16
 
 
 def gradient_digest(named_grads, chunk_elements=_DIGEST_CHUNK_ELEMENTS) -> dict:
-    """{group: [norm, projection]} of gradients given as (group, tensor) pairs, in order.
+    """{group: [norm, projection_1, ..., projection_k]} of gradients given as (group, tensor) pairs, in order.
 
     A group's rows are every index but the last, numbered on through the group's tensors (chosen's rows,
-    then rejected's: the order of a concatenation of the two), its columns the last index. norm is the
-    Frobenius norm; projection the sum of g[i, j] · r[i] · c[j] over the group, r and c fixed standard
-    normal vectors. Both are the same however a group is split into tensors, so a row that concatenates
-    chosen and rejected compares with ours. For any error e the projection's error is about ||e|| (its
-    expected square is ||e||^2), so a gradient off by a sign, a scale or a permutation of rows or columns
-    moves one of them by about its own norm, and bf16 rounding by about its own size. Accumulated in
-    float64 from float32 blocks of at most chunk_elements; run once, untimed (warm-up)."""
+    then rejected's: the order of a concatenation of the two), its columns the last index (a 0-D or 1-D
+    gradient is one column). norm is the Frobenius norm; projection_i the sum of g[r, c] · R_i[r] · C_i[c]
+    over the group, R_i and C_i fixed standard normal vectors. All are the same however a group is split
+    into tensors, so a row that concatenates chosen and rejected compares with ours. For an error e, each
+    projection's error has mean square ||e||^2, so the RMS over the k projections of an error is about ||e||
+    (gradient_rel_diff): a sign, a scale, a permutation, a wrong row move it by about the gradient's own norm,
+    bf16 rounding by about its own size. Accumulated in float64 from float32 blocks of at most chunk_elements;
+    run once, untimed (warm-up)."""
     parts = {}
     for group, grad in named_grads:
-        parts.setdefault(group, []).append(grad)
+        parts.setdefault(group, []).append(grad if grad.dim() >= 2 else grad.reshape(-1, 1))
     digest = {}
     for group, grads in parts.items():
-        device, cols = grads[0].device, _columns(grads[0])
-        if any(_columns(g) != cols for g in grads):
+        device, cols = grads[0].device, grads[0].shape[-1]
+        if any(g.shape[-1] != cols for g in grads):
             raise ValueError(f"gradient_digest: the {group!r} gradients' last dimensions differ")
         gen = torch.Generator(device=device)
         gen.manual_seed(0)
-        col_probe = torch.randn(cols, generator=gen, device=device)
-        row_probe = torch.randn(sum(g.numel() // max(cols, 1) for g in grads), generator=gen, device=device)
+        col_probes = torch.randn((cols, _DIGEST_PROBES), generator=gen, device=device)
+        row_probes = torch.randn((sum(math.prod(g.shape[:-1]) for g in grads), _DIGEST_PROBES), generator=gen,
+                                 device=device)
         square = torch.zeros((), dtype=torch.float64, device=device)
-        projection = torch.zeros((), dtype=torch.float64, device=device)
+        projections = torch.zeros(_DIGEST_PROBES, dtype=torch.float64, device=device)
         offset = 0
         for grad in grads:
             for block in _row_blocks(grad, max(1, chunk_elements // max(cols, 1))):
                 block = block.float()
-                square += block.square().sum(dtype=torch.float64)
-                rows = row_probe[offset:offset + len(block)]
-                projection += (block @ col_probe).double() @ rows.double()
+                flat = block.reshape(-1)
+                square += torch.dot(flat, flat).double()
+                rows = row_probes[offset:offset + len(block)]
+                projections += ((block @ col_probes) * rows).sum(0, dtype=torch.float64)
                 offset += len(block)
-        digest[group] = [float(square.sqrt()), float(projection)]
+        digest[group] = [float(square.sqrt()), *projections.tolist()]
     return digest
 
 
-def _columns(grad) -> int:
-    return grad.shape[-1] if grad.dim() else 1
-
-
 def _row_blocks(grad, rows_per_block):
-    """grad as 2-D views (rows, last dimension) of at most rows_per_block rows, in row order, never copied
-    whole (an expanded or strided gradient is walked along its leading dimensions)."""
-    if grad.dim() < 2:
-        grad = grad.reshape(1, _columns(grad))
-    elif grad.dim() > 2:
+    """A gradient of two or more dimensions as 2-D views (rows, last dimension) of at most rows_per_block
+    rows, in row order, never copied whole (an expanded or strided one is walked along its leading indices)."""
+    if grad.dim() > 2:
         try:
             grad = grad.view(-1, grad.shape[-1])
         except RuntimeError:  # not viewable as 2-D: one leading index at a time
@@ -113,22 +114,30 @@ def _row_blocks(grad, rows_per_block):
 
 
 def gradient_rel_diff(digest: dict | None, ours: dict | None) -> float | None:
-    """The largest difference of norm or projection from ours', over the groups both have, relative to ours'
-    norm (for a random error e: about ||e|| / ||g_ours||). None: nothing to compare."""
+    """Over the groups both digests have, the larger of the norm's difference and the RMS of the projections'
+    differences from ours', relative to ours' norm (about ||e|| / ||g_ours|| for an error e). NaN where any
+    figure is not finite (ours' included: a NaN or inf gradient is never called equal); None: nothing to
+    compare."""
     shared = sorted((digest or {}).keys() & (ours or {}).keys())
     if not shared:
         return None
     worst = 0.0
     for group in shared:
-        (norm, projection), (norm_ours, projection_ours) = digest[group], ours[group]
-        differences = (abs(norm - norm_ours), abs(projection - projection_ours))
-        if any(math.isnan(d) for d in (*differences, norm_ours)):
+        mine, theirs = ours[group], digest[group]
+        if not all(math.isfinite(x) for x in (*mine, *theirs)):
             return math.nan
-        if norm_ours > 0:
-            worst = max(worst, max(differences) / norm_ours)
-        elif max(differences) > 0:
+        projections = [a - b for a, b in zip(theirs[1:], mine[1:])]
+        difference = max(abs(theirs[0] - mine[0]), math.sqrt(sum(d * d for d in projections) / len(projections)))
+        if mine[0] > 0:
+            worst = max(worst, difference / mine[0])
+        elif difference > 0:
             return math.inf
     return worst
+
+
+def digest_is_finite(digest: dict | None) -> bool:
+    """Whether every figure of a gradient digest is finite (no NaN or inf in the gradients it digests)."""
+    return all(math.isfinite(x) for figures in (digest or {}).values() for x in figures)
 
 
 def _grads(loss, inputs, retain_graph=False):

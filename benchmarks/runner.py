@@ -14,7 +14,7 @@ import traceback
 
 from .environment import is_out_of_memory, release_memory
 from .inputs import make_input_set, plan_input_sets
-from .measure import PHASES, gradient_rel_diff, measure
+from .measure import PHASES, digest_is_finite, gradient_rel_diff, measure
 
 
 def new_row(shape, impl, input_sets: int) -> dict:
@@ -82,7 +82,7 @@ def compare_with_ours(shape_rows: list, more=None) -> None:
                 row[f"speedup_{phase}"] = theirs / mine
         if row["loss"] is not None and ours["loss"] is not None and row["loss_comparable"]:
             row["loss_rel_diff_vs_ours"] = abs(row["loss"] - ours["loss"]) / max(abs(ours["loss"]), 1e-6)
-        if row is not ours and row["grad_tolerance"] is not None:
+        if row is not ours and row["grad_tolerance"] is not None and digest_is_finite(ours["grad_digest"]):
             row["grad_rel_diff_vs_ours"] = gradient_rel_diff(row["grad_digest"], ours["grad_digest"])
         if more is not None:
             more(row, ours)
@@ -137,17 +137,22 @@ def _summary(row: dict) -> str:
 def record_row(row: dict, shape_rows: list, results: dict, compare, summarize) -> None:
     """Add a measured row to its shape's rows and to the results, compare the shape's rows with ours
     (`compare`), print its summary line, and flag a loss or gradients that differ from ours beyond the
-    row's tolerance, NaN included (in its note, so the tables show it, and on the console)."""
+    row's tolerance, NaN included, and gradients with a NaN or inf (ours' too; its NaN is not blamed on the
+    others), in its note, so the tables show it, and on the console."""
     shape_rows.append(row)
     results["rows"].append(row)
     compare(shape_rows)
     print(summarize(row), flush=True)
+    flags = []
     for what, key in (("LOSS", "loss"), ("GRADIENT", "grad")):
         diff = row[f"{key}_rel_diff_vs_ours"]
-        if diff is not None and not diff <= row[f"{key}_tolerance"]:
-            flag = f"{what} DIFFERS from ours' by {diff:.2%} (tolerance {row[f'{key}_tolerance']:.0e})"
-            row["note"] = "; ".join(text for text in (row["note"], flag) if text)
-            print(f"  WARNING: {row['name']}: {flag}", flush=True)
+        if what == "GRADIENT" and not digest_is_finite(row.get("grad_digest")):
+            flags.append("GRADIENT NOT FINITE (NaN or inf)")
+        elif diff is not None and not diff <= row[f"{key}_tolerance"]:
+            flags.append(f"{what} DIFFERS from ours' by {diff:.2%} (tolerance {row[f'{key}_tolerance']:.0e})")
+    for flag in flags:
+        row["note"] = "; ".join(text for text in (row["note"], flag) if text)
+        print(f"  WARNING: {row['name']}: {flag}", flush=True)
 
 
 def run(shapes, impls, timer, device, copy_gbps: float, max_sets: int, results: dict, on_update) -> None:

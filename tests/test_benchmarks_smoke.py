@@ -209,43 +209,67 @@ def test_config_sweep_runs_the_kernels_it_tunes():
 
 
 def test_gradient_digest_compares_split_and_concatenated_and_catches_wrong_gradients(capsys):
-    """The benchmarks' gradient check (measure.gradient_digest, gradient_rel_diff, runner.record_row): the same
-    gradients give the same digest whether chosen and rejected come split or concatenated, expanded or not,
-    and whatever the block size; a sign, a scale, a swap of two rows or of two columns, a NaN, or a missing
-    group are caught."""
+    """The benchmarks' gradient check (measure.gradient_digest, gradient_rel_diff, runner.compare_with_ours and
+    record_row): the same gradients give the same digest whether chosen and rejected come split or
+    concatenated (1-D ones too), expanded or not, and whatever the block size; a sign, a scale, a swap of two
+    rows or of two columns, a 10% error, a NaN or inf on either side, or a missing group are caught; a NaN in
+    ours' gradients is flagged on ours' row, not blamed on the others."""
     from benchmarks.measure import gradient_digest, gradient_rel_diff
-    from benchmarks.runner import record_row
+    from benchmarks.runner import compare_with_ours, record_row
 
-    chosen, rejected, weight = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(7, 5)
-    split = gradient_digest([("hidden", chosen), ("hidden", rejected), ("weight", weight)])
-    joined = gradient_digest([("hidden", torch.cat([chosen, rejected])), ("weight", weight)], chunk_elements=11)
+    chosen, rejected, weight, bias = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(7, 5), torch.randn(7)
+    split = gradient_digest([("hidden", chosen), ("hidden", rejected), ("weight", weight), ("bias", bias[:3]),
+                             ("bias", bias[3:])])
+    joined = gradient_digest([("hidden", torch.cat([chosen, rejected])), ("weight", weight), ("bias", bias)],
+                             chunk_elements=11)
     assert gradient_rel_diff(joined, split) < 1e-6
     expanded = torch.randn(1, 3, 5).expand(2, 3, 5)  # walked along its leading index, never copied whole
     assert gradient_digest([("h", expanded)], chunk_elements=7)["h"] == pytest.approx(
         gradient_digest([("h", expanded.contiguous())])["h"], rel=1e-6)
-    norm, projection = split["hidden"]
+    assert gradient_digest([("empty", torch.zeros(3, 0))])["empty"][0] == 0.0
+    norm, *projections = split["hidden"]
     assert norm == pytest.approx(torch.cat([chosen, rejected]).double().norm().item())
-    assert projection != pytest.approx(0.0, abs=1e-3)
+    assert len(projections) == 16 and all(p != 0.0 for p in projections)
 
-    def rel_diff(changed_weight):
+    def rel_diff(changed_weight, ours=split):
         return gradient_rel_diff(gradient_digest([("hidden", chosen), ("hidden", rejected),
-                                                  ("weight", changed_weight)]), split)
+                                                  ("weight", changed_weight)]), ours)
 
     assert 5e-4 < rel_diff(weight * (1 + 1e-3)) < 5e-3  # a rounding-sized difference stays that size
-    for wrong in (-weight, 2 * weight, weight[[1, 0, *range(2, 7)]], weight[:, [1, 0, 2, 3, 4]]):
+    noise = torch.randn_like(weight) * (0.1 * weight.norm() / weight.numel() ** 0.5)  # 10% of the gradient
+    for wrong in (-weight, 2 * weight, weight[[1, 0, *range(2, 7)]], weight[:, [1, 0, 2, 3, 4]], weight + noise):
         assert rel_diff(wrong) > 0.05
-    nan_weight = weight.clone()
-    nan_weight[3, 2] = float("nan")
-    assert math.isnan(rel_diff(nan_weight))
+    for bad in (float("nan"), float("inf")):
+        broken = weight.clone()
+        broken[3, 2] = bad
+        assert math.isnan(rel_diff(broken))  # a baseline's
+        assert math.isnan(rel_diff(weight, ours=gradient_digest([("weight", broken)])))  # ours'
     assert gradient_rel_diff({"hidden": split["hidden"]}, split) == 0.0  # a frozen head: the hidden states only
     assert gradient_rel_diff({"logits": [1.0, 0.5]}, split) is None  # nothing in common
     zero = {"hidden": [0.0, 0.0]}
     assert gradient_rel_diff(zero, zero) == 0.0 and gradient_rel_diff({"hidden": [1.0, 0.0]}, zero) == math.inf
 
+    def row(name, digest, diff=None):
+        return {"name": name, "impl": name, "status": "ok", "note": "", "fwd_ms": None, "bwd_ms": None,
+                "fwdbwd_ms": None, "loss": 1.0, "loss_comparable": True, "loss_rel_diff_vs_ours": 0.0,
+                "loss_tolerance": 1e-3, "grad_digest": digest, "grad_rel_diff_vs_ours": diff, "grad_tolerance": 2e-2}
+
     # A row whose gradients differ beyond its tolerance is flagged in its note and on the console, NaN included.
     for diff, flagged in ((1e-3, False), (0.5, True), (math.nan, True)):
-        row = {"name": "x", "note": "", "loss_rel_diff_vs_ours": 0.0, "loss_tolerance": 1e-3,
-               "grad_rel_diff_vs_ours": diff, "grad_tolerance": 2e-2}
-        record_row(row, [], {"rows": []}, lambda rows: None, lambda r: "")
-        assert ("GRADIENT DIFFERS" in row["note"]) == flagged, row
+        measured = row("x", split, diff)
+        record_row(measured, [], {"rows": []}, lambda rows: None, lambda r: "")
+        assert ("GRADIENT DIFFERS" in measured["note"]) == flagged, measured
         assert ("GRADIENT DIFFERS" in capsys.readouterr().out) == flagged
+    # Ours' NaN: ours' row says so; the next row, whose gradients are fine, is not compared with it.
+    nan_weight = weight.clone()
+    nan_weight[0, 0] = float("nan")
+    rows, results = [], {"rows": []}
+    for measured in (row("ours", gradient_digest([("weight", nan_weight)])), row("other", split)):
+        record_row(measured, rows, results, compare_with_ours, lambda r: "")
+    assert "GRADIENT NOT FINITE" in rows[0]["note"] and rows[1]["note"] == "", rows
+    assert rows[1]["grad_rel_diff_vs_ours"] is None
+    # Ours' fine, another's NaN: that row says its gradients are not finite.
+    rows, results = [], {"rows": []}
+    for measured in (row("ours", split), row("other", gradient_digest([("weight", nan_weight)]))):
+        record_row(measured, rows, results, compare_with_ours, lambda r: "")
+    assert rows[0]["note"] == "" and "GRADIENT NOT FINITE" in rows[1]["note"], rows

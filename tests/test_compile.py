@@ -529,6 +529,7 @@ def _check_budgeted_step(compiled, mode):
     row count: one chunk of four, then all of them); a frozen step under no_grad too."""
     trainable = mode == "budget"
     vocab = 53  # 3 full chunks of 16, and a tail of 5
+    # T changes, then B (one pair, then two: the last call has fully scored sequences too)
     for batch, seq_len, budget_chunks in ((2, 4, 1), (2, 7, 4), (4, 3, 1)):
         labels = torch.randint(0, vocab, (batch, seq_len))
         labels[0, :2] = IGNORE

@@ -143,14 +143,15 @@ def record_row(row: dict, shape_rows: list, results: dict, compare, summarize) -
     results["rows"].append(row)
     compare(shape_rows)
     print(summarize(row), flush=True)
-    flags = []
-    for what, key in (("LOSS", "loss"), ("GRADIENT", "grad")):
-        diff = row[f"{key}_rel_diff_vs_ours"]
-        if what == "GRADIENT" and not digest_is_finite(row.get("grad_digest")):
-            flags.append("GRADIENT NOT FINITE (NaN or inf)")
-        elif diff is not None and not diff <= row[f"{key}_tolerance"]:
-            flags.append(f"{what} DIFFERS from ours' by {diff:.2%} (tolerance {row[f'{key}_tolerance']:.0e})")
-    for flag in flags:
+    def differs(what, key):
+        diff, tolerance = row[f"{key}_rel_diff_vs_ours"], row[f"{key}_tolerance"]
+        if diff is not None and not diff <= tolerance:  # NaN too
+            return f"{what} DIFFERS from ours' by {diff:.2%} (tolerance {tolerance:.0e})"
+        return None
+
+    gradient = ("GRADIENT NOT FINITE (NaN or inf)" if not digest_is_finite(row.get("grad_digest"))
+                else differs("GRADIENT", "grad"))
+    for flag in filter(None, (differs("LOSS", "loss"), gradient)):
         row["note"] = "; ".join(text for text in (row["note"], flag) if text)
         print(f"  WARNING: {row['name']}: {flag}", flush=True)
 

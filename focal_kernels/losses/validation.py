@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-from ..checks import is_dtensor, refuse_dtensor
+from ..checks import check_flag, is_dtensor, refuse_dtensor
 from .batch import LossOptions, spec_of
 from .divergence import F_DIVERGENCE_TYPES
 from .pairwise import LOSS_TYPES
@@ -79,10 +79,7 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
     gamma = _number("gamma", gamma)
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if not isinstance(detach_focal_weight, bool):
-        kind = type(detach_focal_weight)
-        raise TypeError(f"detach_focal_weight must be True or False (a Python bool), got {detach_focal_weight!r} "
-                        f"of type {kind.__module__}.{kind.__qualname__}")
+    check_flag(detach_focal_weight, "detach_focal_weight")
     simpo_gamma = _number("simpo_gamma", simpo_gamma)
     discopop_tau = _number("discopop_tau", discopop_tau)
     if discopop_tau <= 0:

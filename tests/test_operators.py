@@ -114,7 +114,8 @@ def test_meta_tensors_give_shapes_forward_and_backward():
         "pair in place": lambda: fk.focal_po_loss(logits * 1, logits * 1, labels, labels, inplace_backward=True).loss,
         "hidden pair": lambda: fk.fused_linear_focal_po_loss(hidden, hidden, weight, labels, labels.clone()).loss,
     }
-    shapes = {"statistics": (B, T), "pair": (), "pair in place": (), "hidden pair": ()}  # else (B,), or (S,) = (2,) packed
+    # else (B,), or (S,) = (2,) packed
+    shapes = {"statistics": (B, T), "pair": (), "pair in place": (), "hidden pair": ()}
     for name, call in calls.items():
         out = call()
         assert out.device.type == "meta" and out.dtype == torch.float32, name

@@ -1,0 +1,87 @@
+"""A pytest plugin: the interpreter's float32 exp, log and division with a GPU's rounding errors.
+
+On an NVIDIA GPU, Triton compiles the kernels' float32 `tl.exp` to `ex2.approx.f32` of x·log2(e) (about 2 ulp,
+plus the rounding of the product: up to |x|·2^-24 relative; exact at integer powers of 2), `tl.log` to
+libdevice's `logf` (within 1 ulp) and `/` to `div.full.f32` (about 2 ulp): see the PTX that
+tests/gpu_compile.py compiles. The interpreter's NumPy rounds each correctly, so a tolerance tuned on the CPU
+could be tighter than what the GPU meets, and the first GPU run would be the one to find out. With this plugin
+each such float32 result gets an error of up to those sizes, of either sign, deterministic (a hash of the
+input's bits, as the hardware's error is a function of its input); float64 (libdevice on the GPU too) and
+everything else are left exact.
+
+    TRITON_INTERPRET=1 PYTHONPATH=tests python -m pytest -p gpu_math tests/...
+    GPU_MATH_SCALE=4 ...    # four times those errors (the margin of a tolerance)
+
+tests/test_gpu_math.py runs the float32 and soft-cap kernel tests under it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+SCALE = float(os.environ.get("GPU_MATH_SCALE", "1"))
+EPS = 2.0 ** -23  # one float32 ulp at 1
+EXP_ULPS, LOG_ULPS, DIV_ULPS = 2.0, 1.0, 2.0
+
+
+def _unit(bits: np.ndarray, salt: int) -> np.ndarray:
+    """A deterministic pseudo-random value in [-1, 1) per element, from its bits."""
+    h = ((bits.astype(np.uint64) ^ np.uint64(salt)) * np.uint64(2654435761)) & np.uint64(0xFFFFFFFF)
+    h ^= h >> np.uint64(13)
+    return h.astype(np.float64) / 2.0 ** 31 - 1.0
+
+
+def _bits(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _perturbed(out: np.ndarray, relative: np.ndarray) -> np.ndarray:
+    """out · (1 + relative), rounded back to float32; inf, NaN and zero stay as they are."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        moved = (out.astype(np.float64) * (1.0 + relative)).astype(np.float32)
+    return np.where(np.isfinite(out) & np.isfinite(relative), moved, out)
+
+
+def exp(x):
+    out = np.exp(x)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32):
+        return out
+    with np.errstate(invalid="ignore", over="ignore"):
+        bound = SCALE * (EXP_ULPS * EPS + np.abs(x.astype(np.float64)) * 2.0 ** -24)
+        power = (x * np.float32(np.log2(np.e))).astype(np.float32)
+        bound = np.where(power == np.floor(power), 0.0, bound)  # ex2 of an integer is exact (exp(0) = 1)
+    return _perturbed(out, _unit(_bits(x), 0x1F) * bound)
+
+
+def log(x):
+    out = np.log(x)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32):
+        return out
+    return _perturbed(out, _unit(_bits(x), 0x2E) * SCALE * LOG_ULPS * EPS)
+
+
+def divide(a, b):
+    out = np.divide(a, b)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32):
+        return out
+    bits = _bits(np.broadcast_to(a, out.shape)) ^ _bits(np.broadcast_to(b, out.shape))
+    return _perturbed(out, _unit(bits, 0x3D) * SCALE * DIV_ULPS * EPS)
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("gpu_math changes Triton's interpreter: set TRITON_INTERPRET=1")
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    for name in ("create_exp", "create_log", "create_fdiv", "unary_op", "binary_op"):
+        if not hasattr(InterpreterBuilder, name):
+            raise RuntimeError(f"gpu_math: this Triton's interpreter has no InterpreterBuilder.{name}")
+    InterpreterBuilder.create_exp = lambda self, arg: self.unary_op(arg, exp)
+    InterpreterBuilder.create_log = lambda self, arg: self.unary_op(arg, log)
+    InterpreterBuilder.create_fdiv = lambda self, lhs, rhs: self.binary_op(lhs, rhs, divide)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"gpu_math: float32 exp / log / division with up to {SCALE:g} x "
+                                f"({EXP_ULPS:g} ulp + |x|·2^-24, {LOG_ULPS:g} ulp, {DIV_ULPS:g} ulp) error")

@@ -7,7 +7,8 @@ tests/gpu_compile.py compiles. The interpreter's NumPy rounds each correctly, so
 could be tighter than what the GPU meets, and the first GPU run would be the one to find out. With this plugin
 each such float32 result gets an error of up to those sizes, of either sign, deterministic (a hash of the
 input's bits, as the hardware's error is a function of its input); float64 (libdevice on the GPU too) and
-everything else are left exact.
+everything else are left exact. float32 -> bfloat16 conversions round to nearest even, as on the GPU (the
+interpreter truncates).
 
     TRITON_INTERPRET=1 PYTHONPATH=tests python -m pytest -p gpu_math tests/...
     GPU_MATH_SCALE=4 ...    # four times those errors (the margin of a tolerance)
@@ -69,14 +70,34 @@ def divide(a, b):
     return _perturbed(out, _unit(bits, 0x3D) * SCALE * DIV_ULPS * EPS)
 
 
+def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (as its uint16 bits) rounded to nearest even, as the GPU converts (the interpreter
+    truncates)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16) \
+        .numpy().view(np.uint16)
+
+
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("gpu_math changes Triton's interpreter: set TRITON_INTERPRET=1")
     from triton.runtime.interpreter import InterpreterBuilder
 
-    for name in ("create_exp", "create_log", "create_fdiv", "unary_op", "binary_op"):
+    for name in ("create_exp", "create_log", "create_fdiv", "unary_op", "binary_op", "cast_impl"):
         if not hasattr(InterpreterBuilder, name):
             raise RuntimeError(f"gpu_math: this Triton's interpreter has no InterpreterBuilder.{name}")
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    truncating_cast = InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return TensorHandle(to_bfloat16_bits(src.data), dst_type.scalar)
+        return truncating_cast(self, src, dst_type)
+
+    InterpreterBuilder.cast_impl = cast_impl
     InterpreterBuilder.create_exp = lambda self, arg: self.unary_op(arg, exp)
     InterpreterBuilder.create_log = lambda self, arg: self.unary_op(arg, log)
     InterpreterBuilder.create_fdiv = lambda self, lhs, rhs: self.binary_op(lhs, rhs, divide)

@@ -42,6 +42,56 @@ def test_error_model():
     assert np.array_equal(gpu_math.exp(float64), np.exp(float64))  # libdevice on the GPU: left exact
 
 
+PLUGIN_IN_EFFECT = """
+import sys
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+import gpu_math
+
+if sys.argv[1] == "plugin":
+    gpu_math.pytest_configure(None)
+
+
+@triton.jit
+def exp_and_round(x_ptr, exp_ptr, bf16_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n)
+    tl.store(exp_ptr + offsets, tl.exp(x), mask=offsets < n)
+    tl.store(bf16_ptr + offsets, x, mask=offsets < n)  # float32 -> bfloat16
+
+
+x = torch.linspace(-3, 3, 1000) * (1 + 2.0 ** -10)  # most not exact in bfloat16
+exps, rounded = torch.empty_like(x), torch.empty(1000, dtype=torch.bfloat16)
+exp_and_round[(1,)](x, exps, rounded, 1000, BLOCK=1024)
+exact = torch.exp(x.double())
+print(float(((exps.double() - exact) / exact).abs().max() / 2.0 ** -23),
+      int((exps != torch.from_numpy(np.exp(x.numpy()))).sum()), int((rounded != x.to(torch.bfloat16)).sum()))
+"""
+
+
+def test_the_plugin_changes_the_kernels_arithmetic():
+    """Through a kernel: with the plugin, exp is off by up to 2 ulp + |x|·2^-24 (here |x| <= 3) and float32 ->
+    bfloat16 rounds to nearest (torch's conversion); without it, exp is NumPy's and the conversion
+    truncates."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    counts = {}
+    for mode in ("plugin", "plain"):
+        run = subprocess.run([sys.executable, "-c", PLUGIN_IN_EFFECT, mode], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        exp_ulps, not_numpys, bf16_differs = run.stdout.split()
+        counts[mode] = float(exp_ulps), int(not_numpys), int(bf16_differs)
+    # the largest exp error in float32 ulps at 1 (NumPy's own error, up to about an ulp, included), how many
+    # exps differ from NumPy's, how many bfloat16 values from torch's rounding
+    exp_ulps, not_numpys, bf16_differs = counts["plugin"]
+    assert 2.5 < exp_ulps < 6.5 and not_numpys > 500 and bf16_differs == 0, counts
+    exp_ulps, not_numpys, bf16_differs = counts["plain"]
+    assert not_numpys == 0 and bf16_differs > 200, counts
+
+
 def _run_selection(scale: str):
     env = dict(os.environ, TRITON_INTERPRET="1", GPU_MATH_SCALE=scale,
                PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))

@@ -71,6 +71,11 @@ print(float(((exps.double() - exact) / exact).abs().max() / 2.0 ** -23),
 """
 
 
+interpreted_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="emulates on Triton's interpreter; on a GPU the tests meet the real thing")
+
+
+@interpreted_only
 def test_the_plugin_changes_the_kernels_arithmetic():
     """Through a kernel: with the plugin, exp is off by up to 2 ulp + |x|·2^-24 (here |x| <= 3) and float32 ->
     bfloat16 rounds to nearest (torch's conversion); without it, exp is NumPy's and the conversion
@@ -100,7 +105,7 @@ def _run_selection(scale: str):
                           env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="emulates on Triton's interpreter (no GPU)")
+@interpreted_only
 def test_float32_tolerances_hold_with_gpu_math():
     at_gpu = _run_selection("1")
     output = at_gpu.stdout + at_gpu.stderr

@@ -100,14 +100,14 @@ def assert_matches_reference(inputs, dtype, *, chunk_size, **options):
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias, ref", [(True, True), (False, False)])
 def test_matches_reference(dtype, bias, ref):
     inputs = make_inputs(dtype=dtype, bias=bias, ref=ref)
     assert_matches_reference(inputs, dtype, chunk_size=8)  # 37 = 4·8 + 5: a ragged last chunk
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_sequences_of_no_tokens(dtype):
     """Padded T = 0 chosen hidden states beside T = 1 rejected ones: log-prob 0, an empty gradient."""
     inputs = make_inputs(dtype=dtype, seq_len=0, rejected_len=1)
@@ -236,7 +236,7 @@ def test_frozen_weight_and_single_group_gradients():
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_views_and_odd_inputs(dtype):
     """Strided views of every input (a shifted chosen view; a rejected side with T = 1 read from an
     interleaved layout, stride(-1) != 1; a weight stored transposed, as a tied embedding may be; a strided bias), int32
@@ -519,7 +519,7 @@ def test_peak_memory_is_the_accumulator_plus_a_chunk(monkeypatch, prompt_len):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the profiler's memory timeline is read on the CPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_hidden_gradient_scatter_needs_no_full_copy(monkeypatch, dtype):
     """The float32 accumulator becomes the (B, T, H) hidden-state gradient in place: one converting copy when
     no token is ignored, blocks of _SCATTER_ROWS rows otherwise; zeros at the ignored positions."""

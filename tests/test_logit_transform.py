@@ -165,7 +165,7 @@ def test_stats_match_reference(path, name, chunk_size):
 STATS_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["shifted view", "one token"])
 @pytest.mark.parametrize("memory_budget", [None, 2**20])
 def test_token_logps_and_stats_every_dtype(dtype, layout, memory_budget):
@@ -288,7 +288,7 @@ def test_bad_transform_options_raise(options, match):
     (dict(logit_softcap=1e300), "logit_softcap"),
     (dict(temperature=1e-300), "temperature"),
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_transform_options_beyond_the_compute_dtype_raise(options, match, dtype):
     """The transform of float32 / bfloat16 / float16 weights is computed in float32: an option it cannot hold
     raised PyTorch's overflow error naming no argument, or silently became 0 (a scale of 1e-50)."""

@@ -47,11 +47,10 @@ time / each floor; the loss' and the gradients' relative difference from ours' w
 same ones (the gradients as a digest: measure.gradient_digest; in the JSON, and in the note where beyond the
 row's tolerance); peak extra memory of one fwd+bwd (max_memory_allocated minus memory_allocated before it),
 also net of the returned gradients; that as % of the bf16 logits' size N·V·2; and each row's time and memory
-over ours'. TRL, Liger and CCE take chosen and
-rejected as one batch: it is concatenated once per input set, outside the measured calls (a trainer's
-concatenated forward hands it over so). A target table (targets.py) reads the issue's goals off the rows.
-Without CUDA: tiny shapes (H=16, V=128, 2 pairs x 4 tokens) through Triton's interpreter, CPU timings (NOT
-GPU timings), no 8192³ rate, no memory figures.
+over ours'. TRL, Liger and CCE take chosen and rejected as one batch: it is concatenated once per input set,
+outside the measured calls (a trainer's concatenated forward hands it over so). A target table (targets.py)
+reads the issue's goals off the rows. Without CUDA: tiny shapes (H=16, V=128, 2 pairs x 4 tokens) through
+Triton's interpreter, CPU timings (NOT GPU timings), no 8192³ rate, no memory figures.
 
 Output: the Markdown table on stdout; fused.json (rewritten after every row) and fused.md in --out.
 """

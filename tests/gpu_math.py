@@ -89,13 +89,12 @@ def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("gpu_math changes Triton's interpreter: set TRITON_INTERPRET=1")
-    from triton.runtime.interpreter import InterpreterBuilder
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
     for name in ("create_exp", "create_log", "create_fdiv", "unary_op", "binary_op", "cast_impl"):
         if not hasattr(InterpreterBuilder, name):
             raise RuntimeError(f"gpu_math: this Triton's interpreter has no InterpreterBuilder.{name}")
-    import triton.language as tl
-    from triton.runtime.interpreter import TensorHandle
 
     truncating_cast = InterpreterBuilder.cast_impl
 

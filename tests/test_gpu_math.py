@@ -20,6 +20,12 @@ SELECTION = ["test_focal_po_loss.py", "test_logit_transform.py", "test_frozen_he
              "test_packing.py", "test_fused_linear.py"]
 
 
+def _env(**extra):
+    """The environment of a subprocess: the interpreter on, tests/ importable (the plugin, helpers)."""
+    return dict(os.environ, TRITON_INTERPRET="1", **extra,
+                PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+
+
 def test_error_model():
     x = np.random.default_rng(0).uniform(-30, 10, 100_000).astype(np.float32)
     exact = np.exp(x.astype(np.float64))
@@ -80,11 +86,9 @@ def test_the_plugin_changes_the_kernels_arithmetic():
     """Through a kernel: with the plugin, exp is off by up to 2 ulp + |x|·2^-24 (here |x| <= 3) and float32 ->
     bfloat16 rounds to nearest (torch's conversion); without it, exp is NumPy's and the conversion
     truncates."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     counts = {}
     for mode in ("plugin", "plain"):
-        run = subprocess.run([sys.executable, "-c", PLUGIN_IN_EFFECT, mode], env=env, capture_output=True,
+        run = subprocess.run([sys.executable, "-c", PLUGIN_IN_EFFECT, mode], env=_env(), capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr
         exp_ulps, not_numpys, bf16_differs = run.stdout.split()
@@ -98,11 +102,10 @@ def test_the_plugin_changes_the_kernels_arithmetic():
 
 
 def _run_selection(scale: str, keyword: str = "float32 or softcap"):
-    env = dict(os.environ, TRITON_INTERPRET="1", GPU_MATH_SCALE=scale,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_math",
                            "-k", keyword, *(str(TESTS / name) for name in SELECTION)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+                          env=_env(GPU_MATH_SCALE=scale), capture_output=True, text=True, timeout=600,
+                          cwd=TESTS.parent)
 
 
 @interpreted_only

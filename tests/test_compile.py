@@ -498,16 +498,18 @@ def _sequence_logps(chosen, rejected, weight, chosen_labels, rejected_labels):
                for hidden, labels in ((chosen, chosen_labels), (rejected, rejected_labels)))
 
 
-@pytest.mark.parametrize("step, dynamic", [(_fused_loss, None), (_summed_token_logps, None), (_sequence_logps, None),
-                                           (_fused_loss, True), (_summed_token_logps, True),
-                                           (_summed_token_logps, False)],
-                         ids=lambda x: getattr(x, "__name__", str(x)))
+@pytest.mark.parametrize("path, step, dynamic", [
+    ("triton", _fused_loss, None), ("torch", _fused_loss, None), ("triton", _summed_token_logps, None),
+    ("triton", _sequence_logps, None), ("triton", _fused_loss, True), ("triton", _summed_token_logps, True),
+    ("triton", _summed_token_logps, False)], indirect=["path"], ids=lambda x: getattr(x, "__name__", str(x)))
 def test_hidden_path_with_changing_shapes(path, step, dynamic):
     """The hidden-state path over changing (B, T): every entry point with default automatic dynamic shapes
     (before: the third compilation's backward failed, dynamo taking T from the stride of an expanded incoming
     gradient; the autograd function's outputs are flat now); dynamic=True (before: math.isfinite in the option
     check could not be traced) for the loss and for the token log-probs with every statistic; dynamic=False
-    (one graph per shape) for the latter. (Every pairing once took 18 cases and a fifth of the CPU suite.)"""
+    (one graph per shape) for the latter. (Every pairing once took 18 cases and a fifth of the CPU suite.)
+    The hidden path's operators choose kernels or PyTorch when they run, inside the graph dynamo traced (only
+    the per-sequence sum is traced differently), so the PyTorch path is compiled once, for the loss."""
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     for batch, seq_len in ((2, 3), (3, 3), (4, 2), (3, 5)):
         inputs = [torch.randn(batch, seq_len, HIDDEN), torch.randn(batch, seq_len + 1, HIDDEN),
@@ -567,11 +569,13 @@ def _check_budgeted_step(compiled, mode):
         assert_close(got, _budgeted_step(hidden, weight, labels, None, None), (1e-5, 1e-6), "no_grad")
 
 
-@pytest.mark.parametrize("mode", ["frozen", "budget"])
+@pytest.mark.parametrize("path, mode", [("triton", "frozen"), ("triton", "budget"), ("torch", "budget")],
+                         indirect=["path"])
 def test_frozen_head_and_memory_budget_with_changing_shapes(path, mode):
     """The hidden-state path's GEMM-saving modes compiled (fullgraph, automatic dynamic shapes) match eager
     and float64; a frozen head's backward graphs hold no GEMM (its gradient was accumulated in the forward),
-    a budgeted one's do (the weight's gradient, and the chunks not kept)."""
+    a budgeted one's do (the weight's gradient, and the chunks not kept). The PyTorch path once (as above: the
+    operators choose it when they run)."""
     from torch._dynamo.backends.common import aot_autograd
 
     backward_graphs = []

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 TOOL = str(Path(__file__).with_name("gpu_compile.py"))
+ROOT = Path(__file__).resolve().parents[1]
 LAUNCHED_KERNELS = {"token_logps_kernel", "logits_grad_kernel", "segment_sum_kernel", "chunk_lse_update_kernel",
                     "chunk_logits_grad_kernel", "bits_digest_kernel"}
 
@@ -23,8 +24,8 @@ def _run(*args, interpret, extra_path=None, cache=None):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
+    # The checkout's package, whether or not it is installed (the tool runs from tests/, not the repository root).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path or ""), str(ROOT), env.get("PYTHONPATH")]))
     if cache:
         env["TRITON_CACHE_DIR"] = str(cache)  # a fresh cache: every launch really compiled here
     return subprocess.run([sys.executable, TOOL, *map(str, args)], env=env, capture_output=True, text=True,

@@ -531,13 +531,13 @@ def test_trl_version_pin(monkeypatch, tmp_path, tok, dataset):
                        processing_class=tok)
 
 
-def test_trl_step_benchmark_smoke(tmp_path):
+def test_trl_step_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/trl_step.py at a tiny size, in this process (TRL is imported here already)."""
+    from benchmarks.trl_step import main
+
     out = tmp_path / "trl_step.json"
-    cmd = [sys.executable, "-m", "benchmarks.trl_step", "--tiny", "--steps", "1", "--warmup", "1", "--padding-free",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    argv = ["--tiny", "--steps", "1", "--warmup", "1", "--padding-free", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().out[-3000:]
     import json
 
     result = json.loads(out.read_text())
@@ -546,10 +546,7 @@ def test_trl_step_benchmark_smoke(tmp_path):
     assert all(r["loss_type"] == "focal" for r in result["rows"] if r["impl"] != "dpo")
     assert result["versions"]["trl"] and result["versions"]["transformers"] and result["commit"] is not None
     # One trainer failing (TRL has no simpo) leaves a row saying so; the other trainer's row is still measured.
-    cmd = [*cmd[:cmd.index("--padding-free")], "--loss-type", "simpo", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
-                          timeout=600)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main([*argv[:argv.index("--padding-free")], "--loss-type", "simpo", "--out", str(out)]) == 1
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["dpo"]["status"].startswith("error: ValueError") and rows["dpo"]["loss_type"] == "simpo"
     assert rows["focalpo"]["status"] == "ok" and rows["focalpo"]["loss_type"] == "simpo"

@@ -7,6 +7,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter, without its repeated patching (40% faster)
+    import interpreter_patch_once
+
+    interpreter_patch_once.install()
 
 import pytest  # noqa: E402
 

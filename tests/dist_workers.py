@@ -33,6 +33,9 @@ def run_group(rank, world, port, scenarios, call, finish=None):
     here (os._exit): nothing after run_group runs."""
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
     os.environ["TRITON_INTERPRET"] = "1"
+    import interpreter_patch_once  # as tests/conftest.py does
+
+    interpreter_patch_once.install()
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)

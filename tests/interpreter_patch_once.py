@@ -15,8 +15,9 @@ from __future__ import annotations
 
 
 def install() -> bool:
-    """Wraps the interpreter's `_patch_lang` (a no-op where triton has none, or is not interpreting);
-    returns whether it did. Call after TRITON_INTERPRET=1 is set, before or after importing triton."""
+    """Wraps the interpreter's `_patch_lang`; returns whether it did (not where triton, or the interpreter's
+    `_patch_lang` and `_LangPatchScope`, are missing, or where it is wrapped already). For processes that
+    set TRITON_INTERPRET=1, before or after importing triton."""
     try:
         from triton.runtime import interpreter
     except ImportError:

@@ -24,8 +24,9 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # Fresh inputs per test, but reproducible from the test's name when a failure needs chasing.
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # Fresh inputs per test, but reproducible from the test's name when a failure needs chasing; FK_TEST_SEED
+    # (any string) draws other inputs for every test, to see whether tolerances hold beyond the usual ones.
+    torch.manual_seed(zlib.crc32((request.node.nodeid + os.environ.get("FK_TEST_SEED", "")).encode()))
 
 
 @pytest.fixture(params=["triton", "torch"])

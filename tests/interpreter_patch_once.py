@@ -15,35 +15,41 @@ from __future__ import annotations
 
 
 def install() -> bool:
-    """Wraps the interpreter's `_patch_lang`; returns whether it did (not where triton, or the interpreter's
-    `_patch_lang` and `_LangPatchScope`, are missing, or where it is wrapped already). For processes that
-    set TRITON_INTERPRET=1, before or after importing triton."""
+    """Wraps the interpreter's `_patch_lang` and its launches (`GridExecutor.__call__`); returns whether it
+    did (not where triton, or those interpreter internals, are missing, or where it is wrapped already). For
+    processes that set TRITON_INTERPRET=1, before or after importing triton. Outside a launch (a @triton.jit
+    function called from host code) every call patches, as Triton does."""
     try:
         from triton.runtime import interpreter
     except ImportError:
         return False
     original = getattr(interpreter, "_patch_lang", None)
     scope_class = getattr(interpreter, "_LangPatchScope", None)
-    if original is None or scope_class is None or getattr(original, "_patched_once", False):
+    executor = getattr(interpreter, "GridExecutor", None)
+    if None in (original, scope_class, executor) or getattr(original, "_patched_once", False):
         return False
+    launch = executor.__call__
     patched = set()  # the functions whose triton.language is patched in the launch under way
+    depth = [0]  # launches under way
 
     def patch_lang(fn):
-        if fn in patched:
+        if depth[0] and fn in patched:
             return scope_class()
         scope = patch_lang.original(fn)
-        if not patched:  # the launch's own patch (GridExecutor): its restore ends the launch
-            restore = scope.restore
-
-            def restore_and_forget():
-                patched.clear()
-                restore()
-
-            scope.restore = restore_and_forget
-        patched.add(fn)
+        if depth[0]:
+            patched.add(fn)
         return scope
+
+    def launch_once_patched(self, *args, **kwargs):
+        depth[0] += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:  # the launch has undone its patch (an exception included): everything patches afresh
+            depth[0] -= 1
+            patched.clear()
 
     patch_lang._patched_once = True
     patch_lang.original = original
     interpreter._patch_lang = patch_lang
+    executor.__call__ = launch_once_patched
     return True

@@ -5,6 +5,9 @@ exception included)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +56,36 @@ def test_helpers_patch_once_per_launch_and_launches_restore():
     assert tl.core.is_builtin(tl.exp), "a failed launch left triton.language patched"
     kernel[(3,)](x, out.fill_(float("nan")), x.numel(), FAIL=False, BLOCK=16)  # patched again, afresh
     torch.testing.assert_close(out, 3 * (x.exp() + 1.0))
+
+
+HOST_CALL_THEN_LAUNCHES = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import interpreter_patch_once
+assert interpreter_patch_once.install()
+import torch, triton, triton.language as tl
+
+@triton.jit
+def kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.exp(tl.load(x_ptr + offsets, mask=offsets < n)), mask=offsets < n)
+
+x = torch.randn(37)
+assert tl.cdiv(x.numel(), 16) == 3  # host code calling a jit function (where triton.cdiv was meant)
+for _ in range(2):
+    out = torch.full_like(x, float("nan"))
+    kernel[(3,)](x, out, x.numel(), BLOCK=16)
+    torch.testing.assert_close(out, x.exp())
+print("ok")
+"""
+
+
+def test_a_jit_function_called_from_host_code_leaves_launches_patching():
+    """Outside a launch every call patches, as Triton does, and is remembered nowhere: a review found the
+    first version keeping the host call's function, after which every kernel's second launch skipped its
+    own patch and failed. In a fresh process (this one's interpreter state depends on the tests before)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-c", HOST_CALL_THEN_LAUNCHES], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-3000:]

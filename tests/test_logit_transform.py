@@ -118,9 +118,13 @@ def test_softcap_keeps_float32_precision(path, logit_size):
     size = logits.abs().mean(-1)[scored]
     assert ((out.mean_logits[scored] - stats["mean_logits"][scored]).abs() <= 1e-6 * size).all(), "mean logits"
     noise = 1e-7 * logits.abs().max().item()  # float32 raw logits (GEMM) carry this much already
-    assert_close(out.entropy, stats["entropy"], (2e-6, noise), "entropy")
-    assert_close(out.log_probs, expected, (2e-6, noise), "log-probs")
-    assert_close(leaf.grad, expected_grad, (0, 2e-6 * expected_grad.abs().max().item()), "hidden gradient")
+    # Around the switch, tanh's exp and division add their rounding; with a GPU's coarser ones
+    # (tests/gpu_math.py at 1x) the worst of 20 input draws (FK_TEST_SEED) was 2.4e-6 (gradient) and 3.9e-6
+    # (entropy), against 2e-6 allowed before.
+    rel = 2e-6 if logit_size < 1 else 8e-6
+    assert_close(out.entropy, stats["entropy"], (rel, noise), "entropy")
+    assert_close(out.log_probs, expected, (rel, noise), "log-probs")
+    assert_close(leaf.grad, expected_grad, (0, rel * expected_grad.abs().max().item()), "hidden gradient")
 
 
 STAT_NAMES = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import focal_kernels as fk
@@ -101,6 +103,13 @@ def _token_upstream(logits, labels, grad, ignore_index):
     d[torch.arange(d.shape[0], device=d.device), labels[scored]] -= 1.0
     g = (grad.detach().double()[scored] * d).sum(-1) / (d * d).sum(-1).clamp(min=1e-300)
     return g.abs().max().item()
+
+
+def subprocess_env(*paths, **variables):
+    """This process's environment for a subprocess, with `variables` set and `paths` ahead on PYTHONPATH."""
+    env = dict(os.environ, **variables)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, paths), env.get("PYTHONPATH")]))
+    return env
 
 
 def poison_empty(monkeypatch):

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 TOOL = str(Path(__file__).with_name("gpu_compile.py"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +22,11 @@ LAUNCHED_KERNELS = {"token_logps_kernel", "logits_grad_kernel", "segment_sum_ker
 
 
 def _run(*args, interpret, extra_path=None, cache=None):
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    # The checkout's package, whether or not it is installed (the tool runs from tests/, not the repository root).
+    env = subprocess_env(*filter(None, [extra_path]), ROOT)
+    env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    # The checkout's package, whether or not it is installed (the tool runs from tests/, not the repository root).
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path or ""), str(ROOT), env.get("PYTHONPATH")]))
     if cache:
         env["TRITON_CACHE_DIR"] = str(cache)  # a fresh cache: every launch really compiled here
     return subprocess.run([sys.executable, TOOL, *map(str, args)], env=env, capture_output=True, text=True,

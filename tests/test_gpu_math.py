@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gpu_math
+from helpers import subprocess_env
 
 TESTS = Path(__file__).parent
 SELECTION = ["test_focal_po_loss.py", "test_logit_transform.py", "test_frozen_head_and_budget.py",
@@ -22,8 +23,7 @@ SELECTION = ["test_focal_po_loss.py", "test_logit_transform.py", "test_frozen_he
 
 def _env(**extra):
     """The environment of a subprocess: the interpreter on, tests/ importable (the plugin, helpers)."""
-    return dict(os.environ, TRITON_INTERPRET="1", **extra,
-                PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    return subprocess_env(TESTS, TRITON_INTERPRET="1", **extra)
 
 
 def test_error_model():

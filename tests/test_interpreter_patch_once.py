@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the interpreter's harness", allow_module_level=True)
@@ -84,8 +85,6 @@ def test_a_jit_function_called_from_host_code_leaves_launches_patching():
     """Outside a launch every call patches, as Triton does, and is remembered nowhere: a review found the
     first version keeping the host call's function, after which every kernel's second launch skipped its
     own patch and failed. In a fresh process (this one's interpreter state depends on the tests before)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                                     os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", HOST_CALL_THEN_LAUNCHES], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", HOST_CALL_THEN_LAUNCHES], env=subprocess_env(Path(__file__).parent),
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-3000:]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from helpers import subprocess_env
+
 SCRIPT = textwrap.dedent("""
     import sys
     import torch
@@ -102,9 +104,7 @@ CHUNK_SCRIPT = textwrap.dedent("""
 
 
 def run_script(script, device):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
+    env = subprocess_env(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True,

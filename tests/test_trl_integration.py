@@ -184,6 +184,25 @@ def test_use_weighting_matches_dpo_trainer(tmp_path, tok, dataset):
     _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
 
 
+def test_sync_ref_model_matches_dpo_trainer(tmp_path, tok, dataset):
+    """TR-DPO's `sync_ref_model`: TRL's callback mixes the policy into the reference model after every step, in
+    place; the fused head reads the mixed weights. Losses after the first step depend on the synced reference."""
+    stock, ours = _build_pair(tmp_path, tok, dataset, setup="ref_model", loss_type="sigmoid", beta=0.5,
+                              sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5,
+                              learning_rate=1e-2, max_steps=3)
+    before = {name: p.detach().clone() for name, p in ours.ref_model.named_parameters()}
+    losses = []
+    for trainer in (stock, ours):
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    synced = dict(stock.ref_model.named_parameters())
+    for name, param in ours.ref_model.named_parameters():
+        assert not torch.equal(param, before[name]), name
+        torch.testing.assert_close(param, synced[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     model = tiny_lm.make_model(tok, seed=0)
     ref = tiny_lm.make_model(tok, seed=1)
@@ -412,7 +431,7 @@ def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
 
 @pytest.mark.parametrize(
     "case",
-    ["sync_ref_model", "use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout",
+    ["use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout",
      "zero3", "dora_head", "padding_free_opt"],
 )
 def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
@@ -427,8 +446,6 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     elif case == "padding_free_opt":  # an architecture whose packed sequences would see each other
         monkeypatch.setattr(model.config, "model_type", "opt")
         config["padding_free"] = True
-    elif case == "sync_ref_model":
-        config["sync_ref_model"] = True
     elif case == "use_liger_kernel":
         config["use_liger_kernel"] = True
     elif case == "processor":
@@ -673,6 +690,7 @@ def test_logprob_chunk_size_checked_at_construction(tmp_path, tok, dataset, chun
     (dict(f_divergence_type="gamma"), "got 'gamma'"),  # only the option's own name is renamed
     (dict(detach_focal_weight=True), "detach_focal_weight=True"),
     (dict(simpo_gamma=5.0), "simpo_gamma=5.0 is read only by the 'simpo'"),
+    (dict(sync_ref_model=True, loss_type="simpo"), "sync_ref_model=True is read by none"),
 ])
 def test_option_no_loss_type_reads_raises(tmp_path, tok, dataset, option, words):
     """TRL 1.16 ignores such options silently; FocalPOTrainer refuses them at construction."""

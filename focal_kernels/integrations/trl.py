@@ -217,11 +217,13 @@ class FocalPOTrainer(DPOTrainer):
 
     Same arguments as `DPOTrainer`; `args` may be a `FocalPOConfig` (FocalPO's options) or a plain `DPOConfig`
     (`focal_gamma=0.05`, `detach_focal_weight=False`, `simpo_gamma=0.5` then). Raises at construction on options it
-    does not support: vision-language models, `sync_ref_model`, `use_liger_kernel`, DeepSpeed ZeRO-3,
-    `compute_metrics`, `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or
-    reference model that cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any
-    other architecture is probed), PEFT adapters on `lm_head` other than plain LoRA without dropout, and a model
-    whose own logits the fused head does not reproduce (probed as each head is installed: `probe_head`).
+    does not support: vision-language models, `use_liger_kernel`, DeepSpeed ZeRO-3, `compute_metrics`,
+    `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or reference model that
+    cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any other architecture is
+    probed), PEFT adapters on `lm_head` other than plain LoRA without dropout, and a model whose own logits the
+    fused head does not reproduce (probed as each head is installed: `probe_head`). `sync_ref_model=True` (TR-DPO)
+    works as in DPOTrainer: TRL's callback mixes the policy into the reference model in place, and the fused head
+    reads the reference's `lm_head` weight at every call.
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -374,8 +376,6 @@ class FocalPOTrainer(DPOTrainer):
                 refuse("vision datasets ('image' / 'images' columns)", "Use TRL's DPOTrainer for them.")
         if not isinstance(model, str):
             refuse_multimodal(model)
-        if args.sync_ref_model:
-            refuse("`sync_ref_model=True`", "Set `sync_ref_model=False` (the reference stays fixed).")
         if args.use_liger_kernel:
             refuse(
                 "`use_liger_kernel=True`",
@@ -421,6 +421,12 @@ class FocalPOTrainer(DPOTrainer):
         fails now, not at the first step."""
         loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
         names, _ = resolve_loss_types(loss_types, None)
+        if args.sync_ref_model and _reference_free(loss_types):
+            raise ValueError(
+                f"sync_ref_model=True is read by none of the selected loss types {loss_types}: every one is "
+                "reference-free, so no reference model runs and there is nothing to synchronize; set "
+                "sync_ref_model=False."
+            )
         one = torch.zeros(2, dtype=torch.float32)
         counts = torch.ones(2, dtype=torch.int64)
         try:

@@ -316,11 +316,17 @@ def test_bad_stats_raise():
 
 
 def test_zero3_placeholder_weight_is_refused():
-    h, _, _, labels = inputs(1, 3, torch.float32)
+    h, w, _, labels = inputs(1, 3, torch.float32)
     with pytest.raises(ValueError, match="ZeRO-3"):
         fk.fused_linear_sequence_logps(h, torch.empty(0), labels)
     with pytest.raises(ValueError, match="ZeRO-3"):
         fk.fused_linear_token_logps(h, torch.empty(0), labels)
+    # gathered for the forward only: ZeRO-3 puts the placeholder back into the same parameter before the backward
+    weight = torch.nn.Parameter(w)
+    logps = fk.fused_linear_sequence_logps(h, weight, labels)
+    weight.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match=r"now of shape \(0,\), not \(V, H\): DeepSpeed ZeRO-3 re-partitioned"):
+        logps.sum().backward()
 
 
 # ------------------------------------------------------------------ Hugging Face configs

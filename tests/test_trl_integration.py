@@ -432,14 +432,12 @@ def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
 @pytest.mark.parametrize(
     "case",
     ["use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout",
-     "zero3", "dora_head", "padding_free_opt"],
+     "dora_head", "padding_free_opt"],
 )
 def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     model = tiny_lm.make_model(tok)
     config, kwargs, error = {}, {}, NotImplementedError
-    if case == "zero3":  # DeepSpeed is not installed here: what transformers would report under ZeRO-3
-        monkeypatch.setattr(fk_trl, "_is_zero3", lambda: True)
-    elif case == "dora_head":
+    if case == "dora_head":
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(r=4, target_modules=["lm_head"], use_dora=True, lora_dropout=0.0)

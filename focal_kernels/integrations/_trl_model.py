@@ -179,7 +179,7 @@ def _probing(model, shape):
     """Random token ids of `shape` (a fixed seed, the global RNG untouched) within the vocabulary the head
     scores, on the embeddings' device, with the model in eval mode and gradients off for the block."""
     embeddings = model.get_input_embeddings().weight  # (PEFT's trainable-token wrapper has no num_embeddings)
-    vocab = embeddings.shape[0]
+    vocab = getattr(embeddings, "ds_shape", embeddings.shape)[0]  # a DeepSpeed ZeRO-3 shard: the full shape
     rows = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
     vocab = min(vocab, rows) if rows else vocab
     ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(embeddings.device)
@@ -211,6 +211,14 @@ def probe_packing(model) -> None:
             f"sequence's log-probs changed by {change:.3g} when the sequence packed before it changed), so the "
             "log-probs would be wrong. Set `padding_free=False`."
         )
+
+
+def zero3_sharded(model) -> bool:
+    """Whether some parameter of `model` is a DeepSpeed ZeRO-3 shard, not gathered now (models loaded under
+    `zero.Init`, or outside any forward once an engine holds them). Such a model runs only where an engine's hooks
+    gather its parameters; inside its forward, the fused head's read of `lm_head.weight` is gathered by DeepSpeed
+    as an external parameter of the model and stays gathered through the model's backward."""
+    return any(getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE" for p in model.parameters())
 
 
 def fp32_matmul_eps(device) -> float:

@@ -85,7 +85,7 @@ from trl.trainer import dpo_trainer as _trl_dpo  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ._trl_model import (install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,  # noqa: E402
-                         refuse_multimodal, refuse_unpackable)
+                         refuse_multimodal, refuse_unpackable, zero3_sharded)
 
 __all__ = ["SUPPORTED_TRL_VERSIONS", "FocalPOConfig", "FocalPOTrainer"]
 
@@ -130,12 +130,6 @@ class FocalPOConfig(DPOConfig):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Construction: what TRL's `__init__` runs with (the fused head and the model checks: _trl_model.py)
-
-
-def _is_zero3() -> bool:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    return bool(is_deepspeed_zero3_enabled())
 
 
 class _NoTunerLayer:
@@ -217,13 +211,14 @@ class FocalPOTrainer(DPOTrainer):
 
     Same arguments as `DPOTrainer`; `args` may be a `FocalPOConfig` (FocalPO's options) or a plain `DPOConfig`
     (`focal_gamma=0.05`, `detach_focal_weight=False`, `simpo_gamma=0.5` then). Raises at construction on options it
-    does not support: vision-language models, `use_liger_kernel`, DeepSpeed ZeRO-3, `compute_metrics`,
-    `padding_free` with prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or reference model that
-    cannot pack (OPT, BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any other architecture is
-    probed), PEFT adapters on `lm_head` other than plain LoRA without dropout, and a model whose own logits the
-    fused head does not reproduce (probed as each head is installed: `probe_head`). `sync_ref_model=True` (TR-DPO)
-    works as in DPOTrainer: TRL's callback mixes the policy into the reference model in place, and the fused head
-    reads the reference's `lm_head` weight at every call.
+    does not support: vision-language models, `use_liger_kernel`, `compute_metrics`, `padding_free` with
+    prompt-learning PEFT, with `neftune_noise_alpha` or with a policy or reference model that cannot pack (OPT,
+    BLOOM, MPT, XGLM, GPT-Neo, Mamba, Mamba-2, Falcon-Mamba, Jamba; any other architecture is probed), PEFT
+    adapters on `lm_head` other than plain LoRA without dropout, and a model whose own logits the fused head does
+    not reproduce (probed as each head is installed: `probe_head`). `sync_ref_model=True` (TR-DPO) works as in
+    DPOTrainer: TRL's callback mixes the policy into the reference model in place, and the fused head reads the
+    reference's `lm_head` weight at every call. DeepSpeed ZeRO-3 works: the head reads `lm_head.weight` inside
+    the model's forward, where DeepSpeed gathers it as an external parameter, through the backward too.
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -276,8 +271,14 @@ class FocalPOTrainer(DPOTrainer):
             unpatched = m.__dict__.get("forward")  # an instance's own forward, if it had one
             install_fused_head(m, outputs=outputs, chunk_size=chunk_size)
             # Probed as soon as installed (before TRL precomputes any reference log-probs), the policy and the
-            # reference model alike; a reference model that only reference-free types select never runs.
-            if not (m is getattr(self, "ref_model", None) and _reference_free(user_loss_types)):
+            # reference model alike; a reference model that only reference-free types select never runs. A model
+            # loaded under ZeRO-3's `zero.Init` can't run before an engine gathers its shards: probed before its
+            # first forward (`_fused_per_token`).
+            if m is getattr(self, "ref_model", None) and _reference_free(user_loss_types):
+                pass
+            elif zero3_sharded(m):
+                self._fk_unprobed.append(m)
+            else:
                 try:
                     probe_head(m)
                 except Exception:  # refused: the model is left as it came
@@ -295,6 +296,7 @@ class FocalPOTrainer(DPOTrainer):
         # `self.padding_free = False` is ignored while it runs (see the `padding_free` property).
         self._fk_padding_free = bool(args.padding_free)
         self._fk_constructing = True
+        self._fk_unprobed = []
         with (
             _CONSTRUCTION_LOCK,
             _swap_attribute(_trl_dpo, "add_fused_lm_head", install_head),
@@ -328,7 +330,7 @@ class FocalPOTrainer(DPOTrainer):
         self.loss_types = user_loss_types
         self._check_model_supported()
         if self.padding_free:
-            self._check_packing()
+            self._check_packing(at_construction=True)
 
     @property
     def padding_free(self) -> bool:
@@ -340,9 +342,10 @@ class FocalPOTrainer(DPOTrainer):
         if not self.__dict__.get("_fk_constructing", False):
             self._fk_padding_free = bool(value)
 
-    def _check_packing(self) -> None:
-        """Before the first padding-free forward (at construction, or after `padding_free` was set): the
-        refusal list, then a probe that packed sequences stay apart in the policy and the reference model.
+    def _check_packing(self, at_construction=False) -> None:
+        """Before the first padding-free forward (at construction, or after `padding_free` was set, or for ZeRO-3
+        shards that no engine gathers at construction, before the first forward): the refusal list, then a
+        probe that packed sequences stay apart in the policy and the reference model.
 
         Two packed rows [A1, B] and [A2, B], position ids restarting at B, with A1 ≠ A2 of one length: where
         attention keeps sequences apart by position ids, B's log-probs do not depend on A at all (the same
@@ -354,6 +357,8 @@ class FocalPOTrainer(DPOTrainer):
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
         for model in models:  # the listed architectures first (a model given as a path is loaded by now)
             refuse_unpackable(model)
+        if at_construction and any(zero3_sharded(model) for model in models):
+            return
         for model in models:
             probe_packing(model)
         self._fk_packing_checked = True
@@ -387,13 +392,6 @@ class FocalPOTrainer(DPOTrainer):
                 "`compute_metrics`",
                 "It needs the full (batch, seq, vocab) logits, which this trainer never builds; the logged "
                 "rewards/logps/logits/entropy/accuracy metrics are computed from the fused pass.",
-            )
-        plugin = getattr(args, "deepspeed_plugin", None)
-        if (plugin is not None and getattr(plugin, "zero_stage", None) == 3) or _is_zero3():
-            refuse(
-                "DeepSpeed ZeRO-3",
-                "fk's fused head recomputes the logits from `lm_head.weight` in its backward, after ZeRO-3 has "
-                "re-partitioned it. Use ZeRO-1/2 or FSDP2 (whose head weight is gathered as TRL gathers it).",
             )
         if args.padding_free:
             for m in (model, ref_model):  # a model given as a hub id / path is checked once loaded
@@ -509,6 +507,8 @@ class FocalPOTrainer(DPOTrainer):
         ids); each sequence's first token is not scored (nothing of its own predicts it), and the packed results
         are laid back onto the padded grid through `cu_seqlens`.
         """
+        while self._fk_unprobed:  # models that were ZeRO-3 shards at construction: an engine gathers them now
+            probe_head(self._fk_unprobed.pop())
         completion_mask = inputs["completion_mask"]
         input_ids = inputs["input_ids"]
         if not self.padding_free:

@@ -150,6 +150,13 @@ class LinearTokenLogps(torch.autograd.Function):
         if options.frozen:  # d logp / d row was accumulated in the forward: only scale the rows
             grad_rows, grad_weight, grad_bias = grad_scale[:, None] * unit, None, None
         else:
+            if weight.dim() != 2:  # the forward checked it (V, H): ZeRO-3 swapped its data for a placeholder since
+                raise RuntimeError(
+                    f"the lm_head weight saved for the backward is now of shape {tuple(weight.shape)}, not (V, H): "
+                    "DeepSpeed ZeRO-3 re-partitioned it after the forward. Compute the loss inside the model's "
+                    "forward (DeepSpeed keeps a weight read there gathered through the model's backward), or "
+                    "gather it for the backward too."
+                )
             rows = gather_rows(hiddens, positions) if options.compact else masked_rows(hiddens, scored)
             grad_rows, grad_weight, grad_bias = ops.linear_backward(
                 rows, weight, bias, row_labels, row_max, log_sum_exp, grad_scale, options.params,

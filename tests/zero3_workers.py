@@ -1,0 +1,149 @@
+"""Worker processes for tests/test_deepspeed.py: FocalPOTrainer beside TRL's DPOTrainer under DeepSpeed ZeRO-3,
+two ranks over gloo on the CPU, each rank training on its own half of every batch.
+
+Under ZeRO-3 every parameter is a shard of numel 0 outside its module's forward. The fused head reads
+`lm_head.weight` inside the model's forward (the patched `forward`), not through `lm_head`'s own call: DeepSpeed
+then gathers it as an external parameter of the model (its `_parameters` dictionary's access hook registers it),
+and keeps it gathered through the model's backward, where fk's backward reads it again. Each scenario trains the
+same model, reference and data with both trainers and compares the logged losses and gradient norms and every
+parameter after the steps (the reference model's too where it is synced).
+
+Two things here exist only because this is a CPU: accelerate 1.16 has no DeepSpeed set-up without an
+accelerator (its backend lookup is pointed at gloo), and DeepSpeed's shared-memory all-reduce op, which it
+would JIT-compile first (about 35 s), is marked unavailable, so gloo runs every collective.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+# model: a model object with a separate reference model; lora: PEFT (the reference is the adapter disabled);
+# padding_free_tied: FocalPO packed against TRL padded, tied embeddings; precompute: TRL's reference precompute on
+# its DeepSpeed inference engine; sync_ref_model: TR-DPO; path: policy and reference loaded from a path under
+# `zero.Init` (sharded before any engine exists: fk's head probe and packing probe wait for the first forward),
+# packed; wrong_head: the same, with a fused head that differs from the model's own (the waiting probe refuses it).
+SCENARIOS = ("model", "lora", "padding_free_tied", "precompute", "sync_ref_model", "path", "wrong_head")
+
+
+def run(rank, world, port, scenarios):
+    from dist_workers import run_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_DEEPSPEED="true",
+                      DS_ACCELERATOR="cpu")
+    warnings.simplefilter("ignore")
+    run_group(rank, world, port, scenarios, lambda name, mode: _compare(name, rank))
+
+
+def _cpu_deepspeed():
+    import accelerate.state
+    import deepspeed.ops
+
+    accelerate.state.get_torch_accelerator_backend = lambda: ("cpu", None)
+    accelerate.state.get_distributed_backend = lambda device_type: "gloo"
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _compare(name, rank):
+    import datasets
+    import pytest
+    from trl import DPOConfig, DPOTrainer
+
+    import tiny_lm
+    from focal_kernels.integrations import _trl_model
+    from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer
+
+    _cpu_deepspeed()
+    tok = tiny_lm.make_tokenizer()
+    data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
+    data = _on_disk(rank, "data", lambda path: data.save_to_disk(path), datasets.load_from_disk)
+    model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
+    ref = tiny_lm.make_model(tok, seed=1) if name in ("model", "padding_free_tied", "sync_ref_model") else None
+    options, ours, kwargs = dict(beta=0.5, learning_rate=1e-2, loss_type="sigmoid"), {}, {}
+    # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
+    packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)
+    if name == "lora":
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                           init_lora_weights=False)
+    elif name == "precompute":
+        options["precompute_ref_log_probs"] = True
+    elif name == "sync_ref_model":
+        options.update(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    elif name in ("padding_free_tied", "path", "wrong_head"):
+        ours = packed
+    if name in ("path", "wrong_head"):
+        model = _on_disk(rank, "model", model.save_pretrained, str)
+    zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+             "zero_allow_untested_optimizer": True,
+             # every parameter sharded, however small (the default keeps those under 10^5 elements whole)
+             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+    def train(trainer_class, config_class, extra):
+        args = config_class(output_dir=os.path.join(tempfile.gettempdir(), f"fk-zero3-{os.getpid()}"),
+                            report_to="none", per_device_train_batch_size=2, save_strategy="no", logging_steps=1,
+                            max_steps=2, disable_tqdm=True, seed=0, bf16=False, deepspeed=zero3,
+                            **{**options, **extra})
+        trainer = trainer_class(model=model if isinstance(model, str) else tiny_lm.clone(model),
+                                ref_model=None if ref is None else tiny_lm.clone(ref), args=args,
+                                train_dataset=data, processing_class=tok, **kwargs)
+        if isinstance(model, str) and trainer_class is FocalPOTrainer:  # sharded at construction: not run yet
+            assert len(trainer._fk_unprobed) == 2 and not trainer.__dict__.get("_fk_packing_checked"), name
+        trainer.train()
+        assert trainer.accelerator.state.num_processes == 2 and trainer.is_deepspeed_enabled
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        models = [trainer.accelerator.unwrap_model(trainer.model)] + [trainer.ref_model] * (name == "sync_ref_model")
+        return [e["loss"] for e in logs], [e["grad_norm"] for e in logs], [_gathered(m, name) for m in models]
+
+    if name == "wrong_head":
+        # the fused head installed with a logit scale the model does not apply
+        real = _trl_model.fk.logit_options_from_config
+        _trl_model.fk.logit_options_from_config = lambda config: {**real(config), "logit_scale": 2.0}
+        try:
+            with pytest.raises(NotImplementedError, match="does not support this model's output head"):
+                train(FocalPOTrainer, FocalPOConfig, ours)
+        finally:
+            _trl_model.fk.logit_options_from_config = real
+        return
+    stock_loss, stock_norm, stock_params = train(DPOTrainer, DPOConfig, {})
+    loss, norm, params = train(FocalPOTrainer, FocalPOConfig, ours)
+    assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4), f"{name}, rank {rank}: {loss}, {stock_loss}"
+    assert norm == pytest.approx(stock_norm, rel=1e-3), f"{name}, rank {rank}: grad norm {norm} vs {stock_norm}"
+    # AdamW moves each entry by about the learning rate (1e-2) a step, whatever its gradient's size: 1e-4 is 1%
+    for mine, theirs in zip(params, stock_params, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, key=key: f"{name}, rank {rank}, {key}: {m}")
+
+
+def _gathered(model, name):
+    """Every parameter of `model`, whole (after checking that ZeRO-3 really sharded its lm_head)."""
+    import deepspeed
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = base.get_output_embeddings().weight
+    assert weight.numel() == 0 < weight.ds_numel, f"{name}: lm_head.weight is not a ZeRO-3 shard"
+    named = list(model.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return {n: p.detach().clone() for n, p in named}
+
+
+def _on_disk(rank, what, save, load):
+    """save(path) on rank 0, then load(path) on every rank, at a path both ranks name alike (the group's port).
+    TRL's reference precompute writes its cache file beside the dataset's on rank 0 and reads it on every rank,
+    which an in-memory dataset (a per-process temporary cache directory) does not allow."""
+    import torch.distributed as dist
+
+    path = os.path.join(tempfile.gettempdir(), f"fk-zero3-{what}-{os.environ['MASTER_PORT']}")
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        save(path)
+    dist.barrier()
+    return load(path)

@@ -26,8 +26,9 @@ import torch
 # padding_free_tied: FocalPO packed against TRL padded, tied embeddings; precompute: TRL's reference precompute on
 # its DeepSpeed inference engine; sync_ref_model: TR-DPO; path: policy and reference loaded from a path under
 # `zero.Init` (sharded before any engine exists: fk's head probe and packing probe wait for the first forward),
-# packed; wrong_head: the same, with a fused head that differs from the model's own (the waiting probe refuses it).
-SCENARIOS = ("model", "lora", "padding_free_tied", "precompute", "sync_ref_model", "path", "wrong_head")
+# packed; wrong_head: the same, with a fused head that differs from the model's own (the waiting probe refuses it);
+# zero2: ZeRO-2 (whole parameters, sharded gradients and optimizer states), packed.
+SCENARIOS = ("model", "lora", "padding_free_tied", "precompute", "sync_ref_model", "path", "wrong_head", "zero2")
 
 
 def run(rank, world, port, scenarios):
@@ -63,7 +64,7 @@ def _compare(name, rank):
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
     data = _on_disk(rank, "data", lambda path: data.save_to_disk(path), datasets.load_from_disk)
     model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
-    ref = tiny_lm.make_model(tok, seed=1) if name in ("model", "padding_free_tied", "sync_ref_model") else None
+    ref = tiny_lm.make_model(tok, seed=1) if name in ("model", "padding_free_tied", "sync_ref_model", "zero2") else None
     options, ours, kwargs = dict(beta=0.5, learning_rate=1e-2, loss_type="sigmoid"), {}, {}
     # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
     packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)
@@ -76,19 +77,20 @@ def _compare(name, rank):
         options["precompute_ref_log_probs"] = True
     elif name == "sync_ref_model":
         options.update(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
-    elif name in ("padding_free_tied", "path", "wrong_head"):
+    elif name in ("padding_free_tied", "path", "wrong_head", "zero2"):
         ours = packed
     if name in ("path", "wrong_head"):
         model = _on_disk(rank, "model", model.save_pretrained, str)
-    zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-             "zero_allow_untested_optimizer": True,
-             # every parameter sharded, however small (the default keeps those under 10^5 elements whole)
-             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    stage = 2 if name == "zero2" else 3
+    zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "zero_allow_untested_optimizer": True,
+            # every parameter sharded, however small (the default keeps those under 10^5 elements whole)
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
 
     def train(trainer_class, config_class, extra):
         args = config_class(output_dir=os.path.join(tempfile.gettempdir(), f"fk-zero3-{os.getpid()}"),
                             report_to="none", per_device_train_batch_size=2, save_strategy="no", logging_steps=1,
-                            max_steps=2, disable_tqdm=True, seed=0, bf16=False, deepspeed=zero3,
+                            max_steps=2, disable_tqdm=True, seed=0, bf16=False, deepspeed=zero,
                             **{**options, **extra})
         trainer = trainer_class(model=model if isinstance(model, str) else tiny_lm.clone(model),
                                 ref_model=None if ref is None else tiny_lm.clone(ref), args=args,
@@ -99,7 +101,7 @@ def _compare(name, rank):
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_deepspeed_enabled
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         models = [trainer.accelerator.unwrap_model(trainer.model)] + [trainer.ref_model] * (name == "sync_ref_model")
-        return [e["loss"] for e in logs], [e["grad_norm"] for e in logs], [_gathered(m, name) for m in models]
+        return [e["loss"] for e in logs], [e["grad_norm"] for e in logs], [_gathered(m, name, stage) for m in models]
 
     if name == "wrong_head":
         # the fused head installed with a logit scale the model does not apply
@@ -123,13 +125,16 @@ def _compare(name, rank):
                                        msg=lambda m, key=key: f"{name}, rank {rank}, {key}: {m}")
 
 
-def _gathered(model, name):
+def _gathered(model, name, stage):
     """Every parameter of `model`, whole (after checking that ZeRO-3 really sharded its lm_head)."""
     import deepspeed
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight = base.get_output_embeddings().weight
-    assert weight.numel() == 0 < weight.ds_numel, f"{name}: lm_head.weight is not a ZeRO-3 shard"
+    if stage == 3:
+        assert weight.numel() == 0 < weight.ds_numel, f"{name}: lm_head.weight is not a ZeRO-3 shard"
+    else:
+        assert weight.numel() > 0 and not hasattr(weight, "ds_numel"), name
     named = list(model.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
         return {n: p.detach().clone() for n, p in named}

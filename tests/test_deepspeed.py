@@ -18,4 +18,5 @@ import zero3_workers  # noqa: E402
 
 
 def test_zero3_matches_dpo_trainer():
-    dist_workers.spawn(2, [("interpret", name) for name in zero3_workers.SCENARIOS], target=zero3_workers.run)
+    dist_workers.spawn(2, [("interpret", name) for name in zero3_workers.SCENARIOS], target=zero3_workers.run,
+                       timeout_s=300)

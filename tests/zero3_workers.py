@@ -2,15 +2,16 @@
 two ranks over gloo on the CPU, each rank training on its own half of every batch.
 
 Under ZeRO-3 every parameter is a shard of numel 0 outside its module's forward. The fused head reads
-`lm_head.weight` inside the model's forward (the patched `forward`), not through `lm_head`'s own call: DeepSpeed
-then gathers it as an external parameter of the model (its `_parameters` dictionary's access hook registers it),
-and keeps it gathered through the model's backward, where fk's backward reads it again. Each scenario trains the
-same model, reference and data with both trainers and compares the logged losses and gradient norms and every
-parameter after the steps (the reference model's too where it is synced).
+`lm_head.weight` inside the model's forward (the patched `forward`), not through `lm_head`'s own call: during
+the forward of the module a DeepSpeed engine wraps, DeepSpeed gathers it as an external parameter of the model
+(its `_parameters` dictionary's access hook registers it), and keeps it gathered through the model's backward,
+where fk's backward reads it again. Each scenario trains the same model, reference and data with both trainers
+(plain SGD, so that a parameter's update is its gradient, scaled) and compares the logged losses and gradient
+norms and every parameter after the steps (the reference model's too where it is synced).
 
 Two things here exist only because this is a CPU: accelerate 1.16 has no DeepSpeed set-up without an
 accelerator (its backend lookup is pointed at gloo), and DeepSpeed's shared-memory all-reduce op, which it
-would JIT-compile first (about 35 s), is marked unavailable, so gloo runs every collective.
+would JIT-compile first (about 35 s, with g++), is marked unavailable, so gloo runs every collective.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ import torch
 # padding_free_tied: FocalPO packed against TRL padded, tied embeddings; precompute: TRL's reference precompute on
 # its DeepSpeed inference engine; sync_ref_model: TR-DPO; path: policy and reference loaded from a path under
 # `zero.Init` (sharded before any engine exists: fk's head probe and packing probe wait for the first forward),
-# packed; wrong_head: the same, with a fused head that differs from the model's own (the waiting probe refuses it);
-# zero2: ZeRO-2 (whole parameters, sharded gradients and optimizer states), packed.
-SCENARIOS = ("model", "lora", "padding_free_tied", "precompute", "sync_ref_model", "path", "wrong_head", "zero2")
+# packed; path_lora: a path and PEFT (the head is installed on the base model, the engine wraps the PEFT model);
+# wrong_head: a path, with a fused head that differs from the model's own (the waiting probe refuses it, at every
+# try); cache_key: two models of one architecture loaded from paths, each with the reference precompute (TRL's
+# cache key hashes the state_dict, empty shards here); zero2: ZeRO-2 (whole parameters), packed.
+SCENARIOS = ("model", "lora", "padding_free_tied", "precompute", "sync_ref_model", "path", "path_lora", "wrong_head",
+             "cache_key", "zero2")
+PATHS = ("path", "path_lora", "wrong_head", "cache_key")
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
 
 
 def run(rank, world, port, scenarios):
@@ -38,7 +44,16 @@ def run(rank, world, port, scenarios):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_DEEPSPEED="true",
                       DS_ACCELERATOR="cpu")
     warnings.simplefilter("ignore")
-    run_group(rank, world, port, scenarios, lambda name, mode: _compare(name, rank))
+    workdir = os.path.join(tempfile.gettempdir(), f"fk-zero3-{port}")  # the same on both ranks
+
+    def finish():
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    run_group(rank, world, port, scenarios, lambda name, mode: _compare(name, rank, workdir), finish)
 
 
 def _cpu_deepspeed():
@@ -50,9 +65,11 @@ def _cpu_deepspeed():
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _compare(name, rank):
+def _compare(name, rank, workdir):
     import datasets
+    import deepspeed.comm
     import pytest
+    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     import tiny_lm
@@ -62,43 +79,48 @@ def _compare(name, rank):
     _cpu_deepspeed()
     tok = tiny_lm.make_tokenizer()
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
-    data = _on_disk(rank, "data", lambda path: data.save_to_disk(path), datasets.load_from_disk)
+    data = _on_disk(rank, workdir, f"data-{name}", lambda path: data.save_to_disk(path), datasets.load_from_disk)
     model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
     ref = tiny_lm.make_model(tok, seed=1) if name in ("model", "padding_free_tied", "sync_ref_model", "zero2") else None
     options, ours, kwargs = dict(beta=0.5, learning_rate=1e-2, loss_type="sigmoid"), {}, {}
     # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
     packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)
-    if name == "lora":
-        from peft import LoraConfig
-
-        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                           init_lora_weights=False)
-    elif name == "precompute":
+    if name in ("lora", "path_lora"):
+        kwargs["peft_config"] = LoraConfig(**LORA)
+    if name in ("precompute", "cache_key"):
         options["precompute_ref_log_probs"] = True
     elif name == "sync_ref_model":
         options.update(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
-    elif name in ("padding_free_tied", "path", "wrong_head", "zero2"):
+    if name in ("padding_free_tied", "path", "path_lora", "wrong_head", "zero2"):
         ours = packed
-    if name in ("path", "wrong_head"):
-        model = _on_disk(rank, "model", model.save_pretrained, str)
+    if name in PATHS:
+        model = _on_disk(rank, workdir, f"model-{name}", model.save_pretrained, str)
     stage = 2 if name == "zero2" else 3
     zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "zero_allow_untested_optimizer": True,
             # every parameter sharded, however small (the default keeps those under 10^5 elements whole)
             "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
 
-    def train(trainer_class, config_class, extra):
-        args = config_class(output_dir=os.path.join(tempfile.gettempdir(), f"fk-zero3-{os.getpid()}"),
-                            report_to="none", per_device_train_batch_size=2, save_strategy="no", logging_steps=1,
-                            max_steps=2, disable_tqdm=True, seed=0, bf16=False, deepspeed=zero,
-                            **{**options, **extra})
-        trainer = trainer_class(model=model if isinstance(model, str) else tiny_lm.clone(model),
+    def build(trainer_class, config_class, extra, policy=None):
+        policy = policy or model
+        args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), report_to="none", optim="sgd",
+                            per_device_train_batch_size=2, save_strategy="no", logging_steps=1, max_steps=2,
+                            disable_tqdm=True, seed=0, bf16=False, deepspeed=zero, **{**options, **extra})
+        trainer = trainer_class(model=policy if isinstance(policy, str) else tiny_lm.clone(policy),
                                 ref_model=None if ref is None else tiny_lm.clone(ref), args=args,
                                 train_dataset=data, processing_class=tok, **kwargs)
-        if isinstance(model, str) and trainer_class is FocalPOTrainer:  # sharded at construction: not run yet
-            assert len(trainer._fk_unprobed) == 2 and not trainer.__dict__.get("_fk_packing_checked"), name
+        assert deepspeed.comm.comm.cdb.shm_comm_op is None, "DeepSpeed built its shared-memory op after all"
+        if isinstance(policy, str) and trainer_class is FocalPOTrainer and "precompute_ref_log_probs" not in options:
+            # sharded at construction: not probed yet (the precompute's forwards would have run the probes)
+            assert trainer._fk_unprobed and not trainer.__dict__.get("_fk_packing_checked"), name
+        return trainer
+
+    def train(trainer_class, config_class, extra):
+        trainer = build(trainer_class, config_class, extra)
         trainer.train()
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_deepspeed_enabled
+        if trainer_class is FocalPOTrainer:
+            assert not trainer._fk_unprobed
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         models = [trainer.accelerator.unwrap_model(trainer.model)] + [trainer.ref_model] * (name == "sync_ref_model")
         return [e["loss"] for e in logs], [e["grad_norm"] for e in logs], [_gathered(m, name, stage) for m in models]
@@ -108,20 +130,31 @@ def _compare(name, rank):
         real = _trl_model.fk.logit_options_from_config
         _trl_model.fk.logit_options_from_config = lambda config: {**real(config), "logit_scale": 2.0}
         try:
-            with pytest.raises(NotImplementedError, match="does not support this model's output head"):
-                train(FocalPOTrainer, FocalPOConfig, ours)
+            trainer = build(FocalPOTrainer, FocalPOConfig, ours)
+            pending = list(trainer._fk_unprobed)
+            for _ in range(2):  # a refused head stays refused
+                with pytest.raises(NotImplementedError, match="does not support this model's output head"):
+                    trainer.train()
+                assert trainer._fk_unprobed == pending
         finally:
             _trl_model.fk.logit_options_from_config = real
+        return
+    if name == "cache_key":  # another model's cached reference log-probs must not be read back
+        other = _on_disk(rank, workdir, "model-cache_key-other", tiny_lm.make_model(tok, seed=2).save_pretrained, str)
+        first, second = (build(FocalPOTrainer, FocalPOConfig, {}, policy) for policy in (model, other))
+        assert first._precompute_model_hash != second._precompute_model_hash
+        refs = [torch.tensor(t.train_dataset["ref_chosen_logps"]) for t in (first, second)]
+        assert (refs[0] - refs[1]).abs().max() > 1e-3, refs
         return
     stock_loss, stock_norm, stock_params = train(DPOTrainer, DPOConfig, {})
     loss, norm, params = train(FocalPOTrainer, FocalPOConfig, ours)
     assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4), f"{name}, rank {rank}: {loss}, {stock_loss}"
-    assert norm == pytest.approx(stock_norm, rel=1e-3), f"{name}, rank {rank}: grad norm {norm} vs {stock_norm}"
-    # AdamW moves each entry by about the learning rate (1e-2) a step, whatever its gradient's size: 1e-4 is 1%
+    assert norm == pytest.approx(stock_norm, rel=1e-4), f"{name}, rank {rank}: grad norm {norm} vs {stock_norm}"
+    # SGD: a parameter moves by the learning rate (1e-2) times its gradient a step; 1e-6 is 1e-4 of a unit gradient
     for mine, theirs in zip(params, stock_params, strict=True):
         assert mine.keys() == theirs.keys()
         for key in theirs:
-            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-4, atol=1e-4,
+            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6,
                                        msg=lambda m, key=key: f"{name}, rank {rank}, {key}: {m}")
 
 
@@ -140,13 +173,13 @@ def _gathered(model, name, stage):
         return {n: p.detach().clone() for n, p in named}
 
 
-def _on_disk(rank, what, save, load):
-    """save(path) on rank 0, then load(path) on every rank, at a path both ranks name alike (the group's port).
-    TRL's reference precompute writes its cache file beside the dataset's on rank 0 and reads it on every rank,
-    which an in-memory dataset (a per-process temporary cache directory) does not allow."""
+def _on_disk(rank, workdir, what, save, load):
+    """save(path) on rank 0, then load(path) on every rank. TRL's reference precompute writes its cache file
+    beside the dataset's on rank 0 and reads it on every rank, which an in-memory dataset (a per-process
+    temporary cache directory) does not allow; a model loaded from a path is sharded as it loads."""
     import torch.distributed as dist
 
-    path = os.path.join(tempfile.gettempdir(), f"fk-zero3-{what}-{os.environ['MASTER_PORT']}")
+    path = os.path.join(workdir, what)
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         save(path)

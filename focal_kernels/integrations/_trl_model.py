@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import types
 
 import torch
@@ -216,9 +217,27 @@ def probe_packing(model) -> None:
 def zero3_sharded(model) -> bool:
     """Whether some parameter of `model` is a DeepSpeed ZeRO-3 shard, not gathered now (models loaded under
     `zero.Init`, or outside any forward once an engine holds them). Such a model runs only where an engine's hooks
-    gather its parameters; inside its forward, the fused head's read of `lm_head.weight` is gathered by DeepSpeed
-    as an external parameter of the model and stays gathered through the model's backward."""
+    gather its parameters; during the forward of the module the engine wraps, the fused head's read of
+    `lm_head.weight` is gathered by DeepSpeed as an external parameter of the model and stays gathered through
+    the model's backward."""
     return any(getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE" for p in model.parameters())
+
+
+def hash_sharded_module(model) -> str:
+    """A digest of `model`'s parameters and buffers (names, dtypes, values) where its parameters are ZeRO-3 shards:
+    each parameter gathered in turn (one at a time, so at most one whole parameter is held; a collective, which
+    every rank runs in the same order)."""
+    import deepspeed
+
+    digest = hashlib.sha256()
+    tensors = dict(model.named_buffers())
+    tensors.update(model.named_parameters())
+    for name, tensor in sorted(tensors.items()):
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else []):
+            whole = tensor.detach().cpu()
+            digest.update(f"{name} {whole.dtype} {tuple(whole.shape)}".encode())
+            digest.update(whole.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fp32_matmul_eps(device) -> float:

@@ -85,7 +85,7 @@ from trl.trainer import dpo_trainer as _trl_dpo  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ._trl_model import (install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,  # noqa: E402
-                         refuse_multimodal, refuse_unpackable, zero3_sharded)
+                         refuse_multimodal, refuse_unpackable, hash_sharded_module, zero3_sharded)
 
 __all__ = ["SUPPORTED_TRL_VERSIONS", "FocalPOConfig", "FocalPOTrainer"]
 
@@ -218,7 +218,8 @@ class FocalPOTrainer(DPOTrainer):
     not reproduce (probed as each head is installed: `probe_head`). `sync_ref_model=True` (TR-DPO) works as in
     DPOTrainer: TRL's callback mixes the policy into the reference model in place, and the fused head reads the
     reference's `lm_head` weight at every call. DeepSpeed ZeRO-3 works: the head reads `lm_head.weight` inside
-    the model's forward, where DeepSpeed gathers it as an external parameter, through the backward too.
+    the forward of the module the engine wraps, where DeepSpeed gathers it as an external parameter of the model,
+    for the backward too; models sharded at construction (`zero.Init`) are probed before their first forward.
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -341,6 +342,18 @@ class FocalPOTrainer(DPOTrainer):
     def padding_free(self, value: bool) -> None:
         if not self.__dict__.get("_fk_constructing", False):
             self._fk_padding_free = bool(value)
+
+    def _probe_deferred(self) -> None:
+        """The head probe of models that were ZeRO-3 shards at construction (`install_head`), before the first
+        forward, through the module a DeepSpeed engine wraps (the policy's PEFT model, where the head was installed
+        on its base model): only that module's forward turns on DeepSpeed's gathering of parameters read from
+        another module (`lm_head.weight`, here). A model is dropped from the list only once it passes, so a
+        refused head raises again at every later forward."""
+        roots = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        while self._fk_unprobed:
+            model = self._fk_unprobed[-1]
+            probe_head(next((root for root in roots if any(sub is model for sub in root.modules())), model))
+            self._fk_unprobed.pop()
 
     def _check_packing(self, at_construction=False) -> None:
         """Before the first padding-free forward (at construction, or after `padding_free` was set, or for ZeRO-3
@@ -507,8 +520,7 @@ class FocalPOTrainer(DPOTrainer):
         ids); each sequence's first token is not scored (nothing of its own predicts it), and the packed results
         are laid back onto the padded grid through `cu_seqlens`.
         """
-        while self._fk_unprobed:  # models that were ZeRO-3 shards at construction: an engine gathers them now
-            probe_head(self._fk_unprobed.pop())
+        self._probe_deferred()
         completion_mask = inputs["completion_mask"]
         input_ids = inputs["input_ids"]
         if not self.padding_free:
@@ -593,6 +605,12 @@ class FocalPOTrainer(DPOTrainer):
         from datasets import Dataset
 
         if not _reference_free(self.loss_types) or not isinstance(dataset, Dataset):  # IterableDataset: TRL's error
+            scored = self.accelerator.unwrap_model(self.ref_model or self.model)
+            if self._precompute_model_hash is not None and zero3_sharded(scored):
+                # TRL hashed the model's state_dict for the cache key, which for ZeRO-3 shards is empty tensors:
+                # every model of the same parameter dtypes would share one key (another model's cached reference
+                # log-probs read back). Hashed again from the gathered parameters.
+                self._precompute_model_hash = hash_sharded_module(scored)
             return super()._precompute_ref_logps(dataset, name, batch_size)
         zeros = [0.0] * len(dataset)
         return dataset.add_column("ref_chosen_logps", zeros).add_column("ref_rejected_logps", zeros)

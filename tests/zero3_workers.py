@@ -23,15 +23,16 @@ import warnings
 
 import torch
 
-# model: a model object with a separate reference model; lora: PEFT (the reference is the adapter disabled);
-# padding_free_tied: FocalPO packed against TRL padded, tied embeddings; precompute: TRL's reference precompute on
-# its DeepSpeed inference engine; sync_ref_model: TR-DPO; path: policy and reference loaded from a path under
-# `zero.Init` (sharded before any engine exists: fk's head probe and packing probe wait for the first forward),
-# packed; path_lora: a path and PEFT (the head is installed on the base model, the engine wraps the PEFT model);
-# wrong_head: a path, with a fused head that differs from the model's own (the waiting probe refuses it, at every
-# try); cache_key: two models of one architecture loaded from paths, each with the reference precompute (TRL's
-# cache key hashes the state_dict, empty shards here); zero2: ZeRO-2 (whole parameters), packed.
-SCENARIOS = ("model", "lora", "padding_free_tied", "precompute", "sync_ref_model", "path", "path_lora", "wrong_head",
+# sync_ref_model: TR-DPO, a model object with a separate reference model (both compared after the steps);
+# lora: PEFT (the reference is the adapter disabled); padding_free_tied: FocalPO packed against TRL padded, tied
+# embeddings; precompute: TRL's reference precompute on its DeepSpeed inference engine; path: policy and reference
+# loaded from a path under `zero.Init` (sharded before any engine exists: fk's head probe and packing probe wait
+# for the first forward), packed; path_lora: a path and PEFT (the head is installed on the base model, the engine
+# wraps the PEFT model); wrong_head: a path, with a fused head that differs from the model's own (the waiting
+# probe refuses it, at every try); cache_key: two models of one architecture loaded from paths, each with the
+# reference precompute (TRL's cache key hashes the state_dict, empty shards here); zero2: ZeRO-2 (whole
+# parameters), packed.
+SCENARIOS = ("sync_ref_model", "lora", "padding_free_tied", "precompute", "path", "path_lora", "wrong_head",
              "cache_key", "zero2")
 PATHS = ("path", "path_lora", "wrong_head", "cache_key")
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
@@ -81,7 +82,7 @@ def _compare(name, rank, workdir):
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
     data = _on_disk(rank, workdir, f"data-{name}", lambda path: data.save_to_disk(path), datasets.load_from_disk)
     model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
-    ref = tiny_lm.make_model(tok, seed=1) if name in ("model", "padding_free_tied", "sync_ref_model", "zero2") else None
+    ref = tiny_lm.make_model(tok, seed=1) if name in ("padding_free_tied", "sync_ref_model", "zero2") else None
     options, ours, kwargs = dict(beta=0.5, learning_rate=1e-2, loss_type="sigmoid"), {}, {}
     # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
     packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)

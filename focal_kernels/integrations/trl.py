@@ -84,8 +84,10 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer import dpo_trainer as _trl_dpo  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
-from ._trl_model import (install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,  # noqa: E402
-                         refuse_multimodal, refuse_unpackable, hash_sharded_module, zero3_sharded)
+from ._trl_model import (  # noqa: E402
+    hash_sharded_module, install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,
+    refuse_multimodal, refuse_unpackable, zero3_sharded,
+)
 
 __all__ = ["SUPPORTED_TRL_VERSIONS", "FocalPOConfig", "FocalPOTrainer"]
 
@@ -276,18 +278,18 @@ class FocalPOTrainer(DPOTrainer):
             # loaded under ZeRO-3's `zero.Init` can't run before an engine gathers its shards: probed before its
             # first forward (`_fused_per_token`).
             if m is getattr(self, "ref_model", None) and _reference_free(user_loss_types):
-                pass
-            elif zero3_sharded(m):
+                return
+            if zero3_sharded(m):
                 self._fk_unprobed.append(m)
-            else:
-                try:
-                    probe_head(m)
-                except Exception:  # refused: the model is left as it came
-                    if unpatched is None:
-                        del m.forward
-                    else:
-                        m.forward = unpatched
-                    raise
+                return
+            try:
+                probe_head(m)
+            except Exception:  # refused: the model is left as it came
+                if unpatched is None:
+                    del m.forward
+                else:
+                    m.forward = unpatched
+                raise
 
         # TRL's `__init__` checks its own loss names (f-divergence support, WPO) and turns `padding_free` off with
         # a warning; FocalPO is a sigmoid-family loss of the reward margin, and padding-free is implemented here.
@@ -349,6 +351,8 @@ class FocalPOTrainer(DPOTrainer):
         on its base model): only that module's forward turns on DeepSpeed's gathering of parameters read from
         another module (`lm_head.weight`, here). A model is dropped from the list only once it passes, so a
         refused head raises again at every later forward."""
+        if not self._fk_unprobed:
+            return
         roots = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
         while self._fk_unprobed:
             model = self._fk_unprobed[-1]

@@ -153,9 +153,9 @@ class LinearTokenLogps(torch.autograd.Function):
             if weight.dim() != 2:  # the forward checked it (V, H): ZeRO-3 swapped its data for a placeholder since
                 raise RuntimeError(
                     f"the lm_head weight saved for the backward is now of shape {tuple(weight.shape)}, not (V, H): "
-                    "DeepSpeed ZeRO-3 re-partitioned it after the forward. Compute the loss inside the model's "
-                    "forward (DeepSpeed keeps a weight read there gathered through the model's backward), or "
-                    "gather it for the backward too."
+                    "DeepSpeed ZeRO-3 re-partitioned it after the forward. Compute the loss inside the forward of "
+                    "the module the DeepSpeed engine wraps (DeepSpeed keeps a weight read there gathered through "
+                    "its backward), or gather it for the backward too."
                 )
             rows = gather_rows(hiddens, positions) if options.compact else masked_rows(hiddens, scored)
             grad_rows, grad_weight, grad_bias = ops.linear_backward(

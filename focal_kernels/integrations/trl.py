@@ -345,6 +345,10 @@ class FocalPOTrainer(DPOTrainer):
         if not self.__dict__.get("_fk_constructing", False):
             self._fk_padding_free = bool(value)
 
+    def _unwrapped_models(self) -> list:
+        """The policy and the reference model (if any) as the modules an engine or wrapper holds."""
+        return [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+
     def _probe_deferred(self) -> None:
         """The head probe of models that were ZeRO-3 shards at construction (`install_head`), before the first
         forward, through the module a DeepSpeed engine wraps (the policy's PEFT model, where the head was installed
@@ -353,7 +357,7 @@ class FocalPOTrainer(DPOTrainer):
         refused head raises again at every later forward."""
         if not self._fk_unprobed:
             return
-        roots = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        roots = self._unwrapped_models()
         while self._fk_unprobed:
             model = self._fk_unprobed[-1]
             probe_head(next((root for root in roots if any(sub is model for sub in root.modules())), model))
@@ -371,7 +375,7 @@ class FocalPOTrainer(DPOTrainer):
         forwards of 7 tokens, in eval mode, without gradients."""
         if self.__dict__.get("_fk_packing_checked", False):
             return
-        models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        models = self._unwrapped_models()
         for model in models:  # the listed architectures first (a model given as a path is loaded by now)
             refuse_unpackable(model)
         if at_construction and any(zero3_sharded(model) for model in models):

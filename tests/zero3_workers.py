@@ -17,11 +17,12 @@ would JIT-compile first (about 35 s, with g++), is marked unavailable, so gloo r
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 
 import torch
+
+import sharded_trainers
+from sharded_trainers import LORA, on_disk
 
 # sync_ref_model: TR-DPO, a model object with a separate reference model (both compared after the steps);
 # lora: PEFT (the reference is the adapter disabled); padding_free_tied: FocalPO packed against TRL padded, tied
@@ -35,26 +36,12 @@ import torch
 SCENARIOS = ("sync_ref_model", "lora", "padding_free_tied", "precompute", "path", "path_lora", "wrong_head",
              "cache_key", "zero2")
 PATHS = ("path", "path_lora", "wrong_head", "cache_key")
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
 
 
 def run(rank, world, port, scenarios):
-    from dist_workers import run_group
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_DEEPSPEED="true",
-                      DS_ACCELERATOR="cpu")
     warnings.simplefilter("ignore")
-    workdir = os.path.join(tempfile.gettempdir(), f"fk-zero3-{port}")  # the same on both ranks
-
-    def finish():
-        import torch.distributed as dist
-
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    run_group(rank, world, port, scenarios, lambda name, mode: _compare(name, rank, workdir), finish)
+    sharded_trainers.run(rank, world, port, scenarios, "fk-zero3", _compare,
+                         dict(ACCELERATE_USE_DEEPSPEED="true", DS_ACCELERATOR="cpu"))
 
 
 def _cpu_deepspeed():
@@ -80,10 +67,10 @@ def _compare(name, rank, workdir):
     _cpu_deepspeed()
     tok = tiny_lm.make_tokenizer()
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
-    data = _on_disk(rank, workdir, f"data-{name}", lambda path: data.save_to_disk(path), datasets.load_from_disk)
+    data = on_disk(rank, workdir, f"data-{name}", lambda path: data.save_to_disk(path), datasets.load_from_disk)
     model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
     ref = tiny_lm.make_model(tok, seed=1) if name in ("padding_free_tied", "sync_ref_model", "zero2") else None
-    options, ours, kwargs = dict(beta=0.5, learning_rate=1e-2, loss_type="sigmoid"), {}, {}
+    options, ours, kwargs = dict(loss_type="sigmoid"), {}, {}
     # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
     packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)
     if name in ("lora", "path_lora"):
@@ -95,7 +82,7 @@ def _compare(name, rank, workdir):
     if name in ("padding_free_tied", "path", "path_lora", "wrong_head", "zero2"):
         ours = packed
     if name in PATHS:
-        model = _on_disk(rank, workdir, f"model-{name}", model.save_pretrained, str)
+        model = on_disk(rank, workdir, f"model-{name}", model.save_pretrained, str)
     stage = 2 if name == "zero2" else 3
     zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "zero_allow_untested_optimizer": True,
@@ -104,9 +91,8 @@ def _compare(name, rank, workdir):
 
     def build(trainer_class, config_class, extra, policy=None):
         policy = policy or model
-        args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), report_to="none", optim="sgd",
-                            per_device_train_batch_size=2, save_strategy="no", logging_steps=1, max_steps=2,
-                            disable_tqdm=True, seed=0, bf16=False, deepspeed=zero, **{**options, **extra})
+        args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), bf16=False, deepspeed=zero,
+                            **{**sharded_trainers.TRAINING, **options, **extra})
         trainer = trainer_class(model=policy if isinstance(policy, str) else tiny_lm.clone(policy),
                                 ref_model=None if ref is None else tiny_lm.clone(ref), args=args,
                                 train_dataset=data, processing_class=tok, **kwargs)
@@ -122,9 +108,8 @@ def _compare(name, rank, workdir):
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_deepspeed_enabled
         if trainer_class is FocalPOTrainer:
             assert not trainer._fk_unprobed
-        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         models = [trainer.accelerator.unwrap_model(trainer.model)] + [trainer.ref_model] * (name == "sync_ref_model")
-        return [e["loss"] for e in logs], [e["grad_norm"] for e in logs], [_gathered(m, name, stage) for m in models]
+        return *sharded_trainers.logged(trainer), [_gathered(m, name, stage) for m in models]
 
     if name == "wrong_head":
         # the fused head installed with a logit scale the model does not apply
@@ -141,22 +126,14 @@ def _compare(name, rank, workdir):
             _trl_model.fk.logit_options_from_config = real
         return
     if name == "cache_key":  # another model's cached reference log-probs must not be read back
-        other = _on_disk(rank, workdir, "model-cache_key-other", tiny_lm.make_model(tok, seed=2).save_pretrained, str)
+        other = on_disk(rank, workdir, "model-cache_key-other", tiny_lm.make_model(tok, seed=2).save_pretrained, str)
         first, second = (build(FocalPOTrainer, FocalPOConfig, {}, policy) for policy in (model, other))
         assert first._precompute_model_hash != second._precompute_model_hash
         refs = [torch.tensor(t.train_dataset["ref_chosen_logps"]) for t in (first, second)]
         assert (refs[0] - refs[1]).abs().max() > 1e-3, refs
         return
-    stock_loss, stock_norm, stock_params = train(DPOTrainer, DPOConfig, {})
-    loss, norm, params = train(FocalPOTrainer, FocalPOConfig, ours)
-    assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4), f"{name}, rank {rank}: {loss}, {stock_loss}"
-    assert norm == pytest.approx(stock_norm, rel=1e-4), f"{name}, rank {rank}: grad norm {norm} vs {stock_norm}"
-    # SGD: a parameter moves by the learning rate (1e-2) times its gradient a step; 1e-6 is 1e-4 of a unit gradient
-    for mine, theirs in zip(params, stock_params, strict=True):
-        assert mine.keys() == theirs.keys()
-        for key in theirs:
-            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, key=key: f"{name}, rank {rank}, {key}: {m}")
+    stock = train(DPOTrainer, DPOConfig, {})
+    sharded_trainers.assert_same_training(f"{name}, rank {rank}", train(FocalPOTrainer, FocalPOConfig, ours), stock)
 
 
 def _gathered(model, name, stage):
@@ -172,17 +149,3 @@ def _gathered(model, name, stage):
     named = list(model.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
         return {n: p.detach().clone() for n, p in named}
-
-
-def _on_disk(rank, workdir, what, save, load):
-    """save(path) on rank 0, then load(path) on every rank. TRL's reference precompute writes its cache file
-    beside the dataset's on rank 0 and reads it on every rank, which an in-memory dataset (a per-process
-    temporary cache directory) does not allow; a model loaded from a path is sharded as it loads."""
-    import torch.distributed as dist
-
-    path = os.path.join(workdir, what)
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        save(path)
-    dist.barrier()
-    return load(path)

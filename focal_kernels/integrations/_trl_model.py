@@ -110,15 +110,19 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
         else:
             labels = shift_labels
         head = self.get_output_embeddings()
-        weight, bias = _head_weight_and_bias(head)
-        if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling keeps only these logits
-            weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
-        hidden = hidden.to(weight.device)
-        labels = labels.to(weight.device)
-        # A DTensor head (FSDP2 outside its own gather) is gathered by fk, its gradient averaged back to the shard.
-        token = fk.fused_linear_token_logps(
-            hidden, weight, labels, bias, -100, chunk_size=chunk_size, stats=stats, **logit_options
-        )
+
+        def score(hidden, labels):
+            weight, bias = _head_weight_and_bias(head)
+            if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling keeps only these logits
+                weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
+            # A DTensor weight left (FSDP2, a unit the call below does not reach) is gathered by fk, its
+            # gradient averaged back to the shard.
+            return fk.fused_linear_token_logps(hidden.to(weight.device), weight, labels.to(weight.device), bias,
+                                               -100, chunk_size=chunk_size, stats=stats, **logit_options)
+
+        unit = fsdp_unit_of_head(self, head)
+        token = score(hidden, labels) if unit is None else run_as_forward(unit, score, hidden, labels)
+        labels = labels.to(token.log_probs.device)
         mask = labels != -100
         log_probs = token.log_probs
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -147,6 +151,54 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
         )
 
     model.forward = types.MethodType(_fk_fused_forward, model)
+
+
+def fsdp_unit_of_head(model, head):
+    """The FSDP2 unit (a module `fully_shard` was applied to) nearest above or at `head` below `model`, if the head
+    is not in `model`'s own unit; else None. Inside `model`'s forward, FSDP2 has gathered only the parameters of
+    `model`'s unit (and of units whose forward is running): a head in a unit of its own is still a shard there."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(getattr(head, "weight", None), DTensor):
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            break
+    else:
+        return None
+    unit, module = None, model
+    for part in name.split(".") if name else ():
+        module = getattr(module, part)
+        if isinstance(module, FSDPModule):
+            unit = module
+    return unit
+
+
+def run_as_forward(module, fn, *args):
+    """fn(*args) called as `module`'s forward, so that the hooks FSDP2 put on `module` run around it: its
+    parameters are gathered (in its mixed-precision policy's dtype) for the call, gathered again for its
+    backward, and their gradients reduce-scattered to the shards, as for any call of `module`."""
+    had_own = "forward" in module.__dict__
+    original = module.forward
+
+    def forward(*inner):
+        restore()
+        return fn(*inner)
+
+    def restore():
+        if had_own:
+            module.forward = original
+        else:
+            module.__dict__.pop("forward", None)
+
+    module.forward = forward
+    try:
+        return module(*args)
+    finally:
+        restore()
 
 
 # Architectures whose packed sequences see each other (found by comparing packed with padded log-probs under

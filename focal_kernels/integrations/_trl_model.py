@@ -154,9 +154,12 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 
 
 def fsdp_unit_of_head(model, head):
-    """The FSDP2 unit (a module `fully_shard` was applied to) nearest above or at `head` below `model`, if the head
-    is not in `model`'s own unit; else None. Inside `model`'s forward, FSDP2 has gathered only the parameters of
-    `model`'s unit (and of units whose forward is running): a head in a unit of its own is still a shard there."""
+    """Where `head`'s weight is an FSDP2 shard (a DTensor) inside `model`'s forward, the unit to gather it: the
+    module `fully_shard` was applied to nearest above or at `head`, below `model`; else None. Inside `model`'s
+    forward FSDP2 has gathered `model`'s own unit and the units whose forward has run (accelerate's tail unit of
+    the final norm and `lm_head`, with the norm); a head in a unit of its own, or alone in the tail unit, is
+    still a shard there. A shard with no such unit (tied to an embedding unit, say) is left to fk, which
+    gathers it."""
     if not torch.distributed.is_available():
         return None
     from torch.distributed.fsdp import FSDPModule

@@ -23,15 +23,15 @@ import sharded_trainers
 from sharded_trainers import LORA, on_disk
 
 # (mode, name): "interpret" runs fk's Triton kernels through the interpreter, "plain" its PyTorch path.
-# sync_ref_model: TR-DPO, a model object with a separate reference model (both compared after the steps);
-# lora: PEFT (the reference is the adapter disabled); padding_free_tied: FocalPO packed against TRL padded, tied
-# embeddings; path_precompute: a policy loaded from a path, with the reference precompute (under FSDP, TRL loads
-# the reference from the policy's path for it), packed; head_unit: `lm_head` wrapped as a unit of its own (with
-# every Linear), against DPOTrainer with the default units, the head in the tail unit (TRL's own fused head reads
-# a shard of a head in a unit of its own and takes its gradient from each rank's own tokens; see
-# benchmarks/NOTES.md); head_unit_bf16: the same in
-# bfloat16 mixed precision, whose shard is float32 (fk's PyTorch path, which rounds as TRL's head does: the
-# interpreter truncates to bfloat16).
+# sync_ref_model: TR-DPO, a model object with a separate reference model (both compared after the steps); lora: PEFT
+# (the reference is the adapter disabled); padding_free_tied: FocalPO packed against TRL padded, tied embeddings,
+# FSDP's activation checkpointing (the others: TRL's default gradient checkpointing); path_precompute: a policy
+# loaded from a path, with the reference precompute (under FSDP, TRL loads the reference from the policy's path for
+# it), packed; head_unit: `lm_head` wrapped as a unit of its own (with every Linear), against DPOTrainer with the
+# default units, the head in the tail unit (TRL's own fused head reads a shard of a head in a unit of its own and
+# takes its gradient from each rank's own tokens; see benchmarks/NOTES.md); head_unit_bf16: the same in bfloat16
+# mixed precision, whose shard is float32 (fk's PyTorch path, which rounds as TRL's head does: the interpreter
+# truncates to bfloat16).
 SCENARIOS = (("interpret", "sync_ref_model"), ("interpret", "lora"), ("interpret", "padding_free_tied"),
              ("interpret", "path_precompute"), ("interpret", "head_unit"), ("plain", "head_unit_bf16"))
 DECODER_UNITS = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
@@ -123,11 +123,15 @@ def _compare(name, rank, workdir):
         models = [policy] + [trainer.ref_model] * (name == "sync_ref_model")
         return *sharded_trainers.logged(trainer), [_whole(m) for m in models]
 
-    stock = train(DPOTrainer, DPOConfig, {}, DECODER_UNITS)
+    units = DECODER_UNITS
+    if name == "padding_free_tied":  # FSDP's activation checkpointing in place of TRL's default gradient checkpointing
+        units = {**DECODER_UNITS, "activation_checkpointing": True}
+        options["gradient_checkpointing"] = False
+    stock = train(DPOTrainer, DPOConfig, {}, units)
     _trl_model.run_as_forward = recorded
     try:
         mine = train(FocalPOTrainer, FocalPOConfig, ours,
-                     HEAD_UNITS if name.startswith("head_unit") else DECODER_UNITS)
+                     HEAD_UNITS if name.startswith("head_unit") else units)
     finally:
         _trl_model.run_as_forward = run_as_forward
     sharded_trainers.assert_same_training(f"{name}, rank {rank}", mine, stock)

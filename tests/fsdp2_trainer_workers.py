@@ -27,11 +27,11 @@ from sharded_trainers import LORA, on_disk
 # (the reference is the adapter disabled); padding_free_tied: FocalPO packed against TRL padded, tied embeddings,
 # FSDP's activation checkpointing (the others: TRL's default gradient checkpointing); path_precompute: a policy
 # loaded from a path, with the reference precompute (under FSDP, TRL loads the reference from the policy's path for
-# it), packed; head_unit: `lm_head` wrapped as a unit of its own (with every Linear), against DPOTrainer with the
-# default units, the head in the tail unit (TRL's own fused head reads a shard of a head in a unit of its own and
-# takes its gradient from each rank's own tokens; see benchmarks/NOTES.md); head_unit_bf16: the same in bfloat16
-# mixed precision, whose shard is float32 (fk's PyTorch path, which rounds as TRL's head does: the interpreter
-# truncates to bfloat16).
+# it), packed; head_unit: `lm_head` wrapped as a unit of its own (with every Linear), two micro-batches a step
+# (gradient accumulation), against DPOTrainer with the default units, the head in the tail unit (TRL's own fused
+# head reads a shard of a head in a unit of its own and takes its gradient from each rank's own tokens; see
+# benchmarks/NOTES.md); head_unit_bf16: the same in bfloat16 mixed precision, whose shard is float32 (fk's PyTorch
+# path, which rounds as TRL's head does: the interpreter truncates to bfloat16).
 SCENARIOS = (("interpret", "sync_ref_model"), ("interpret", "lora"), ("interpret", "padding_free_tied"),
              ("interpret", "path_precompute"), ("interpret", "head_unit"), ("plain", "head_unit_bf16"))
 DECODER_UNITS = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
@@ -96,6 +96,8 @@ def _compare(name, rank, workdir):
         options.update(bf16=True, use_cpu=True)  # use_cpu: transformers refuses bf16 on a CPU otherwise
     if name in ("padding_free_tied", "path_precompute", "head_unit"):
         ours = packed
+    if name == "head_unit":
+        options.update(per_device_train_batch_size=1, gradient_accumulation_steps=2)
 
     redirected, run_as_forward = [], _trl_model.run_as_forward
 

@@ -30,8 +30,8 @@ from sharded_trainers import LORA, on_disk
 # it), packed; head_unit: `lm_head` wrapped as a unit of its own (with every Linear), two micro-batches a step
 # (gradient accumulation), against DPOTrainer with the default units, the head in the tail unit (TRL's own fused
 # head reads a shard of a head in a unit of its own and takes its gradient from each rank's own tokens; see
-# benchmarks/NOTES.md); head_unit_bf16: the same in bfloat16 mixed precision, whose shard is float32 (fk's PyTorch
-# path, which rounds as TRL's head does: the interpreter truncates to bfloat16).
+# benchmarks/NOTES.md); head_unit_bf16: the head a unit of its own in bfloat16 mixed precision, whose shard is
+# float32 (fk's PyTorch path, which rounds as TRL's head does: the interpreter truncates to bfloat16).
 SCENARIOS = (("interpret", "sync_ref_model"), ("interpret", "lora"), ("interpret", "padding_free_tied"),
              ("interpret", "path_precompute"), ("interpret", "head_unit"), ("plain", "head_unit_bf16"))
 DECODER_UNITS = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}

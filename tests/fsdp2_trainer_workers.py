@@ -69,6 +69,7 @@ def _cpu_fsdp2():
 
 def _compare(name, rank, workdir):
     import datasets
+    import torch
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
@@ -101,9 +102,12 @@ def _compare(name, rank, workdir):
 
     redirected, run_as_forward = [], _trl_model.run_as_forward
 
-    def recorded(module, *args):
-        redirected.append(module)
-        return run_as_forward(module, *args)
+    def recorded(module, fn, *args):
+        def spied(*inner):  # the head's weight as the fused head reads it, inside the unit's forward
+            redirected.append((module, type(module.weight).__name__, torch.is_grad_enabled()))
+            return fn(*inner)
+
+        return run_as_forward(module, spied, *args)
 
     def train(trainer_class, config_class, extra, units):
         args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), fsdp=True, fsdp_config=units,
@@ -112,18 +116,29 @@ def _compare(name, rank, workdir):
                                 ref_model=None if ref is None else tiny_lm.clone(ref), args=args,
                                 train_dataset=data, processing_class=tok, **kwargs)
         redirected.clear()
-        trainer.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        views = [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
+        assert trainer_class is DPOTrainer or not views, (name, views[:1])  # fk's outputs are not views
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_fsdp_enabled
         policy = trainer.accelerator.unwrap_model(trainer.model)
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         head = base.get_output_embeddings()
-        assert type(head.weight).__name__ == "DTensor", f"{name}: lm_head.weight is not an FSDP2 shard"
-        if trainer_class is FocalPOTrainer:  # the head's unit was called only where its forward had not gathered it
-            # (with PEFT, accelerate finds no final norm beneath the PEFT model: its tail unit is lm_head alone)
+        assert type(head.weight).__name__ == "DTensor", f"{name}: FSDP2 did not shard lm_head.weight"
+        if trainer_class is FocalPOTrainer:
+            # The head's unit was called, with its weight whole inside, wherever its forward had not gathered it:
+            # at every policy forward, and only there. With PEFT, accelerate finds no final norm beneath the PEFT
+            # model, so its tail unit is lm_head alone; that unit stays gathered after its forward, so the reference
+            # forward (the adapter disabled) after the policy's reads a whole weight.
             alone = units is HEAD_UNITS or name == "lora"
-            assert set(redirected) == ({head} if alone else set()), (name, redirected)
+            calls = 2 * args.gradient_accumulation_steps if alone else 0
+            assert redirected == [(head, "Parameter", True)] * calls, (name, redirected)
         models = [policy] + [trainer.ref_model] * (name == "sync_ref_model")
-        return *sharded_trainers.logged(trainer), [_whole(m) for m in models]
+        result = *sharded_trainers.logged(trainer), [_whole(m) for m in models]
+        if name == "head_unit" and trainer_class is FocalPOTrainer:  # last: it leaves rank 1's head gathered
+            _one_rank_fails(trainer.model, rank)
+        return result
 
     units = DECODER_UNITS
     if name == "padding_free_tied":  # FSDP's activation checkpointing in place of TRL's default gradient checkpointing
@@ -144,3 +159,17 @@ def _whole(model):
     from torch.distributed.tensor import DTensor
 
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _one_rank_fails(model, rank):
+    """An error in one rank's inputs to the redirected head (rank 1's label out of the vocabulary) is raised on
+    every rank, where the other rank's backward would otherwise wait for it in FSDP2's collectives."""
+    import pytest
+    import torch
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    labels = ids.clone()
+    if rank == 1:
+        labels[0, 2] = 10**6
+    with pytest.raises(ValueError, match="labels must be in"):
+        model(input_ids=ids, labels=labels, fused_lm_head=True)

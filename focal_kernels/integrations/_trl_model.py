@@ -19,6 +19,7 @@ from transformers.utils import is_peft_available
 from trl.trainer.utils import FusedCausalLMOutput
 
 import focal_kernels as fk
+from focal_kernels.logprobs.linear import agreed_on_mesh
 
 
 def lora_head_unsupported_reason(head) -> str | None:
@@ -117,11 +118,19 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
                 weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
             # A DTensor weight left (FSDP2, a unit the call below does not reach) is gathered by fk, its
             # gradient averaged back to the shard.
-            return fk.fused_linear_token_logps(hidden.to(weight.device), weight, labels.to(weight.device), bias,
-                                               -100, chunk_size=chunk_size, stats=stats, **logit_options)
+            token = fk.fused_linear_token_logps(hidden.to(weight.device), weight, labels.to(weight.device), bias,
+                                                -100, chunk_size=chunk_size, stats=stats, **logit_options)
+            # not views of fk's flat outputs: FSDP2 warns at every forward of a unit (the model's, the head's)
+            # whose outputs are views, since an in-place op on one would skip its pre-backward hook
+            return token._make(None if t is None else t.clone() for t in token)
 
         unit = fsdp_unit_of_head(self, head)
-        token = score(hidden, labels) if unit is None else run_as_forward(unit, score, hidden, labels)
+        if unit is None:
+            token = score(hidden, labels)
+        else:
+            # An error in one rank's inputs is raised on every rank of the head's mesh, as where fk gathers a shard
+            # itself, not left to hang the others in the backward's collectives.
+            token = agreed_on_mesh(head.weight.device_mesh, lambda: run_as_forward(unit, score, hidden, labels))
         labels = labels.to(token.log_probs.device)
         mask = labels != -100
         log_probs = token.log_probs
@@ -158,8 +167,7 @@ def fsdp_unit_of_head(model, head):
     module `fully_shard` was applied to nearest above or at `head`, below `model`; else None. Inside `model`'s
     forward FSDP2 has gathered `model`'s own unit and the units whose forward has run (accelerate's tail unit of
     the final norm and `lm_head`, with the norm); a head in a unit of its own, or alone in the tail unit, is
-    still a shard there. A shard with no such unit (tied to an embedding unit, say) is left to fk, which
-    gathers it."""
+    still a shard there. A shard with no such unit is left to fk, which gathers it."""
     if not torch.distributed.is_available():
         return None
     from torch.distributed.fsdp import FSDPModule

@@ -168,7 +168,7 @@ def fsdp_unit_of_head(model, head):
     forward FSDP2 has gathered `model`'s own unit and the units whose forward has run (accelerate's tail unit of
     the final norm and `lm_head`, with the norm); a head in a unit of its own, or alone in the tail unit, is
     still a shard there. A shard with no such unit is left to fk, which gathers it."""
-    if not torch.distributed.is_available():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):  # no shards without one
         return None
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor

@@ -613,7 +613,7 @@ class FocalPOTrainer(DPOTrainer):
         from datasets import Dataset
 
         if not _reference_free(self.loss_types) or not isinstance(dataset, Dataset):  # IterableDataset: TRL's error
-            scored = self.accelerator.unwrap_model(self.ref_model or self.model)
+            scored = self.accelerator.unwrap_model(self.model if self.ref_model is None else self.ref_model)
             if self._precompute_model_hash is not None and zero3_sharded(scored):
                 # TRL hashed the model's state_dict for the cache key, which for ZeRO-3 shards is empty tensors:
                 # every model of the same parameter dtypes would share one key (another model's cached reference

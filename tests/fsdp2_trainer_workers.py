@@ -31,9 +31,12 @@ from sharded_trainers import LORA, on_disk
 # (gradient accumulation), against DPOTrainer with the default units, the head in the tail unit (TRL's own fused
 # head reads a shard of a head in a unit of its own and takes its gradient from each rank's own tokens; see
 # benchmarks/NOTES.md); head_unit_bf16: the head a unit of its own in bfloat16 mixed precision, whose shard is
-# float32 (fk's PyTorch path, which rounds as TRL's head does: the interpreter truncates to bfloat16).
+# float32 (fk's PyTorch path, which rounds as TRL's head does: the interpreter truncates to bfloat16); compiled:
+# FocalPOTrainer with `torch_compile=True` and the head a unit of its own, against DPOTrainer eager with the default
+# units (fk's cross-rank check of the redirected head's inputs is a graph break there, the rest compiles).
 SCENARIOS = (("interpret", "sync_ref_model"), ("interpret", "lora"), ("interpret", "padding_free_tied"),
-             ("interpret", "path_precompute"), ("interpret", "head_unit"), ("plain", "head_unit_bf16"))
+             ("interpret", "path_precompute"), ("interpret", "head_unit"), ("plain", "head_unit_bf16"),
+             ("interpret", "compiled"))
 DECODER_UNITS = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
 HEAD_UNITS = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "Linear"]}
 
@@ -97,6 +100,9 @@ def _compare(name, rank, workdir):
         options.update(bf16=True, use_cpu=True)  # use_cpu: transformers refuses bf16 on a CPU otherwise
     if name in ("padding_free_tied", "path_precompute", "head_unit"):
         ours = packed
+    elif name == "compiled":  # without gradient checkpointing, whose checkpointed layers break graphs themselves
+        options["gradient_checkpointing"] = False
+        ours = dict(torch_compile=True, torch_compile_backend="aot_eager")
     if name == "head_unit":
         options.update(per_device_train_batch_size=1, gradient_accumulation_steps=2)
 
@@ -118,11 +124,11 @@ def _compare(name, rank, workdir):
         redirected.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer.train()
+            sharded_trainers.train(trainer)
         views = [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
         assert trainer_class is DPOTrainer or not views, (name, views[:1])  # fk's outputs are not views
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_fsdp_enabled
-        policy = trainer.accelerator.unwrap_model(trainer.model)
+        policy = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         head = base.get_output_embeddings()
         assert type(head.weight).__name__ == "DTensor", f"{name}: FSDP2 did not shard lm_head.weight"
@@ -148,7 +154,7 @@ def _compare(name, rank, workdir):
     _trl_model.run_as_forward = recorded
     try:
         mine = train(FocalPOTrainer, FocalPOConfig, ours,
-                     HEAD_UNITS if name.startswith("head_unit") else units)
+                     HEAD_UNITS if name.startswith("head_unit") or name == "compiled" else units)
     finally:
         _trl_model.run_as_forward = run_as_forward
     sharded_trainers.assert_same_training(f"{name}, rank {rank}", mine, stock)

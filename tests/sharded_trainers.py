@@ -36,6 +36,15 @@ def run(rank, world, port, scenarios, prefix, compare, environ):
     run_group(rank, world, port, scenarios, lambda name, mode: compare(name, rank, workdir), finish)
 
 
+def train(trainer):
+    """trainer.train(); with `torch_compile=True`, checks that torch.compile did compile some of the model."""
+    from torch._dynamo.utils import counters
+
+    counters["frames"].clear()
+    trainer.train()
+    assert not trainer.args.torch_compile or counters["frames"]["ok"] > 0, "torch_compile=True compiled nothing"
+
+
 def logged(trainer):
     """(losses, gradient norms) the trainer logged, a step each."""
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]

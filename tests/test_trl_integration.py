@@ -203,6 +203,50 @@ def test_sync_ref_model_matches_dpo_trainer(tmp_path, tok, dataset):
         torch.testing.assert_close(param, synced[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_torch_compile_matches_eager_dpo_trainer(tmp_path, tok, dataset, padding_free):
+    """`torch_compile=True` (accelerate compiles the model): two steps match DPOTrainer's eager ones, and the fused
+    head traces into the model's graph, fk's operator inside it, with no graph break or warning of fk's own
+    (TRL's default gradient checkpointing is off: transformers' checkpointed layers break graphs themselves)."""
+    model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
+    # SGD: a parameter moves by its gradient (Adam would scale up the rounding in gradients near zero)
+    options = dict(loss_type="sigmoid", beta=0.5, learning_rate=1e-2, max_steps=2, gradient_checkpointing=False,
+                   optim="sgd")
+    results = []
+    for trainer_cls, config_cls, extra in ((DPOTrainer, DPOConfig, {}),
+                                           (FocalPOTrainer, FocalPOConfig, dict(
+                                               torch_compile=True, torch_compile_backend="aot_eager",
+                                               padding_free=padding_free))):
+        args = _args(config_cls, tmp_path / trainer_cls.__name__, **options, **extra)
+        trainer = trainer_cls(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), args=args,
+                              train_dataset=dataset, processing_class=tok)
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        results.append(([e["loss"] for e in logs], [e["grad_norm"] for e in logs],
+                        {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"  # compiled
+    assert not [str(w.message) for w in caught if "focal_kernels" in str(w.filename) + str(w.message)]
+    (loss, norm, params), (stock_loss, stock_norm, stock_params) = results[1], results[0]
+    assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4)
+    assert norm == pytest.approx(stock_norm, rel=1e-4)
+    for name, value in stock_params.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ids = batch["input_ids"]
+    explained = torch._dynamo.explain(trainer.model)(input_ids=ids, attention_mask=batch["attention_mask"],
+                                                     labels=ids, fused_lm_head=True)
+    ours = [reason for reason in explained.break_reasons
+            if reason.user_stack and "focal_kernels" in reason.user_stack[-1].filename]
+    assert not ours, [(reason.reason, reason.user_stack[-1]) for reason in ours]
+    traced = [module.code for graph in explained.graphs for module in graph.modules() if hasattr(module, "code")]
+    for op in ("linear_forward", "linear_backward"):  # fk's autograd.Function's forward and backward bodies
+        assert any(f"torch.ops.focal_kernels.{op}." in code for code in traced), op
+
+
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     model = tiny_lm.make_model(tok, seed=0)
     ref = tiny_lm.make_model(tok, seed=1)

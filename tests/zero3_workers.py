@@ -32,9 +32,10 @@ from sharded_trainers import LORA, on_disk
 # wraps the PEFT model); wrong_head: a path, with a fused head that differs from the model's own (the waiting
 # probe refuses it, at every try); cache_key: two models of one architecture loaded from paths, each with the
 # reference precompute (TRL's cache key hashes the state_dict, empty shards here); zero2: ZeRO-2 (whole
-# parameters), packed.
+# parameters), packed; compiled: FocalPOTrainer with `torch_compile=True` against DPOTrainer eager (TRL 1.16's own
+# fused head fails in its backward there), a model object with a reference model.
 SCENARIOS = ("sync_ref_model", "lora", "padding_free_tied", "precompute", "path", "path_lora", "wrong_head",
-             "cache_key", "zero2")
+             "cache_key", "zero2", "compiled")
 PATHS = ("path", "path_lora", "wrong_head", "cache_key")
 
 
@@ -69,7 +70,8 @@ def _compare(name, rank, workdir):
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
     data = on_disk(rank, workdir, f"data-{name}", lambda path: data.save_to_disk(path), datasets.load_from_disk)
     model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
-    ref = tiny_lm.make_model(tok, seed=1) if name in ("padding_free_tied", "sync_ref_model", "zero2") else None
+    with_ref = ("padding_free_tied", "sync_ref_model", "zero2", "compiled")
+    ref = tiny_lm.make_model(tok, seed=1) if name in with_ref else None
     options, ours, kwargs = dict(loss_type="sigmoid"), {}, {}
     # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
     packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)
@@ -81,6 +83,9 @@ def _compare(name, rank, workdir):
         options.update(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
     if name in ("padding_free_tied", "path", "path_lora", "wrong_head", "zero2"):
         ours = packed
+    if name == "compiled":  # without gradient checkpointing, whose checkpointed layers break graphs themselves
+        options["gradient_checkpointing"] = False
+        ours = dict(torch_compile=True, torch_compile_backend="aot_eager")
     if name in PATHS:
         model = on_disk(rank, workdir, f"model-{name}", model.save_pretrained, str)
     stage = 2 if name == "zero2" else 3
@@ -104,7 +109,7 @@ def _compare(name, rank, workdir):
 
     def train(trainer_class, config_class, extra):
         trainer = build(trainer_class, config_class, extra)
-        trainer.train()
+        sharded_trainers.train(trainer)
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_deepspeed_enabled
         if trainer_class is FocalPOTrainer:
             assert not trainer._fk_unprobed

@@ -22,9 +22,14 @@ import focal_kernels as fk
 from focal_kernels.logprobs.linear import agreed_on_mesh
 
 
+# Read once: the fused head calls the functions below inside the model's forward, which torch.compile may trace
+# (and tracing `is_peft_available`, an lru_cache, warns).
+PEFT_AVAILABLE = is_peft_available()
+
+
 def lora_head_unsupported_reason(head) -> str | None:
     """Why a PEFT-wrapped `lm_head` can't be expressed as one weight (and bias); None if it can."""
-    if not is_peft_available():
+    if not PEFT_AVAILABLE:
         return None
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -61,7 +66,7 @@ def _head_weight_and_bias(head):
     reason = lora_head_unsupported_reason(head)
     if reason is not None:
         raise NotImplementedError(f"FocalPOTrainer does not support {reason}.")
-    if is_peft_available():
+    if PEFT_AVAILABLE:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if isinstance(head, BaseTunerLayer):
@@ -125,7 +130,11 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             return token._make(None if t is None else t.clone() for t in token)
 
         unit = fsdp_unit_of_head(self, head)
-        if unit is None:
+        if hasattr(head.weight, "ds_id"):
+            # DeepSpeed ZeRO-3 gathers the head's weight when Python reads it from the module (its parameter-access
+            # hook); code torch.compile traced reads the parameter without that hook, an empty shard. Eager here.
+            token = torch.compiler.disable(score)(hidden, labels)
+        elif unit is None:
             token = score(hidden, labels)
         else:
             # An error in one rank's inputs is raised on every rank of the head's mesh, as where fk gathers a shard

@@ -222,6 +222,8 @@ class FocalPOTrainer(DPOTrainer):
     reference's `lm_head` weight at every call. DeepSpeed ZeRO-3 works: the head reads `lm_head.weight` inside
     the forward of the module the engine wraps, where DeepSpeed gathers it as an external parameter of the model,
     for the backward too; models sharded at construction (`zero.Init`) are probed before their first forward.
+    `torch_compile=True` works: the fused head traces into the model's graph (scored eagerly under ZeRO-3, whose
+    gathering hook traced code skips).
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]

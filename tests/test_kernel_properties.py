@@ -124,6 +124,61 @@ def test_no_logits_sized_tensor_saved_for_backward(device):
     out.loss.backward()
 
 
+def _saved_copies_cases(device):
+    batch, seq_len, vocab, hidden_size = 2, 5, 37, 8
+    labels = random_labels(batch, seq_len, vocab, device)
+    flipped = labels.flip(0)
+    packed_labels, cu_seqlens = labels.reshape(1, -1), torch.tensor([0, 3, 10], device=device, dtype=torch.int32)
+    logits = lambda *shape: random_logits(*shape, vocab, torch.float32, device)  # noqa: E731
+    hidden = torch.randn(batch, seq_len, hidden_size, device=device)
+    weight = torch.randn(vocab, hidden_size, device=device)
+    refs = torch.zeros(batch, device=device), torch.zeros(batch, device=device)
+    return {
+        "sequence_logps": (lambda x: fk.sequence_logps(x, labels), [logits(batch, seq_len)]),
+        # (in-place: logits an op made, as from the lm_head, not a leaf)
+        "sequence_logps inplace": (lambda x: fk.sequence_logps(x * 1, labels, inplace_backward=True),
+                                   [logits(batch, seq_len)]),
+        "sequence_logps packed": (lambda x: fk.sequence_logps(x, packed_labels, cu_seqlens=cu_seqlens),
+                                  [logits(1, batch * seq_len)]),
+        "focal_po_loss inplace": (lambda c, r: fk.focal_po_loss(c * 1, r * 1, labels, flipped, *refs, reduction="none",
+                                                                inplace_backward=True).loss,
+                                  [logits(batch, seq_len), logits(batch, seq_len)]),
+        "hidden, trainable head": (lambda h, w: fk.fused_linear_token_logps(h, w, labels, stats=("entropy",)).log_probs,
+                                   [hidden, weight]),
+        "hidden, frozen head": (lambda h: fk.fused_linear_token_logps(h, weight, labels).log_probs, [hidden]),
+        "hidden, memory budget": (lambda h, w: fk.fused_linear_token_logps(h, w, labels, chunk_size=16,
+                                                                           memory_budget=1 << 20).log_probs,
+                                  [hidden, weight]),
+        "hidden, packed": (lambda h, w: fk.fused_linear_sequence_logps(h, w, packed_labels, cu_seqlens=cu_seqlens),
+                           [hidden.reshape(1, batch * seq_len, -1), weight]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_saved_copies_cases("cpu")))
+def test_saved_tensors_may_come_back_as_copies(device, case):
+    """Activation offloading (TRL's `activation_offloading`, `torch.autograd.graph.save_on_cpu`) hands the
+    backward copies of what the forward saved: the gradients are the same, and the backward reads nothing of the
+    inputs but those copies (the originals are poisoned after the forward)."""
+    fn, inputs = _saved_copies_cases(device)[case]
+
+    def run(offloaded):
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        hooks = (lambda t: t.detach().clone(), lambda t: t) if offloaded else (lambda t: t, lambda t: t)
+        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+            out = fn(*leaves)
+        if offloaded:
+            with torch.no_grad():
+                for leaf in leaves:
+                    leaf.fill_(float("nan"))
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape))
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    (out, grads), (expected, expected_grads) = run(True), run(False)
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [37, 48, 16, 5])
 def test_forward_main_loop_and_tail(device, monkeypatch, dtype, vocab):

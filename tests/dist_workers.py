@@ -1133,7 +1133,39 @@ def _refused_in_capture(rank, world):
         torch.cuda.is_current_stream_capturing, torch.cuda.is_available = capturing, available
 
 
+def saved_copies(rank, world):
+    """Activation offloading (`save_on_cpu`, TRL's `activation_offloading`) hands the backward copies of what the
+    forward saved. The vocabulary- and sequence-parallel functions run under hooks that do so and poison each
+    original as its copy is handed back (a backward that read an input from anywhere else, kept on `ctx` say,
+    would read NaN): their log-probs and gradients still match the reference."""
+    from focal_kernels.logprobs import parallel
+
+    def unpack(saved):
+        original, copy = saved
+        if original.is_floating_point():
+            with torch.no_grad():
+                original.fill_(math.nan)
+        return copy
+
+    def offloaded(fn):
+        def call(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: (t.detach(), t.detach().clone()), unpack):
+                return fn(*args, **kwargs)
+        return call
+
+    names = ("vocab_parallel_sequence_logps", "vocab_parallel_fused_linear_sequence_logps", "sequence_parallel_sum")
+    originals = {name: getattr(parallel, name) for name in names}
+    try:
+        for name, fn in originals.items():
+            setattr(parallel, name, offloaded(fn))
+        for scenario in (vp_logits_packed, vp_hidden_padded, sp_logits, sp_hidden):
+            scenario(rank, world)
+    finally:
+        for name, fn in originals.items():
+            setattr(parallel, name, fn)
+
+
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,
                                         vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, agreement,
                                         api_logits, api_hidden, api_losses, mesh_2x2, compiled,
-                                        modes_and_dtypes)}
+                                        modes_and_dtypes, saved_copies)}

@@ -35,7 +35,7 @@ API = ("api_logits", "api_hidden", "api_losses")  # the public entry points' gro
     # One group per world size (spawning dominates the run time): the Triton kernels through the interpreter,
     # then the plain PyTorch path.
     (2, [("interpret", name) for name in KERNELS + ("vp_logits_bf16", "sp_logits", "errors", "modes_and_dtypes") + API]
-        + [("plain", name) for name in ALL + API + ("modes_and_dtypes",)]),
+        + [("plain", name) for name in ALL + API + ("modes_and_dtypes", "saved_copies")]),
     (3, [("interpret", name) for name in KERNELS] + [("plain", name) for name in ALL]),
 ], ids=["world2", "world3"])
 def test_process_group(world, scenarios):

@@ -247,6 +247,44 @@ def test_torch_compile_matches_eager_dpo_trainer(tmp_path, tok, dataset, padding
         assert any(f"torch.ops.focal_kernels.{op}." in code for code in traced), op
 
 
+def test_activation_offloading_matches_dpo_trainer(tmp_path, tok, dataset, monkeypatch):
+    """TRL's `activation_offloading`: saved-tensor hooks copy every activation saved for the backward out and back
+    (fk's too, a broadcast one among them when packed). TRL builds its offloader only with an accelerator; here it
+    is built with the CPU as its device, without streams or pinned memory, offloading tensors of any size."""
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
+    options = dict(loss_type="sigmoid", beta=0.5, learning_rate=1e-2, max_steps=2, optim="sgd")
+    results = []
+    for trainer_cls, config_cls, offloaded, extra in ((DPOTrainer, DPOConfig, False, {}),
+                                                      (FocalPOTrainer, FocalPOConfig, True, {}),
+                                                      (FocalPOTrainer, FocalPOConfig, True, dict(padding_free=True))):
+        args = _args(config_cls, tmp_path / str(len(results)), **options, **extra)
+        trainer = trainer_cls(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), args=args,
+                              train_dataset=dataset, processing_class=tok)
+        packed = []
+        if offloaded:
+            with monkeypatch.context() as patch:
+                patch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
+                offloader = get_act_offloading_ctx_manager(trainer.model, use_streams=False, use_pin_memory=False,
+                                                           min_offload_size=0)
+            pack = offloader.pack_hook
+            offloader.pack_hook = lambda tensor, pack=pack: packed.append(tensor.shape) or pack(tensor)
+            trainer.maybe_activation_offload_context = offloader
+        trainer.train()
+        assert bool(packed) == offloaded
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        results.append(([e["loss"] for e in logs], [e["grad_norm"] for e in logs],
+                        {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    stock_loss, stock_norm, stock_params = results[0]
+    for loss, norm, params in results[1:]:
+        assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4)
+        assert norm == pytest.approx(stock_norm, rel=1e-4)
+        for name, value in stock_params.items():
+            torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     model = tiny_lm.make_model(tok, seed=0)
     ref = tiny_lm.make_model(tok, seed=1)

@@ -248,9 +248,9 @@ def test_torch_compile_matches_eager_dpo_trainer(tmp_path, tok, dataset, padding
 
 
 def test_activation_offloading_matches_dpo_trainer(tmp_path, tok, dataset, monkeypatch):
-    """TRL's `activation_offloading`: saved-tensor hooks copy every activation saved for the backward out and back
-    (fk's too, a broadcast one among them when packed). TRL builds its offloader only with an accelerator; here it
-    is built with the CPU as its device, without streams or pinned memory, offloading tensors of any size."""
+    """TRL's `activation_offloading`: saved-tensor hooks copy every activation saved for the backward out and back,
+    fk's too. TRL builds its offloader only with an accelerator; here it is built with the CPU as its device,
+    without streams or pinned memory, offloading tensors of any size."""
     from trl.models.activation_offloading import get_act_offloading_ctx_manager
 
     model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)

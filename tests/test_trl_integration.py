@@ -514,7 +514,7 @@ def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
 @pytest.mark.parametrize(
     "case",
     ["use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout",
-     "dora_head", "padding_free_opt"],
+     "dora_head", "padding_free_opt", "context_parallel", "sequence_parallel"],
 )
 def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     model = tiny_lm.make_model(tok)
@@ -540,6 +540,11 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
         kwargs["processing_class"] = Processor()
     elif case == "compute_metrics":
         kwargs["compute_metrics"] = lambda pred: {}
+    elif case in ("context_parallel", "sequence_parallel"):  # refused before accelerate sees the world size
+        from accelerate import ParallelismConfig
+
+        config["parallelism_config"] = ParallelismConfig(
+            **(dict(cp_size=2) if case == "context_parallel" else dict(sp_size=2, sp_backend="deepspeed")))
     elif case == "unknown_loss":
         config["loss_type"], error = "no_such_loss", ValueError
     elif case == "lora_head_dropout":
@@ -555,6 +560,8 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     message = str(info.value)
     if case != "unknown_loss":
         assert "FocalPOTrainer does not support" in message
+    if case.endswith("_parallel"):
+        assert case.replace("_", " ") in message
     assert "no_such_loss" in message or case != "unknown_loss"
 
 

@@ -164,6 +164,20 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+def _refuse_sequence_sharding(config) -> None:
+    """Context parallelism and (Ulysses) sequence parallelism give each rank a slice of every sequence. The pair
+    losses need each whole sequence's log-prob, which the trainer does not gather across those ranks: refused
+    rather than trained on partial sums. (Tensor parallelism keeps whole sequences on every rank: it works.)"""
+    for dim, what in (("cp", "context parallelism"), ("sp", "sequence parallelism")):
+        size = getattr(config, f"{dim}_size", None) or 1
+        if size > 1:
+            raise NotImplementedError(
+                f"FocalPOTrainer does not support {what} (`{dim}_size={size}` in the `ParallelismConfig`): each rank "
+                "would score a slice of every sequence, and the preference loss needs whole-sequence log-probs. "
+                "Outside the trainer, `fk.sequence_logps(..., sequence_parallel_group=...)` sums them over a group."
+            )
+
+
 @contextlib.contextmanager
 def _without_padding_free_warning():
     """TRL 1.16's `__init__` warns that `padding_free=True` is disabled when it reads the trainer's
@@ -223,7 +237,8 @@ class FocalPOTrainer(DPOTrainer):
     the forward of the module the engine wraps, where DeepSpeed gathers it as an external parameter of the model,
     for the backward too; models sharded at construction (`zero.Init`) are probed before their first forward.
     `torch_compile=True` works: the fused head traces into the model's graph (scored eagerly under ZeRO-3, whose
-    gathering hook traced code skips).
+    gathering hook traced code skips). Tensor parallelism works (fk gathers a vocabulary-sharded head); context
+    and sequence parallelism are refused.
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]
@@ -332,6 +347,8 @@ class FocalPOTrainer(DPOTrainer):
                 peft_config=peft_config,
             )
         self._fk_constructing = False
+        # context / sequence parallelism set in accelerate's own config (not `args`) is known only now
+        _refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))
         self.loss_types = user_loss_types
         self._check_model_supported()
         if self.padding_free:
@@ -410,6 +427,7 @@ class FocalPOTrainer(DPOTrainer):
                 "Its kernels replace the model's forward, which this trainer patches with its own fused head; "
                 "set `use_liger_kernel=False`.",
             )
+        _refuse_sequence_sharding(getattr(args, "parallelism_config", None))
         if compute_metrics is not None:
             refuse(
                 "`compute_metrics`",

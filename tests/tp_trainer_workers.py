@@ -1,0 +1,72 @@
+"""Worker processes for tests/test_tp_trainer.py: FocalPOTrainer beside TRL's DPOTrainer under tensor
+parallelism, two ranks over gloo on the CPU.
+
+transformers loads the model with `tp_plan="auto"`: Llama's plan shards the attention and MLP projections and
+`lm_head` (colwise: its weight a DTensor of vocabulary rows, `Shard(0)`); the trainer then gives accelerate a
+`ParallelismConfig(tp_size=2)`. Both ranks train on the same batch. The fused head reads the weight shard and fk
+gathers it (as TRL's own fused head does, with `full_tensor()`): every rank holds the whole weight for the head,
+and the gradient goes back to each rank's rows. Each scenario trains the same model, reference and data with
+both trainers and compares the logged losses and gradient norms and every parameter after two SGD steps.
+
+One thing here exists only because this is a CPU: accelerate 1.16 accepts a `ParallelismConfig` only on an
+accelerator (or under FSDP2 or DeepSpeed): `_cpu_tensor_parallel` counts two CPU processes as multi-device, and
+points accelerate's backend lookup at gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import sharded_trainers
+from sharded_trainers import on_disk
+
+# tp: padded, the sigmoid loss; tp_packed: FocalPO at gamma = 0 padding-free against TRL padded
+SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"))
+
+
+def run(rank, world, port, scenarios):
+    warnings.simplefilter("ignore")
+    sharded_trainers.run(rank, world, port, scenarios, "fk-tp", _compare, {})
+
+
+def _cpu_tensor_parallel():
+    import accelerate
+    import accelerate.state
+
+    accelerate.state.get_torch_accelerator_backend = lambda: ("cpu", None)
+    accelerate.state.get_distributed_backend = lambda device_type: "gloo"
+    accelerate.Accelerator.multi_device = property(lambda self: self.num_processes > 1)
+
+
+def _compare(name, rank, workdir):
+    import datasets
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    import tiny_lm
+    from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer
+
+    _cpu_tensor_parallel()
+    tok = tiny_lm.make_tokenizer()
+    data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
+    paths = [on_disk(rank, workdir, f"model-{seed}", tiny_lm.make_model(tok, seed=seed).save_pretrained, str)
+             for seed in (0, 1)]
+    ours = dict(loss_type="focal", focal_gamma=0.0, padding_free=True) if name == "tp_packed" else {}
+
+    def train(trainer_class, config_class, extra):
+        policy, ref = (AutoModelForCausalLM.from_pretrained(path, tp_plan="auto") for path in paths)
+        head = policy.get_output_embeddings().weight
+        assert isinstance(head, DTensor) and head.placements[0].is_shard(0), f"{name}: lm_head is not vocab-sharded"
+        args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), bf16=False,
+                            **{**sharded_trainers.TRAINING, "loss_type": "sigmoid", **extra})
+        trainer = trainer_class(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+        sharded_trainers.train(trainer)
+        assert trainer.accelerator.parallelism_config.tp_size == 2
+        whole = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                 for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+        return *sharded_trainers.logged(trainer), [whole]
+
+    stock = train(DPOTrainer, DPOConfig, {})
+    sharded_trainers.assert_same_training(f"{name}, rank {rank}", train(FocalPOTrainer, FocalPOConfig, ours), stock)

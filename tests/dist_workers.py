@@ -1138,6 +1138,7 @@ def saved_copies(rank, world):
     forward saved. The vocabulary- and sequence-parallel functions run under hooks that do so and poison each
     original as its copy is handed back (a backward that read an input from anywhere else, kept on `ctx` say,
     would read NaN): their log-probs and gradients still match the reference."""
+    import focal_kernels
     from focal_kernels.logprobs import parallel
 
     def unpack(saved):
@@ -1153,16 +1154,19 @@ def saved_copies(rank, world):
                 return fn(*args, **kwargs)
         return call
 
-    names = ("vocab_parallel_sequence_logps", "vocab_parallel_fused_linear_sequence_logps", "sequence_parallel_sum")
-    originals = {name: getattr(parallel, name) for name in names}
+    # the vocabulary-parallel functions; the sequence-parallel scenarios' per-rank log-probs and their sum
+    patched = [(parallel, name) for name in ("vocab_parallel_sequence_logps",
+                                             "vocab_parallel_fused_linear_sequence_logps", "sequence_parallel_sum")]
+    patched += [(focal_kernels, name) for name in ("sequence_logps", "fused_linear_sequence_logps")]
+    originals = [(module, name, getattr(module, name)) for module, name in patched]
     try:
-        for name, fn in originals.items():
-            setattr(parallel, name, offloaded(fn))
+        for module, name, fn in originals:
+            setattr(module, name, offloaded(fn))
         for scenario in (vp_logits_packed, vp_hidden_padded, sp_logits, sp_hidden):
             scenario(rank, world)
     finally:
-        for name, fn in originals.items():
-            setattr(parallel, name, fn)
+        for module, name, fn in originals:
+            setattr(module, name, fn)
 
 
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,

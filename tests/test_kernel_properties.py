@@ -157,23 +157,30 @@ def _saved_copies_cases(device):
 @pytest.mark.parametrize("case", list(_saved_copies_cases("cpu")))
 def test_saved_tensors_may_come_back_as_copies(device, case):
     """Activation offloading (TRL's `activation_offloading`, `torch.autograd.graph.save_on_cpu`) hands the
-    backward copies of what the forward saved: the gradients are the same, and the backward reads nothing of the
-    inputs but those copies (the originals are poisoned after the forward)."""
+    backward copies of what the forward saved. Here each original is poisoned as its copy is handed back: a
+    backward that read a tensor from anywhere else (kept on `ctx`, say) would read NaN. The log-probs and
+    gradients are those of a run without hooks."""
     fn, inputs = _saved_copies_cases(device)[case]
+
+    def unpack(saved):
+        original, copy = saved
+        if original.is_floating_point():
+            with torch.no_grad():
+                original.fill_(float("nan"))
+        return copy
 
     def run(offloaded):
         leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-        hooks = (lambda t: t.detach().clone(), lambda t: t) if offloaded else (lambda t: t, lambda t: t)
+        hooks = ((lambda t: (t.detach(), t.detach().clone()), unpack) if offloaded
+                 else (lambda t: t, lambda t: t))
         with torch.autograd.graph.saved_tensors_hooks(*hooks):
             out = fn(*leaves)
-        if offloaded:
-            with torch.no_grad():
-                for leaf in leaves:
-                    leaf.fill_(float("nan"))
+        values = out.detach().clone()
         out.backward(torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape))
-        return out.detach(), [leaf.grad for leaf in leaves]
+        return values, [leaf.grad for leaf in leaves]
 
-    (out, grads), (expected, expected_grads) = run(True), run(False)
+    expected, expected_grads = run(False)
+    out, grads = run(True)  # second: it poisons what it saved, a frozen head's weight (not a copied leaf) among it
     torch.testing.assert_close(out, expected)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)

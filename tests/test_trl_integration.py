@@ -236,9 +236,13 @@ def test_torch_compile_matches_eager_dpo_trainer(tmp_path, tok, dataset, padding
         torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    ids = batch["input_ids"]
-    explained = torch._dynamo.explain(trainer.model)(input_ids=ids, attention_mask=batch["attention_mask"],
-                                                     labels=ids, fused_lm_head=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if padding_free:  # the call the packed trainer makes: one row of real tokens, positions restarting per sequence
+        inputs = dict(input_ids=ids[mask.bool()][None],
+                      position_ids=torch.cat([torch.arange(int(n)) for n in mask.sum(1)])[None])
+    else:
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    explained = torch._dynamo.explain(trainer.model)(**inputs, labels=inputs["input_ids"], fused_lm_head=True)
     ours = [reason for reason in explained.break_reasons
             if reason.user_stack and "focal_kernels" in reason.user_stack[-1].filename]
     assert not ours, [(reason.reason, reason.user_stack[-1]) for reason in ours]
@@ -514,7 +518,7 @@ def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
 @pytest.mark.parametrize(
     "case",
     ["use_liger_kernel", "processor", "compute_metrics", "unknown_loss", "lora_head_dropout",
-     "dora_head", "padding_free_opt", "context_parallel", "sequence_parallel"],
+     "dora_head", "padding_free_opt", "context_parallel", "sequence_parallel", "context_parallel_accelerate"],
 )
 def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     model = tiny_lm.make_model(tok)
@@ -545,6 +549,17 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
 
         config["parallelism_config"] = ParallelismConfig(
             **(dict(cp_size=2) if case == "context_parallel" else dict(sp_size=2, sp_backend="deepspeed")))
+    elif case == "context_parallel_accelerate":  # set in accelerate's own config: known once the trainer is built
+        from accelerate import ParallelismConfig
+
+        built = DPOTrainer.__init__
+
+        def init(self, *args, **kwargs):
+            built(self, *args, **kwargs)
+            monkeypatch.setattr(self.accelerator.state, "parallelism_config", ParallelismConfig(cp_size=2))
+
+        monkeypatch.setattr(DPOTrainer, "__init__", init)
+        kwargs["ref_model"] = tiny_lm.make_model(tok, seed=1)  # built in full this time (no hub id to load from)
     elif case == "unknown_loss":
         config["loss_type"], error = "no_such_loss", ValueError
     elif case == "lora_head_dropout":
@@ -560,8 +575,8 @@ def test_unsupported_options_raise(tmp_path, tok, dataset, case, monkeypatch):
     message = str(info.value)
     if case != "unknown_loss":
         assert "FocalPOTrainer does not support" in message
-    if case.endswith("_parallel"):
-        assert case.replace("_", " ") in message
+    if "_parallel" in case:
+        assert case.split("_parallel")[0] + " parallelism" in message
     assert "no_such_loss" in message or case != "unknown_loss"
 
 

@@ -130,10 +130,10 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             return token._make(None if t is None else t.clone() for t in token)
 
         unit = fsdp_unit_of_head(self, head)
-        if hasattr(head.weight, "ds_id"):
-            # DeepSpeed ZeRO-3 gathers the head's weight when Python reads it from the module (its parameter-access
-            # hook); code torch.compile traced reads the parameter without that hook, an empty shard. Eager here.
-            token = torch.compiler.disable(score)(hidden, labels)
+        if any(hasattr(p, "ds_id") for p in head.parameters()):
+            # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its
+            # parameter-access hook); code torch.compile traced reads them without that hook, empty shards. Eager.
+            token = _eager(score, hidden, labels)
         elif unit is None:
             token = score(hidden, labels)
         else:
@@ -169,6 +169,12 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
         )
 
     model.forward = types.MethodType(_fk_fused_forward, model)
+
+
+@torch.compiler.disable
+def _eager(fn, *args):
+    """fn(*args), never traced by torch.compile (a graph break where the caller is compiled)."""
+    return fn(*args)
 
 
 def fsdp_unit_of_head(model, head):

@@ -50,8 +50,7 @@ def _cpu_fsdp2():
     import accelerate.state
     from accelerate.utils import DistributedType
 
-    accelerate.state.get_torch_accelerator_backend = lambda: ("cpu", None)
-    accelerate.state.get_distributed_backend = lambda device_type: "gloo"
+    sharded_trainers.accelerate_over_gloo()
     state = accelerate.state.AcceleratorState
     if getattr(state.__init__, "_fk_cpu_fsdp2", False):
         return

@@ -36,6 +36,15 @@ def run(rank, world, port, scenarios, prefix, compare, environ):
     run_group(rank, world, port, scenarios, lambda name, mode: compare(name, rank, workdir), finish)
 
 
+def accelerate_over_gloo():
+    """accelerate 1.16 sets up its distributed types only with an accelerator: its backend lookup is pointed at
+    the CPU and gloo (each worker then adds what its set-up needs beyond that)."""
+    import accelerate.state
+
+    accelerate.state.get_torch_accelerator_backend = lambda: ("cpu", None)
+    accelerate.state.get_distributed_backend = lambda device_type: "gloo"
+
+
 def train(trainer):
     """trainer.train(); with `torch_compile=True`, checks that torch.compile did compile some of the model."""
     from torch._dynamo.utils import counters

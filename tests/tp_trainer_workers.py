@@ -32,10 +32,8 @@ def run(rank, world, port, scenarios):
 
 def _cpu_tensor_parallel():
     import accelerate
-    import accelerate.state
 
-    accelerate.state.get_torch_accelerator_backend = lambda: ("cpu", None)
-    accelerate.state.get_distributed_backend = lambda device_type: "gloo"
+    sharded_trainers.accelerate_over_gloo()
     accelerate.Accelerator.multi_device = property(lambda self: self.num_processes > 1)
 
 

@@ -46,11 +46,9 @@ def run(rank, world, port, scenarios):
 
 
 def _cpu_deepspeed():
-    import accelerate.state
     import deepspeed.ops
 
-    accelerate.state.get_torch_accelerator_backend = lambda: ("cpu", None)
-    accelerate.state.get_distributed_backend = lambda device_type: "gloo"
+    sharded_trainers.accelerate_over_gloo()
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 

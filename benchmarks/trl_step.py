@@ -8,6 +8,7 @@ steps, and the peak GPU memory during them, absolute and above the memory held w
     python -m benchmarks.trl_step                      # GPU: Llama-3-8B head (H=4096, V=128256), 2 layers, bf16
     python -m benchmarks.trl_step --layers 4 --batch 8 --prompt-len 512 --completion-len 1536
     python -m benchmarks.trl_step --tiny               # tiny shapes (the default without a GPU): a smoke run
+    python -m benchmarks.trl_step --torch-compile inductor --warmup 5   # both trainers compiled
 
 The loss: FocalPOTrainer's --loss-type (default focal) against DPOTrainer's --dpo-loss-type (default the same
 with focal read as sigmoid, DPO being FocalPO at γ = 0); every row names its loss. A trainer that fails
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--padding-free", action="store_true", help="FocalPOTrainer with padding_free=True too")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on for both (TRL's default is on; "
                    "off here so the head's share of the step shows)")
+    p.add_argument("--torch-compile", metavar="BACKEND", help="both trainers with torch_compile=True and this "
+                   "backend (inductor on a GPU; aot_eager is quicker to compile); the warm-up steps compile")
     p.add_argument("--shrink", action="store_true", help="halve the batch on OOM until it fits")
     p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
     p.add_argument("--out", help="write the results as JSON here")
@@ -183,6 +186,9 @@ def run_one(impl: str, args, batch: int, tokenizer, dataset, out_dir: str) -> di
         bf16=args.dtype == "bf16" and cuda, gradient_checkpointing=args.gradient_checkpointing, seed=0,
         max_length=None, dataloader_num_workers=0,
     )
+    if args.torch_compile:
+        common.update(torch_compile=True, torch_compile_backend=args.torch_compile)
+        torch._dynamo.reset()  # each trainer compiles its own model, none reuses the other's graphs
     if impl == "dpo":
         config, trainer_cls = DPOConfig(loss_type=args.dpo_loss_type, **common), DPOTrainer
     else:
@@ -196,6 +202,7 @@ def run_one(impl: str, args, batch: int, tokenizer, dataset, out_dir: str) -> di
     try:
         trainer.train()
         losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
+        compiled = hasattr(trainer.model_wrapped, "_orig_mod")  # accelerate wrapped it in torch.compile
     finally:
         del trainer, model, ref_model
         gc.collect()
@@ -205,7 +212,8 @@ def run_one(impl: str, args, batch: int, tokenizer, dataset, out_dir: str) -> di
     loss_type = config.loss_type if isinstance(config.loss_type, str) else ",".join(config.loss_type)
     row = {"impl": impl, "loss_type": loss_type, "batch": batch, "status": "ok",
            "step_ms": 1e3 * statistics.median(timed),
-           "step_ms_all": [1e3 * t for t in timed], "train_loss": losses[-1] if losses else None}
+           "step_ms_all": [1e3 * t for t in timed], "train_loss": losses[-1] if losses else None,
+           "compiled": compiled}
     if cuda:
         row["peak_mib"] = max(peaks[args.warmup:]) / 2**20
         row["peak_above_step_start_mib"] = max(p - s for p, s in zip(peaks[args.warmup:], starts[args.warmup:])) / 2**20
@@ -225,7 +233,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: smoke run)"
     shape = (f"H={args.hidden} V={args.vocab} layers={args.layers} {args.dtype}, "
-             f"{args.prompt_len}+{args.completion_len} tokens per sequence")
+             f"{args.prompt_len}+{args.completion_len} tokens per sequence"
+             + (f", torch_compile={args.torch_compile}" if args.torch_compile else ""))
     versions = package_versions()
     losses = f"FocalPOTrainer loss_type={','.join(args.loss_type)}, DPOTrainer loss_type={','.join(args.dpo_loss_type)}"
     print(f"# FocalPOTrainer vs DPOTrainer step — {device}\n# {shape}; {losses}\n# "

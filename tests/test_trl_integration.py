@@ -661,6 +661,7 @@ def test_trl_step_benchmark_smoke(tmp_path, capsys):
 
     result = json.loads(out.read_text())
     assert result["complete"] and {r["impl"] for r in result["rows"]} == {"dpo", "focalpo", "focalpo_padding_free"}
+    assert not any(row["compiled"] for row in result["rows"])
     assert {r["impl"]: r["loss_type"] for r in result["rows"]}["dpo"] == "sigmoid"  # focal's γ = 0
     assert all(r["loss_type"] == "focal" for r in result["rows"] if r["impl"] != "dpo")
     assert result["versions"]["trl"] and result["versions"]["transformers"] and result["commit"] is not None
@@ -669,6 +670,11 @@ def test_trl_step_benchmark_smoke(tmp_path, capsys):
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["dpo"]["status"].startswith("error: ValueError") and rows["dpo"]["loss_type"] == "simpo"
     assert rows["focalpo"]["status"] == "ok" and rows["focalpo"]["loss_type"] == "simpo"
+    # Both trainers compiled (the warm-up step compiles)
+    assert main([*argv[:argv.index("--padding-free")], "--torch-compile", "aot_eager", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and "torch_compile=aot_eager" in result["shape"] and len(result["rows"]) == 2
+    assert all(row["compiled"] for row in result["rows"])
 
 
 def test_importing_focal_kernels_does_not_import_trl():

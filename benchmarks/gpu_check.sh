@@ -2,7 +2,7 @@
 # Device checks for a lent GPU, in phases that each fit in one device call of under 8 minutes:
 #
 #   bash benchmarks/gpu_check.sh tests          # self-check, the GPU test suite (not trl / distributed / fsdp2 /
-#                                               # deepspeed / torch.compile), ~3-5 min
+#                                               # deepspeed / tensor-parallel / torch.compile), ~3-5 min
 #   bash benchmarks/gpu_check.sh tests-compile  # the torch.compile tests (inductor compiles on the GPU), ~2-4 min
 #   bash benchmarks/gpu_check.sh bench          # logits path: --quick, larger shapes, logits-small (~3-4 min)
 #   bash benchmarks/gpu_check.sh logits-small   # only V = 32000 and 50257 at 16K tokens, validate_labels on/off,
@@ -105,12 +105,12 @@ run_tests() {
         2>&1 | tee -a "$log"
     step selfcheck 80 python -m focal_kernels  # the GPU cases against float64 (odd V in bf16 among them)
     # Whole files ignored rather than deselected: a module that fails to import (TRL missing or of another
-    # version) must not stop the collection of the others. distributed / fsdp2 / deepspeed are gloo tests on the CPU;
-    # test_gpu_compile compiles for sm_90 without a GPU, where here the other tests compile every kernel;
+    # version) must not stop the collection of the others. distributed / fsdp2 / deepspeed / tp_trainer are gloo
+    # tests on the CPU; test_gpu_compile compiles for sm_90 without a GPU, where here the other tests compile every kernel;
     # test_compile (inductor compiles on the GPU take seconds each) is the tests-compile phase.
     pytest_step tests 360 tests --ignore=tests/test_trl_integration.py --ignore=tests/test_distributed.py \
         --ignore=tests/test_fsdp2.py --ignore=tests/test_fsdp2_trainer.py --ignore=tests/test_deepspeed.py \
-        --ignore=tests/test_gpu_compile.py \
+        --ignore=tests/test_tp_trainer.py --ignore=tests/test_gpu_compile.py \
         --ignore=tests/test_compile.py
 }
 

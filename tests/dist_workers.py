@@ -237,6 +237,47 @@ def vp_hidden_padded(rank, world):
     _vp_hidden(rank, world, packed=False, transform=True)
 
 
+def vp_hidden_tokens(rank, world):
+    """Token-level: fk.fused_linear_token_logps with vocab_parallel_group, every statistic over the whole
+    vocabulary against the float64 reference, the log-probs' gradients too. Ties for is_top1 across the
+    slices: token (0, 0)'s label ties the maximum with a column on the last rank (after the label: it is the
+    first argmax), token (0, 1)'s with a column on rank 0 (before it: it is not)."""
+    import focal_kernels as fk
+    from focal_kernels import reference
+
+    start, stop = _slice(rank, world)
+    H = 8
+    options = dict(logit_scale=0.9)  # (a soft-cap would make large logits tie at its cap)
+    weight = _logits((V, H), 31) / 2
+    hidden = _logits((2, 5, H), 32)
+    labels = _labels((2, 5), 33)
+    labels[0, 0], labels[0, 1] = 1, V - 1  # the label on rank 0 / on the last rank
+    weight[1] = weight[V - 1] = 100 * hidden[0, 0] / hidden[0, 0].norm() ** 2  # raw logit 100 at (0, 0)...
+    hidden[0, 1] = hidden[0, 0]  # ... and at (0, 1): both columns tie, above every other column
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    logits64 = reference.linear_logits(h64, w64, **options)
+    ref = reference.token_logps(logits64, labels)
+    ref_stats = reference.token_stats(logits64.detach(), labels)
+    assert ref_stats["is_top1"][0, 0] and not ref_stats["is_top1"][0, 1]
+    ref_grads = torch.autograd.grad(_loss(ref.sum(-1)), [h64, w64])
+
+    h = hidden.clone().requires_grad_(True)
+    w = weight[start:stop].clone().requires_grad_(True)
+    out = fk.fused_linear_token_logps(h, w, labels, vocab_parallel_group=_world(), chunk_size=5,
+                                      stats=("entropy", "mean_logits", "is_top1", "log_sum_sq_probs"), **options)
+    _close(out.log_probs, ref, "token log-probs (vocabulary-parallel)")
+    for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        _close(getattr(out, name), ref_stats[name], f"{name} (vocabulary-parallel)", 1e-5, 1e-5)
+    assert torch.equal(out.is_top1, ref_stats["is_top1"]), (out.is_top1, ref_stats["is_top1"])
+    assert not any(getattr(out, name).requires_grad for name in ("entropy", "mean_logits", "is_top1"))
+    _loss(out.log_probs.sum(-1)).backward()
+    _close(h.grad, ref_grads[0], "hidden grad (vocabulary-parallel tokens)", 1e-5, 1e-5)
+    _close(w.grad, ref_grads[1][start:stop], "weight grad (vocabulary-parallel tokens)", 1e-5, 1e-5)
+    # every rank must ask for the same statistics (their all-reduces must match)
+    _raises(ValueError, ["stats must be the same on every rank"], lambda: fk.fused_linear_token_logps(
+        h, w, labels, vocab_parallel_group=_world(), stats=("entropy",) if rank == 0 else ()))
+
+
 def vp_hidden_packed(rank, world):
     _vp_hidden(rank, world, packed=True, transform=False)
 
@@ -1170,6 +1211,7 @@ def saved_copies(rank, world):
 
 
 SCENARIOS = {fn.__name__: fn for fn in (vp_logits_padded, vp_logits_packed, vp_logits_bf16, vp_hidden_padded,
+                                        vp_hidden_tokens,
                                         vp_hidden_packed, dtensor, sp_logits, sp_hidden, errors, agreement,
                                         api_logits, api_hidden, api_losses, mesh_2x2, compiled,
                                         modes_and_dtypes, saved_copies)}

@@ -25,9 +25,9 @@ def _spawn(world, scenarios):
     dist_workers.spawn(world, scenarios)
 
 
-ALL = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed", "dtensor", "sp_logits",
-       "sp_hidden", "errors", "agreement")
-KERNELS = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed")
+ALL = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed", "vp_hidden_tokens", "dtensor",
+       "sp_logits", "sp_hidden", "errors", "agreement")
+KERNELS = ("vp_logits_padded", "vp_logits_packed", "vp_hidden_padded", "vp_hidden_packed", "vp_hidden_tokens")
 API = ("api_logits", "api_hidden", "api_losses")  # the public entry points' group keywords (world 2: uneven slices)
 
 

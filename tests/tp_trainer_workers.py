@@ -3,10 +3,10 @@ parallelism, two ranks over gloo on the CPU.
 
 transformers loads the model with `tp_plan="auto"`: Llama's plan shards the attention and MLP projections and
 `lm_head` (colwise: its weight a DTensor of vocabulary rows, `Shard(0)`); the trainer then gives accelerate a
-`ParallelismConfig(tp_size=2)`. Both ranks train on the same batch. The fused head reads the weight shard and fk
-gathers it (as TRL's own fused head does, with `full_tensor()`): every rank holds the whole weight for the head,
-and the gradient goes back to each rank's rows. Each scenario trains the same model, reference and data with
-both trainers and compares the logged losses and gradient norms and every parameter after two SGD steps.
+`ParallelismConfig(tp_size=2)`. Both ranks train on the same batch. The fused head scores the weight shard
+vocabulary-parallel (the test checks that fk gathers no DTensor; TRL's own head gathers it with `full_tensor()`).
+Each scenario trains the same model, reference and data with both trainers and compares the logged losses and
+gradient norms and every parameter after two SGD steps.
 
 One thing here exists only because this is a CPU: accelerate 1.16 accepts a `ParallelismConfig` only on an
 accelerator (or under FSDP2 or DeepSpeed): `_cpu_tensor_parallel` counts two CPU processes as multi-device, and
@@ -45,6 +45,7 @@ def _compare(name, rank, workdir):
 
     import tiny_lm
     from focal_kernels.integrations.trl import FocalPOConfig, FocalPOTrainer
+    from focal_kernels.logprobs import linear
 
     _cpu_tensor_parallel()
     tok = tiny_lm.make_tokenizer()
@@ -52,6 +53,14 @@ def _compare(name, rank, workdir):
     paths = [on_disk(rank, workdir, f"model-{seed}", tiny_lm.make_model(tok, seed=seed).save_pretrained, str)
              for seed in (0, 1)]
     ours = dict(loss_type="focal", focal_gamma=0.0, padding_free=True) if name == "tp_packed" else {}
+    gathers, gathered = [], linear.gathered
+
+    def counted(tensor):
+        if isinstance(tensor, DTensor):
+            gathers.append(tensor.shape)
+        return gathered(tensor)
+
+    linear.gathered = counted
 
     def train(trainer_class, config_class, extra):
         policy, ref = (AutoModelForCausalLM.from_pretrained(path, tp_plan="auto") for path in paths)
@@ -60,11 +69,18 @@ def _compare(name, rank, workdir):
         args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), bf16=False,
                             **{**sharded_trainers.TRAINING, "loss_type": "sigmoid", **extra})
         trainer = trainer_class(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+        gathers.clear()
         sharded_trainers.train(trainer)
+        if trainer_class is FocalPOTrainer:  # scored vocabulary-parallel: fk never gathered the head
+            assert not gathers, f"{name}: fk gathered {len(gathers)} DTensor(s)"
         assert trainer.accelerator.parallelism_config.tp_size == 2
         whole = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                  for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
         return *sharded_trainers.logged(trainer), [whole]
 
-    stock = train(DPOTrainer, DPOConfig, {})
-    sharded_trainers.assert_same_training(f"{name}, rank {rank}", train(FocalPOTrainer, FocalPOConfig, ours), stock)
+    try:
+        stock = train(DPOTrainer, DPOConfig, {})
+        mine = train(FocalPOTrainer, FocalPOConfig, ours)
+    finally:
+        linear.gathered = gathered
+    sharded_trainers.assert_same_training(f"{name}, rank {rank}", mine, stock)

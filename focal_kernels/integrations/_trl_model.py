@@ -19,6 +19,7 @@ from transformers.utils import is_peft_available
 from trl.trainer.utils import FusedCausalLMOutput
 
 import focal_kernels as fk
+from focal_kernels.checks import is_dtensor
 from focal_kernels.logprobs.linear import agreed_on_mesh
 
 
@@ -121,10 +122,13 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             weight, bias = _head_weight_and_bias(head)
             if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling keeps only these logits
                 weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
-            # A DTensor weight left (FSDP2, a unit the call below does not reach) is gathered by fk, its
-            # gradient averaged back to the shard.
+            # A tensor-parallel head (vocabulary rows sharded over the model's TP mesh, the same tokens on every
+            # rank) is scored vocabulary-parallel: no rank gathers the weight. Another DTensor weight left (FSDP2,
+            # a unit the call below does not reach) is gathered by fk, its gradient averaged back to the shard.
             token = fk.fused_linear_token_logps(hidden.to(weight.device), weight, labels.to(weight.device), bias,
-                                                -100, chunk_size=chunk_size, stats=stats, **logit_options)
+                                                -100, chunk_size=chunk_size, stats=stats,
+                                                vocab_parallel_group=tensor_parallel_group(self, weight),
+                                                **logit_options)
             # not views of fk's flat outputs: FSDP2 warns at every forward of a unit (the model's, the head's)
             # whose outputs are views, since an in-place op on one would skip its pre-backward hook
             return token._make(None if t is None else t.clone() for t in token)
@@ -169,6 +173,22 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
         )
 
     model.forward = types.MethodType(_fk_fused_forward, model)
+
+
+def tensor_parallel_group(model, weight):
+    """The process group of `model`'s tensor-parallel mesh where `weight` is sharded by vocabulary rows over it
+    (transformers' `tp_plan`: a DTensor, `Shard(0)` over a one-dimensional mesh of the model's TP size); else
+    None. Under tensor parallelism every rank of that mesh scores the same tokens, which the vocabulary-parallel
+    path needs (it checks: hidden states that differ between ranks raise)."""
+    tp_size = getattr(model, "_tp_size", None) or 1
+    if tp_size < 2 or not is_dtensor(weight):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or mesh.size() != tp_size or tuple(weight.placements) != (Shard(0),):
+        return None
+    return mesh.get_group()
 
 
 @torch.compiler.disable

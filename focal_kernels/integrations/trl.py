@@ -237,8 +237,8 @@ class FocalPOTrainer(DPOTrainer):
     the forward of the module the engine wraps, where DeepSpeed gathers it as an external parameter of the model,
     for the backward too; models sharded at construction (`zero.Init`) are probed before their first forward.
     `torch_compile=True` works: the fused head traces into the model's graph (scored eagerly under ZeRO-3, whose
-    gathering hook traced code skips). Tensor parallelism works (fk gathers a vocabulary-sharded head); context
-    and sequence parallelism are refused.
+    gathering hook traced code skips). Under tensor parallelism the vocabulary-sharded head is scored
+    vocabulary-parallel; context and sequence parallelism are refused.
     """
 
     _tag_names = ["trl", "dpo", "focal-kernels"]

@@ -347,7 +347,7 @@ def dtype_code(dtype):
     return DTYPE_CODES.get(dtype, 0)
 
 
-def _check_agreement(rows, what, group, *, hidden_path, names):
+def _check_agreement(rows, what, group, *, hidden_path, names, caller=None):
     """The ValueErrors every rank raises alike (they all read the same gathered rows)."""
     values_name, labels_name = names
     first = rows[0]
@@ -389,7 +389,7 @@ def _check_agreement(rows, what, group, *, hidden_path, names):
         if row["digest"][7] != first["digest"][7]:
             raise ValueError(f"{what}: cu_seqlens must be the same on every rank of the vocabulary-parallel group")
         if row["caller"] != first["caller"]:
-            raise ValueError(f"{what}: {_CALLER_ARGUMENTS} must be the same on every rank of the "
+            raise ValueError(f"{what}: {caller or _CALLER_ARGUMENTS} must be the same on every rank of the "
                              f"vocabulary-parallel group, but {_ranks(group, 0, rank)} differ")
 
 
@@ -421,12 +421,13 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens, lab
 
 def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
                    needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0),
-                   agree_on=(0, 0), names=("logits", "labels"), hidden_values=None):
+                   agree_on=(0, 0), names=("logits", "labels"), hidden_values=None, agree_on_name=None):
     """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total). Shapes,
     dtypes, ignore_index, the logit options, whether there is a bias, the labels (as sums) and the caller's
     two `agree_on` ints must agree on every rank, and on the hidden-state path (hidden >= 0: the size H)
     `hidden_values`' exact bits too; validate_labels=True also checks the label range and cu_seqlens
-    rules. names: the (logits or hidden states, labels) arguments' names for the messages."""
+    rules. names: the (logits or hidden states, labels) arguments' names for the messages; agree_on_name: what
+    `agree_on` digests, for the message (default: the fused losses' arguments)."""
     device = _info_device(group, tensor)
     fields = None
     if local_error is None:
@@ -438,7 +439,7 @@ def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu
             ignore=int(ignore_index), bias=int(has_bias), options=[float_bits(v) for v in options], digest=digest,
             caller=agree_on, hidden_bits=hidden_digest(hidden_values) if hidden >= 0 else 0), tensor.device)
     rows = [_layout_row(row) for row in _agree(group, device, local_error, fields, what)]
-    _check_agreement(rows, what, group, hidden_path=hidden >= 0, names=names)
+    _check_agreement(rows, what, group, hidden_path=hidden >= 0, names=names, caller=agree_on_name)
     if any(row["vocab"] < 1 for row in rows):
         raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
                          f"{[row['vocab'] for row in rows]}")

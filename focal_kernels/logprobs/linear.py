@@ -180,11 +180,27 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
             for k, (hidden, *_) in enumerate(groups)]
 
 
+def stat_names(stats) -> tuple:
+    """`stats` as a tuple of distinct names from STATS, or a TypeError / ValueError naming the argument."""
+    if isinstance(stats, str):
+        raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
+                        f"stats=({stats!r},))")
+    if not isinstance(stats, (tuple, list, set, frozenset)):
+        raise TypeError(f"stats must be a tuple, list or set of names from {STATS} (() for none), got "
+                        f"{type(stats).__name__}")
+    names = tuple(stats)
+    unknown = [name for name in names if name not in STATS]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"stats must be distinct names from {STATS}, got {stats!r}")
+    return names
+
+
 def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              bias: torch.Tensor | None = None, ignore_index: int = -100, *,
                              chunk_size: int | None = None, logit_softcap: float | None = None,
                              logit_scale: float = 1.0, temperature: float = 1.0, stats=(),
-                             validate_labels: bool = True, memory_budget: int | None = None) -> TokenLogps:
+                             validate_labels: bool = True, memory_budget: int | None = None,
+                             vocab_parallel_group=None) -> TokenLogps:
     """Per-token log p(labels[t]) under logits = transform(hidden · Wᵀ + bias), never materializing them.
 
     hidden (B, T, H) with labels (B, T), or packed hidden (N, H) / (1, N, H) with labels (N,) / (1, N); hidden
@@ -194,21 +210,24 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
     z / temperature (the order of the models and of TRL's fused head; `logit_options_from_config` reads
     them from a model config). stats: any of "entropy", "mean_logits", "is_top1", "log_sum_sq_probs",
     computed in the same pass over the vocabulary. Returns `TokenLogps`; the other arguments are those of
-    `fused_linear_sequence_logps`.
+    `fused_linear_sequence_logps`. vocab_parallel_group: weight and bias hold this rank's slice of the
+    vocabulary (or are DTensors Shard(0) over the group), hidden and labels are the same on every rank, and the
+    outputs (the statistics too) are over the whole vocabulary, the same on every rank; see
+    logprobs/parallel.py (no memory_budget there).
     """
+    if vocab_parallel_group is not None:
+        from .parallel import vocab_parallel_fused_linear_token_logps
+
+        if memory_budget is not None:
+            raise ValueError("memory_budget is not supported with vocab_parallel_group (leave it None)")
+        return vocab_parallel_fused_linear_token_logps(
+            hidden, weight, labels, bias, ignore_index, group=vocab_parallel_group, stats=stats,
+            chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
+            validate_labels=validate_labels)
     weight, bias, mesh = gathered_params(weight, bias)
 
     def body():
-        if isinstance(stats, str):
-            raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
-                            f"stats=({stats!r},))")
-        if not isinstance(stats, (tuple, list, set, frozenset)):
-            raise TypeError(f"stats must be a tuple, list or set of names from {STATS} (() for none), got "
-                            f"{type(stats).__name__}")
-        names = tuple(stats)
-        unknown = [name for name in names if name not in STATS]
-        if unknown or len(set(names)) != len(names):
-            raise ValueError(f"stats must be distinct names from {STATS}, got {stats!r}")
+        names = stat_names(stats)
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         shape = labels.shape

@@ -1,7 +1,8 @@
 """Log-probs beyond one GPU on torch.distributed: a vocabulary split over ranks (tensor parallelism of the
 lm_head), and sequences split over ranks (context parallelism).
 
-Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_linear_sequence_logps`)
+Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_linear_sequence_logps`, and per
+token with statistics `vocab_parallel_fused_linear_token_logps`)
     Each rank of `group` holds a contiguous slice of the vocabulary, the slices in rank order (rank r holds
     ids [v_r, v_r + V_r), v_r = V_0 + ... + V_{r-1}; sizes may differ between ranks, as torch.chunk or an
     uneven ColwiseParallel lm_head leaves them): logits (B, T, V_r), or the lm_head weight (V_r, H) and bias
@@ -11,7 +12,9 @@ Vocabulary-parallel (`vocab_parallel_sequence_logps`, `vocab_parallel_fused_line
               (token_logps in WRITE_TARGET mode; the hidden path's chunked walk); then two all-reduces of
               O(tokens) floats combine them:  m = max_r m_r (MAX),  Σ_r exp(s_r + m_r − m) and the target
               (one SUM of two floats per token);  log p(y) = target − m − log Σ.  Every rank returns the same
-              log-probs. Nothing vocabulary-sized crosses the network.
+              log-probs. Nothing vocabulary-sized crosses the network. Per-token statistics (entropy, mean
+              logit, first argmax, log Σ p²) combine the slices' running sums the same way (`_combine_stats`:
+              one more SUM and one MAX).
     Backward  the logits' gradient g·(1[v = y] − exp((x − m) − s)) needs only the global m and s, which every
               rank already holds: no communication. The hidden path's rank computes its weight / bias slices'
               gradients and a partial hidden-state gradient (its slice's share of G·W), all-reduced (SUM) so
@@ -69,22 +72,22 @@ from ..first_order import first_order_only
 from . import ops
 from .agreement import (DTYPE_CODES, SP_MAX_DIMS, RankFailed, agree_sum_layout, check_group, dtype_code, float_bits,
                         gather_layout, mesh_group, torch_distributed)
-from .linear import (agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget, gathered_params,
-                     transform_params)
+from .linear import (TokenLogps, agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
+                     gathered_params, stat_names, transform_params)
 from .logits import unit_stride_logits
 from .packing import as_token_grid, per_sequence
 from .scored_rows import masked_rows
 from .vocab_chunks import default_chunk_size
 
 __all__ = ["RankFailed", "dtensor_vocab_logits", "sequence_parallel_sum", "vocab_parallel_fused_linear_sequence_logps",
-           "vocab_parallel_sequence_logps"]
+           "vocab_parallel_fused_linear_token_logps", "vocab_parallel_sequence_logps"]
 
 
 # ------------------------------------------------------------------ combining the slices' statistics
 
 def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, group):
-    """Global (max, s = log Σ_all exp(x − max), token log-probs) from every rank's slice statistics:
-    one MAX all-reduce of 1 float and one SUM all-reduce of 2 floats per token."""
+    """Global (max, s = log Σ_all exp(x − max), token log-probs, the label's logit) from every rank's slice
+    statistics: one MAX all-reduce of 1 float and one SUM all-reduce of 2 floats per token."""
     dist = torch_distributed()
     scored = labels != ignore_index
     # A slice whose row is all -inf (sum 0) must not pull the max up: its max takes no part.
@@ -98,7 +101,46 @@ def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, gr
     global_max = torch.where(scored, global_max, 0.0)
     in_range = scored & (labels >= 0) & (labels < vocab_total)
     logps = torch.where(in_range, (sums[1] - global_max) - log_sum, math.nan)
-    return global_max, log_sum, torch.where(scored, logps, 0.0)
+    return global_max, log_sum, torch.where(scored, logps, 0.0), sums[1]
+
+
+def _combine_stats(state, stats, global_max, log_sum, target, labels, ignore_index, vocab_total, group):
+    """The requested statistics (ops.STATS) over the whole vocabulary from every rank's slice state (the
+    chunk kernels' running max m_r, sum_r = Σ e^(x − m_r), wsum_r = Σ e^(x − m_r)(x − m_r), sqsum_r =
+    Σ e^(2(x − m_r)), xsum_r = Σ x, before_r = the max over the slice's columns before the label), given the
+    global max m and s = log Σ e^(x − m) (`_combine`), and the label's logit. With d_r = m_r − m:
+    Σ e^(x − m)(x − m) = Σ_r e^(d_r)(wsum_r + d_r·sum_r), Σ e^(2(x − m)) = Σ_r e^(2 d_r) sqsum_r, and the
+    label is the first argmax when its logit is ≥ m and > max_r before_r. One SUM and one MAX all-reduce;
+    0 (False) at ignored tokens."""
+    dist = torch_distributed()
+    named = dict(zip(ops.STATE_NAMES, state))
+    scored = labels != ignore_index
+    held = named["sum"] > 0  # a slice whose logits are all -inf adds nothing
+    shift = torch.where(held, named["max"] - global_max, 0.0)
+    scale = torch.where(held, torch.exp(shift), 0.0)
+    summed = {name: value for name, value in (
+        ("wsum", scale * (named["wsum"] + shift * named["sum"]) if "entropy" in stats else None),
+        ("sqsum", scale * scale * named["sqsum"] if "log_sum_sq_probs" in stats else None),
+        ("xsum", named["xsum"] if "mean_logits" in stats else None)) if value is not None}
+    if summed:
+        stacked = torch.stack(list(summed.values()))
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        summed = dict(zip(summed, stacked))
+    if "is_top1" in stats:
+        before = named["before"].clone()
+        dist.all_reduce(before, op=dist.ReduceOp.MAX, group=group)
+    values = []
+    for stat in stats:
+        if stat == "entropy":
+            value = log_sum - summed["wsum"] / torch.exp(log_sum)
+        elif stat == "log_sum_sq_probs":
+            value = torch.log(summed["sqsum"]) - 2 * log_sum
+        elif stat == "mean_logits":
+            value = summed["xsum"] / vocab_total
+        else:
+            value = (target >= global_max) & (target > before)
+        values.append(torch.where(scored, value, torch.zeros((), dtype=value.dtype, device=value.device)))
+    return values
 
 
 def _local_stats_torch(logits, labels, ignore_index, vocab_start):
@@ -147,8 +189,8 @@ class VocabParallelTokenLogps(torch.autograd.Function):
                                                            where.vocab_start, True)
         else:
             target, row_max, log_sum_exp = _local_stats_torch(logits, labels, where.ignore_index, where.vocab_start)
-        global_max, log_sum, logps = _combine(row_max, log_sum_exp, target, labels, where.ignore_index,
-                                              where.vocab_total, where.group)
+        global_max, log_sum, logps, _ = _combine(row_max, log_sum_exp, target, labels, where.ignore_index,
+                                                 where.vocab_total, where.group)
         ctx.save_for_backward(logits, labels, global_max, log_sum)
         ctx.where = where
         return logps
@@ -176,13 +218,15 @@ class _LinearSlice(NamedTuple):
     chunk_size: int
     params: torch.Tensor | None
     has_softcap: bool
+    stats: tuple = ()
 
 
 class VocabParallelLinearTokenLogps(torch.autograd.Function):
     """(hidden (B, T, H), this rank's weight (V_r, H), bias (V_r,) or None, global labels (B, T), _LinearSlice)
-    → B·T token log-probs, flat (the same on every rank; flat for torch.compile, see LinearTokenLogps). Every
-    token is a row (ignored ones zeroed). Backward: this rank's weight / bias slice gradients, and the
-    hidden-state gradient all-reduced (SUM)."""
+    → B·T token log-probs, flat (the same on every rank; flat for torch.compile, see LinearTokenLogps), then
+    one B·T tensor per requested statistic (`_combine_stats`; not differentiable). Every token is a row
+    (ignored ones zeroed). Backward: this rank's weight / bias slice gradients, and the hidden-state gradient
+    all-reduced (SUM)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, where):
@@ -190,19 +234,22 @@ class VocabParallelLinearTokenLogps(torch.autograd.Function):
         rows = masked_rows([hidden], [scored])
         row_labels = torch.where(scored, labels, -1).reshape(-1).to(torch.int64)
         state = ops.linear_forward(rows, weight, bias, row_labels, where.params, where.has_softcap,
-                                   where.vocab_start, where.chunk_size, "")
+                                   where.vocab_start, where.chunk_size, ",".join(where.stats))
         del rows
         row_max, running_sum, target = state[0], state[1], state[2]
         flat_labels = labels.reshape(-1)
-        global_max, log_sum, logps = _combine(row_max, torch.log(running_sum), target, flat_labels,
-                                              where.ignore_index, where.vocab_total, where.group)
+        global_max, log_sum, logps, label_logit = _combine(row_max, torch.log(running_sum), target, flat_labels,
+                                                           where.ignore_index, where.vocab_total, where.group)
+        stats = _combine_stats(state, where.stats, global_max, log_sum, label_logit, flat_labels,
+                               where.ignore_index, where.vocab_total, where.group) if where.stats else []
         ctx.save_for_backward(hidden, weight, bias, labels, global_max, log_sum)
         ctx.where = where
-        return logps
+        ctx.mark_non_differentiable(*stats)
+        return (logps, *stats)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_tokens):
+    def backward(ctx, grad_tokens, *_):
         hidden, weight, bias, labels, global_max, log_sum = ctx.saved_tensors
         where = ctx.where
         scored = labels != where.ignore_index
@@ -380,13 +427,56 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
                                                 names=("hidden", "labels"), group_name="group"):
     """vocab_parallel_fused_linear_sequence_logps, with more_checks(), agree_on and names as in
     `_vocab_parallel_sequence_logps`."""
+    def checks():
+        check_flag(return_token_counts, "return_token_counts")
+        if more_checks is not None:
+            more_checks()
+
+    (token_logps,), labels, cu_seqlens, weight = _vocab_parallel_linear_tokens(
+        hidden, weight, labels, bias, ignore_index, group=group, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
+        validate_labels=validate_labels, stats=None, more_checks=checks, agree_on=agree_on, names=names,
+        group_name=group_name, what="vocab_parallel_fused_linear_sequence_logps")
+    return per_sequence(token_logps.view(labels.shape), labels, cu_seqlens, weight, ignore_index,
+                        return_token_counts)
+
+
+def vocab_parallel_fused_linear_token_logps(hidden, weight, labels, bias=None, ignore_index: int = -100, *, group,
+                                            stats=(), chunk_size: int | None = None,
+                                            logit_softcap: float | None = None, logit_scale: float = 1.0,
+                                            temperature: float = 1.0, validate_labels: bool = True):
+    """`fk.fused_linear_token_logps` with the lm_head's vocabulary split over the ranks of `group` (weight,
+    bias, hidden and labels as for `vocab_parallel_fused_linear_sequence_logps`; hidden (B, T, H) with labels
+    (B, T), or (N, H) / (1, N, H) with (N,) / (1, N)). Returns `TokenLogps` shaped like the labels, the same on
+    every rank: the log-probs, differentiable, and the requested `stats` over the whole vocabulary (their
+    slices' running statistics combined across the ranks: two more all-reduces of O(tokens)). Must be called
+    by every rank of the group."""
+    names = []
+
+    def checks():
+        names.extend(stat_names(stats))
+
+    outputs, grid_labels, _, _ = _vocab_parallel_linear_tokens(
+        hidden, weight, labels, bias, ignore_index, group=group, cu_seqlens=None, chunk_size=chunk_size,
+        logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
+        validate_labels=validate_labels, stats=names, more_checks=checks,
+        what="vocab_parallel_fused_linear_token_logps")
+    shape = labels.shape if isinstance(labels, torch.Tensor) else grid_labels.shape
+    return TokenLogps(**dict(zip(("log_probs", *names), (out.view(shape) for out in outputs))))
+
+
+def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens, chunk_size,
+                                  logit_softcap, logit_scale, temperature, validate_labels, stats, more_checks,
+                                  what, agree_on=(0, 0), names=("hidden", "labels"), group_name="group"):
+    """The checked, agreed call of VocabParallelLinearTokenLogps: (flat token log-probs and `stats`, the labels
+    and cu_seqlens on the token grid, this rank's weight slice). stats: None (the per-sequence callers, whose
+    `agree_on` is agreed), or the token-level call's list of statistics, which more_checks() may fill (it runs
+    among this rank's checks, so that its errors raise on every rank) and which every rank must share."""
     group = check_group(group, group_name)
-    what = "vocab_parallel_fused_linear_sequence_logps"
     error = None
     try:
         weight, bias = (vocab_shard(t, name, group) for t, name in ((weight, "weight"), (bias, "bias")))
         hidden = replicated_hidden(hidden)
-        check_flag(return_token_counts, "return_token_counts")
         check_flag(validate_labels, "validate_labels")
         hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name=names[0],
                                                    labels_name=names[1], last_dim="H")
@@ -408,15 +498,17 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad and torch.is_grad_enabled(),
         labels=labels,
         ignore_index=ignore_index, validate_labels=validate_labels, has_bias=bias is not None,
-        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0), agree_on=agree_on,
-        names=names, hidden_values=hidden if ok else None)
+        options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0),
+        # the token-level call: every rank must request the same statistics (their all-reduces must match)
+        agree_on=(sum(1 << ops.STATS.index(name) for name in stats), 0) if stats is not None else agree_on,
+        agree_on_name="stats" if stats is not None else None, names=names, hidden_values=hidden if ok else None)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
                                         weight.element_size())
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
-    where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap)
-    token_logps = VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where).view(labels.shape)
-    return per_sequence(token_logps, labels, cu_seqlens, weight, ignore_index, return_token_counts)
+    where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap,
+                         tuple(stats or ()))
+    return VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where), labels, cu_seqlens, weight
 
 
 class _SumOverRanks(torch.autograd.Function):

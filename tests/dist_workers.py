@@ -276,6 +276,8 @@ def vp_hidden_tokens(rank, world):
     # every rank must ask for the same statistics (their all-reduces must match)
     _raises(ValueError, ["stats must be the same on every rank"], lambda: fk.fused_linear_token_logps(
         h, w, labels, vocab_parallel_group=_world(), stats=("entropy",) if rank == 0 else ()))
+    _raises(ValueError, ["memory_budget is not supported with vocab_parallel_group"],
+            lambda: fk.fused_linear_token_logps(h, w, labels, vocab_parallel_group=_world(), memory_budget=1 << 20))
 
 
 def vp_hidden_packed(rank, world):

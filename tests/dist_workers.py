@@ -254,6 +254,8 @@ def vp_hidden_tokens(rank, world):
     labels[0, 0], labels[0, 1] = 1, V - 1  # the label on rank 0 / on the last rank
     weight[1] = weight[V - 1] = 100 * hidden[0, 0] / hidden[0, 0].norm() ** 2  # raw logit 100 at (0, 0)...
     hidden[0, 1] = hidden[0, 0]  # ... and at (0, 1): both columns tie, above every other column
+    # (an exact float32 tie between two ranks' GEMMs: it holds where both round these dot products alike, as
+    # the CPU's BLAS does at H = 8; the float64 case below needs no such luck)
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     logits64 = reference.linear_logits(h64, w64, **options)
     ref = reference.token_logps(logits64, labels)
@@ -276,8 +278,34 @@ def vp_hidden_tokens(rank, world):
     # every rank must ask for the same statistics (their all-reduces must match)
     _raises(ValueError, ["stats must be the same on every rank"], lambda: fk.fused_linear_token_logps(
         h, w, labels, vocab_parallel_group=_world(), stats=("entropy",) if rank == 0 else ()))
+    # memory_budget refused on one rank only: raised on every rank (inside the agreement), no rank left waiting
     _raises(ValueError, ["memory_budget is not supported with vocab_parallel_group"],
-            lambda: fk.fused_linear_token_logps(h, w, labels, vocab_parallel_group=_world(), memory_budget=1 << 20))
+            lambda: fk.fused_linear_token_logps(h, w, labels, vocab_parallel_group=_world(),
+                                                memory_budget=(1 << 20) if rank == 0 else None))
+
+    # float64; a bias of -inf over the whole last slice (that rank's sums are 0); labels outside it, one
+    # outside the vocabulary with validate_labels=False (NaN log-prob, never the first argmax); a scale and a
+    # temperature (a soft-cap would map -inf to a finite logit)
+    bias = torch.zeros(V, dtype=torch.float64)
+    last = _slice(world - 1, world)[0]
+    bias[last:] = -math.inf
+    labels64 = labels.clamp(max=last - 1)
+    labels64[1, 4] = V + 3
+    options64 = dict(logit_scale=1.2, temperature=1.1)
+    h64 = hidden.double().requires_grad_(True)
+    logits64 = reference.linear_logits(h64, weight.double(), bias, **options64)
+    in_vocab = labels64.clamp(max=V - 1)
+    ref_stats = reference.token_stats(logits64.detach(), in_vocab)
+    out = fk.fused_linear_token_logps(hidden.double(), weight[start:stop].double(), labels64, bias[start:stop],
+                                      vocab_parallel_group=_world(), validate_labels=False,
+                                      stats=("entropy", "mean_logits", "is_top1", "log_sum_sq_probs"), **options64)
+    assert torch.isnan(out.log_probs[1, 4]) and not out.is_top1[1, 4]
+    keep = torch.ones_like(labels64, dtype=torch.bool)
+    keep[1, 4] = False
+    _close(out.log_probs[keep], reference.token_logps(logits64.detach(), in_vocab)[keep], "float64 log-probs")
+    for name in ("entropy", "log_sum_sq_probs", "mean_logits"):  # (the mean logit is -inf here)
+        _close(getattr(out, name)[keep], ref_stats[name][keep], f"{name} (float64, a -inf slice)", 1e-10, 1e-10)
+    assert torch.equal(out.is_top1[keep], ref_stats["is_top1"][keep])
 
 
 def vp_hidden_packed(rank, world):

@@ -252,6 +252,18 @@ def test_is_top1_takes_the_first_argmax_on_ties(path, chunk_size):
         check_stats(out, fk.reference.token_stats(raw, labels, IGNORE), ("is_top1", "entropy"), "ties")
 
 
+def test_is_top1_is_false_for_a_label_outside_the_vocabulary(path):
+    """validate_labels=False: a label outside [0, V) has a NaN log-prob and is nobody's argmax, even where every
+    logit is below the 0 its missing logit would read as."""
+    h = torch.randn(1, 4, HIDDEN, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, device=DEVICE) * 0.01
+    b = torch.full((VOCAB,), -50.0, dtype=torch.float64, device=DEVICE)  # every logit negative
+    labels = torch.tensor([[VOCAB, -3, 2, VOCAB + 7]], device=DEVICE)
+    out = fk.fused_linear_token_logps(h, w, labels, b, stats=("is_top1",), validate_labels=False)
+    assert out.is_top1.tolist() == [[False, False, out.is_top1[0, 2].item(), False]]
+    assert out.log_probs[0, [0, 1, 3]].isnan().all() and torch.isfinite(out.log_probs[0, 2])
+
+
 def test_stats_in_float32_and_bfloat16(path):
     h, w, b, labels = inputs(2, 5, torch.float32)
     transform = TRANSFORMS["all"]

@@ -23,6 +23,8 @@ from sharded_trainers import on_disk
 
 # tp: padded, the sigmoid loss; tp_packed: FocalPO at gamma = 0 padding-free against TRL padded
 SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"))
+# logged at every step beside the loss: the fused head's statistics (entropy, mean logit, first argmax) among them
+METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected", "rewards/margins")
 
 
 def run(rank, world, port, scenarios):
@@ -39,6 +41,7 @@ def _cpu_tensor_parallel():
 
 def _compare(name, rank, workdir):
     import datasets
+    import pytest
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -53,7 +56,7 @@ def _compare(name, rank, workdir):
     paths = [on_disk(rank, workdir, f"model-{seed}", tiny_lm.make_model(tok, seed=seed).save_pretrained, str)
              for seed in (0, 1)]
     ours = dict(loss_type="focal", focal_gamma=0.0, padding_free=True) if name == "tp_packed" else {}
-    gathers, gathered = [], linear.gathered
+    gathers, gathered, metrics = [], linear.gathered, []
 
     def counted(tensor):
         if isinstance(tensor, DTensor):
@@ -76,6 +79,7 @@ def _compare(name, rank, workdir):
         assert trainer.accelerator.parallelism_config.tp_size == 2
         whole = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                  for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+        metrics.append([[entry[key] for key in METRICS] for entry in trainer.state.log_history if "loss" in entry])
         return *sharded_trainers.logged(trainer), [whole]
 
     try:
@@ -84,3 +88,5 @@ def _compare(name, rank, workdir):
     finally:
         linear.gathered = gathered
     sharded_trainers.assert_same_training(f"{name}, rank {rank}", mine, stock)
+    for step, (ours, theirs) in enumerate(zip(*reversed(metrics), strict=True)):
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6), f"{name}, step {step}: {METRICS} {ours} {theirs}"

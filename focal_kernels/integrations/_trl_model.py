@@ -177,16 +177,24 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 
 def tensor_parallel_group(model, weight):
     """The process group of `model`'s tensor-parallel mesh where `weight` is sharded by vocabulary rows over it
-    (transformers' `tp_plan`: a DTensor, `Shard(0)` over a one-dimensional mesh of the model's TP size); else
-    None. Under tensor parallelism every rank of that mesh scores the same tokens, which the vocabulary-parallel
-    path needs (it checks: hidden states that differ between ranks raise)."""
-    tp_size = getattr(model, "_tp_size", None) or 1
-    if tp_size < 2 or not is_dtensor(weight):
+    (transformers' `tp_plan`: a DTensor, `Shard(0)` over a one-dimensional mesh with the ranks of the mesh
+    transformers keeps as the model's "tp"); else None. Under tensor parallelism every rank of that mesh scores
+    the same tokens, which the vocabulary-parallel path needs (it checks: hidden states that differ between
+    ranks raise)."""
+    if (getattr(model, "_tp_size", None) or 1) < 2 or not is_dtensor(weight):
         return None
     from torch.distributed.tensor import Shard
 
     mesh = weight.device_mesh
-    if mesh.ndim != 1 or mesh.size() != tp_size or tuple(weight.placements) != (Shard(0),):
+    manager = getattr(model, "_mesh_manager", None)
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),) or manager is None:
+        return None
+    try:
+        tp_mesh = manager.get_mesh("tp")
+    except Exception:  # no "tp" dimension: not this layout
+        return None
+    ranks = torch.distributed.get_process_group_ranks
+    if tp_mesh.ndim != 1 or ranks(tp_mesh.get_group()) != ranks(mesh.get_group()):
         return None
     return mesh.get_group()
 

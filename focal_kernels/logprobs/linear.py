@@ -218,12 +218,10 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
     if vocab_parallel_group is not None:
         from .parallel import vocab_parallel_fused_linear_token_logps
 
-        if memory_budget is not None:
-            raise ValueError("memory_budget is not supported with vocab_parallel_group (leave it None)")
         return vocab_parallel_fused_linear_token_logps(
             hidden, weight, labels, bias, ignore_index, group=vocab_parallel_group, stats=stats,
             chunk_size=chunk_size, logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
-            validate_labels=validate_labels)
+            validate_labels=validate_labels, memory_budget=memory_budget)
     weight, bias, mesh = gathered_params(weight, bias)
 
     def body():

@@ -84,8 +84,8 @@ def _row_values(state, vocab, row_labels, stats):
             values.append(torch.log(named["sqsum"]) - 2 * log_sum_exp)
         elif stat == "mean_logits":
             values.append(named["xsum"] / vocab)
-        else:  # is_top1: the label is the first maximum
-            values.append((target >= row_max) & (target > named["before"]))
+        else:  # is_top1: the label is the first maximum (never for a label outside the vocabulary)
+            values.append(in_range & (target >= row_max) & (target > named["before"]))
     return log_sum_exp, values
 
 

@@ -137,8 +137,9 @@ def _combine_stats(state, stats, global_max, log_sum, target, labels, ignore_ind
             value = torch.log(summed["sqsum"]) - 2 * log_sum
         elif stat == "mean_logits":
             value = summed["xsum"] / vocab_total
-        else:
-            value = (target >= global_max) & (target > before)
+        else:  # never for a label outside the vocabulary (its logit, read as 0, is nobody's)
+            in_range = (labels >= 0) & (labels < vocab_total)
+            value = in_range & (target >= global_max) & (target > before)
         values.append(torch.where(scored, value, torch.zeros((), dtype=value.dtype, device=value.device)))
     return values
 
@@ -444,16 +445,21 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
 def vocab_parallel_fused_linear_token_logps(hidden, weight, labels, bias=None, ignore_index: int = -100, *, group,
                                             stats=(), chunk_size: int | None = None,
                                             logit_softcap: float | None = None, logit_scale: float = 1.0,
-                                            temperature: float = 1.0, validate_labels: bool = True):
+                                            temperature: float = 1.0, validate_labels: bool = True,
+                                            memory_budget=None):
     """`fk.fused_linear_token_logps` with the lm_head's vocabulary split over the ranks of `group` (weight,
     bias, hidden and labels as for `vocab_parallel_fused_linear_sequence_logps`; hidden (B, T, H) with labels
     (B, T), or (N, H) / (1, N, H) with (N,) / (1, N)). Returns `TokenLogps` shaped like the labels, the same on
     every rank: the log-probs, differentiable, and the requested `stats` over the whole vocabulary (their
-    slices' running statistics combined across the ranks: two more all-reduces of O(tokens)). Must be called
-    by every rank of the group."""
+    slices' running statistics combined across the ranks: two more all-reduces of O(tokens)). memory_budget:
+    None or 0 only (no logits are kept here). Must be called by every rank of the group."""
     names = []
 
     def checks():
+        check_memory_budget(memory_budget)
+        if memory_budget:
+            raise ValueError(f"memory_budget is not supported with vocab_parallel_group (got {memory_budget!r}; "
+                             "None or 0 keeps no logits)")
         names.extend(stat_names(stats))
 
     outputs, grid_labels, _, _ = _vocab_parallel_linear_tokens(

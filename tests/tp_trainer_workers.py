@@ -21,8 +21,10 @@ import warnings
 import sharded_trainers
 from sharded_trainers import on_disk
 
-# tp: padded, the sigmoid loss; tp_packed: FocalPO at gamma = 0 padding-free against TRL padded
-SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"))
+# tp: padded, the sigmoid loss; tp_packed: FocalPO at gamma = 0 padding-free against TRL padded; tp_compiled:
+# FocalPO with torch_compile=True (aot_eager; the vocabulary-parallel call's checks are graph breaks) against
+# TRL eager, both without gradient checkpointing
+SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"), ("interpret", "tp_compiled"))
 # logged at every step beside the loss: the fused head's statistics (entropy, mean logit, first argmax) among them
 METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected", "rewards/margins")
 
@@ -55,7 +57,9 @@ def _compare(name, rank, workdir):
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
     paths = [on_disk(rank, workdir, f"model-{seed}", tiny_lm.make_model(tok, seed=seed).save_pretrained, str)
              for seed in (0, 1)]
-    ours = dict(loss_type="focal", focal_gamma=0.0, padding_free=True) if name == "tp_packed" else {}
+    ours = {"tp": {}, "tp_packed": dict(loss_type="focal", focal_gamma=0.0, padding_free=True),
+            "tp_compiled": dict(torch_compile=True, torch_compile_backend="aot_eager")}[name]
+    both = dict(gradient_checkpointing=False) if name == "tp_compiled" else {}
     gathers, gathered, metrics = [], linear.gathered, []
 
     def counted(tensor):
@@ -70,7 +74,7 @@ def _compare(name, rank, workdir):
         head = policy.get_output_embeddings().weight
         assert isinstance(head, DTensor) and head.placements[0].is_shard(0), f"{name}: lm_head is not vocab-sharded"
         args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), bf16=False,
-                            **{**sharded_trainers.TRAINING, "loss_type": "sigmoid", **extra})
+                            **{**sharded_trainers.TRAINING, "loss_type": "sigmoid", **both, **extra})
         trainer = trainer_class(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
         gathers.clear()
         sharded_trainers.train(trainer)

@@ -19,12 +19,13 @@ import os
 import warnings
 
 import sharded_trainers
-from sharded_trainers import on_disk
+from sharded_trainers import LORA, on_disk
 
 # tp: padded, the sigmoid loss; tp_packed: FocalPO at gamma = 0 padding-free against TRL padded; tp_compiled:
 # FocalPO with torch_compile=True (aot_eager; the vocabulary-parallel call's checks are graph breaks) against
-# TRL eager, both without gradient checkpointing
-SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"), ("interpret", "tp_compiled"))
+# TRL eager, both without gradient checkpointing; tp_lora: PEFT LoRA on the sharded projections (the reference is
+# the adapter disabled)
+SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"), ("interpret", "tp_compiled"), ("interpret", "tp_lora"))
 # logged at every step beside the loss: the fused head's statistics (entropy, mean logit, first argmax) among them
 METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected", "rewards/margins")
 
@@ -44,6 +45,7 @@ def _cpu_tensor_parallel():
 def _compare(name, rank, workdir):
     import datasets
     import pytest
+    from peft import LoraConfig
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -58,7 +60,7 @@ def _compare(name, rank, workdir):
     paths = [on_disk(rank, workdir, f"model-{seed}", tiny_lm.make_model(tok, seed=seed).save_pretrained, str)
              for seed in (0, 1)]
     ours = {"tp": {}, "tp_packed": dict(loss_type="focal", focal_gamma=0.0, padding_free=True),
-            "tp_compiled": dict(torch_compile=True, torch_compile_backend="aot_eager")}[name]
+            "tp_compiled": dict(torch_compile=True, torch_compile_backend="aot_eager"), "tp_lora": {}}[name]
     both = dict(gradient_checkpointing=False) if name == "tp_compiled" else {}
     gathers, gathered, metrics = [], linear.gathered, []
 
@@ -75,7 +77,8 @@ def _compare(name, rank, workdir):
         assert isinstance(head, DTensor) and head.placements[0].is_shard(0), f"{name}: lm_head is not vocab-sharded"
         args = config_class(output_dir=os.path.join(workdir, f"out-{rank}"), bf16=False,
                             **{**sharded_trainers.TRAINING, "loss_type": "sigmoid", **both, **extra})
-        trainer = trainer_class(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+        lora = dict(ref_model=None, peft_config=LoraConfig(**LORA)) if name == "tp_lora" else dict(ref_model=ref)
+        trainer = trainer_class(model=policy, args=args, train_dataset=data, processing_class=tok, **lora)
         gathers.clear()
         sharded_trainers.train(trainer)
         if trainer_class is FocalPOTrainer:  # scored vocabulary-parallel: fk never gathered the head

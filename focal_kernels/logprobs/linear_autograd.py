@@ -69,7 +69,7 @@ class LinearOptions(NamedTuple):
     memory_budget: int = 0        # bytes of chunk logits to keep from the forward for the backward
 
 
-def _row_values(state, vocab, row_labels, stats):
+def row_values(state, vocab, row_labels, stats):
     """(per-row log-sum-exp, [per-row log-probs (NaN for a label outside [0, V)), then the requested
     statistics]) from the final state."""
     row_max, running_sum, target = state[0], state[1], state[2]
@@ -119,7 +119,7 @@ class LinearTokenLogps(torch.autograd.Function):
         *state, unit, kept = ops.linear_forward(rows, weight, bias, row_labels, options.params, options.has_softcap,
                                                 0, chunk_size, ",".join(options.stats), options.frozen, keep_chunks)
         del rows
-        log_sum_exp, values = _row_values(state, weight.shape[0], row_labels, options.stats)
+        log_sum_exp, values = row_values(state, weight.shape[0], row_labels, options.stats)
 
         outputs = []
         for group in range(len(hiddens)):

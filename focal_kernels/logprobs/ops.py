@@ -214,7 +214,7 @@ bits_digest = _dispatch(_bits_digest_op, _bits_digest)
 # kernels, or their PyTorch twins on a CPU without Triton), so compiled graphs hold two opaque calls.
 
 STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_STATE_OF_STAT = {"entropy": "wsum", "log_sum_sq_probs": "sqsum", "mean_logits": "xsum", "is_top1": "before"}
+STATE_OF_STAT = {"entropy": "wsum", "log_sum_sq_probs": "sqsum", "mean_logits": "xsum", "is_top1": "before"}
 STATE_NAMES = ("max", "sum", "target", "wsum", "sqsum", "xsum", "before")
 
 
@@ -236,7 +236,7 @@ def _linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
              "sum": torch.zeros((total,), dtype=acc_dtype, device=rows.device),
              "target": torch.zeros((total,), dtype=acc_dtype, device=rows.device)}
     for stat in filter(None, stats.split(",")):
-        name = _STATE_OF_STAT[stat]
+        name = STATE_OF_STAT[stat]
         state[name] = torch.full((total,), -torch.inf if name == "before" else 0.0, dtype=acc_dtype,
                                  device=rows.device)
     fold, to_gradient = _chunks.chunk_kernels(backend.use_triton(weight))
@@ -327,7 +327,7 @@ _linear_backward_op = torch.library.custom_op("focal_kernels::linear_backward", 
 def _(rows, weight, bias, row_labels, params, has_softcap, vocab_start, chunk_size, stats, hidden_grad=False,
       keep_chunks=0):
     acc_dtype = compute_dtype(weight.dtype)
-    wanted = {"max", "sum", "target"} | {_STATE_OF_STAT[stat] for stat in filter(None, stats.split(","))}
+    wanted = {"max", "sum", "target"} | {STATE_OF_STAT[stat] for stat in filter(None, stats.split(","))}
     state = [rows.new_empty((rows.shape[0] if name in wanted else 0,), dtype=acc_dtype) for name in STATE_NAMES]
     unit = rows.new_empty(rows.shape if hidden_grad else (0,), dtype=acc_dtype)
     kept = rows.new_empty((keep_chunks, rows.shape[0], chunk_size) if keep_chunks else (0,))

@@ -13,8 +13,8 @@ token with statistics `vocab_parallel_fused_linear_token_logps`)
               O(tokens) floats combine them:  m = max_r m_r (MAX),  Σ_r exp(s_r + m_r − m) and the target
               (one SUM of two floats per token);  log p(y) = target − m − log Σ.  Every rank returns the same
               log-probs. Nothing vocabulary-sized crosses the network. Per-token statistics (entropy, mean
-              logit, first argmax, log Σ p²) combine the slices' running sums the same way (`_combine_stats`:
-              one more SUM and one MAX).
+              logit, first argmax, log Σ p²) combine the slices' running sums the same way
+              (`_whole_vocabulary_state`: one more SUM and one MAX).
     Backward  the logits' gradient g·(1[v = y] − exp((x − m) − s)) needs only the global m and s, which every
               rank already holds: no communication. The hidden path's rank computes its weight / bias slices'
               gradients and a partial hidden-state gradient (its slice's share of G·W), all-reduced (SUM) so
@@ -74,6 +74,7 @@ from .agreement import (DTYPE_CODES, SP_MAX_DIMS, RankFailed, agree_sum_layout, 
                         gather_layout, mesh_group, torch_distributed)
 from .linear import (TokenLogps, agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
                      gathered_params, stat_names, transform_params)
+from .linear_autograd import row_values
 from .logits import unit_stride_logits
 from .packing import as_token_grid, per_sequence
 from .scored_rows import masked_rows
@@ -86,8 +87,9 @@ __all__ = ["RankFailed", "dtensor_vocab_logits", "sequence_parallel_sum", "vocab
 # ------------------------------------------------------------------ combining the slices' statistics
 
 def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, group):
-    """Global (max, s = log Σ_all exp(x − max), token log-probs, the label's logit) from every rank's slice
-    statistics: one MAX all-reduce of 1 float and one SUM all-reduce of 2 floats per token."""
+    """Global (max, s = log Σ_all exp(x − max), token log-probs, the summed (Σ_all exp(x − max), label logit))
+    from every rank's slice statistics: one MAX all-reduce of 1 float and one SUM all-reduce of 2 floats per
+    token."""
     dist = torch_distributed()
     scored = labels != ignore_index
     # A slice whose row is all -inf (sum 0) must not pull the max up: its max takes no part.
@@ -101,47 +103,34 @@ def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, gr
     global_max = torch.where(scored, global_max, 0.0)
     in_range = scored & (labels >= 0) & (labels < vocab_total)
     logps = torch.where(in_range, (sums[1] - global_max) - log_sum, math.nan)
-    return global_max, log_sum, torch.where(scored, logps, 0.0), sums[1]
+    return global_max, log_sum, torch.where(scored, logps, 0.0), sums
 
 
-def _combine_stats(state, stats, global_max, log_sum, target, labels, ignore_index, vocab_total, group):
-    """The requested statistics (ops.STATS) over the whole vocabulary from every rank's slice state (the
-    chunk kernels' running max m_r, sum_r = Σ e^(x − m_r), wsum_r = Σ e^(x − m_r)(x − m_r), sqsum_r =
-    Σ e^(2(x − m_r)), xsum_r = Σ x, before_r = the max over the slice's columns before the label), given the
-    global max m and s = log Σ e^(x − m) (`_combine`), and the label's logit. With d_r = m_r − m:
-    Σ e^(x − m)(x − m) = Σ_r e^(d_r)(wsum_r + d_r·sum_r), Σ e^(2(x − m)) = Σ_r e^(2 d_r) sqsum_r, and the
-    label is the first argmax when its logit is ≥ m and > max_r before_r. One SUM and one MAX all-reduce;
-    0 (False) at ignored tokens."""
+def _whole_vocabulary_state(state, stats, global_max, sums, group):
+    """The chunk walk's final state (ops.STATE_NAMES) over the whole vocabulary, from every rank's state of its
+    slice (running max m_r, sum_r = Σ e^(x − m_r), wsum_r = Σ e^(x − m_r)(x − m_r), sqsum_r = Σ e^(2(x − m_r)),
+    xsum_r = Σ x, before_r = the max over the slice's columns before the label) and `_combine`'s global max m
+    and summed (Σ e^(x − m), label logit). With d_r = m_r − m: Σ e^(x − m)(x − m) = Σ_r e^(d_r)(wsum_r +
+    d_r·sum_r), Σ e^(2(x − m)) = Σ_r e^(2 d_r) sqsum_r, Σ x adds, the before-maxima take their MAX: one SUM
+    and one MAX all-reduce, of what `stats` needs only. `linear_autograd.row_values` then reads the statistics
+    from it as on one rank."""
     dist = torch_distributed()
     named = dict(zip(ops.STATE_NAMES, state))
-    scored = labels != ignore_index
     held = named["sum"] > 0  # a slice whose logits are all -inf adds nothing
     shift = torch.where(held, named["max"] - global_max, 0.0)
     scale = torch.where(held, torch.exp(shift), 0.0)
-    summed = {name: value for name, value in (
-        ("wsum", scale * (named["wsum"] + shift * named["sum"]) if "entropy" in stats else None),
-        ("sqsum", scale * scale * named["sqsum"] if "log_sum_sq_probs" in stats else None),
-        ("xsum", named["xsum"] if "mean_logits" in stats else None)) if value is not None}
+    local = {"wsum": lambda: scale * (named["wsum"] + shift * named["sum"]),
+             "sqsum": lambda: scale * scale * named["sqsum"], "xsum": lambda: named["xsum"]}
+    summed = [ops.STATE_OF_STAT[stat] for stat in stats if ops.STATE_OF_STAT[stat] in local]
+    whole = {"max": global_max, "sum": sums[0], "target": sums[1]}
     if summed:
-        stacked = torch.stack(list(summed.values()))
+        stacked = torch.stack([local[name]() for name in summed])
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-        summed = dict(zip(summed, stacked))
+        whole.update(zip(summed, stacked))
     if "is_top1" in stats:
-        before = named["before"].clone()
-        dist.all_reduce(before, op=dist.ReduceOp.MAX, group=group)
-    values = []
-    for stat in stats:
-        if stat == "entropy":
-            value = log_sum - summed["wsum"] / torch.exp(log_sum)
-        elif stat == "log_sum_sq_probs":
-            value = torch.log(summed["sqsum"]) - 2 * log_sum
-        elif stat == "mean_logits":
-            value = summed["xsum"] / vocab_total
-        else:  # never for a label outside the vocabulary (its logit, read as 0, is nobody's)
-            in_range = (labels >= 0) & (labels < vocab_total)
-            value = in_range & (target >= global_max) & (target > before)
-        values.append(torch.where(scored, value, torch.zeros((), dtype=value.dtype, device=value.device)))
-    return values
+        whole["before"] = named["before"].clone()
+        dist.all_reduce(whole["before"], op=dist.ReduceOp.MAX, group=group)
+    return [whole.get(name, named[name]) for name in ops.STATE_NAMES]
 
 
 def _local_stats_torch(logits, labels, ignore_index, vocab_start):
@@ -225,7 +214,7 @@ class _LinearSlice(NamedTuple):
 class VocabParallelLinearTokenLogps(torch.autograd.Function):
     """(hidden (B, T, H), this rank's weight (V_r, H), bias (V_r,) or None, global labels (B, T), _LinearSlice)
     → B·T token log-probs, flat (the same on every rank; flat for torch.compile, see LinearTokenLogps), then
-    one B·T tensor per requested statistic (`_combine_stats`; not differentiable). Every token is a row
+    one B·T tensor per requested statistic (`_whole_vocabulary_state`; not differentiable). Every token is a row
     (ignored ones zeroed). Backward: this rank's weight / bias slice gradients, and the hidden-state gradient
     all-reduced (SUM)."""
 
@@ -239,10 +228,14 @@ class VocabParallelLinearTokenLogps(torch.autograd.Function):
         del rows
         row_max, running_sum, target = state[0], state[1], state[2]
         flat_labels = labels.reshape(-1)
-        global_max, log_sum, logps, label_logit = _combine(row_max, torch.log(running_sum), target, flat_labels,
-                                                           where.ignore_index, where.vocab_total, where.group)
-        stats = _combine_stats(state, where.stats, global_max, log_sum, label_logit, flat_labels,
-                               where.ignore_index, where.vocab_total, where.group) if where.stats else []
+        global_max, log_sum, logps, sums = _combine(row_max, torch.log(running_sum), target, flat_labels,
+                                                    where.ignore_index, where.vocab_total, where.group)
+        stats = []
+        if where.stats:
+            whole = _whole_vocabulary_state(state, where.stats, global_max, sums, where.group)
+            scored = flat_labels != where.ignore_index
+            stats = [torch.where(scored, value, torch.zeros((), dtype=value.dtype, device=value.device))
+                     for value in row_values(whole, where.vocab_total, flat_labels, where.stats)[1][1:]]
         ctx.save_for_backward(hidden, weight, bias, labels, global_max, log_sum)
         ctx.where = where
         ctx.mark_non_differentiable(*stats)

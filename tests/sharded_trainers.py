@@ -1,7 +1,8 @@
 """What the sharded-trainer workers share (tests/zero3_workers.py: DeepSpeed ZeRO-3; tests/fsdp2_trainer_workers.py:
-FSDP2): FocalPOTrainer and TRL's DPOTrainer trained in the same set-up, two ranks over gloo on the CPU, each rank
-on its own half of every batch, with plain SGD (a parameter's update is its gradient, scaled), then compared: the
-logged losses and gradient norms, and every parameter after the steps."""
+FSDP2; tests/tp_trainer_workers.py: tensor parallelism): FocalPOTrainer and TRL's DPOTrainer trained in the same
+set-up, two ranks over gloo on the CPU, with plain SGD (a parameter's update is its gradient, scaled), then
+compared: the logged losses and gradient norms, and every parameter after the steps. The comparison
+(`logged`, `assert_same_training`) serves one-process trainer tests too (tests/test_trl_integration.py)."""
 
 from __future__ import annotations
 

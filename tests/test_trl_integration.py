@@ -21,6 +21,7 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
+import sharded_trainers  # noqa: E402
 import tiny_lm  # noqa: E402
 
 from focal_kernels.integrations import _trl_model, trl as fk_trl  # noqa: E402
@@ -72,6 +73,12 @@ def _args(cls, tmp_path, **kw):
     )
     base.update(kw)
     return cls(**base)
+
+
+def _trained(trainer):
+    """trainer.train(), then (losses, gradient norms, [parameters]) for `sharded_trainers.assert_same_training`."""
+    trainer.train()
+    return *sharded_trainers.logged(trainer), [{n: p.detach().clone() for n, p in trainer.model.named_parameters()}]
 
 
 def _grads(model):
@@ -223,17 +230,10 @@ def test_torch_compile_matches_eager_dpo_trainer(tmp_path, tok, dataset, padding
         torch._dynamo.reset()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer.train()
-        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        results.append(([e["loss"] for e in logs], [e["grad_norm"] for e in logs],
-                        {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+            results.append(_trained(trainer))
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"  # compiled
     assert not [str(w.message) for w in caught if "focal_kernels" in str(w.filename) + str(w.message)]
-    (loss, norm, params), (stock_loss, stock_norm, stock_params) = results[1], results[0]
-    assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4)
-    assert norm == pytest.approx(stock_norm, rel=1e-4)
-    for name, value in stock_params.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    sharded_trainers.assert_same_training(f"compiled, padding_free={padding_free}", results[1], results[0])
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -275,18 +275,10 @@ def test_activation_offloading_matches_dpo_trainer(tmp_path, tok, dataset, monke
             pack = offloader.pack_hook
             offloader.pack_hook = lambda tensor, pack=pack: packed.append(tensor.shape) or pack(tensor)
             trainer.maybe_activation_offload_context = offloader
-        trainer.train()
+        results.append(_trained(trainer))
         assert bool(packed) == offloaded
-        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        results.append(([e["loss"] for e in logs], [e["grad_norm"] for e in logs],
-                        {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
-    stock_loss, stock_norm, stock_params = results[0]
-    for loss, norm, params in results[1:]:
-        assert len(loss) == 2 and loss == pytest.approx(stock_loss, rel=1e-4)
-        assert norm == pytest.approx(stock_norm, rel=1e-4)
-        for name, value in stock_params.items():
-            torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+    for packed_too, result in enumerate(results[1:]):
+        sharded_trainers.assert_same_training(f"offloaded, padding_free={bool(packed_too)}", result, results[0])
 
 
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):

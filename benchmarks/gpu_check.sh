@@ -105,12 +105,12 @@ run_tests() {
         2>&1 | tee -a "$log"
     step selfcheck 80 python -m focal_kernels  # the GPU cases against float64 (odd V in bf16 among them)
     # Whole files ignored rather than deselected: a module that fails to import (TRL missing or of another
-    # version) must not stop the collection of the others. distributed / fsdp2 / deepspeed / tp_trainer are gloo
-    # tests on the CPU; test_gpu_compile compiles for sm_90 without a GPU, where here the other tests compile
-    # every kernel; test_compile (inductor compiles on the GPU take seconds each) is the tests-compile phase.
+    # version) must not stop the collection of the others. distributed / fsdp2 / parallel_trainers / deepspeed
+    # are gloo tests on the CPU; test_gpu_compile compiles for sm_90 without a GPU, where here the other tests
+    # compile every kernel; test_compile (inductor compiles on the GPU take seconds each) is the tests-compile phase.
     pytest_step tests 360 tests --ignore=tests/test_trl_integration.py --ignore=tests/test_distributed.py \
-        --ignore=tests/test_fsdp2.py --ignore=tests/test_fsdp2_trainer.py --ignore=tests/test_deepspeed.py \
-        --ignore=tests/test_tp_trainer.py --ignore=tests/test_gpu_compile.py \
+        --ignore=tests/test_fsdp2.py --ignore=tests/test_parallel_trainers.py --ignore=tests/test_deepspeed.py \
+        --ignore=tests/test_gpu_compile.py \
         --ignore=tests/test_compile.py
 }
 

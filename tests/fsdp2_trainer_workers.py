@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_fsdp2_trainer.py: FocalPOTrainer beside TRL's DPOTrainer under FSDP2, two
+"""Worker processes for tests/test_parallel_trainers.py: FocalPOTrainer beside TRL's DPOTrainer under FSDP2, two
 ranks over gloo on the CPU.
 
 accelerate 1.16 applies `fully_shard` to the decoder layers, the input embeddings, a tail unit of the final norm

@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_tp_trainer.py: FocalPOTrainer beside TRL's DPOTrainer under tensor
+"""Worker processes for tests/test_parallel_trainers.py: FocalPOTrainer beside TRL's DPOTrainer under tensor
 parallelism, two ranks over gloo on the CPU.
 
 transformers loads the model with `tp_plan="auto"`: Llama's plan shards the attention and MLP projections and

@@ -180,7 +180,8 @@ def tensor_parallel_group(model, weight):
     (transformers' `tp_plan`: a DTensor, `Shard(0)` over a one-dimensional mesh with the ranks of the mesh
     transformers keeps as the model's "tp"); else None. Under tensor parallelism every rank of that mesh scores
     the same tokens, which the vocabulary-parallel path needs (it checks: hidden states that differ between
-    ranks raise)."""
+    ranks raise). Under FSDP2 as well (a (fsdp, tp) mesh), the weight is such a DTensor inside its unit's forward,
+    once FSDP2 has gathered the fsdp dimension."""
     if (getattr(model, "_tp_size", None) or 1) < 2 or not is_dtensor(weight):
         return None
     from torch.distributed.tensor import Shard

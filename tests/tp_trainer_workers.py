@@ -28,7 +28,7 @@ from sharded_trainers import LORA, on_disk
 # tp: padded, the sigmoid loss; tp_packed: FocalPO at gamma = 0 padding-free against TRL padded; tp_compiled:
 # FocalPO with torch_compile=True (aot_eager; the vocabulary-parallel call's checks are graph breaks) against
 # TRL eager, both without gradient checkpointing; tp_lora: PEFT LoRA on the sharded projections (the reference is
-# the adapter disabled)
+# the adapter disabled; then LoRA on lm_head is refused)
 SCENARIOS = (("interpret", "tp"), ("interpret", "tp_packed"), ("interpret", "tp_compiled"), ("interpret", "tp_lora"))
 # four ranks, (fsdp, tp) = (2, 2): fsdp_tp: padded, the sigmoid loss; fsdp_tp_packed: as tp_packed
 FSDP_TP_SCENARIOS = (("interpret", "fsdp_tp"), ("interpret", "fsdp_tp_packed"))
@@ -114,5 +114,11 @@ def _compare(name, rank, workdir):
     finally:
         linear.gathered, _trl_model.tensor_parallel_group = gathered, group_of
     sharded_trainers.assert_same_training(f"{name}, rank {rank}", mine, stock)
+    if name == "tp_lora":  # LoRA on the sharded head itself is refused (DPOTrainer refuses LoRA on any lm_head)
+        args = FocalPOConfig(output_dir=os.path.join(workdir, f"out-{rank}"), bf16=False, **sharded_trainers.TRAINING)
+        lora = LoraConfig(**{**LORA, "target_modules": ["q_proj", "lm_head"]})
+        with pytest.raises(NotImplementedError, match="LoRA on an `lm_head` whose weight is sharded"):
+            FocalPOTrainer(model=AutoModelForCausalLM.from_pretrained(paths[0], tp_plan="auto"), args=args,
+                           train_dataset=data, processing_class=tok, peft_config=lora)
     for step, (ours, theirs) in enumerate(zip(*reversed(metrics), strict=True)):
         assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6), f"{name}, step {step}: {METRICS} {ours} {theirs}"

@@ -42,6 +42,10 @@ def lora_head_unsupported_reason(head) -> str | None:
         return f"a {type(head).__name__} adapter on `lm_head` (only plain LoRA is supported there)"
     if getattr(head, "fan_in_fan_out", False):
         return "LoRA with `fan_in_fan_out=True` on `lm_head`"
+    if is_dtensor(head.get_base_layer().weight):
+        # B·A is one whole (V, H) tensor, not a DTensor of the weight's rows (TRL refuses LoRA on lm_head anyway)
+        return ("LoRA on an `lm_head` whose weight is sharded (a DTensor, as under tensor parallelism); leave "
+                "`lm_head` out of `target_modules`")
     for name in head.lora_A:
         if name in getattr(head, "lora_variant", {}):
             return "a LoRA variant (DoRA, ...) on `lm_head`"

@@ -54,7 +54,6 @@ def _compare(name, rank, workdir):
     from peft import LoraConfig
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
     from trl import DPOConfig, DPOTrainer
 
     import tiny_lm
@@ -71,8 +70,11 @@ def _compare(name, rank, workdir):
     ours = {"tp": {}, "tp_packed": packed, "tp_compiled": dict(torch_compile=True, torch_compile_backend="aot_eager"),
             "tp_lora": {}, "fsdp_tp": {}, "fsdp_tp_packed": packed}[name]
     both = dict(gradient_checkpointing=False) if name == "tp_compiled" else {}
-    load = (dict(distributed_config=DistributedConfig(tp_size=2, fsdp_size=2)) if name.startswith("fsdp_")
-            else dict(tp_plan="auto"))
+    load = dict(tp_plan="auto")  # deprecated by transformers for DistributedConfig(tp_plan=...): the same effect
+    if name.startswith("fsdp_"):
+        from transformers.distributed import DistributedConfig
+
+        load = dict(distributed_config=DistributedConfig(tp_size=2, fsdp_size=2))
     gathers, gathered, metrics, groups, group_of = [], linear.gathered, [], [], _trl_model.tensor_parallel_group
 
     def counted(tensor):

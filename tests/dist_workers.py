@@ -282,6 +282,34 @@ def vp_hidden_tokens(rank, world):
     _raises(ValueError, ["memory_budget is not supported with vocab_parallel_group"],
             lambda: fk.fused_linear_token_logps(h, w, labels, vocab_parallel_group=_world(),
                                                 memory_budget=(1 << 20) if rank == 0 else None))
+    # the statistics listed in another order on each rank (a set's order differs between processes): the same
+    # values (their partial sums were once all-reduced in each rank's own order)
+    order = ("entropy", "mean_logits", "log_sum_sq_probs")
+    rotated = fk.fused_linear_token_logps(hidden, weight[start:stop], labels, vocab_parallel_group=_world(),
+                                          stats=order[rank:] + order[:rank], **options)
+    for name in order:
+        _close(getattr(rotated, name), ref_stats[name], f"{name}, stats in rank {rank}'s order", 1e-5, 1e-5)
+    # packed: hidden (N, H) with labels (N,), and (1, N, H) with (N,), as on one process
+    for packed_hidden in (hidden.reshape(-1, H), hidden.reshape(1, -1, H)):
+        packed = fk.fused_linear_token_logps(packed_hidden, weight[start:stop], labels.reshape(-1),
+                                             vocab_parallel_group=_world(), **options)
+        _close(packed.log_probs, ref.reshape(-1), f"packed {tuple(packed_hidden.shape)} token log-probs")
+    # a large bias: logit 95 at an ignored token's row (projected zeroed, its logits the bias's), where the
+    # backward once took exp(95) in float32 (NaN gradients)
+    bias = torch.zeros(V)
+    bias[V // 2] = 9.5
+    ignored = labels.clone()
+    ignored[1, 2] = -100
+    h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    ref_ignored = reference.token_logps(reference.linear_logits(h64, w64, b64, temperature=0.1), ignored)
+    ref_grads = torch.autograd.grad(_loss(ref_ignored.sum(-1)), [h64, w64, b64])
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight[start:stop], bias[start:stop]))
+    out = fk.fused_linear_token_logps(h, w, ignored, b, vocab_parallel_group=_world(), temperature=0.1)
+    _close(out.log_probs, ref_ignored, "token log-probs, a large bias")
+    _loss(out.log_probs.sum(-1)).backward()
+    for got, want, name in zip((h.grad, w.grad, b.grad), (ref_grads[0], ref_grads[1][start:stop],
+                                                          ref_grads[2][start:stop]), ("hidden", "weight", "bias")):
+        _close(got, want, f"{name} grad, a large bias at an ignored token", 1e-5, 1e-4)
 
     # float64; a bias of -inf over the whole last slice (that rank's sums are 0); labels outside it, one
     # outside the vocabulary with validate_labels=False (NaN log-prob, never the first argmax); a scale and a

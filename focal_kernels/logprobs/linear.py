@@ -181,7 +181,8 @@ def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_
 
 
 def stat_names(stats) -> tuple:
-    """`stats` as a tuple of distinct names from STATS, or a TypeError / ValueError naming the argument."""
+    """`stats` as a tuple of distinct names from STATS, in STATS' order (a set's order differs between
+    processes), or a TypeError / ValueError naming the argument."""
     if isinstance(stats, str):
         raise TypeError(f"stats must be a sequence of names from {STATS}, got the string {stats!r} (write "
                         f"stats=({stats!r},))")
@@ -192,7 +193,19 @@ def stat_names(stats) -> tuple:
     unknown = [name for name in names if name not in STATS]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"stats must be distinct names from {STATS}, got {stats!r}")
-    return names
+    return tuple(name for name in STATS if name in names)
+
+
+def token_grid(hidden, labels):
+    """The per-token calls' hidden and labels as (B, T, H) and (B, T): packed hidden (N, H) as one row of N,
+    with labels of any shape with N elements; labels (N,) beside hidden (1, N, H) as (1, N). Anything else as
+    given, for the checks to judge."""
+    if isinstance(hidden, torch.Tensor) and isinstance(labels, torch.Tensor):
+        if hidden.dim() == 2:
+            return hidden.unsqueeze(0), labels.reshape(1, -1)
+        if labels.dim() == 1:
+            return hidden, labels.unsqueeze(0)
+    return hidden, labels
 
 
 def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -229,11 +242,7 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         shape = labels.shape
-        grid_hidden, grid_labels = hidden, labels
-        if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # tokens: one row of N (any label shape)
-            grid_hidden, grid_labels = hidden[None], labels.reshape(1, -1)
-        elif labels.dim() == 1:
-            grid_labels = labels[None]
+        grid_hidden, grid_labels = token_grid(hidden, labels)
         cast_weight, cast_bias, grid_hidden = autocast_inputs(weight, bias, grid_hidden)
         (outputs,) = linear_token_logps([(grid_hidden, grid_labels, "hidden", "labels")], cast_weight, cast_bias,
                                         ignore_index=ignore_index, chunk_size=chunk_size, logit_softcap=logit_softcap,

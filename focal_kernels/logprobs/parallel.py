@@ -73,7 +73,7 @@ from . import ops
 from .agreement import (DTYPE_CODES, SP_MAX_DIMS, RankFailed, agree_sum_layout, check_group, dtype_code, float_bits,
                         gather_layout, mesh_group, torch_distributed)
 from .linear import (TokenLogps, agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
-                     gathered_params, stat_names, transform_params)
+                     gathered_params, stat_names, token_grid, transform_params)
 from .linear_autograd import row_values
 from .logits import unit_stride_logits
 from .packing import as_token_grid, per_sequence
@@ -89,7 +89,8 @@ __all__ = ["RankFailed", "dtensor_vocab_logits", "sequence_parallel_sum", "vocab
 def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, group):
     """Global (max, s = log Σ_all exp(x − max), token log-probs, the summed (Σ_all exp(x − max), label logit))
     from every rank's slice statistics: one MAX all-reduce of 1 float and one SUM all-reduce of 2 floats per
-    token."""
+    token. The max and s of an ignored token stay those of whatever its row held (the hidden path projects it as
+    a zeroed row: its bias's logits), so that the backward's exp(x − max − s) is at most 1 there too."""
     dist = torch_distributed()
     scored = labels != ignore_index
     # A slice whose row is all -inf (sum 0) must not pull the max up: its max takes no part.
@@ -99,8 +100,7 @@ def _combine(row_max, log_sum_exp, target, labels, ignore_index, vocab_total, gr
     global_max = torch.where(global_max == -math.inf, 0.0, global_max)
     sums = torch.stack([torch.exp(log_sum_exp + (row_max - global_max)), target])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    log_sum = torch.where(scored, torch.log(sums[0]), 0.0)
-    global_max = torch.where(scored, global_max, 0.0)
+    log_sum = torch.log(sums[0])
     in_range = scored & (labels >= 0) & (labels < vocab_total)
     logps = torch.where(in_range, (sums[1] - global_max) - log_sum, math.nan)
     return global_max, log_sum, torch.where(scored, logps, 0.0), sums
@@ -121,7 +121,9 @@ def _whole_vocabulary_state(state, stats, global_max, sums, group):
     scale = torch.where(held, torch.exp(shift), 0.0)
     local = {"wsum": lambda: scale * (named["wsum"] + shift * named["sum"]),
              "sqsum": lambda: scale * scale * named["sqsum"], "xsum": lambda: named["xsum"]}
-    summed = [ops.STATE_OF_STAT[stat] for stat in stats if ops.STATE_OF_STAT[stat] in local]
+    # in local's order, whatever the order of `stats` on each rank (the ranks agreed on the set only)
+    wanted = {ops.STATE_OF_STAT[stat] for stat in stats}
+    summed = [name for name in local if name in wanted]
     whole = {"max": global_max, "sum": sums[0], "target": sums[1]}
     if summed:
         stacked = torch.stack([local[name]() for name in summed])
@@ -455,8 +457,9 @@ def vocab_parallel_fused_linear_token_logps(hidden, weight, labels, bias=None, i
                              "None or 0 keeps no logits)")
         names.extend(stat_names(stats))
 
+    grid_hidden, grid_labels = token_grid(hidden, labels)
     outputs, grid_labels, _, _ = _vocab_parallel_linear_tokens(
-        hidden, weight, labels, bias, ignore_index, group=group, cu_seqlens=None, chunk_size=chunk_size,
+        grid_hidden, weight, grid_labels, bias, ignore_index, group=group, cu_seqlens=None, chunk_size=chunk_size,
         logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
         validate_labels=validate_labels, stats=names, more_checks=checks,
         what="vocab_parallel_fused_linear_token_logps")

@@ -524,6 +524,7 @@ def _raises(kind, words, fn):
 
 def errors(rank, world):
     import focal_kernels as fk
+    from focal_kernels.logprobs.agreement import SP_MAX_DIMS
     from focal_kernels.logprobs.parallel import (sequence_parallel_sum, vocab_parallel_fused_linear_sequence_logps,
                                                  vocab_parallel_sequence_logps)
 
@@ -576,8 +577,9 @@ def errors(rank, world):
     kind, words = (TypeError, ["dtypes"]) if first else (ValueError, ["rank 0"])
     _raises(kind, words, lambda: sequence_parallel_sum(odd, group))
     # more dimensions than the agreement compares: refused on every rank, not summed by storage
-    deep = torch.zeros((1,) * 10 + (2, 3)) if first else torch.zeros(2)
-    _raises(ValueError, ["at most 10 dimensions"] if first else ["rank 0"], lambda: sequence_parallel_sum(deep, group))
+    deep = torch.zeros((1,) * SP_MAX_DIMS + (2,)) if first else torch.zeros(2)
+    _raises(ValueError, [f"at most {SP_MAX_DIMS} dimensions"] if first else ["rank 0"],
+            lambda: sequence_parallel_sum(deep, group))
     # the group still works afterwards
     ref = fk.reference.sequence_logps(full.double(), labels)
     _close(vocab_parallel_sequence_logps(full[..., start:stop], labels, group=group), ref, "after the errors")
@@ -1149,6 +1151,19 @@ def mesh_2x2(rank, world):
     words = ["ignore_index must be the same", "(global rank 3)"] if cp == 1 else ["ignore_index must be the same"]
     _raises(ValueError, words,
             lambda: vocab_parallel_sequence_logps(local, labels[:, a:b], -100 - tp, group=mesh["tp"]))
+    # what only a sequence-parallel group compares (return_token_counts; the vocabulary's slices, one row more on
+    # global rank 3) differing on one rank: every rank of the mesh raises, none is left waiting in a collective
+    # (ranks 0 and 1 once returned, their sequence-parallel peers having raised alone)
+    _raises(ValueError, ["return_token_counts must be the same"] if cp == 1 else [], lambda: fk.sequence_logps(
+        full[:, a:b, start:stop], labels[:, a:b], return_token_counts=rank == 3, vocab_parallel_group=mesh["tp"],
+        sequence_parallel_group=mesh["cp"]))
+    more = (lambda t: torch.cat([t, t[..., :1, :]], -2)) if rank == 3 else (lambda t: t)
+    _raises(ValueError, ["its slices' sizes"], lambda: fk.fused_linear_sequence_logps(
+        hidden[:, a:b], more(weight[start:stop]), labels[:, a:b], vocab_parallel_group=mesh["tp"],
+        sequence_parallel_group=mesh["cp"]))
+    _raises(ValueError, ["its slices' sizes"], lambda: fk.sequence_logps(
+        more(full[:, a:b, start:stop].transpose(-1, -2)).transpose(-1, -2), labels[:, a:b],
+        vocab_parallel_group=mesh["tp"], sequence_parallel_group=mesh["cp"]))
     # a two-dimensional mesh is refused naming the argument
     _raises(ValueError, ["vocab_parallel_group", "one-dimensional"],
             lambda: fk.sequence_logps(full[:, a:b, start:stop], labels[:, a:b], vocab_parallel_group=mesh))

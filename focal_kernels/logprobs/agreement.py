@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from functools import wraps
+from typing import NamedTuple
 
 import torch
 
@@ -196,7 +197,7 @@ def agree_over_mesh(mesh, error, what):
 
 # ------------------------------------------------------------------ the agreement vector's values, and digests
 
-_INFO_WIDTH = 24  # int64 fields per rank (unused ones 0)
+_INFO_WIDTH = 25  # int64 fields per rank (unused ones 0)
 
 
 def _ints_of(values, device):
@@ -304,7 +305,7 @@ def _labels_digest(labels, ignore_index, cu_seqlens, tokens):
 # The vocabulary-parallel agreement vector, written once: (field, width) in order.
 _LAYOUT_FIELDS = (
     ("vocab", 1), ("batch", 1), ("time", 1), ("seqs", 1), ("hidden", 1), ("dtype", 1), ("grad", 1), ("checked", 1),
-    ("ignore", 1), ("bias", 1),
+    ("ignore", 1), ("bias", 1), ("counts", 1),  # counts: return_token_counts (per-sequence calls)
     ("options", 3),      # logit_softcap, logit_scale, temperature as float64 bits (logits: 1.0's)
     ("digest", 8),       # `_labels_digest`: min, max, Σ, Σ·w, 3 cu_seqlens flags, cu digest
     ("caller", 2),       # the caller's own digest (`agree_on`: the loss's arguments), compared as given
@@ -391,17 +392,28 @@ def _check_agreement(rows, what, group, *, hidden_path, names, caller=None):
         if row["caller"] != first["caller"]:
             raise ValueError(f"{what}: {caller or _CALLER_ARGUMENTS} must be the same on every rank of the "
                              f"vocabulary-parallel group, but {_ranks(group, 0, rank)} differ")
+        if row["counts"] != first["counts"]:  # after the loss's arguments, whose loss type may need counts
+            raise ValueError(f"{what}: return_token_counts must be the same on every rank, but "
+                             f"{_ranks(group, 0, rank)} differ")
 
 
 _CALLER_ARGUMENTS = ("the loss's arguments (loss_type, loss_weights, beta, gamma, reduction and the other loss "
                      "options, ref_chosen_logps, ref_rejected_logps, pair_weights)")
 
 
+class VocabLayout(NamedTuple):
+    """A vocabulary-parallel group's agreed layout: this rank's first vocabulary id, the whole vocabulary's
+    size, and a digest of every rank's slice size in group rank order (the same on every rank of the group)."""
+    start: int
+    total: int
+    digest: int
+
+
 def _vocab_layout(rows, group):
-    """(vocab_start of this rank, total vocabulary) from the gathered local sizes, in group rank order."""
-    sizes = [row["vocab"] for row in rows]
+    """The VocabLayout from the gathered local sizes, in group rank order."""
+    sizes = tuple(row["vocab"] for row in rows)
     rank = torch_distributed().get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    return VocabLayout(sum(sizes[:rank]), sum(sizes), hash(sizes))  # an int tuple's hash: the same in every process
 
 
 def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens, labels_name="labels"):
@@ -421,10 +433,11 @@ def _check_label_values(rows, vocab_total, ignore_index, tokens, cu_seqlens, lab
 
 def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu_seqlens, hidden, dtype,
                    needs_grad, labels, ignore_index, validate_labels, has_bias=False, options=(1.0, 1.0, 1.0),
-                   agree_on=(0, 0), names=("logits", "labels"), hidden_values=None, agree_on_name=None):
-    """The one agreement round of a vocabulary-parallel call: returns (vocab_start, vocab_total). Shapes,
-    dtypes, ignore_index, the logit options, whether there is a bias, the labels (as sums) and the caller's
-    two `agree_on` ints must agree on every rank, and on the hidden-state path (hidden >= 0: the size H)
+                   agree_on=(0, 0), names=("logits", "labels"), hidden_values=None, agree_on_name=None,
+                   token_counts=False):
+    """The one agreement round of a vocabulary-parallel call: returns its VocabLayout. Shapes, dtypes,
+    ignore_index, the logit options, whether there is a bias, whether token counts are returned
+    (`token_counts`), the labels (as sums) and the caller's two `agree_on` ints must agree on every rank, and on the hidden-state path (hidden >= 0: the size H)
     `hidden_values`' exact bits too; validate_labels=True also checks the label range and cu_seqlens
     rules. names: the (logits or hidden states, labels) arguments' names for the messages; agree_on_name: what
     `agree_on` digests, for the message (default: the fused losses' arguments)."""
@@ -436,16 +449,16 @@ def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu
         fields = _layout_vector(dict(
             vocab=vocab, batch=batch, time=seq_len, seqs=-1 if cu_seqlens is None else cu_seqlens.shape[0] - 1,
             hidden=hidden, dtype=dtype_code(dtype), grad=int(needs_grad), checked=int(checked),
-            ignore=int(ignore_index), bias=int(has_bias), options=[float_bits(v) for v in options], digest=digest,
+            ignore=int(ignore_index), bias=int(has_bias), counts=int(bool(token_counts)), options=[float_bits(v) for v in options], digest=digest,
             caller=agree_on, hidden_bits=hidden_digest(hidden_values) if hidden >= 0 else 0), tensor.device)
     rows = [_layout_row(row) for row in _agree(group, device, local_error, fields, what)]
     _check_agreement(rows, what, group, hidden_path=hidden >= 0, names=names, caller=agree_on_name)
     if any(row["vocab"] < 1 for row in rows):
         raise ValueError(f"{what}: every rank must hold at least one vocabulary entry; local sizes "
                          f"{[row['vocab'] for row in rows]}")
-    vocab_start, vocab_total = _vocab_layout(rows, group)
-    _check_label_values(rows, vocab_total, ignore_index, seq_len, cu_seqlens, names[1])
-    return vocab_start, vocab_total
+    layout = _vocab_layout(rows, group)
+    _check_label_values(rows, layout.total, ignore_index, seq_len, cu_seqlens, names[1])
+    return layout
 
 
 # ------------------------------------------------------------------ the sequence-parallel agreement
@@ -488,5 +501,6 @@ def agree_sum_layout(per_sequence_values, group, error, what, tags=()):
                              f"group, but {_ranks(group, 0, rank)} differ")
         if row[5:_SP_SHAPE] != rows[0][5:_SP_SHAPE]:
             raise ValueError(f"{what}: ignore_index, logit_softcap, logit_scale, temperature, whether there is a "
-                             "bias, the vocabulary and hidden sizes and the dtypes must be the same on every rank "
-                             f"of the sequence-parallel group, but {_ranks(group, 0, rank)} differ")
+                             "bias, the vocabulary (with a vocabulary-parallel group, its slices' sizes) and hidden "
+                             "sizes and the dtypes must be the same on every rank of the sequence-parallel group, "
+                             f"but {_ranks(group, 0, rank)} differ")

@@ -359,12 +359,12 @@ def vocab_parallel_sequence_logps(logits, labels, ignore_index: int = -100, *, g
 
 def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_seqlens, return_token_counts,
                                    validate_labels, more_checks=None, agree_on=(0, 0), names=("logits", "labels"),
-                                   group_name="group"):
+                                   group_name="group", layout=None):
     """vocab_parallel_sequence_logps, with more_checks() (the caller's own argument checks) run among this
     rank's checks, before the agreement: an error there raises on every rank of the group; agree_on: two
     ints (or 0-dim integer tensors) of the caller's that must be equal on every rank; names: the logits'
     and labels' names in the errors, group_name the group's (its checks run inside a sequence-parallel
-    caller's agreement)."""
+    caller's agreement); layout: a list that receives the agreed VocabLayout."""
     if is_dtensor(logits):  # its mesh's group (checked there), or the given group, which must have its ranks
         logits, sharded_over = dtensor_vocab_logits(logits)
         group = sharded_over if group is None else _same_ranks(check_group(group, group_name), sharded_over, "logits")
@@ -385,14 +385,17 @@ def _vocab_parallel_sequence_logps(logits, labels, ignore_index, *, group, cu_se
         error = exc
     tensor = logits if isinstance(logits, torch.Tensor) else None
     shape = (0, 0, 0) if error is not None else tuple(logits.shape)
-    vocab_start, vocab_total = gather_layout(
+    agreed = gather_layout(
         group, what, tensor, error, vocab=shape[2], batch=shape[0], seq_len=shape[1], cu_seqlens=cu_seqlens,
         hidden=-1, dtype=None if error is not None else logits.dtype, needs_grad=False, labels=labels,
-        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on, names=names)
+        ignore_index=ignore_index, validate_labels=validate_labels, agree_on=agree_on, names=names,
+        token_counts=return_token_counts)
+    if layout is not None:
+        layout.append(agreed)
     kernels = backend.use_triton(logits)
     if kernels:
         logits = unit_stride_logits(logits)
-    where = _Slice(int(ignore_index), vocab_start, vocab_total, group, kernels)
+    where = _Slice(int(ignore_index), agreed.start, agreed.total, group, kernels)
     token_logps = VocabParallelTokenLogps.apply(logits, labels, where)
     return per_sequence(token_logps, labels, cu_seqlens, logits, ignore_index, return_token_counts)
 
@@ -420,8 +423,8 @@ def vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias=None
 def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens,
                                                 return_token_counts, chunk_size, logit_softcap, logit_scale,
                                                 temperature, validate_labels, more_checks=None, agree_on=(0, 0),
-                                                names=("hidden", "labels"), group_name="group"):
-    """vocab_parallel_fused_linear_sequence_logps, with more_checks(), agree_on and names as in
+                                                names=("hidden", "labels"), group_name="group", layout=None):
+    """vocab_parallel_fused_linear_sequence_logps, with more_checks(), agree_on, names and layout as in
     `_vocab_parallel_sequence_logps`."""
     def checks():
         check_flag(return_token_counts, "return_token_counts")
@@ -432,7 +435,8 @@ def _vocab_parallel_fused_linear_sequence_logps(hidden, weight, labels, bias, ig
         hidden, weight, labels, bias, ignore_index, group=group, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
         logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
         validate_labels=validate_labels, stats=None, more_checks=checks, agree_on=agree_on, names=names,
-        group_name=group_name, what="vocab_parallel_fused_linear_sequence_logps")
+        group_name=group_name, what="vocab_parallel_fused_linear_sequence_logps", token_counts=return_token_counts,
+        layout=layout)
     return per_sequence(token_logps.view(labels.shape), labels, cu_seqlens, weight, ignore_index,
                         return_token_counts)
 
@@ -469,11 +473,14 @@ def vocab_parallel_fused_linear_token_logps(hidden, weight, labels, bias=None, i
 
 def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens, chunk_size,
                                   logit_softcap, logit_scale, temperature, validate_labels, stats, more_checks,
-                                  what, agree_on=(0, 0), names=("hidden", "labels"), group_name="group"):
+                                  what, agree_on=(0, 0), names=("hidden", "labels"), group_name="group",
+                                  token_counts=False, layout=None):
     """The checked, agreed call of VocabParallelLinearTokenLogps: (flat token log-probs and `stats`, the labels
     and cu_seqlens on the token grid, this rank's weight slice). stats: None (the per-sequence callers, whose
     `agree_on` is agreed), or the token-level call's list of statistics, which more_checks() may fill (it runs
-    among this rank's checks, so that its errors raise on every rank) and which every rank must share."""
+    among this rank's checks, so that its errors raise on every rank) and which every rank must share.
+    token_counts: whether the per-sequence caller returns token counts (agreed); layout: as in
+    `_vocab_parallel_sequence_logps`."""
     group = check_group(group, group_name)
     error = None
     try:
@@ -494,7 +501,7 @@ def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *,
         error = exc
     tensor = weight if isinstance(weight, torch.Tensor) else None
     ok = error is None
-    vocab_start, vocab_total = gather_layout(
+    agreed = gather_layout(
         group, what, tensor, error, vocab=weight.shape[0] if ok else 0, batch=hidden.shape[0] if ok else 0,
         seq_len=hidden.shape[1] if ok else 0, cu_seqlens=cu_seqlens, hidden=hidden.shape[2] if ok else 0,
         dtype=hidden.dtype if ok else None, needs_grad=ok and hidden.requires_grad and torch.is_grad_enabled(),
@@ -503,12 +510,15 @@ def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *,
         options=(logit_softcap, logit_scale, temperature) if ok else (1.0, 1.0, 1.0),
         # the token-level call: every rank must request the same statistics (their all-reduces must match)
         agree_on=(sum(1 << ops.STATS.index(name) for name in stats), 0) if stats is not None else agree_on,
-        agree_on_name="stats" if stats is not None else None, names=names, hidden_values=hidden if ok else None)
+        agree_on_name="stats" if stats is not None else None, names=names, hidden_values=hidden if ok else None,
+        token_counts=token_counts)
+    if layout is not None:
+        layout.append(agreed)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0] * hidden.shape[1], weight.shape[0], weight.shape[1],
                                         weight.element_size())
     params, has_softcap = transform_params(weight, logit_softcap, logit_scale, temperature)
-    where = _LinearSlice(int(ignore_index), vocab_start, vocab_total, group, chunk_size, params, has_softcap,
+    where = _LinearSlice(int(ignore_index), agreed.start, agreed.total, group, chunk_size, params, has_softcap,
                          tuple(stats or ()))
     return VocabParallelLinearTokenLogps.apply(hidden, weight, bias, labels, where), labels, cu_seqlens, weight
 
@@ -608,14 +618,16 @@ def parallel_sequence_logps(local, logits, labels, ignore_index, *, cu_seqlens, 
 
     options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, validate_labels=validate_labels,
                    names=names)
+    layout = []
     if vocab_parallel_group is not None or is_dtensor(logits):
         compute = partial(_vocab_parallel_sequence_logps, logits, labels, ignore_index, group=vocab_parallel_group,
-                          more_checks=checks, agree_on=agree_on, group_name="vocab_parallel_group", **options)
+                          more_checks=checks, agree_on=agree_on, group_name="vocab_parallel_group", layout=layout,
+                          **options)
     else:
         compute = _checked(checks, partial(local, logits, labels, ignore_index, **options))
 
     def shared():  # what the ranks of a sequence-parallel group must share, besides the shapes
-        return int(ignore_index), logits.shape[-1], dtype_code(logits.dtype)
+        return int(ignore_index), _vocabulary(layout, logits.shape[-1]), dtype_code(logits.dtype)
 
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,
                               "sequence_logps (sequence-parallel)")
@@ -643,22 +655,32 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
     options = dict(cu_seqlens=cu_seqlens, return_token_counts=return_token_counts, chunk_size=chunk_size,
                    logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
                    validate_labels=validate_labels, names=names)
+    layout = []
     if vocab_parallel_group is not None:
         compute = partial(_vocab_parallel_fused_linear_sequence_logps, hidden, weight, labels, bias, ignore_index,
                           group=vocab_parallel_group, more_checks=checks, agree_on=agree_on,
-                          group_name="vocab_parallel_group", **options)
+                          group_name="vocab_parallel_group", layout=layout, **options)
     else:  # DTensor parameters (FSDP2) gathered first on every rank, then the checks, agreed over their mesh
         weight, bias, mesh = gathered_params(weight, bias)
         compute = partial(agreed_on_mesh, mesh, _checked(checks, partial(
             local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
 
     def shared():  # as in parallel_sequence_logps
-        return (int(ignore_index), *weight.shape, dtype_code(hidden.dtype), dtype_code(weight.dtype),
+        return (int(ignore_index), _vocabulary(layout, weight.shape[0]), weight.shape[1], dtype_code(hidden.dtype),
+                dtype_code(weight.dtype),
                 -1 if bias is None else dtype_code(bias.dtype),
                 *(float_bits(v) for v in (logit_softcap, logit_scale, temperature)))
 
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,
                               "fused_linear_sequence_logps (sequence-parallel)")
+
+
+def _vocabulary(layout, size):
+    """What sequence-parallel ranks compare of the vocabulary: its size V on one rank; with a vocabulary-parallel
+    group (a 2-D mesh), the digest of that group's agreed slice sizes (`layout`: [VocabLayout]), not this rank's
+    own V_r. The digest is the same on every rank of a vocabulary group, so a difference between two of them
+    shows in every sequence-parallel group alike: every rank raises, none is left waiting for the others."""
+    return layout[0].digest if layout else size
 
 
 def _checked(checks, compute):

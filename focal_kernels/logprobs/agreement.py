@@ -437,9 +437,9 @@ def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu
                    token_counts=False):
     """The one agreement round of a vocabulary-parallel call: returns its VocabLayout. Shapes, dtypes,
     ignore_index, the logit options, whether there is a bias, whether token counts are returned
-    (`token_counts`), the labels (as sums) and the caller's two `agree_on` ints must agree on every rank, and on the hidden-state path (hidden >= 0: the size H)
-    `hidden_values`' exact bits too; validate_labels=True also checks the label range and cu_seqlens
-    rules. names: the (logits or hidden states, labels) arguments' names for the messages; agree_on_name: what
+    (`token_counts`), the labels (as sums) and the caller's two `agree_on` ints must agree on every rank, and
+    on the hidden-state path (hidden >= 0: the size H) `hidden_values`' exact bits too; validate_labels=True
+    also checks the label range and cu_seqlens rules. names: the (logits or hidden states, labels) arguments' names for the messages; agree_on_name: what
     `agree_on` digests, for the message (default: the fused losses' arguments)."""
     device = _info_device(group, tensor)
     fields = None
@@ -449,7 +449,8 @@ def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu
         fields = _layout_vector(dict(
             vocab=vocab, batch=batch, time=seq_len, seqs=-1 if cu_seqlens is None else cu_seqlens.shape[0] - 1,
             hidden=hidden, dtype=dtype_code(dtype), grad=int(needs_grad), checked=int(checked),
-            ignore=int(ignore_index), bias=int(has_bias), counts=int(bool(token_counts)), options=[float_bits(v) for v in options], digest=digest,
+            ignore=int(ignore_index), bias=int(has_bias), counts=int(bool(token_counts)),
+            options=[float_bits(v) for v in options], digest=digest,
             caller=agree_on, hidden_bits=hidden_digest(hidden_values) if hidden >= 0 else 0), tensor.device)
     rows = [_layout_row(row) for row in _agree(group, device, local_error, fields, what)]
     _check_agreement(rows, what, group, hidden_path=hidden >= 0, names=names, caller=agree_on_name)

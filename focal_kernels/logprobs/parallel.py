@@ -667,8 +667,7 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
 
     def shared():  # as in parallel_sequence_logps
         return (int(ignore_index), _vocabulary(layout, weight.shape[0]), weight.shape[1], dtype_code(hidden.dtype),
-                dtype_code(weight.dtype),
-                -1 if bias is None else dtype_code(bias.dtype),
+                dtype_code(weight.dtype), -1 if bias is None else dtype_code(bias.dtype),
                 *(float_bits(v) for v in (logit_softcap, logit_scale, temperature)))
 
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,

@@ -1,7 +1,8 @@
 """FocalPOTrainer beside TRL's DPOTrainer in the same set-up on two ranks (gloo, CPU): under FSDP2
 (tests/fsdp2_trainer_workers.py), under tensor parallelism, a model loaded with `tp_plan="auto"`, and on four
 ranks under both, a model loaded with `DistributedConfig(tp_size=2, fsdp_size=2)` (tests/tp_trainer_workers.py).
-Each test spawns one group that runs every scenario of its workers' file; see those files for what each checks. (DeepSpeed ZeRO-3: tests/test_deepspeed.py, skipped without its extra.)"""
+Each test spawns one group that runs every scenario of its workers' file; see those files for what each checks.
+(DeepSpeed ZeRO-3: tests/test_deepspeed.py, skipped without its extra.)"""
 
 from __future__ import annotations
 

@@ -242,6 +242,8 @@ def test_inplace_checks_run_on_every_backend(device, kernels, monkeypatch):
     with pytest.raises(ValueError, match="a leaf tensor that requires grad"):  # a view of the leaf, too
         fk.sequence_logps(torch.randn(2, 4, 10, device=device, requires_grad=True)[:, :-1], labels,
                           inplace_backward=True)
+    with pytest.raises(ValueError, match="a leaf tensor that requires grad"):  # a view that is a leaf itself
+        fk.sequence_logps(torch.randn(2, 4, 10, device=device)[:, :-1].requires_grad_(), labels, inplace_backward=True)
     with pytest.raises(ValueError, match="do not overlap in memory"):
         fk.sequence_logps(torch.randn(1, 3, 10, device=device).expand(2, 3, 10), labels, inplace_backward=True)
     both = torch.randn(2, 3, 10, device=device)

@@ -37,6 +37,16 @@ def test_gradcheck_shifted_view(device):
     assert torch.autograd.gradcheck(lambda x: fk.sequence_logps(x[:, :-1], labels), (base,), eps=1e-6, atol=1e-8)
 
 
+def test_gradcheck_overlapping_windows(device):
+    """Logits that overlap themselves (`unfold`'s sliding windows, strides (8, 1, 1)): `empty_like` gives such a
+    tensor another innermost dimension, which the gradient kernel once wrote as if its rows had unit stride."""
+    vocab = 6
+    base = random_logits(1, 2, 8, torch.float64, device, scale=1.0)[0].requires_grad_(True)
+    labels = random_labels(2, 3, vocab, device, ignored_fraction=0)
+    assert torch.autograd.gradcheck(lambda x: fk.sequence_logps((x * 1).unfold(1, vocab, 1), labels), (base,),
+                                    eps=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_output_element_is_written(device, dtype, monkeypatch):
     vocab = 1234  # not a multiple of any block size

@@ -123,8 +123,8 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index,
     dtype; row_max and log_sum_exp flat (rows,). `out`, when given, is a list of tensors with the logits'
     shapes and dtype and stride(-1) == 1; passing the logits themselves computes the gradients in place.
     """
-    if out is None:  # the logits' own layout where dense, else contiguous (as the fake)
-        out = [torch.empty_like(part) for part in logits]
+    if out is None:
+        out = [torch.empty(part.shape, dtype=part.dtype, device=part.device) for part in logits]
     first, first_labels, first_scale, first_out = logits[0], labels[0], grad_scales[0], out[0]
     # One grid is passed as both.
     second, second_labels, second_scale, second_out = logits[-1], labels[-1], grad_scales[-1], out[-1]

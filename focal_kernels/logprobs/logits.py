@@ -46,7 +46,7 @@ def refuse_leaf(logits, name="logits"):
     if not isinstance(logits, torch.Tensor):
         return
     base = logits._base if logits._base is not None else logits
-    if base.is_leaf and base.requires_grad:
+    if any(t.is_leaf and t.requires_grad for t in (logits, base)):  # a view can be a leaf itself: x.detach()[1:]
         raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a "
                          "view of one), with its own gradient: pass the output of an op (e.g. the lm_head's), or "
                          "turn it off")

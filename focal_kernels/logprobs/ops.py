@@ -66,12 +66,23 @@ def _token_logps(logits: list[torch.Tensor], labels: list[torch.Tensor], ignore_
         return token_logps_and_lse(logits, labels, ignore_index, vocab_start, write_target)
 
 
+def _gradient_like(logits: torch.Tensor) -> torch.Tensor:
+    """A new tensor for the logits' gradient, in their own layout where its rows have unit stride (a
+    batch-minor tensor stays batch-minor), else contiguous: `empty_like` of overlapping views (`unfold`'s
+    windows) can put another dimension innermost, and the kernel writes rows with unit stride."""
+    out = torch.empty_like(logits)
+    if out.stride(-1) == 1 or logits.shape[-1] <= 1:
+        return out
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
 def _logits_grad(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
                  log_sum_exp: torch.Tensor, grad_scales: list[torch.Tensor], ignore_index: int,
                  vocab_start: int) -> list[torch.Tensor]:
     from ..kernels.logits_grad import logits_grad
     with _on_device(logits[0]):
-        return logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start)
+        return logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start,
+                           out=[_gradient_like(part) for part in logits])
 
 
 def _logits_grad_inplace(logits: list[torch.Tensor], labels: list[torch.Tensor], row_max: torch.Tensor,
@@ -162,7 +173,7 @@ def _(logits, labels, ignore_index, vocab_start, write_target):
 
 @_logits_grad_op.register_fake
 def _(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index, vocab_start):
-    return [torch.empty_like(part) for part in logits]  # the layout the kernel allocates (kernels/logits_grad.py)
+    return [_gradient_like(part) for part in logits]  # the layout the operator allocates
 
 
 @_logits_grad_inplace_op.register_fake

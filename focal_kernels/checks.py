@@ -201,6 +201,22 @@ def check_inplace_target(logits, name="logits"):
         extent = stride * (size - 1) + extent
 
 
+def refuse_leaf(logits, name="logits"):
+    """A leaf that requires grad, or a view of one (`leaf[:, :-1]`), would be overwritten by its gradient. While
+    torch.compile traces, only the tensor itself is checked: reading a graph input's `_base` fails in
+    aot_autograd's trace, and the compiled graph hands its operators aliases without one, so a view of a leaf
+    passed into a compiled function is not detected there."""
+    if not isinstance(logits, torch.Tensor):
+        return
+    checked = [logits]
+    if not torch.compiler.is_compiling() and logits._base is not None:
+        checked.append(logits._base)
+    if any(t.is_leaf and t.requires_grad for t in checked):  # a view can be a leaf itself: x.detach()[1:]
+        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a "
+                         "view of one), with its own gradient: pass the output of an op (e.g. the lm_head's), or "
+                         "turn it off")
+
+
 def check_inplace_targets_disjoint(chosen_logits, rejected_logits):
     """With inplace_backward, chosen and rejected must not share an element: halves of one batch, or of one
     sequence (`logits[:, :T]` and `logits[:, T:]`, whose rows interleave in memory), are fine.

@@ -9,7 +9,7 @@ import torch
 
 from .. import backend, reference
 from ..checks import (check_flag, check_inplace_target, check_inplace_targets_disjoint, check_labels_in_range,
-                      check_logits_and_labels, data_checks_enabled, is_dtensor)
+                      check_logits_and_labels, data_checks_enabled, is_dtensor, refuse_leaf)
 from .ops import distinct
 from .packing import as_token_grid, per_sequence
 
@@ -39,17 +39,6 @@ def unit_stride_logits(logits, name="logits"):
                       "Pass a tensor whose last dimension is contiguous to avoid the copy.",
                       stacklevel=_user_stacklevel())
     return logits.contiguous()
-
-
-def refuse_leaf(logits, name="logits"):
-    """A leaf that requires grad, or a view of one (`leaf[:, :-1]`), would be overwritten by its gradient."""
-    if not isinstance(logits, torch.Tensor):
-        return
-    base = logits._base if logits._base is not None else logits
-    if any(t.is_leaf and t.requires_grad for t in (logits, base)):  # a view can be a leaf itself: x.detach()[1:]
-        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a "
-                         "view of one), with its own gradient: pass the output of an op (e.g. the lm_head's), or "
-                         "turn it off")
 
 
 def check_inplace(logits, name="logits"):

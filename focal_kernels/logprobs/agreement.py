@@ -439,8 +439,9 @@ def gather_layout(group, what, tensor, local_error, *, vocab, batch, seq_len, cu
     ignore_index, the logit options, whether there is a bias, whether token counts are returned
     (`token_counts`), the labels (as sums) and the caller's two `agree_on` ints must agree on every rank, and
     on the hidden-state path (hidden >= 0: the size H) `hidden_values`' exact bits too; validate_labels=True
-    also checks the label range and cu_seqlens rules. names: the (logits or hidden states, labels) arguments' names for the messages; agree_on_name: what
-    `agree_on` digests, for the message (default: the fused losses' arguments)."""
+    also checks the label range and cu_seqlens rules. names: the (logits or hidden states, labels) arguments'
+    names for the messages; agree_on_name: what `agree_on` digests, for the message (default: the fused
+    losses' arguments)."""
     device = _info_device(group, tensor)
     fields = None
     if local_error is None:

@@ -554,6 +554,11 @@ def test_packed_with_a_real_batch_dimension_is_refused():
         fk.fused_linear_sequence_logps(h, w, labels, cu_seqlens=cu)
     with pytest.raises(ValueError, match="logits"):
         fk.sequence_logps(logits[0], labels[0])  # (N, V) without cu_seqlens
+    # labels of another length: the message counts the caller's tokens, not an internal (1, N) grid
+    with pytest.raises(ValueError, match=r"packed labels must have N = 5 tokens, one per row of logits .*got 4"):
+        fk.sequence_logps(logits[0], labels[0, :4], cu_seqlens=make_cu([2, 2]))
+    with pytest.raises(ValueError, match=r"packed labels must have N = 5 tokens, one per row of hidden .*got 4"):
+        fk.fused_linear_sequence_logps(h[0], w, labels[0, :4], cu_seqlens=make_cu([2, 2]))
 
 
 def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds(path):

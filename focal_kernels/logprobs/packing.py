@@ -131,8 +131,10 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"packed {labels_name} (with cu_seqlens) must have shape (N,) or (1, N), got {shape}")
+    if labels.shape[0] != values.shape[0]:
+        raise ValueError(f"packed {labels_name} must have N = {values.shape[0]} tokens, one per row of {values_name} "
+                         f"(shape {tuple(values.shape)}), got {labels.shape[0]}")
     return values[None], labels[None], cu_seqlens.contiguous()  # the segment-sum kernel reads it unstrided
-
 
 
 def token_counts(labels: torch.Tensor, layout: Layout, ignore_index: int) -> torch.Tensor:

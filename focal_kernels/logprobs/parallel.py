@@ -121,9 +121,8 @@ def _whole_vocabulary_state(state, stats, global_max, sums, group):
     scale = torch.where(held, torch.exp(shift), 0.0)
     local = {"wsum": lambda: scale * (named["wsum"] + shift * named["sum"]),
              "sqsum": lambda: scale * scale * named["sqsum"], "xsum": lambda: named["xsum"]}
-    # in local's order, whatever the order of `stats` on each rank (the ranks agreed on the set only)
-    wanted = {ops.STATE_OF_STAT[stat] for stat in stats}
-    summed = [name for name in local if name in wanted]
+    # stats come in STATS' order (`stat_names`) and the ranks agreed on them: the same stack on every rank
+    summed = [ops.STATE_OF_STAT[stat] for stat in stats if ops.STATE_OF_STAT[stat] in local]
     whole = {"max": global_max, "sum": sums[0], "target": sums[1]}
     if summed:
         stacked = torch.stack([local[name]() for name in summed])

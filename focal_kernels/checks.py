@@ -202,14 +202,15 @@ def check_inplace_target(logits, name="logits"):
 
 
 def refuse_leaf(logits, name="logits"):
-    """A leaf that requires grad, or a view of one (`leaf[:, :-1]`), would be overwritten by its gradient. While
-    torch.compile traces, only the tensor itself is checked: reading a graph input's `_base` fails in
-    aot_autograd's trace, and the compiled graph hands its operators aliases without one, so a view of a leaf
-    passed into a compiled function is not detected there."""
+    """A leaf that requires grad, or a view of one (`leaf[:, :-1]`), would be overwritten by its gradient.
+
+    The base is read under torch.compile too, so a view of a leaf is refused there as in eager mode. A view of
+    a non-leaf passed into a compiled function fails to compile instead (aot_autograd's trace cannot read a
+    graph input's `_base`; slicing inside the compiled function works): loud, never a leaf overwritten."""
     if not isinstance(logits, torch.Tensor):
         return
     checked = [logits]
-    if not torch.compiler.is_compiling() and logits._base is not None:
+    if logits._base is not None:
         checked.append(logits._base)
     if any(t.is_leaf and t.requires_grad for t in checked):  # a view can be a leaf itself: x.detach()[1:]
         raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad (or a "

@@ -334,24 +334,40 @@ def test_compiled_inplace_backward(backend):
         loss.backward()
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_inplace_backward_of_a_view_input(backend):
-    """Logits that enter the compiled function as views (the shifted `logits[:, :-1]`, a transpose) with
-    inplace_backward=True: the leaf check once read the input's `_base`, which aot_autograd's trace cannot
-    (an AttributeError at every compile); the gradient through the view matches eager."""
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_inplace_backward_never_overwrites_a_leaf_through_a_view(fullgraph):
+    """inplace_backward=True under torch.compile, with views: a view of a leaf taken inside the compiled function
+    is refused as in eager mode (for one release it was not, and the leaf's values became its gradient); a view
+    passed into the compiled function fails to compile (aot_autograd cannot read its base); the same view taken
+    inside, from the tensor passed in, compiles and matches eager. The tensors passed in are never changed."""
     labels = torch.randint(0, VOCAB, (2, 4))
     labels[1, :2] = IGNORE
 
-    def loss(logits, inplace):
-        return fk.focal_po_loss(logits, logits.flip(0), labels, labels, gamma=0.5, inplace_backward=inplace).loss
+    def inside(logits, inplace):
+        return fk.sequence_logps(logits[:, :-1], labels, inplace_backward=inplace).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend=backend)
-    for shape, view in (((2, 5, VOCAB), lambda t: t[:, :-1]), ((5, 2, VOCAB), lambda t: t.transpose(0, 1)[:, :-1])):
-        values, grads = torch.randn(shape), []
-        for call, inplace in ((compiled, True), (loss, False)):
-            leaf = values.clone().requires_grad_(True)
-            grads.append(torch.autograd.grad(call(view(leaf * 2), inplace), leaf)[0])
-        assert_close(grads[0], grads[1], (1e-5, 1e-6), f"gradient through a view input {tuple(shape)}")
+    def passed(logits, inplace):
+        return fk.sequence_logps(logits, labels, inplace_backward=inplace).sum()
+
+    def compiled(fn):
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=fullgraph, backend="aot_eager")
+
+    values = torch.randn(2, 5, VOCAB)
+    for fn, make in ((inside, lambda leaf: leaf), (passed, lambda leaf: leaf[:, :-1]),
+                     (passed, lambda leaf: (leaf * 2)[:, :-1])):
+        leaf = values.clone().requires_grad_(True)
+        with pytest.raises(Exception) as raised:
+            compiled(fn)(make(leaf), True).backward()
+        if make(leaf)._base is None or make(leaf)._base.is_leaf:
+            assert "would overwrite logits, a leaf tensor" in str(raised.value), raised.value
+        assert torch.equal(leaf.detach(), values), f"{fn.__name__}: the leaf was overwritten"
+
+    grads = []
+    for call, inplace in ((compiled(inside), True), (inside, False)):
+        leaf = values.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(call(leaf * 2, inplace), leaf)[0])
+    assert_close(grads[0], grads[1], (1e-5, 1e-6), "gradient through a view taken inside")
 
 
 def assert_compiled_matches_eager(fn, compiled, inputs, **tolerance):

@@ -143,6 +143,25 @@ def test_memory_budget_keeps_chunks_and_matches(monkeypatch, budget_chunks):
         assert torch.equal(got, want)
 
 
+def test_memory_budget_counts_a_chunk_wider_than_the_vocabulary(monkeypatch):
+    """chunk_size > V is one chunk of V columns: a budget of rows × V logits keeps it (none is recomputed)."""
+    hidden, weight, labels, _ = _inputs(torch.float32, vocab=53)
+    weight.requires_grad_(True)
+    budget = int((labels != -100).sum()) * 53 * weight.element_size()
+    expected = fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=53)
+    expected_grads = torch.autograd.grad(expected.sum(), [hidden, weight])
+    calls = []
+    original = vocab_chunks._chunk_logits
+    monkeypatch.setattr(vocab_chunks, "_chunk_logits", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    logps = fk.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=1000, memory_budget=budget)
+    assert calls == [0]
+    grads = torch.autograd.grad(logps.sum(), [hidden, weight])
+    assert calls == [0], "the backward recomputed the kept chunk"
+    assert torch.equal(logps, expected)
+    for got, want in zip(grads, expected_grads):
+        assert torch.equal(got, want)
+
+
 LAYOUTS = ("packed", "shifted view", "one token")
 
 

@@ -112,8 +112,9 @@ class LinearTokenLogps(torch.autograd.Function):
             positions = [None] * len(hiddens)
             rows = masked_rows(hiddens, scored)
         row_labels = _pick(labels, positions, scored, fill=0).to(torch.int64)
-        chunk_size = options.chunk_size or default_chunk_size(rows.shape[0], weight.shape[0], weight.shape[1],
-                                                              weight.element_size())
+        # (a chunk_size wider than V is one chunk of V columns: so the memory budget counts it, and buffers fit)
+        chunk_size = min(options.chunk_size or default_chunk_size(rows.shape[0], weight.shape[0], weight.shape[1],
+                                                                  weight.element_size()), weight.shape[0])
         keep_chunks = min(options.memory_budget // (max(rows.shape[0], 1) * chunk_size * rows.element_size()),
                           weight.shape[0] // chunk_size)
         *state, unit, kept = ops.linear_forward(rows, weight, bias, row_labels, options.params, options.has_softcap,

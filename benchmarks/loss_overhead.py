@@ -17,7 +17,7 @@ import focal_kernels as fk
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loss_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--device", default="cpu")

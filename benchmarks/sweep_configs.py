@@ -79,7 +79,7 @@ def sweep(vocab, rows, dtype, blocks=BLOCKS, warps=WARPS, device="cuda"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_configs", description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])

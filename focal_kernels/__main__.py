@@ -181,7 +181,7 @@ def check_packed_case(device, generator, dtype=torch.float32, vocab=501, hidden_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m focal_kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = "cuda" if ON_GPU else "cpu"

@@ -65,7 +65,8 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
 def check_ignore_index_value(ignore_index) -> None:
     """An int that fits in int64 (checked before any labels are seen, e.g. by the loss modules' constructors)."""
     if not is_integer(ignore_index):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        hint = " (cu_seqlens is keyword-only: cu_seqlens=...)" if isinstance(ignore_index, torch.Tensor) else ""
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}{hint}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 

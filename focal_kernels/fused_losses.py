@@ -56,12 +56,27 @@ def _check_loss_options(*, beta, gamma, detach_focal_weight, reduction, loss_opt
     """The loss's non-tensor options: unknown names, the loss types and their option values."""
     unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss options are {list(_LOSS_OPTIONS)}")
+        raise TypeError(f"unexpected keyword argument(s) {unknown}{_did_you_mean(unknown)}; besides its named "
+                        f"keywords, the function takes the loss options {list(_LOSS_OPTIONS)}")
     names, _ = resolve_loss_types(loss_options.get("loss_type", "focal"), loss_options.get("loss_weights"))
     options = {name: loss_options.get(name, default) for name, default in _OPTION_DEFAULTS.items()}
     check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight, reduction=reduction,
                   **options)
     return names
+
+
+def _did_you_mean(unknown):
+    """' (did you mean 'gamma'?)' for a misspelt keyword of the fused losses or a loss option, else ''
+    (always '' while torch.compile traces, which cannot trace inspect and difflib)."""
+    if torch.compiler.is_compiling():
+        return ""
+    import difflib
+    import inspect
+
+    known = {*_LOSS_OPTIONS, *(name for fn in (focal_po_loss, fused_linear_focal_po_loss)
+                               for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY)}
+    close = [match for name in unknown for match in difflib.get_close_matches(name, sorted(known), n=1)]
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
 def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, what, *, beta, gamma,

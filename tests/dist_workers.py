@@ -1164,6 +1164,17 @@ def mesh_2x2(rank, world):
     _raises(ValueError, ["its slices' sizes"], lambda: fk.sequence_logps(
         more(full[:, a:b, start:stop].transpose(-1, -2)).transpose(-1, -2), labels[:, a:b],
         vocab_parallel_group=mesh["tp"], sequence_parallel_group=mesh["cp"]))
+    # under autocast, dtypes that autocast casts alike (float32 on rank 3, bfloat16 on the others) agree in every
+    # group: every rank returns and runs its backward (the sequence-parallel groups compared the dtypes before the
+    # cast, so rank 3's group raised and ranks 0 and 2 waited in the backward's all-reduce)
+    dtype = torch.float32 if rank == 3 else torch.bfloat16
+    h = hidden[:, a:b].to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = fk.fused_linear_sequence_logps(h, weight[start:stop].to(dtype), labels[:, a:b],
+                                               vocab_parallel_group=mesh["tp"], sequence_parallel_group=mesh["cp"])
+    _close(logps.float(), ref, "2x2 mesh under autocast (bfloat16 logits)", 1e-2, 0)
+    _loss(logps.float()).backward()
+    assert h.grad.dtype == dtype and torch.isfinite(h.grad).all()
     # a two-dimensional mesh is refused naming the argument
     _raises(ValueError, ["vocab_parallel_group", "one-dimensional"],
             lambda: fk.sequence_logps(full[:, a:b, start:stop], labels[:, a:b], vocab_parallel_group=mesh))

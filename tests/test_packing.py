@@ -559,6 +559,8 @@ def test_packed_with_a_real_batch_dimension_is_refused():
         fk.sequence_logps(logits[0], labels[0, :4], cu_seqlens=make_cu([2, 2]))
     with pytest.raises(ValueError, match=r"packed labels must have N = 5 tokens, one per row of hidden .*got 4"):
         fk.fused_linear_sequence_logps(h[0], w, labels[0, :4], cu_seqlens=make_cu([2, 2]))
+    with pytest.raises(ValueError, match=rf"one per row of logits \(shape \(1, 5, {VOCAB}\)\), got 4"):
+        fk.sequence_logps(logits[:1], labels[0, :4], cu_seqlens=make_cu([2, 2]))  # the shape as passed
 
 
 def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds(path):

@@ -393,8 +393,8 @@ def _check_agreement(rows, what, group, *, hidden_path, names, caller=None):
             raise ValueError(f"{what}: {caller or _CALLER_ARGUMENTS} must be the same on every rank of the "
                              f"vocabulary-parallel group, but {_ranks(group, 0, rank)} differ")
         if row["counts"] != first["counts"]:  # after the loss's arguments, whose loss type may need counts
-            raise ValueError(f"{what}: return_token_counts must be the same on every rank, but "
-                             f"{_ranks(group, 0, rank)} differ")
+            raise ValueError(f"{what}: return_token_counts must be the same on every rank of the "
+                             f"vocabulary-parallel group, but {_ranks(group, 0, rank)} differ")
 
 
 _CALLER_ARGUMENTS = ("the loss's arguments (loss_type, loss_weights, beta, gamma, reduction and the other loss "

@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_labels_in_range,
-                      check_linear, data_checks_enabled, is_dtensor, is_integer, is_real, values_readable)
+from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_ignore_index_value,
+                      check_labels_in_range, check_linear, data_checks_enabled, is_dtensor, is_integer, is_real,
+                      values_readable)
 from ..dtypes import compute_dtype
 from .agreement import agree_over_mesh
 from .linear_autograd import LinearOptions, LinearTokenLogps
@@ -139,11 +140,22 @@ def autocast_inputs(weight, bias, *hiddens):
     `torch.mm` would cast them for a model's lm_head (float64 and non-tensors are left for the checks);
     the casts are differentiable, so gradients reach the originals in their own dtype. Unchanged otherwise."""
     tensors = (weight, bias, *hiddens)
-    dtype = autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
-    if dtype is None:
+    if autocast_dtype_for(weight) is None:
         return tensors
-    castable = (torch.float32, torch.bfloat16, torch.float16)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
+    return tuple(t.to(cast_dtype(t, weight)) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
+def autocast_dtype_for(weight):
+    """The autocast dtype on the weight's device (None where autocast is off there, or weight is no tensor)."""
+    return autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
+
+
+def cast_dtype(tensor, weight):
+    """The dtype `autocast_inputs` gives tensor: the autocast dtype for float32 / bfloat16 / float16, else its own."""
+    dtype = autocast_dtype_for(weight)
+    if dtype is None or tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return tensor.dtype
+    return dtype
 
 
 def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_softcap, logit_scale, temperature,
@@ -306,6 +318,7 @@ def local_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_
     """`fused_linear_sequence_logps` on this rank's tensors alone (weight and bias plain tensors, gathered
     already), its errors naming hidden and labels `names` (the fused losses pass chosen_hidden, ...)."""
     hidden_name, labels_name = names
+    check_ignore_index_value(ignore_index)  # first: cu_seqlens passed by position lands here
     check_flag(return_token_counts, "return_token_counts")
     hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name=hidden_name,
                                                labels_name=labels_name, last_dim="H")

@@ -118,6 +118,7 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{values_name} must be a torch.Tensor, got {type(values).__name__}")
     check_cu_seqlens(cu_seqlens, values)
+    given = tuple(values.shape)
     if values.dim() == 3:
         if values.shape[0] != 1:
             raise ValueError(f"packed {values_name} (with cu_seqlens) must have shape (N, {last_dim}) or "
@@ -133,7 +134,7 @@ def as_token_grid(values, labels, cu_seqlens, *, values_name, labels_name, last_
         raise ValueError(f"packed {labels_name} (with cu_seqlens) must have shape (N,) or (1, N), got {shape}")
     if labels.shape[0] != values.shape[0]:
         raise ValueError(f"packed {labels_name} must have N = {values.shape[0]} tokens, one per row of {values_name} "
-                         f"(shape {tuple(values.shape)}), got {labels.shape[0]}")
+                         f"(shape {given}), got {labels.shape[0]}")
     return values[None], labels[None], cu_seqlens.contiguous()  # the segment-sum kernel reads it unstrided
 
 

@@ -72,8 +72,8 @@ from ..first_order import first_order_only
 from . import ops
 from .agreement import (DTYPE_CODES, SP_MAX_DIMS, RankFailed, agree_sum_layout, check_group, dtype_code, float_bits,
                         gather_layout, mesh_group, torch_distributed)
-from .linear import (TokenLogps, agreed_on_mesh, autocast_inputs, check_logit_transform, check_memory_budget,
-                     gathered_params, stat_names, token_grid, transform_params)
+from .linear import (TokenLogps, agreed_on_mesh, autocast_inputs, cast_dtype, check_logit_transform,
+                     check_memory_budget, gathered_params, stat_names, token_grid, transform_params)
 from .linear_autograd import row_values
 from .logits import unit_stride_logits
 from .packing import as_token_grid, per_sequence
@@ -543,9 +543,9 @@ class _SumOverRanks(torch.autograd.Function):
 
 def sequence_parallel_sum(per_sequence_values, group):
     """Context parallelism: the SUM over the ranks of `group` of per-sequence values computed from each rank's
-    slice of every sequence's tokens (log-probs, token counts): a tensor of at most 10 dimensions, the same shape
-    and dtype on every rank. Forward: one all-reduce (after one small all_gather checking the shapes and
-    dtypes); backward: the gradient unchanged.
+    slice of every sequence's tokens (log-probs, token counts): a tensor of at most 11 dimensions (SP_MAX_DIMS),
+    the same shape and dtype on every rank. Forward: one all-reduce (after one small all_gather checking the
+    shapes and dtypes); backward: the gradient unchanged.
     See the module docstring for the data-parallel recipe. Must be called by every rank of the group."""
     group = check_group(group, "sequence_parallel_group", ordered=False)
     error = None
@@ -664,9 +664,10 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
         compute = partial(agreed_on_mesh, mesh, _checked(checks, partial(
             local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
 
-    def shared():  # as in parallel_sequence_logps
-        return (int(ignore_index), _vocabulary(layout, weight.shape[0]), weight.shape[1], dtype_code(hidden.dtype),
-                dtype_code(weight.dtype), -1 if bias is None else dtype_code(bias.dtype),
+    def shared():  # as in parallel_sequence_logps; the dtypes after autocast, as the vocabulary group agrees them
+        return (int(ignore_index), _vocabulary(layout, weight.shape[0]), weight.shape[1],
+                dtype_code(cast_dtype(hidden, weight)), dtype_code(cast_dtype(weight, weight)),
+                -1 if bias is None else dtype_code(cast_dtype(bias, weight)),
                 *(float_bits(v) for v in (logit_softcap, logit_scale, temperature)))
 
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,

@@ -101,7 +101,8 @@ def _compare(name, rank, workdir):
         groups.clear()
         sharded_trainers.train(trainer)
         if trainer_class is FocalPOTrainer:  # scored vocabulary-parallel: fk never gathered the head
-            assert groups and all(group is not None for group in groups), f"{name}: not scored vocabulary-parallel"
+            assert groups and all(group is not None for group in groups), \
+                f"{name}: not scored vocabulary-parallel ({groups})"
             assert not gathers, f"{name}: fk gathered {len(gathers)} DTensor(s)"
         config = trainer.accelerator.parallelism_config
         assert (config.tp_size, config.dp_shard_size) == (2, 2 if name.startswith("fsdp_") else 1), config

@@ -135,14 +135,14 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
                                                 **logit_options)
             # not views of fk's flat outputs: FSDP2 warns at every forward of a unit (the model's, the head's)
             # whose outputs are views, since an in-place op on one would skip its pre-backward hook
-            return token._make(None if t is None else t.clone() for t in token)
+            # (the class called, not `_make` of a generator: PyTorch 2.11's dynamo fails on those after a resume)
+            return type(token)(*[None if t is None else t.clone() for t in token])
 
-        unit = fsdp_unit_of_head(self, head)
-        if any(hasattr(p, "ds_id") for p in head.parameters()):
+        if zero3_partitioned(head):
             # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its
             # parameter-access hook); code torch.compile traced reads them without that hook, empty shards. Eager.
             token = _eager(score, hidden, labels)
-        elif unit is None:
+        elif (unit := fsdp_unit_of_head(self, head)) is None:
             token = score(hidden, labels)
         else:
             # An error in one rank's inputs is raised on every rank of the head's mesh, as where fk gathers a shard
@@ -188,6 +188,14 @@ def tensor_parallel_group(model, weight):
     once FSDP2 has gathered the fsdp dimension."""
     if (getattr(model, "_tp_size", None) or 1) < 2 or not is_dtensor(weight):
         return None
+    return _tensor_parallel_mesh_group(model, weight)
+
+
+@torch.compiler.disable
+def _tensor_parallel_mesh_group(model, weight):
+    """`tensor_parallel_group`'s mesh lookups, never traced: PyTorch 2.11's dynamo fails on the mesh manager's
+    (and the group was then None: the head gathered); the vocabulary-parallel call after it breaks the graph
+    anyway."""
     from torch.distributed.tensor import Shard
 
     mesh = weight.device_mesh
@@ -208,6 +216,14 @@ def tensor_parallel_group(model, weight):
 def _eager(fn, *args):
     """fn(*args), never traced by torch.compile (a graph break where the caller is compiled)."""
     return fn(*args)
+
+
+def zero3_partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages `module` (its engine gives every module it hooks a `ds_id`). Read from the
+    module, not its parameters: a parameter that torch.compile reads gets a guard on its shape, which ZeRO-3's
+    gathers change within the frame (PyTorch 2.11's dynamo then fails: "Guard failed on the same frame it was
+    created")."""
+    return hasattr(module, "ds_id")
 
 
 def fsdp_unit_of_head(model, head):

@@ -62,10 +62,14 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     check_ignore_index(ignore_index, labels, labels_name)
 
 
-def check_ignore_index_value(ignore_index) -> None:
-    """An int that fits in int64 (checked before any labels are seen, e.g. by the loss modules' constructors)."""
+CU_SEQLENS_HINT = " (cu_seqlens is keyword-only: cu_seqlens=...)"
+
+
+def check_ignore_index_value(ignore_index, tensor_hint="") -> None:
+    """An int that fits in int64 (checked before any labels are seen, e.g. by the loss modules' constructors).
+    tensor_hint: added to the error for a tensor (e.g. CU_SEQLENS_HINT, where cu_seqlens follows ignore_index)."""
     if not is_integer(ignore_index):
-        hint = " (cu_seqlens is keyword-only: cu_seqlens=...)" if isinstance(ignore_index, torch.Tensor) else ""
+        hint = tensor_hint if isinstance(ignore_index, torch.Tensor) else ""
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}{hint}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")

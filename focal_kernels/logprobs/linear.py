@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import (autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels, check_ignore_index_value,
-                      check_labels_in_range, check_linear, data_checks_enabled, is_dtensor, is_integer, is_real,
-                      values_readable)
+from ..checks import (CU_SEQLENS_HINT, autocast_dtype, check_chunk_size, check_flag, check_hidden_and_labels,
+                      check_ignore_index_value, check_labels_in_range, check_linear, data_checks_enabled, is_dtensor,
+                      is_integer, is_real, values_readable)
 from ..dtypes import compute_dtype
 from .agreement import agree_over_mesh
 from .linear_autograd import LinearOptions, LinearTokenLogps
@@ -318,7 +318,7 @@ def local_fused_linear_sequence_logps(hidden, weight, labels, bias=None, ignore_
     """`fused_linear_sequence_logps` on this rank's tensors alone (weight and bias plain tensors, gathered
     already), its errors naming hidden and labels `names` (the fused losses pass chosen_hidden, ...)."""
     hidden_name, labels_name = names
-    check_ignore_index_value(ignore_index)  # first: cu_seqlens passed by position lands here
+    check_ignore_index_value(ignore_index, CU_SEQLENS_HINT)  # first: cu_seqlens passed by position lands here
     check_flag(return_token_counts, "return_token_counts")
     hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name=hidden_name,
                                                labels_name=labels_name, last_dim="H")

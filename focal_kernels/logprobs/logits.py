@@ -8,8 +8,9 @@ import warnings
 import torch
 
 from .. import backend, reference
-from ..checks import (check_flag, check_ignore_index_value, check_inplace_target, check_inplace_targets_disjoint,
-                      check_labels_in_range, check_logits_and_labels, data_checks_enabled, is_dtensor, refuse_leaf)
+from ..checks import (CU_SEQLENS_HINT, check_flag, check_ignore_index_value, check_inplace_target,
+                      check_inplace_targets_disjoint, check_labels_in_range, check_logits_and_labels,
+                      data_checks_enabled, is_dtensor, refuse_leaf)
 from .ops import distinct
 from .packing import as_token_grid, per_sequence
 
@@ -132,7 +133,7 @@ def local_sequence_logps(logits, labels, ignore_index=-100, *, cu_seqlens=None, 
     """`sequence_logps` on this rank's tensors alone, its errors naming them `names` (the fused losses pass
     chosen_logits / chosen_labels, ...)."""
     logits_name, labels_name = names
-    check_ignore_index_value(ignore_index)  # first: cu_seqlens passed by position lands here
+    check_ignore_index_value(ignore_index, CU_SEQLENS_HINT)  # first: cu_seqlens passed by position lands here
     check_flag(inplace_backward, "inplace_backward")
     if inplace_backward:  # on the caller's tensor: a packed one is viewed as (1, N, V) below
         refuse_leaf(logits, logits_name)

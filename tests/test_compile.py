@@ -337,9 +337,10 @@ def test_compiled_inplace_backward(backend):
 @pytest.mark.parametrize("fullgraph", [True, False])
 def test_compiled_inplace_backward_never_overwrites_a_leaf_through_a_view(fullgraph):
     """inplace_backward=True under torch.compile, with views: a view of a leaf taken inside the compiled function
-    is refused as in eager mode (for one release it was not, and the leaf's values became its gradient); a view
-    passed into the compiled function fails to compile (aot_autograd cannot read its base); the same view taken
-    inside, from the tensor passed in, compiles and matches eager. The tensors passed in are never changed."""
+    is refused as in eager mode (a check that skipped the base while tracing let it through, and the leaf's
+    values became its gradient); a view passed into the compiled function fails to compile (aot_autograd cannot
+    read its base); the same view taken inside, from the tensor passed in, compiles and matches eager. The
+    tensors passed in are never changed."""
     labels = torch.randint(0, VOCAB, (2, 4))
     labels[1, :2] = IGNORE
 

@@ -138,7 +138,7 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # (the class called, not `_make` of a generator: PyTorch 2.11's dynamo fails on those after a resume)
             return type(token)(*[None if t is None else t.clone() for t in token])
 
-        if zero3_partitioned(head):
+        if managed_by_zero3(head):
             # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its
             # parameter-access hook); code torch.compile traced reads them without that hook, empty shards. Eager.
             token = _eager(score, hidden, labels)
@@ -218,11 +218,11 @@ def _eager(fn, *args):
     return fn(*args)
 
 
-def zero3_partitioned(module) -> bool:
-    """Whether DeepSpeed ZeRO-3 manages `module` (its engine gives every module it hooks a `ds_id`). Read from the
-    module, not its parameters: a parameter that torch.compile reads gets a guard on its shape, which ZeRO-3's
-    gathers change within the frame (PyTorch 2.11's dynamo then fails: "Guard failed on the same frame it was
-    created")."""
+def managed_by_zero3(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages `module` (its engine gives every module it hooks a `ds_id`), gathered or
+    not (`zero3_sharded` asks whether parameters are shards now). Read from the module, not its parameters: a
+    parameter that torch.compile reads gets a guard on its shape, which ZeRO-3's gathers change within the frame
+    (PyTorch 2.11's dynamo then fails: "Guard failed on the same frame it was created")."""
     return hasattr(module, "ds_id")
 
 

@@ -140,9 +140,10 @@ def autocast_inputs(weight, bias, *hiddens):
     `torch.mm` would cast them for a model's lm_head (float64 and non-tensors are left for the checks);
     the casts are differentiable, so gradients reach the originals in their own dtype. Unchanged otherwise."""
     tensors = (weight, bias, *hiddens)
-    if autocast_dtype_for(weight) is None:
+    dtype = autocast_dtype_for(weight)
+    if dtype is None:
         return tensors
-    return tuple(t.to(cast_dtype(t, weight)) if isinstance(t, torch.Tensor) else t for t in tensors)
+    return tuple(t.to(cast_dtype(t, dtype)) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def autocast_dtype_for(weight):
@@ -150,12 +151,12 @@ def autocast_dtype_for(weight):
     return autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
 
 
-def cast_dtype(tensor, weight):
-    """The dtype `autocast_inputs` gives tensor: the autocast dtype for float32 / bfloat16 / float16, else its own."""
-    dtype = autocast_dtype_for(weight)
-    if dtype is None or tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def cast_dtype(tensor, autocast):
+    """The dtype `autocast_inputs` gives tensor under the autocast dtype `autocast` (None: off): that dtype for
+    float32 / bfloat16 / float16, else (float64) its own."""
+    if autocast is None or tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return tensor.dtype
-    return dtype
+    return autocast
 
 
 def linear_token_logps(groups, weight, bias, *, ignore_index, chunk_size, logit_softcap, logit_scale, temperature,

@@ -72,8 +72,9 @@ from ..first_order import first_order_only
 from . import ops
 from .agreement import (DTYPE_CODES, SP_MAX_DIMS, RankFailed, agree_sum_layout, check_group, dtype_code, float_bits,
                         gather_layout, mesh_group, torch_distributed)
-from .linear import (TokenLogps, agreed_on_mesh, autocast_inputs, cast_dtype, check_logit_transform,
-                     check_memory_budget, gathered_params, stat_names, token_grid, transform_params)
+from .linear import (TokenLogps, agreed_on_mesh, autocast_dtype_for, autocast_inputs, cast_dtype,
+                     check_logit_transform, check_memory_budget, gathered_params, stat_names, token_grid,
+                     transform_params)
 from .linear_autograd import row_values
 from .logits import unit_stride_logits
 from .packing import as_token_grid, per_sequence
@@ -665,9 +666,10 @@ def parallel_fused_linear_sequence_logps(local, hidden, weight, labels, bias, ig
             local, hidden, weight, labels, bias, ignore_index, memory_budget=memory_budget, **options)))
 
     def shared():  # as in parallel_sequence_logps; the dtypes after autocast, as the vocabulary group agrees them
+        autocast = autocast_dtype_for(weight)
         return (int(ignore_index), _vocabulary(layout, weight.shape[0]), weight.shape[1],
-                dtype_code(cast_dtype(hidden, weight)), dtype_code(cast_dtype(weight, weight)),
-                -1 if bias is None else dtype_code(cast_dtype(bias, weight)),
+                dtype_code(cast_dtype(hidden, autocast)), dtype_code(cast_dtype(weight, autocast)),
+                -1 if bias is None else dtype_code(cast_dtype(bias, autocast)),
                 *(float_bits(v) for v in (logit_softcap, logit_scale, temperature)))
 
     return _sequence_parallel(compute, sequence_parallel_group, return_token_counts, agree_on, shared,

@@ -294,6 +294,13 @@ def vp_hidden_tokens(rank, world):
         packed = fk.fused_linear_token_logps(packed_hidden, weight[start:stop], labels.reshape(-1),
                                              vocab_parallel_group=_world(), **options)
         _close(packed.log_probs, ref.reshape(-1), f"packed {tuple(packed_hidden.shape)} token log-probs")
+    # packed labels one token short on the last rank only: that rank names the shapes as passed (not the
+    # internal (1, N) grid), the others name it; no rank is left waiting
+    last = rank == world - 1
+    short = labels.reshape(-1)[:-1] if last else labels.reshape(-1)
+    words = ["labels must have N = 10 elements", "got shape (9,)"] if last else [f"rank {world - 1}"]
+    _raises(ValueError, words, lambda: fk.fused_linear_token_logps(hidden.reshape(-1, H), weight[start:stop], short,
+                                                                   vocab_parallel_group=_world()))
     # a large bias: logit 95 at an ignored token's row (projected zeroed, its logits the bias's), where the
     # backward once took exp(95) in float32 (NaN gradients)
     bias = torch.zeros(V)

@@ -561,6 +561,15 @@ def test_packed_with_a_real_batch_dimension_is_refused():
         fk.fused_linear_sequence_logps(h[0], w, labels[0, :4], cu_seqlens=make_cu([2, 2]))
     with pytest.raises(ValueError, match=rf"one per row of logits \(shape \(1, 5, {VOCAB}\)\), got 4"):
         fk.sequence_logps(logits[:1], labels[0, :4], cu_seqlens=make_cu([2, 2]))  # the shape as passed
+    # the per-token hidden path alike: packed (N, H) or (1, N, H) with labels of another length
+    with pytest.raises(ValueError, match=r"labels must have N = 5 elements, one per row of hidden \(shape "
+                                         rf"\(5, {HIDDEN}\)\), got shape \(2, 2\)"):
+        fk.fused_linear_token_logps(h[0], w, labels[:, :2])
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\) go with packed hidden .* hidden has shape "
+                                         rf"\(1, 5, {HIDDEN}\), so labels must have shape \(1, 5\)"):
+        fk.fused_linear_token_logps(h[:1], w, labels[0, :4])
+    with pytest.raises(ValueError, match=r"so labels must have shape \(2, 5\)"):
+        fk.fused_linear_token_logps(h, w, labels.reshape(-1))  # (B·T,) labels beside padded (B, T, H) hidden
 
 
 def test_unvalidated_bad_cu_seqlens_never_read_out_of_bounds(path):

@@ -209,14 +209,23 @@ def stat_names(stats) -> tuple:
     return tuple(name for name in STATS if name in names)
 
 
-def token_grid(hidden, labels):
+def token_grid(hidden, labels, hidden_name="hidden", labels_name="labels"):
     """The per-token calls' hidden and labels as (B, T, H) and (B, T): packed hidden (N, H) as one row of N,
-    with labels of any shape with N elements; labels (N,) beside hidden (1, N, H) as (1, N). Anything else as
-    given, for the checks to judge."""
+    with labels of any shape with N elements; labels (N,) beside hidden (1, N, H) as (1, N). A token count
+    that does not match is a ValueError naming the shapes as passed (not the internal (1, N) grid); anything
+    else comes back as given, for the checks to judge."""
     if isinstance(hidden, torch.Tensor) and isinstance(labels, torch.Tensor):
         if hidden.dim() == 2:
+            if labels.numel() != hidden.shape[0]:
+                raise ValueError(f"{labels_name} must have N = {hidden.shape[0]} elements, one per row of "
+                                 f"{hidden_name} (shape {tuple(hidden.shape)}), got shape {tuple(labels.shape)}")
             return hidden.unsqueeze(0), labels.reshape(1, -1)
-        if labels.dim() == 1:
+        if labels.dim() == 1 and hidden.dim() == 3:
+            if hidden.shape[0] != 1 or labels.shape[0] != hidden.shape[1]:
+                raise ValueError(f"{labels_name} of shape {tuple(labels.shape)} go with packed {hidden_name} "
+                                 f"({labels.shape[0]}, H) or (1, {labels.shape[0]}, H); {hidden_name} has shape "
+                                 f"{tuple(hidden.shape)}, so {labels_name} must have shape "
+                                 f"{tuple(hidden.shape[:2])}")
             return hidden, labels.unsqueeze(0)
     return hidden, labels
 

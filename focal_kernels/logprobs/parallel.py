@@ -461,12 +461,11 @@ def vocab_parallel_fused_linear_token_logps(hidden, weight, labels, bias=None, i
                              "None or 0 keeps no logits)")
         names.extend(stat_names(stats))
 
-    grid_hidden, grid_labels = token_grid(hidden, labels)
     outputs, grid_labels, _, _ = _vocab_parallel_linear_tokens(
-        grid_hidden, weight, grid_labels, bias, ignore_index, group=group, cu_seqlens=None, chunk_size=chunk_size,
+        hidden, weight, labels, bias, ignore_index, group=group, cu_seqlens=None, chunk_size=chunk_size,
         logit_softcap=logit_softcap, logit_scale=logit_scale, temperature=temperature,
         validate_labels=validate_labels, stats=names, more_checks=checks,
-        what="vocab_parallel_fused_linear_token_logps")
+        what="vocab_parallel_fused_linear_token_logps", per_token=True)
     shape = labels.shape if isinstance(labels, torch.Tensor) else grid_labels.shape
     return TokenLogps(**dict(zip(("log_probs", *names), (out.view(shape) for out in outputs))))
 
@@ -474,9 +473,10 @@ def vocab_parallel_fused_linear_token_logps(hidden, weight, labels, bias=None, i
 def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *, group, cu_seqlens, chunk_size,
                                   logit_softcap, logit_scale, temperature, validate_labels, stats, more_checks,
                                   what, agree_on=(0, 0), names=("hidden", "labels"), group_name="group",
-                                  token_counts=False, layout=None):
+                                  token_counts=False, layout=None, per_token=False):
     """The checked, agreed call of VocabParallelLinearTokenLogps: (flat token log-probs and `stats`, the labels
-    and cu_seqlens on the token grid, this rank's weight slice). stats: None (the per-sequence callers, whose
+    and cu_seqlens on the token grid, this rank's weight slice). per_token: hidden and labels as the token-level
+    call takes them (put on the grid by `token_grid`, among the checks). stats: None (the per-sequence callers, whose
     `agree_on` is agreed), or the token-level call's list of statistics, which more_checks() may fill (it runs
     among this rank's checks, so that its errors raise on every rank) and which every rank must share.
     token_counts: whether the per-sequence caller returns token counts (agreed); layout: as in
@@ -486,6 +486,8 @@ def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *,
     try:
         weight, bias = (vocab_shard(t, name, group) for t, name in ((weight, "weight"), (bias, "bias")))
         hidden = replicated_hidden(hidden)
+        if per_token:
+            hidden, labels = token_grid(hidden, labels, *names)
         check_flag(validate_labels, "validate_labels")
         hidden, labels, cu_seqlens = as_token_grid(hidden, labels, cu_seqlens, values_name=names[0],
                                                    labels_name=names[1], last_dim="H")

@@ -62,14 +62,16 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
     check_ignore_index(ignore_index, labels, labels_name)
 
 
-CU_SEQLENS_HINT = " (cu_seqlens is keyword-only: cu_seqlens=...)"
+CU_SEQLENS_HINT = " (if this is cu_seqlens: it is keyword-only, cu_seqlens=...)"
 
 
 def check_ignore_index_value(ignore_index, tensor_hint="") -> None:
     """An int that fits in int64 (checked before any labels are seen, e.g. by the loss modules' constructors).
-    tensor_hint: added to the error for a tensor (e.g. CU_SEQLENS_HINT, where cu_seqlens follows ignore_index)."""
+    tensor_hint: added to the error for a 1-D integer tensor, which may be cu_seqlens passed by position
+    (CU_SEQLENS_HINT, where cu_seqlens follows ignore_index)."""
     if not is_integer(ignore_index):
-        hint = tensor_hint if isinstance(ignore_index, torch.Tensor) else ""
+        hint = tensor_hint if (isinstance(ignore_index, torch.Tensor) and ignore_index.dim() == 1
+                               and ignore_index.dtype in (torch.int32, torch.int64)) else ""
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}{hint}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")

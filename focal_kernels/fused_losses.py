@@ -52,12 +52,13 @@ _LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "simpo_gamma", 
 _OPTION_DEFAULTS = {name: OPTION_DEFAULTS[name] for name in _LOSS_OPTIONS if name in OPTION_DEFAULTS}
 
 
-def _check_loss_options(*, beta, gamma, detach_focal_weight, reduction, loss_options):
-    """The loss's non-tensor options: unknown names, the loss types and their option values."""
+def _check_loss_options(*, beta, gamma, detach_focal_weight, reduction, loss_options, caller=None):
+    """The loss's non-tensor options: unknown names (caller: the fused loss function called, whose keywords
+    a misspelt name is matched against), the loss types and their option values."""
     unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}{_did_you_mean(unknown)}; besides its named "
-                        f"keywords, the function takes the loss options {list(_LOSS_OPTIONS)}")
+        raise TypeError(f"unexpected keyword argument(s) {unknown}{_did_you_mean(unknown, caller)}; besides its "
+                        f"named keywords, the function takes the loss options {list(_LOSS_OPTIONS)}")
     names, _ = resolve_loss_types(loss_options.get("loss_type", "focal"), loss_options.get("loss_weights"))
     options = {name: loss_options.get(name, default) for name, default in _OPTION_DEFAULTS.items()}
     check_options(names, beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight, reduction=reduction,
@@ -65,26 +66,34 @@ def _check_loss_options(*, beta, gamma, detach_focal_weight, reduction, loss_opt
     return names
 
 
-def _did_you_mean(unknown):
-    """' (did you mean 'gamma'?)' for a misspelt keyword of the fused losses or a loss option, else ''
-    (always '' while torch.compile traces, which cannot trace inspect and difflib)."""
-    if torch.compiler.is_compiling():
+def _did_you_mean(unknown, caller):
+    """' (did you mean 'gamma'?)' for a misspelt keyword of `caller` or a loss option, and a keyword of the
+    other fused loss named as such; else '' (always '' while torch.compile traces, which cannot trace
+    inspect and difflib)."""
+    if caller is None or torch.compiler.is_compiling():
         return ""
     import difflib
-    import inspect
 
-    known = {*_LOSS_OPTIONS, *(name for fn in (focal_po_loss, fused_linear_focal_po_loss)
-                               for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY)}
-    close = [match for name in unknown for match in difflib.get_close_matches(name, sorted(known), n=1)]
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    def keywords(fn):
+        return {name for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+    other = fused_linear_focal_po_loss if caller is focal_po_loss else focal_po_loss
+    known = sorted({*_LOSS_OPTIONS, *keywords(caller)})
+    hints = []
+    for name in unknown:
+        if name in keywords(other):
+            hints.append(f"{name!r} is an option of {other.__name__}, not of {caller.__name__}")
+        else:
+            hints.extend(f"did you mean {match!r}?" for match in difflib.get_close_matches(name, known, n=1))
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, batch, device, what, *, beta, gamma,
-                          detach_focal_weight, reduction, loss_options):
+                          detach_focal_weight, reduction, loss_options, caller):
     """The loss's options and reference log-probs, checked before any kernel runs (preference_loss checks
     them again, with the log-probs)."""
     names = _check_loss_options(beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
-                                reduction=reduction, loss_options=loss_options)
+                                reduction=reduction, loss_options=loss_options, caller=caller)
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device, what)
     # The (B,) tensors the primitive will produce, as empty stand-ins: preference_loss's own tensor checks
     # (reference-free losses given references, pair_weights' shape, ...) run before any kernel.
@@ -191,7 +200,7 @@ def focal_po_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor,
         return _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_logits.shape[0],
                                      chosen_logits.device, "logits", beta=beta, gamma=gamma,
                                      detach_focal_weight=detach_focal_weight, reduction=reduction,
-                                     loss_options=loss_options)
+                                     loss_options=loss_options, caller=focal_po_loss)
 
     if vocab_parallel_group is not None or sequence_parallel_group is not None or is_dtensor(chosen_logits):
         return _group_pair_loss(
@@ -239,7 +248,7 @@ def fused_linear_focal_po_loss(chosen_hidden: torch.Tensor, rejected_hidden: tor
                           what="hidden")
         _check_loss_arguments(ref_chosen_logps, ref_rejected_logps, chosen_hidden.shape[0], chosen_hidden.device,
                               "hidden states", beta=beta, gamma=gamma, detach_focal_weight=detach_focal_weight,
-                              reduction=reduction, loss_options=loss_options)
+                              reduction=reduction, loss_options=loss_options, caller=fused_linear_focal_po_loss)
 
     if vocab_parallel_group is not None or sequence_parallel_group is not None:
         def group_checks():  # the tensors' own checks first, named, as linear_token_logps does below

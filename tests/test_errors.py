@@ -85,7 +85,7 @@ def test_errors_are_raised_before_any_kernel(device, monkeypatch):
 
 def test_misspelt_keywords_are_named_with_a_suggestion(device):
     """The fused losses take the loss options as **kwargs: a misspelt keyword (theirs or an option's) is named with
-    the closest one; one like none lists the loss options."""
+    the closest one; the other fused loss's keyword is named as that; one like none lists the loss options."""
     for typo, meant in (("gama", "gamma"), ("los_type", "loss_type"), ("redution", "reduction")):
         with pytest.raises(TypeError, match=rf"\['{typo}'\] \(did you mean '{meant}'\?\)"):
             _call(fk.focal_po_loss, device, **{typo: 0.1})
@@ -96,15 +96,25 @@ def test_misspelt_keywords_are_named_with_a_suggestion(device):
                                       inputs["rejected_labels"], temprature=2.0)
     with pytest.raises(TypeError, match=r"\['xyzzy'\]; besides its named keywords, .*'f_divergence_type'"):
         _call(fk.focal_po_loss, device, xyzzy=1)
+    # a keyword of the other fused loss is named as such (not suggested as itself)
+    with pytest.raises(TypeError, match=r"\['chunk_size'\] \('chunk_size' is an option of fused_linear_focal_po_loss, "
+                                        r"not of focal_po_loss\)"):
+        _call(fk.focal_po_loss, device, chunk_size=1024)
+    with pytest.raises(TypeError, match=r"\['inplace_backwards'\]; besides"):  # only the function's own keywords
+        fk.fused_linear_focal_po_loss(*hidden, torch.randn(10, 4, device=device), inputs["chosen_labels"],
+                                      inputs["rejected_labels"], inplace_backwards=True)
 
 
 def test_sequence_logps_errors(device):
     cu_seqlens = torch.tensor([0, 1, 2], device=device)  # passed by position, it lands in ignore_index
-    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor \(cu_seqlens is keyword-only"):
+    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor \(if this is cu_seqlens: it is keyword-only"):
         fk.sequence_logps(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device), cu_seqlens)
-    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor \(cu_seqlens is keyword-only"):
+    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor \(if this is cu_seqlens: it is keyword-only"):
         fk.fused_linear_sequence_logps(torch.randn(2, 3, device=device), torch.randn(5, 3, device=device),
                                        torch.tensor([0, 1], device=device), None, cu_seqlens)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor$"):  # a scalar tensor: no hint
+        fk.sequence_logps(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device),
+                          ignore_index=torch.tensor(-100, device=device))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
         fk.sequence_logps(torch.randn(1, 2, 5, device=device), torch.tensor([[0, 5]], device=device))
     with pytest.raises(ValueError, match=r"at least one sequence"):

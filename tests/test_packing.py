@@ -566,7 +566,7 @@ def test_packed_with_a_real_batch_dimension_is_refused():
                                          rf"\(5, {HIDDEN}\)\), got shape \(2, 2\)"):
         fk.fused_linear_token_logps(h[0], w, labels[:, :2])
     with pytest.raises(ValueError, match=r"labels of shape \(4,\) go with packed hidden .* hidden has shape "
-                                         rf"\(1, 5, {HIDDEN}\), so labels must have shape \(1, 5\)"):
+                                         rf"\(1, 5, {HIDDEN}\), so labels must have shape \(5,\) or \(1, 5\)"):
         fk.fused_linear_token_logps(h[:1], w, labels[0, :4])
     with pytest.raises(ValueError, match=r"so labels must have shape \(2, 5\)"):
         fk.fused_linear_token_logps(h, w, labels.reshape(-1))  # (B·T,) labels beside padded (B, T, H) hidden

@@ -222,10 +222,11 @@ def token_grid(hidden, labels, hidden_name="hidden", labels_name="labels"):
             return hidden.unsqueeze(0), labels.reshape(1, -1)
         if labels.dim() == 1 and hidden.dim() == 3:
             if hidden.shape[0] != 1 or labels.shape[0] != hidden.shape[1]:
+                allowed = f"({hidden.shape[1]},) or " if hidden.shape[0] == 1 else ""
                 raise ValueError(f"{labels_name} of shape {tuple(labels.shape)} go with packed {hidden_name} "
                                  f"({labels.shape[0]}, H) or (1, {labels.shape[0]}, H); {hidden_name} has shape "
                                  f"{tuple(hidden.shape)}, so {labels_name} must have shape "
-                                 f"{tuple(hidden.shape[:2])}")
+                                 f"{allowed}{tuple(hidden.shape[:2])}")
             return hidden, labels.unsqueeze(0)
     return hidden, labels
 

@@ -193,7 +193,7 @@ def check_inplace_target(logits, name="logits"):
     share no memory with each other (no expand(), no overlapping as_strided views). While torch.compile
     traces, only the unit stride is checked here (the overlap walk sorts sizes, symbolic there); the
     in-place operator checks everything when the graph runs."""
-    if logits.stride(-1) != 1:
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:  # (a single column's stride is never stepped)
         raise ValueError(f"inplace_backward=True needs {name} whose last dimension is contiguous "
                          f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
     if torch.compiler.is_compiling():  # symbolic sizes cannot be sorted; the in-place operator checks at run time
@@ -213,8 +213,10 @@ def refuse_leaf(logits, name="logits"):
 
     The base is read under torch.compile too, so a view of a leaf is refused there as in eager mode. A view of
     a non-leaf passed into a compiled function fails to compile instead (aot_autograd's trace cannot read a
-    graph input's `_base`; slicing inside the compiled function works): loud, never a leaf overwritten."""
-    if not isinstance(logits, torch.Tensor):
+    graph input's `_base`; slicing inside the compiled function works): loud, never a leaf overwritten.
+    Under no_grad nothing is checked: no backward follows (and a view made there, such as the packed path's
+    (1, N, V) view of the caller's logits, is a leaf that requires grad in PyTorch's eyes)."""
+    if not isinstance(logits, torch.Tensor) or not torch.is_grad_enabled():
         return
     checked = [logits]
     if logits._base is not None:

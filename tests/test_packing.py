@@ -410,6 +410,40 @@ def test_packed_inplace_backward_gives_the_same_gradient(path, dtype):
         assert torch.equal(logits.detach(), grad), "the gradient was not written into the logits' storage"
 
 
+def test_packed_inplace_backward_under_no_grad(path):
+    """Under no_grad no backward follows, so nothing is refused as a leaf: the packed path's own (1, N, V) view
+    of an op's output, made there, is a leaf that requires grad in PyTorch's eyes, and was refused as the
+    caller's leaf. The values are those of grad mode, and the logits are left as they were."""
+    lengths = [2, 0, 3]
+    cu = make_cu(lengths)
+    labels = packed_labels(lengths, VOCAB, all_ignored=())
+    base = random_logits(1, 5, VOCAB, torch.float32, DEVICE)[0].requires_grad_(True)
+    logits = base * 1  # an op's output, requiring grad
+    before = logits.detach().clone()
+    expected = fk.sequence_logps(logits, labels, cu_seqlens=cu).detach()
+    for packed in (logits, logits[None]):
+        with torch.no_grad():
+            got = fk.sequence_logps(packed, labels, cu_seqlens=cu, inplace_backward=True)
+        assert torch.equal(got, expected)
+        assert torch.equal(logits.detach(), before)
+    with torch.no_grad(), pytest.raises(ValueError, match="inplace_backward=True needs logits whose last"):
+        fk.sequence_logps(logits.t().contiguous().t(), labels, cu_seqlens=cu, inplace_backward=True)  # still
+
+
+def test_inplace_backward_with_one_column(path):
+    """V = 1 (every log-prob 0): a single column's stride is never stepped, so a last stride other than 1 is
+    neither refused by inplace_backward nor copied; empty packed logits alike."""
+    for tokens in (4, 0):
+        base = torch.randn(tokens, 3, device=DEVICE).requires_grad_(True)
+        logits = (base * 1).t().contiguous().t()[:, 1:2]  # an op's output, (N, 1) of strides (1, N)
+        labels = torch.zeros(tokens, dtype=torch.long, device=DEVICE)
+        cu = make_cu([tokens // 2, tokens - tokens // 2])
+        out = fk.sequence_logps(logits, labels, cu_seqlens=cu, inplace_backward=True)
+        assert torch.equal(out, torch.zeros(2, device=DEVICE))
+        (grad,) = torch.autograd.grad(out.sum(), [base])
+        assert torch.equal(grad, torch.zeros_like(base))
+
+
 @pytest.mark.parametrize("which", ["logits", "hidden"])
 def test_nan_in_an_ignored_packed_token_does_not_leak(path, which):
     lengths = [3, 0, 4, 2]

@@ -32,7 +32,7 @@ def unit_stride_logits(logits, name="logits"):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
     naming the user's line, in eager mode (torch.compile cannot trace warnings.warn; inplace_backward=True has
     refused such logits already: `check_inplace`)."""
-    if logits.stride(-1) == 1:
+    if logits.stride(-1) == 1 or logits.shape[-1] == 1:  # (a single column's stride is never stepped)
         return logits
     if not torch.compiler.is_compiling():
         warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "

@@ -107,9 +107,10 @@ def test_misspelt_keywords_are_named_with_a_suggestion(device):
 
 def test_sequence_logps_errors(device):
     cu_seqlens = torch.tensor([0, 1, 2], device=device)  # passed by position, it lands in ignore_index
-    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor \(if this is cu_seqlens: it is keyword-only"):
+    hint = r"ignore_index must be an int, got Tensor \(if this is cu_seqlens: it is keyword-only"
+    with pytest.raises(TypeError, match=hint):
         fk.sequence_logps(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device), cu_seqlens)
-    with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor \(if this is cu_seqlens: it is keyword-only"):
+    with pytest.raises(TypeError, match=hint):
         fk.fused_linear_sequence_logps(torch.randn(2, 3, device=device), torch.randn(5, 3, device=device),
                                        torch.tensor([0, 1], device=device), None, cu_seqlens)
     with pytest.raises(TypeError, match=r"ignore_index must be an int, got Tensor$"):  # a scalar tensor: no hint

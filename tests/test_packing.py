@@ -427,7 +427,7 @@ def test_packed_inplace_backward_under_no_grad(path):
         assert torch.equal(got, expected)
         assert torch.equal(logits.detach(), before)
     with torch.no_grad(), pytest.raises(ValueError, match="inplace_backward=True needs logits whose last"):
-        fk.sequence_logps(logits.t().contiguous().t(), labels, cu_seqlens=cu, inplace_backward=True)  # still
+        fk.sequence_logps(logits.t().contiguous().t(), labels, cu_seqlens=cu, inplace_backward=True)  # checked
 
 
 def test_inplace_backward_with_one_column(path):

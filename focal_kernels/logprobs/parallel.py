@@ -475,10 +475,11 @@ def _vocab_parallel_linear_tokens(hidden, weight, labels, bias, ignore_index, *,
                                   what, agree_on=(0, 0), names=("hidden", "labels"), group_name="group",
                                   token_counts=False, layout=None, per_token=False):
     """The checked, agreed call of VocabParallelLinearTokenLogps: (flat token log-probs and `stats`, the labels
-    and cu_seqlens on the token grid, this rank's weight slice). per_token: hidden and labels as the token-level
-    call takes them (put on the grid by `token_grid`, among the checks). stats: None (the per-sequence callers, whose
-    `agree_on` is agreed), or the token-level call's list of statistics, which more_checks() may fill (it runs
-    among this rank's checks, so that its errors raise on every rank) and which every rank must share.
+    and cu_seqlens on the token grid, this rank's weight slice). per_token: hidden and labels as the
+    token-level call takes them (put on the grid by `token_grid`, among the checks). stats: None (the
+    per-sequence callers, whose `agree_on` is agreed), or the token-level call's list of statistics, which
+    more_checks() may fill (it runs among this rank's checks, so that its errors raise on every rank) and which
+    every rank must share.
     token_counts: whether the per-sequence caller returns token counts (agreed); layout: as in
     `_vocab_parallel_sequence_logps`."""
     group = check_group(group, group_name)

@@ -72,19 +72,26 @@ def _did_you_mean(unknown, caller):
     inspect and difflib)."""
     if caller is None or torch.compiler.is_compiling():
         return ""
-    import difflib
 
     def keywords(fn):
         return {name for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
 
     other = fused_linear_focal_po_loss if caller is focal_po_loss else focal_po_loss
-    known = sorted({*_LOSS_OPTIONS, *keywords(caller)})
+    return _suggestions(unknown, {*_LOSS_OPTIONS, *keywords(caller)}, keywords(other), caller.__name__,
+                        other.__name__)
+
+
+def _suggestions(unknown, known, other_known, this, other):
+    """' (...)' naming, for each unknown keyword, the closest of `known`, or `other` where it is one of
+    `other_known` (the other fused loss's); '' where there is nothing to say."""
+    import difflib
+
     hints = []
     for name in unknown:
-        if name in keywords(other):
-            hints.append(f"{name!r} is an option of {other.__name__}, not of {caller.__name__}")
+        if name in other_known:
+            hints.append(f"{name!r} is an option of {other}, not of {this}")
         else:
-            hints.extend(f"did you mean {match!r}?" for match in difflib.get_close_matches(name, known, n=1))
+            hints.extend(f"did you mean {match!r}?" for match in difflib.get_close_matches(name, sorted(known), n=1))
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -300,7 +307,8 @@ class _OptionsModule(torch.nn.Module):
     _defaults: dict = {}  # each option of the functional form and its default (per class)
 
     def __init__(self, **options):
-        _check_module_options(self._defaults, options)
+        other = FusedLinearFocalPOLoss if isinstance(self, FocalPOLoss) else FocalPOLoss
+        _check_module_options(self._defaults, options, type(self).__name__, other)
         super().__init__()
         for name, default in self._defaults.items():
             setattr(self, name, options.get(name, default))
@@ -335,15 +343,17 @@ _CALL_TENSORS = ("bias", "pair_weights")
 _FLAGS = ("inplace_backward", "validate_labels")
 
 
-def _check_module_options(defaults, options):
+def _check_module_options(defaults, options, name, other):
     """The module's options, as far as they can be checked without tensors, against its functional form's
-    (`defaults`: _module_option_defaults)."""
+    (`defaults`: _module_option_defaults); an unknown one is matched against them, and against the `other`
+    module's (`name`: the module's class name)."""
     if "pair_weights" in options:
         raise TypeError("pair_weights is a per-batch (B,) tensor, not a module option: pass it at each call, "
                         "forward(..., pair_weights=...)")
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the options are {sorted(defaults)}")
+        hint = _suggestions(unknown, defaults, set(other._defaults) - set(defaults), name, other.__name__)
+        raise TypeError(f"unexpected keyword argument(s) {unknown}{hint}; the options are {sorted(defaults)}")
     loss_options = {k: v for k, v in options.items() if k in _LOSS_OPTIONS}
     _check_loss_options(beta=options["beta"], gamma=options["gamma"],
                         detach_focal_weight=options["detach_focal_weight"], reduction=options["reduction"],

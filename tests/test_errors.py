@@ -159,7 +159,9 @@ def test_module_validates_options_at_construction_and_call(device):
     ("FocalPOLoss", dict(loss_type="focal", simpo_gamma=1.0), ValueError, "read only by the 'simpo'"),
     ("FocalPOLoss", dict(loss_type=["focal", "sigmoid"], discopop_tau=0.1), ValueError, "'discopop'"),
     ("FocalPOLoss", dict(f_alpha_divergence_coef=0.3), ValueError, "f_divergence_type='alpha_divergence'"),
-    ("FocalPOLoss", dict(chunk_size=8), TypeError, "unexpected keyword argument(s) ['chunk_size']"),
+    ("FocalPOLoss", dict(chunk_size=8), TypeError, "unexpected keyword argument(s) ['chunk_size'] ('chunk_size' is "
+                                                   "an option of FusedLinearFocalPOLoss, not of FocalPOLoss)"),
+    ("FocalPOLoss", dict(gama=0.1), TypeError, "['gama'] (did you mean 'gamma'?)"),
     ("FocalPOLoss", dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
     ("FocalPOLoss", dict(inplace_backward=1), TypeError, "inplace_backward"),
     ("FocalPOLoss", dict(reduction="avg"), ValueError, "reduction"),
@@ -167,7 +169,8 @@ def test_module_validates_options_at_construction_and_call(device):
     ("FusedLinearFocalPOLoss", dict(logit_softcap=-1.0), ValueError, "logit_softcap"),
     ("FusedLinearFocalPOLoss", dict(memory_budget=1.5), TypeError, "memory_budget"),
     ("FusedLinearFocalPOLoss", dict(validate_labels="yes"), TypeError, "validate_labels"),
-    ("FusedLinearFocalPOLoss", dict(inplace_backward=True), TypeError, "['inplace_backward']"),
+    ("FusedLinearFocalPOLoss", dict(inplace_backward=True), TypeError,
+     "['inplace_backward'] ('inplace_backward' is an option of FocalPOLoss, not of FusedLinearFocalPOLoss)"),
 ])
 def test_module_refuses_bad_options_at_construction(module, options, error, words):
     with pytest.raises(error) as caught:

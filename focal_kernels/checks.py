@@ -188,12 +188,18 @@ def check_flag(value, name):
                         f"{kind.__module__}.{kind.__qualname__}")
 
 
+def unit_rows(tensor) -> bool:
+    """Whether the rows (last dimension) have unit stride, as the kernels read and write them: stride(-1) == 1,
+    or at most one column, whose stride is never stepped."""
+    return tensor.stride(-1) == 1 or tensor.shape[-1] <= 1
+
+
 def check_inplace_target(logits, name="logits"):
     """inplace_backward writes each element's gradient over it: the logits must be rows of unit stride that
     share no memory with each other (no expand(), no overlapping as_strided views). While torch.compile
     traces, only the unit stride is checked here (the overlap walk sorts sizes, symbolic there); the
     in-place operator checks everything when the graph runs."""
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:  # (a single column's stride is never stepped)
+    if not unit_rows(logits):
         raise ValueError(f"inplace_backward=True needs {name} whose last dimension is contiguous "
                          f"(stride(-1) == 1), got strides {tuple(logits.stride())}")
     if torch.compiler.is_compiling():  # symbolic sizes cannot be sorted; the in-place operator checks at run time
@@ -214,9 +220,9 @@ def refuse_leaf(logits, name="logits"):
     The base is read under torch.compile too, so a view of a leaf is refused there as in eager mode. A view of
     a non-leaf passed into a compiled function fails to compile instead (aot_autograd's trace cannot read a
     graph input's `_base`; slicing inside the compiled function works): loud, never a leaf overwritten.
-    Under no_grad nothing is checked: no backward follows (and a view made there, such as the packed path's
-    (1, N, V) view of the caller's logits, is a leaf that requires grad in PyTorch's eyes)."""
-    if not isinstance(logits, torch.Tensor) or not torch.is_grad_enabled():
+    Run on the caller's tensor: a view the library makes of it under no_grad (the packed path's (1, N, V)
+    view) is a leaf that requires grad in PyTorch's eyes."""
+    if not isinstance(logits, torch.Tensor):
         return
     checked = [logits]
     if logits._base is not None:

@@ -411,9 +411,9 @@ def test_packed_inplace_backward_gives_the_same_gradient(path, dtype):
 
 
 def test_packed_inplace_backward_under_no_grad(path):
-    """Under no_grad no backward follows, so nothing is refused as a leaf: the packed path's own (1, N, V) view
-    of an op's output, made there, is a leaf that requires grad in PyTorch's eyes, and was refused as the
-    caller's leaf. The values are those of grad mode, and the logits are left as they were."""
+    """The leaf check runs on the caller's tensor only: the packed path's own (1, N, V) view of an op's output,
+    made under no_grad, is a leaf that requires grad in PyTorch's eyes, and was refused as the caller's leaf.
+    The values are those of grad mode, and the logits are left as they were."""
     lengths = [2, 0, 3]
     cu = make_cu(lengths)
     labels = packed_labels(lengths, VOCAB, all_ignored=())

@@ -10,7 +10,7 @@ import torch
 from .. import backend, reference
 from ..checks import (CU_SEQLENS_HINT, check_flag, check_ignore_index_value, check_inplace_target,
                       check_inplace_targets_disjoint, check_labels_in_range, check_logits_and_labels,
-                      data_checks_enabled, is_dtensor, refuse_leaf)
+                      data_checks_enabled, is_dtensor, refuse_leaf, unit_rows)
 from .ops import distinct
 from .packing import as_token_grid, per_sequence
 
@@ -32,7 +32,7 @@ def unit_stride_logits(logits, name="logits"):
     """The kernels read rows with unit stride: any other last-dimension stride is copied once, with a warning
     naming the user's line, in eager mode (torch.compile cannot trace warnings.warn; inplace_backward=True has
     refused such logits already: `check_inplace`)."""
-    if logits.stride(-1) == 1 or logits.shape[-1] == 1:  # (a single column's stride is never stepped)
+    if unit_rows(logits):
         return logits
     if not torch.compiler.is_compiling():
         warnings.warn(f"{name} has a last-dimension stride of {logits.stride(-1)}; the kernels read rows with unit "
@@ -64,9 +64,11 @@ def _kernel_ready(logits, inplace_backward, name="logits"):
 
 
 def token_logps(logits, labels, ignore_index, inplace_backward):
-    """(B, T) differentiable token log-probs of checked (B, T, V) logits: the kernels, or the spec on a plain CPU."""
+    """(B, T) differentiable token log-probs of checked (B, T, V) logits: the kernels, or the spec on a plain CPU.
+    With inplace_backward the caller has refused a leaf already (`refuse_leaf`, on the tensor it was given:
+    these logits may be the packed path's own view of it)."""
     if inplace_backward:
-        check_inplace(logits)
+        check_inplace_target(logits)
     if not backend.use_triton(logits):  # a plain CPU: the spec itself (inplace_backward has no effect)
         return reference.token_logps(logits, labels, ignore_index)
     from .logits_autograd import TokenLogpsFromLogits

@@ -18,7 +18,7 @@ import inspect
 import torch
 
 from .. import backend
-from ..checks import check_inplace_target, check_inplace_targets_disjoint
+from ..checks import check_inplace_target, check_inplace_targets_disjoint, unit_rows
 from ..dtypes import compute_dtype
 from . import chunk_kernels as _chunks
 
@@ -71,7 +71,7 @@ def _gradient_like(logits: torch.Tensor) -> torch.Tensor:
     batch-minor tensor stays batch-minor), else contiguous: `empty_like` of overlapping views (`unfold`'s
     windows) can put another dimension innermost, and the kernel writes rows with unit stride."""
     out = torch.empty_like(logits)
-    if out.stride(-1) == 1 or logits.shape[-1] <= 1:
+    if unit_rows(out):
         return out
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 

@@ -33,9 +33,12 @@ from sharded_trainers import LORA, on_disk
 # probe refuses it, at every try); cache_key: two models of one architecture loaded from paths, each with the
 # reference precompute (TRL's cache key hashes the state_dict, empty shards here); zero2: ZeRO-2 (whole
 # parameters), packed; compiled: FocalPOTrainer with `torch_compile=True` against DPOTrainer eager (TRL 1.16's own
-# fused head fails in its backward there), a model object with a reference model.
+# fused head fails in its backward there), a model object with a reference model; leaf_head: every Linear a ZeRO-3
+# leaf module (`set_z3_leaf_modules`), `lm_head` included, against TRL on the model without them (TRL 1.16's own
+# fused head never calls `lm_head`, so DeepSpeed never reduces a leaf head's gradient there: it stays unchanged);
+# leaf_refused: a leaf inside a LoRA-wrapped `lm_head` (its base layer), which fk refuses.
 SCENARIOS = ("sync_ref_model", "lora", "padding_free_tied", "precompute", "path", "path_lora", "wrong_head",
-             "cache_key", "zero2", "compiled")
+             "cache_key", "zero2", "compiled", "leaf_head", "leaf_refused")
 PATHS = ("path", "path_lora", "wrong_head", "cache_key")
 
 
@@ -55,6 +58,7 @@ def _cpu_deepspeed():
 def _compare(name, rank, workdir):
     import datasets
     import deepspeed.comm
+    import deepspeed.utils
     import pytest
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -68,13 +72,19 @@ def _compare(name, rank, workdir):
     data = datasets.Dataset.from_dict(tiny_lm.preference_rows(8))
     data = on_disk(rank, workdir, f"data-{name}", lambda path: data.save_to_disk(path), datasets.load_from_disk)
     model = tiny_lm.make_model(tok, seed=0, tie=name == "padding_free_tied")
-    with_ref = ("padding_free_tied", "sync_ref_model", "zero2", "compiled")
+    with_ref = ("padding_free_tied", "sync_ref_model", "zero2", "compiled", "leaf_head")
     ref = tiny_lm.make_model(tok, seed=1) if name in with_ref else None
     options, ours, kwargs = dict(loss_type="sigmoid"), {}, {}
+    leaves = None
+    if name in ("leaf_head", "leaf_refused"):
+        leaves = tiny_lm.clone(model)
+        deepspeed.utils.set_z3_leaf_modules(leaves, [torch.nn.Linear])
     # FocalPO at gamma = 0 is the sigmoid loss: packed here, padded in TRL
     packed = dict(loss_type="focal", focal_gamma=0.0, padding_free=True)
     if name in ("lora", "path_lora"):
         kwargs["peft_config"] = LoraConfig(**LORA)
+    elif name == "leaf_refused":
+        kwargs["peft_config"] = LoraConfig(**{**LORA, "target_modules": ["q_proj", "lm_head"]})
     if name in ("precompute", "cache_key"):
         options["precompute_ref_log_probs"] = True
     elif name == "sync_ref_model":
@@ -105,8 +115,8 @@ def _compare(name, rank, workdir):
             assert trainer._fk_unprobed and not trainer.__dict__.get("_fk_packing_checked"), name
         return trainer
 
-    def train(trainer_class, config_class, extra):
-        trainer = build(trainer_class, config_class, extra)
+    def train(trainer_class, config_class, extra, policy=None):
+        trainer = build(trainer_class, config_class, extra, policy)
         sharded_trainers.train(trainer)
         assert trainer.accelerator.state.num_processes == 2 and trainer.is_deepspeed_enabled
         if trainer_class is FocalPOTrainer:
@@ -135,8 +145,14 @@ def _compare(name, rank, workdir):
         refs = [torch.tensor(t.train_dataset["ref_chosen_logps"]) for t in (first, second)]
         assert (refs[0] - refs[1]).abs().max() > 1e-3, refs
         return
+    if name == "leaf_refused":
+        trainer = build(FocalPOTrainer, FocalPOConfig, ours, leaves)
+        with pytest.raises(NotImplementedError, match=r"ZeRO-3 leaf modules \(lm_head\.base_layer\)"):
+            trainer.train()
+        return
     stock = train(DPOTrainer, DPOConfig, {})
-    sharded_trainers.assert_same_training(f"{name}, rank {rank}", train(FocalPOTrainer, FocalPOConfig, ours), stock)
+    mine = train(FocalPOTrainer, FocalPOConfig, ours, leaves)
+    sharded_trainers.assert_same_training(f"{name}, rank {rank}", mine, stock)
 
 
 def _gathered(model, name, stage):

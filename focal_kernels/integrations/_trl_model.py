@@ -138,7 +138,11 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # (the class called, not `_make` of a generator: PyTorch 2.11's dynamo fails on those after a resume)
             return type(token)(*[None if t is None else t.clone() for t in token])
 
-        if managed_by_zero3(head):
+        if managed_by_zero3(self) and _eager(zero3_leaf_head, self, head):
+            # `lm_head` a ZeRO-3 leaf module: DeepSpeed reduces a leaf's gradients in the backward hook of its own
+            # call, which reading its weight skips (TRL 1.16's fused head drops them so). Run as its forward.
+            token = _eager(run_as_forward, head, score, hidden, labels)
+        elif managed_by_zero3(head):
             # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its
             # parameter-access hook); code torch.compile traced reads them without that hook, empty shards. Eager.
             token = _eager(score, hidden, labels)
@@ -226,6 +230,55 @@ def managed_by_zero3(module) -> bool:
     return hasattr(module, "ds_id")
 
 
+def zero3_leaf_head(model, head) -> bool:
+    """Whether `head` is a DeepSpeed ZeRO-3 leaf module (`deepspeed.utils.set_z3_leaf_modules`) below `model`.
+
+    DeepSpeed gathers a leaf module's parameters, its descendants' included, in the hook of the leaf's own call,
+    and reduces their gradients in that call's backward hook (its descendants get no hooks of their own). The fused
+    head reads the head's parameters inside `model`'s forward and never calls the head or what lies between: a
+    leaf there would have its gradients silently dropped. The head itself is handled (the caller runs the fused
+    head as the head's forward); a leaf between `model` and `head`, or below `head`, is refused. A leaf at `model`
+    or above it is left to DeepSpeed (its call gathers everything below it). Read from DeepSpeed's flag on the
+    modules, set before its engine registers them; cached per head on `model`."""
+    cached = model.__dict__.get("_fk_zero3_leaf_head")
+    if cached is not None and cached[0] is head:
+        return cached[1]
+    path = _module_path(model, head)
+    if path is None:  # not registered below `model`'s engine call: nothing of DeepSpeed's to skip
+        return False
+    *between, (head_name, _) = path
+    leaves = [name for name, module in between if _z3_leaf(module)]
+    if not _z3_leaf(head):
+        leaves += [f"{head_name}.{name}" for name, module in head.named_modules() if name and _z3_leaf(module)]
+    if leaves:
+        raise NotImplementedError(
+            f"FocalPOTrainer does not support DeepSpeed ZeRO-3 leaf modules ({', '.join(leaves)}) between the model "
+            "and its output head or inside it: the fused head reads the head's parameters without calling those "
+            "modules, so DeepSpeed would never reduce their gradients. Mark `lm_head` itself (or none of them)."
+        )
+    model.__dict__["_fk_zero3_leaf_head"] = (head, _z3_leaf(head))
+    return _z3_leaf(head)
+
+
+def _z3_leaf(module) -> bool:
+    """DeepSpeed's ZeRO-3 leaf flag (what `deepspeed.utils.z3_leaf_module` reads), without importing DeepSpeed."""
+    return bool(getattr(module, "_z3_leaf", False))
+
+
+def _module_path(model, target):
+    """[(qualified name, module)] from `model`'s child down to `target`, or None if `target` is not below it."""
+    for name, module in model.named_modules():
+        if module is target and name:
+            break
+    else:
+        return None
+    path, module = [], model
+    for depth, part in enumerate(parts := name.split(".")):
+        module = getattr(module, part)
+        path.append((".".join(parts[:depth + 1]), module))
+    return path
+
+
 def fsdp_unit_of_head(model, head):
     """Where `head`'s weight is an FSDP2 shard (a DTensor) inside `model`'s forward, the unit to gather it: the
     module `fully_shard` was applied to nearest above or at `head`, below `model`; else None. Inside `model`'s
@@ -239,14 +292,8 @@ def fsdp_unit_of_head(model, head):
 
     if not isinstance(getattr(head, "weight", None), DTensor):
         return None
-    for name, module in model.named_modules():
-        if module is head:
-            break
-    else:
-        return None
-    unit, module = None, model
-    for part in name.split(".") if name else ():
-        module = getattr(module, part)
+    unit = None
+    for _, module in _module_path(model, head) or ():
         if isinstance(module, FSDPModule):
             unit = module
     return unit

@@ -290,6 +290,37 @@ def test_activation_offloading_matches_dpo_trainer(tmp_path, tok, dataset, monke
         sharded_trainers.assert_same_training(f"offloaded, padding_free={bool(packed_too)}", result, results[0])
 
 
+@pytest.mark.parametrize("dispatched", ["reference_offloaded", "policy"])
+def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
+    """Models loaded with a `device_map` carry accelerate's hooks, which move a module's inputs to its device and
+    load its offloaded weights in its call. A reference model with lm_head offloaded to disk (a meta tensor outside
+    the head's call; TRL 1.16's fused head reads the meta tensor and fails) and a trained policy with hooks: the
+    fused head runs as the head's call. Loss and gradients equal DPOTrainer's on the models in memory."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
+    if dispatched == "reference_offloaded":
+        ref.save_pretrained(tmp_path / "saved")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", offload_folder=str(tmp_path / "offload"),
+                                                      device_map={"model": "cpu", "lm_head": "disk"})
+    else:  # hooks on one device (as a multi-GPU device_map sets them on each)
+        loaded = dispatch_model(tiny_lm.clone(model), device_map={"model": "cpu", "lm_head": "cpu"}, force_hooks=True)
+    assert loaded.lm_head._hf_hook is not None
+    options = dict(loss_type="sigmoid", beta=0.5)
+    stock = DPOTrainer(model=tiny_lm.clone(model), ref_model=ref, args=_args(DPOConfig, tmp_path / "stock", **options),
+                       train_dataset=dataset, processing_class=tok)
+    mine = dict(model=loaded, ref_model=tiny_lm.clone(ref)) if dispatched == "policy" else \
+        dict(model=tiny_lm.clone(model), ref_model=loaded)
+    ours = FocalPOTrainer(**mine, train_dataset=dataset, processing_class=tok,
+                          args=_args(FocalPOConfig, tmp_path / "ours", **options))
+    weight = loaded.lm_head.weight
+    assert weight.device.type == ("meta" if dispatched == "reference_offloaded" else "cpu")
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+    assert loaded.lm_head.weight.device == weight.device  # offloaded again after the call
+
+
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     model = tiny_lm.make_model(tok, seed=0)
     ref = tiny_lm.make_model(tok, seed=1)

@@ -142,6 +142,10 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # `lm_head` a ZeRO-3 leaf module: DeepSpeed reduces a leaf's gradients in the backward hook of its own
             # call, which reading its weight skips (TRL 1.16's fused head drops them so). Run as its forward.
             token = _eager(run_as_forward, head, score, hidden, labels)
+        elif getattr(head, "_hf_hook", None) is not None:
+            # accelerate's hooks (a `device_map` dispatch) move the head's inputs to its device and load offloaded
+            # weights (CPU, disk) in its call; read outside it, an offloaded weight is a meta tensor
+            token = _eager(run_as_forward, head, score, hidden, labels)
         elif managed_by_zero3(head):
             # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its
             # parameter-access hook); code torch.compile traced reads them without that hook, empty shards. Eager.
@@ -300,11 +304,15 @@ def fsdp_unit_of_head(model, head):
 
 
 def run_as_forward(module, fn, *args):
-    """fn(*args) called as `module`'s forward, so that the hooks FSDP2 put on `module` run around it: its
-    parameters are gathered (in its mixed-precision policy's dtype) for the call, gathered again for its
-    backward, and their gradients reduce-scattered to the shards, as for any call of `module`."""
-    had_own = "forward" in module.__dict__
-    original = module.forward
+    """fn(*args) called as `module`'s forward, so that the hooks on `module` run around it, as for any call of
+    `module`. FSDP2's gather its parameters (in its mixed-precision policy's dtype) for the call, again for its
+    backward, and reduce-scatter their gradients to the shards; a DeepSpeed ZeRO-3 leaf's gather its parameters
+    and reduce their gradients; accelerate's (which wrap `forward` itself and call `_old_forward`) move the inputs
+    to the module's device and load offloaded weights for the call."""
+    name = "_old_forward" if getattr(module, "_hf_hook", None) is not None and hasattr(module, "_old_forward") \
+        else "forward"
+    had_own = name in module.__dict__
+    original = getattr(module, name)
 
     def forward(*inner):
         restore()
@@ -312,11 +320,11 @@ def run_as_forward(module, fn, *args):
 
     def restore():
         if had_own:
-            module.forward = original
+            setattr(module, name, original)
         else:
-            module.__dict__.pop("forward", None)
+            module.__dict__.pop(name, None)
 
-    module.forward = forward
+    setattr(module, name, forward)
     try:
         return module(*args)
     finally:

@@ -31,6 +31,18 @@ def refuse_dtensor(value, name):
                         "vocab_parallel_group, as replicated hidden states")
 
 
+def refuse_wrapper_subclass(value, name):
+    """A tensor subclass that wraps other tensors (a quantized weight such as torchao's `Int8Tensor`; DTensor is
+    handled apart) raises a TypeError naming it: the hidden-state path reads a plain tensor's elements, and the
+    subclass would otherwise fail deep inside with its own message about an operator it does not implement."""
+    kind = type(value)
+    wrapper = kind not in (torch.Tensor, torch.nn.Parameter) and hasattr(kind, "__tensor_flatten__")
+    if wrapper and not is_dtensor(value):
+        raise TypeError(f"{name} is a {kind.__module__}.{kind.__name__}, a tensor subclass wrapping other tensors "
+                        "(a quantized weight?), where a plain torch.Tensor or a DTensor is expected: pass its "
+                        "dequantized values (a plain tensor)")
+
+
 def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100,
                             last_dim="V"):
     """Logits (B, T, V) floating, labels (B, T) integer; last_dim="H" checks hidden states (B, T, H) and their
@@ -278,6 +290,7 @@ def check_linear(weight, bias):
     """weight (V, H) floating with V >= 1; bias None or (V,) with the weight's dtype and device."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    refuse_wrapper_subclass(weight, "weight")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be float32, bfloat16, float16 or float64, got {weight.dtype}")
     if weight.numel() == 0 and (hasattr(weight, "ds_shape") or weight.dim() == 1):
@@ -292,6 +305,7 @@ def check_linear(weight, bias):
         return
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    refuse_wrapper_subclass(bias, "bias")
     if bias.dtype != weight.dtype:
         raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
     if tuple(bias.shape) != (weight.shape[0],):

@@ -553,6 +553,8 @@ def test_default_chunk_size():
 
 
 def test_bad_inputs():
+    from torch.testing._internal.two_tensor import TwoTensor
+
     inputs = make_inputs(dtype=torch.float32, seq_len=3, rejected_len=3)
 
     def call(options=None, **changes):
@@ -575,6 +577,10 @@ def test_bad_inputs():
         (dict(weight=weight[:0]), ValueError, "non-empty vocabulary"),
         (dict(bias=inputs["bias"][:-1]), ValueError, r"bias must have shape \(V,\)"),
         (dict(bias=inputs["bias"].double()), TypeError, "bias must have the dtype of weight"),
+        # a wrapper subclass (TwoTensor, PyTorch's test one; torchao's quantized weights are such): named, not its
+        # own "unimplemented operator" error from deep inside
+        (dict(weight=TwoTensor(weight, weight)), TypeError, r"weight is a \S*TwoTensor, a tensor subclass"),
+        (dict(bias=TwoTensor(inputs["bias"], inputs["bias"])), TypeError, r"bias is a \S*TwoTensor, a tensor"),
         (dict(chosen_labels=inputs["chosen_labels"].float()), TypeError, "chosen_labels must be an int64"),
         (dict(chosen_labels=inputs["chosen_labels"][:, :2]), ValueError, r"chosen_labels must have shape \(B, T\)"),
         (dict(rejected_labels=inputs["rejected_labels"] + 1000), ValueError, r"rejected_labels must be in \[0, 37\)"),

@@ -13,11 +13,16 @@ _LAST_DIMS = {"V": "vocabulary", "H": "hidden size"}
 
 def is_dtensor(value) -> bool:
     """Whether value is a torch.distributed DTensor (without importing torch.distributed unless it is loaded)."""
+    return _is_subclass_of(value, "torch.distributed.tensor", "DTensor")
+
+
+def _is_subclass_of(value, module_name, class_name) -> bool:
+    """isinstance(value, module_name.class_name), False where that module is not loaded (not imported for it)."""
     import sys
 
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None) if module is not None else None
-    return dtensor is not None and isinstance(value, dtensor)
+    module = sys.modules.get(module_name)
+    cls = getattr(module, class_name, None) if module is not None else None
+    return cls is not None and isinstance(value, cls)
 
 
 def refuse_dtensor(value, name):
@@ -32,12 +37,14 @@ def refuse_dtensor(value, name):
 
 
 def refuse_wrapper_subclass(value, name):
-    """A tensor subclass that wraps other tensors (a quantized weight such as torchao's `Int8Tensor`; DTensor is
-    handled apart) raises a TypeError naming it: the hidden-state path reads a plain tensor's elements, and the
-    subclass would otherwise fail deep inside with its own message about an operator it does not implement."""
+    """A tensor subclass that wraps other tensors (a quantized weight such as torchao's `Int8Tensor`) raises a
+    TypeError naming it: the hidden-state path reads a plain tensor's elements, and the subclass would otherwise
+    fail deep inside with its own message about an operator it does not implement. DTensor is handled apart; an
+    AsyncCollectiveTensor (a functional collective's pending result) is a plain tensor once waited for."""
     kind = type(value)
     wrapper = kind not in (torch.Tensor, torch.nn.Parameter) and hasattr(kind, "__tensor_flatten__")
-    if wrapper and not is_dtensor(value):
+    if wrapper and not is_dtensor(value) and not _is_subclass_of(value, "torch.distributed._functional_collectives",
+                                                                  "AsyncCollectiveTensor"):
         raise TypeError(f"{name} is a {kind.__module__}.{kind.__name__}, a tensor subclass wrapping other tensors "
                         "(a quantized weight?), where a plain torch.Tensor or a DTensor is expected: pass its "
                         "dequantized values (a plain tensor)")

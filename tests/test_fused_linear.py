@@ -597,6 +597,10 @@ def test_bad_inputs():
     for changes, error, message in cases:
         with pytest.raises(error, match=message):
             call(**changes)
+    # a functional collective's pending result is a wrapper subclass too, but a plain tensor once waited for
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    torch.testing.assert_close(call(weight=AsyncCollectiveTensor(weight.clone())), call(), rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="labels must be in"):
         fused_linear_sequence_logps(inputs["chosen_hidden"], weight, inputs["chosen_labels"].clamp(min=0) - 1)

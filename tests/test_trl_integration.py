@@ -295,7 +295,9 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
     """Models loaded with a `device_map` carry accelerate's hooks, which move a module's inputs to its device and
     load its offloaded weights in its call. A reference model with lm_head offloaded to disk (a meta tensor outside
     the head's call; TRL 1.16's fused head reads the meta tensor and fails) and a trained policy with hooks: the
-    fused head runs as the head's call. Loss and gradients equal DPOTrainer's on the models in memory."""
+    fused head runs as the head's call. Loss and gradients equal DPOTrainer's on the models in memory. (The policy
+    case, nothing offloaded, would pass with the weight read directly too: it checks the gradients through the
+    head's call.)"""
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
@@ -511,13 +513,19 @@ def test_head_probe_reads_the_per_backend_tf32_switch(tmp_path, tok, dataset):
     assert _trl_model.fp32_matmul_eps(torch.device("cpu")) == 0.0
 
 
+@pytest.mark.parametrize("dispatched", [False, True], ids=["", "dispatched"])
 @pytest.mark.parametrize("head", ["lora", "modules_to_save"])
-def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head):
+def test_peft_lm_head_matches_model_forward(tmp_path, tok, dataset, head, dispatched):
     """LoRA on lm_head (TRL refuses it) or the head in `modules_to_save`: the fused head's log-probs equal the PEFT
-    model's own full-logit forward, with the adapter on and off (the reference), and the head's adapter trains."""
+    model's own full-logit forward, with the adapter on and off (the reference), and the head's adapter trains.
+    Dispatched: accelerate's hooks on the model's modules before PEFT wraps the head (`modules_to_save`'s wrapper
+    passes attribute lookups on to the hooked head it wraps, but has no hooks of its own)."""
+    from accelerate import dispatch_model
     from peft import LoraConfig
 
     model = tiny_lm.make_model(tok, seed=0)
+    if dispatched:
+        model = dispatch_model(model, device_map={"model": "cpu", "lm_head": "cpu"}, force_hooks=True)
     if head == "lora":
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False,
                             lora_dropout=0.0)

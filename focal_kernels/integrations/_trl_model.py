@@ -142,7 +142,7 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # `lm_head` a ZeRO-3 leaf module: DeepSpeed reduces a leaf's gradients in the backward hook of its own
             # call, which reading its weight skips (TRL 1.16's fused head drops them so). Run as its forward.
             token = _eager(run_as_forward, head, score, hidden, labels)
-        elif getattr(head, "_hf_hook", None) is not None:
+        elif accelerate_hooked(head):
             # accelerate's hooks (a `device_map` dispatch) move the head's inputs to its device and load offloaded
             # weights (CPU, disk) in its call; read outside it, an offloaded weight is a meta tensor
             token = _eager(run_as_forward, head, score, hidden, labels)
@@ -303,14 +303,20 @@ def fsdp_unit_of_head(model, head):
     return unit
 
 
+def accelerate_hooked(module) -> bool:
+    """Whether accelerate put hooks on `module` itself (`add_hook_to_module`), read from the module's own
+    attributes: PEFT's `ModulesToSaveWrapper` passes attribute lookups on to the module it wraps, whose hooks
+    its own call does not run."""
+    return module.__dict__.get("_hf_hook") is not None
+
+
 def run_as_forward(module, fn, *args):
     """fn(*args) called as `module`'s forward, so that the hooks on `module` run around it, as for any call of
     `module`. FSDP2's gather its parameters (in its mixed-precision policy's dtype) for the call, again for its
     backward, and reduce-scatter their gradients to the shards; a DeepSpeed ZeRO-3 leaf's gather its parameters
     and reduce their gradients; accelerate's (which wrap `forward` itself and call `_old_forward`) move the inputs
     to the module's device and load offloaded weights for the call."""
-    name = "_old_forward" if getattr(module, "_hf_hook", None) is not None and hasattr(module, "_old_forward") \
-        else "forward"
+    name = "_old_forward" if accelerate_hooked(module) and "_old_forward" in module.__dict__ else "forward"
     had_own = name in module.__dict__
     original = getattr(module, name)
 

@@ -323,6 +323,30 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
     assert loaded.lm_head.weight.device == weight.device  # offloaded again after the call
 
 
+def test_head_with_a_weight_setting_hook(tmp_path, tok, dataset):
+    """A pruned lm_head (`torch.nn.utils.prune`: a forward pre-hook sets `weight = weight_orig * weight_mask` for
+    each call). Read outside a call, the weight is the one the last call set: the head probe's, made without
+    gradients, so lm_head would silently never train. The fused head runs as the head's call; loss and gradients
+    (`weight_orig`'s included) equal DPOTrainer's at its first step, twice over (TRL 1.16 reads the weight its
+    pruning set, which works once: its second backward raises)."""
+    import torch.nn.utils.prune as prune
+
+    model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
+    trainers = []
+    for trainer_cls, config_cls in ((DPOTrainer, DPOConfig), (FocalPOTrainer, FocalPOConfig)):
+        pruned = tiny_lm.clone(model)  # pruned after the copy (a pruned module can't be deep-copied)
+        prune.l1_unstructured(pruned.lm_head, "weight", amount=0.3)
+        args = _args(config_cls, tmp_path / trainer_cls.__name__, loss_type="sigmoid", beta=0.5)
+        trainers.append(trainer_cls(model=pruned, ref_model=tiny_lm.clone(ref), args=args, train_dataset=dataset,
+                                    processing_class=tok))
+    stock, ours = trainers
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    expected = _loss_and_grads(stock, batch)
+    assert expected[1]["lm_head.weight_orig"].abs().sum() > 0
+    for _ in range(2):
+        _assert_same(_loss_and_grads(ours, batch), expected)
+
+
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     model = tiny_lm.make_model(tok, seed=0)
     ref = tiny_lm.make_model(tok, seed=1)

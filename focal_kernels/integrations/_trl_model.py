@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import sys
 import types
 
 import torch
@@ -150,12 +151,16 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its
             # parameter-access hook); code torch.compile traced reads them without that hook, empty shards. Eager.
             token = _eager(score, hidden, labels)
-        elif (unit := fsdp_unit_of_head(self, head)) is None:
-            token = score(hidden, labels)
-        else:
+        elif (unit := fsdp_unit_of_head(self, head)) is not None:
             # An error in one rank's inputs is raised on every rank of the head's mesh, as where fk gathers a shard
             # itself, not left to hang the others in the backward's collectives.
             token = agreed_on_mesh(head.weight.device_mesh, lambda: run_as_forward(unit, score, hidden, labels))
+        elif forward_hooked(head):
+            # hooks that set the weight for the call (`torch.nn.utils.prune`'s, the old `weight_norm`'s): read
+            # outside it, the weight is the one the last call set, with no gradient path once that call is over
+            token = _eager(run_as_forward, head, score, hidden, labels)
+        else:
+            token = score(hidden, labels)
         labels = labels.to(token.log_probs.device)
         mask = labels != -100
         log_probs = token.log_probs
@@ -308,6 +313,17 @@ def accelerate_hooked(module) -> bool:
     attributes: PEFT's `ModulesToSaveWrapper` passes attribute lookups on to the module it wraps, whose hooks
     its own call does not run."""
     return module.__dict__.get("_hf_hook") is not None
+
+
+def forward_hooked(head) -> bool:
+    """Whether `head` has forward (pre-)hooks of its own other than a sharding framework's, which the fused head
+    serves in its own ways: FSDP2's (an `FSDPModule`: `fsdp_unit_of_head`, or its weight already gathered by an
+    earlier call) and tensor parallelism's (a DTensor weight, scored vocabulary-parallel: its hooks would turn the
+    inputs and outputs into DTensors). DeepSpeed's are handled before this is asked."""
+    if not (head._forward_pre_hooks or head._forward_hooks) or is_dtensor(getattr(head, "weight", None)):
+        return False
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is None or not isinstance(head, fsdp.FSDPModule)
 
 
 def run_as_forward(module, fn, *args):

@@ -297,7 +297,8 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
     the head's call; TRL 1.16's fused head reads the meta tensor and fails) and a trained policy with hooks: the
     fused head runs as the head's call. Loss and gradients equal DPOTrainer's on the models in memory. (The policy
     case, nothing offloaded, would pass with the weight read directly too: it checks the gradients through the
-    head's call.)"""
+    head's call.) The model's own hook (which moves outputs back to the inputs' device) runs for the fused forward
+    too."""
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
@@ -318,8 +319,11 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
                           args=_args(FocalPOConfig, tmp_path / "ours", **options))
     weight = loaded.lm_head.weight
     assert weight.device.type == ("meta" if dispatched == "reference_offloaded" else "cpu")
+    outputs, post_forward = [], loaded._hf_hook.post_forward
+    loaded._hf_hook.post_forward = lambda module, output: post_forward(module, outputs.append(output) or output)
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
     _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
+    assert [type(output).__name__ for output in outputs] == ["FusedCausalLMOutput"]
     assert loaded.lm_head.weight.device == weight.device  # offloaded again after the call
 
 

@@ -94,7 +94,8 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
     `shift_labels=`, aligned with those; 0 where the label is -100. Without `fused_lm_head` the forward is the
     original one.
     """
-    original_forward = model.forward
+    slot = forward_slot(model)
+    original_forward = getattr(model, slot)
     text_config = model.config.get_text_config()
     logit_options = fk.logit_options_from_config(text_config)  # softcap / logit scale the model applies
     unpadded_rows = getattr(text_config, "unpadded_vocab_size", None)
@@ -189,7 +190,14 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             aux_loss=aux_loss,
         )
 
-    model.forward = types.MethodType(_fk_fused_forward, model)
+    setattr(model, slot, types.MethodType(_fk_fused_forward, model))
+
+
+def forward_slot(model) -> str:
+    """The attribute the fused forward replaces: `forward`, or, where accelerate put hooks on the model itself (a
+    `device_map` dispatch), `_old_forward`, which accelerate's wrapper calls between its hooks, so that they run
+    for the fused forward too (the model's own moves the outputs back to the inputs' device)."""
+    return "_old_forward" if accelerate_hooked(model) and "_old_forward" in model.__dict__ else "forward"
 
 
 def tensor_parallel_group(model, weight):
@@ -332,7 +340,7 @@ def run_as_forward(module, fn, *args):
     backward, and reduce-scatter their gradients to the shards; a DeepSpeed ZeRO-3 leaf's gather its parameters
     and reduce their gradients; accelerate's (which wrap `forward` itself and call `_old_forward`) move the inputs
     to the module's device and load offloaded weights for the call."""
-    name = "_old_forward" if accelerate_hooked(module) and "_old_forward" in module.__dict__ else "forward"
+    name = forward_slot(module)
     had_own = name in module.__dict__
     original = getattr(module, name)
 

@@ -85,7 +85,7 @@ from trl.trainer import dpo_trainer as _trl_dpo  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ._trl_model import (  # noqa: E402
-    hash_sharded_module, install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,
+    forward_slot, hash_sharded_module, install_fused_head, lora_head_unsupported_reason, probe_head, probe_packing,
     refuse_multimodal, refuse_unpackable, zero3_sharded,
 )
 
@@ -288,7 +288,8 @@ class FocalPOTrainer(DPOTrainer):
         def install_head(m, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
             if temperature != 1.0 or cast_lm_head_to_fp32:
                 raise NotImplementedError("FocalPOTrainer's fused head takes no temperature / fp32 cast")
-            unpatched = m.__dict__.get("forward")  # an instance's own forward, if it had one
+            slot = forward_slot(m)
+            unpatched = m.__dict__.get(slot)  # an instance's own forward, if it had one
             install_fused_head(m, outputs=outputs, chunk_size=chunk_size)
             # Probed as soon as installed (before TRL precomputes any reference log-probs), the policy and the
             # reference model alike; a reference model that only reference-free types select never runs. A model
@@ -303,9 +304,9 @@ class FocalPOTrainer(DPOTrainer):
                 probe_head(m)
             except Exception:  # refused: the model is left as it came
                 if unpatched is None:
-                    del m.forward
+                    delattr(m, slot)
                 else:
-                    m.forward = unpatched
+                    setattr(m, slot, unpatched)
                 raise
 
         # TRL's `__init__` checks its own loss names (f-divergence support, WPO) and turns `padding_free` off with

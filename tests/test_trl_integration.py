@@ -310,6 +310,11 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
     else:  # hooks on one device (as a multi-GPU device_map sets them on each)
         loaded = dispatch_model(tiny_lm.clone(model), device_map={"model": "cpu", "lm_head": "cpu"}, force_hooks=True)
     assert loaded.lm_head._hf_hook is not None
+    assert _trl_model.forward_slot(loaded) == "_old_forward"  # accelerate's wrapper is the model's forward
+    over = tiny_lm.clone(loaded)
+    own = over.forward
+    over.forward = lambda *args, **kwargs: own(*args, **kwargs)  # a wrapper set over it is replaced, as without hooks
+    assert _trl_model.forward_slot(over) == "forward"
     options = dict(loss_type="sigmoid", beta=0.5)
     stock = DPOTrainer(model=tiny_lm.clone(model), ref_model=ref, args=_args(DPOConfig, tmp_path / "stock", **options),
                        train_dataset=dataset, processing_class=tok)
@@ -330,9 +335,10 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
 def test_head_with_a_weight_setting_hook(tmp_path, tok, dataset):
     """A pruned lm_head (`torch.nn.utils.prune`: a forward pre-hook sets `weight = weight_orig * weight_mask` for
     each call). Read outside a call, the weight is the one the last call set: the head probe's, made without
-    gradients, so lm_head would silently never train. The fused head runs as the head's call; loss and gradients
-    (`weight_orig`'s included) equal DPOTrainer's at its first step, twice over (TRL 1.16 reads the weight its
-    pruning set, which works once: its second backward raises)."""
+    gradients, so lm_head would silently never train. The fused head runs the pruning hook first; loss and
+    gradients (`weight_orig`'s included) equal DPOTrainer's at its first step, twice over (TRL 1.16 reads the
+    weight its pruning set, which works once: its second backward raises). The head is not called: another hook
+    on it, which expects logits, is not run with the fused head's result."""
     import torch.nn.utils.prune as prune
 
     model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
@@ -344,11 +350,14 @@ def test_head_with_a_weight_setting_hook(tmp_path, tok, dataset):
         trainers.append(trainer_cls(model=pruned, ref_model=tiny_lm.clone(ref), args=args, train_dataset=dataset,
                                     processing_class=tok))
     stock, ours = trainers
+    outputs = []
+    ours.model.lm_head.register_forward_hook(lambda module, args, output: outputs.append(output.float().mean()))
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
     expected = _loss_and_grads(stock, batch)
     assert expected[1]["lm_head.weight_orig"].abs().sum() > 0
     for _ in range(2):
         _assert_same(_loss_and_grads(ours, batch), expected)
+    assert not outputs
 
 
 def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):

@@ -156,10 +156,10 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # An error in one rank's inputs is raised on every rank of the head's mesh, as where fk gathers a shard
             # itself, not left to hang the others in the backward's collectives.
             token = agreed_on_mesh(head.weight.device_mesh, lambda: run_as_forward(unit, score, hidden, labels))
-        elif forward_hooked(head):
-            # hooks that set the weight for the call (`torch.nn.utils.prune`'s, the old `weight_norm`'s): read
-            # outside it, the weight is the one the last call set, with no gradient path once that call is over
-            token = _eager(run_as_forward, head, score, hidden, labels)
+        elif hooks := weight_setting_hooks(head):
+            # read outside a call, such a weight is the one the last call set, with no gradient path once that
+            # call is over: the hooks set it again first (not the head's call, whose other hooks expect logits)
+            token = _eager(_after_hooks, hooks, head, score, hidden, labels)
         else:
             token = score(hidden, labels)
         labels = labels.to(token.log_probs.device)
@@ -195,9 +195,14 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 
 def forward_slot(model) -> str:
     """The attribute the fused forward replaces: `forward`, or, where accelerate put hooks on the model itself (a
-    `device_map` dispatch), `_old_forward`, which accelerate's wrapper calls between its hooks, so that they run
-    for the fused forward too (the model's own moves the outputs back to the inputs' device)."""
-    return "_old_forward" if accelerate_hooked(model) and "_old_forward" in model.__dict__ else "forward"
+    `device_map` dispatch) and its wrapper is still the model's `forward`, `_old_forward`, which that wrapper calls
+    between its hooks, so that they run for the fused forward too (the model's own moves the outputs back to the
+    inputs' device). A `forward` set over accelerate's wrapper is replaced, as on a model without hooks."""
+    wrapper = model.__dict__.get("forward")
+    accelerates = (isinstance(wrapper, functools.partial) and wrapper.args and wrapper.args[0] is model
+                   and getattr(wrapper.func, "__module__", None) == "accelerate.hooks")
+    return "_old_forward" if accelerates and accelerate_hooked(model) and "_old_forward" in model.__dict__ \
+        else "forward"
 
 
 def tensor_parallel_group(model, weight):
@@ -323,15 +328,27 @@ def accelerate_hooked(module) -> bool:
     return module.__dict__.get("_hf_hook") is not None
 
 
-def forward_hooked(head) -> bool:
-    """Whether `head` has forward (pre-)hooks of its own other than a sharding framework's, which the fused head
-    serves in its own ways: FSDP2's (an `FSDPModule`: `fsdp_unit_of_head`, or its weight already gathered by an
-    earlier call) and tensor parallelism's (a DTensor weight, scored vocabulary-parallel: its hooks would turn the
-    inputs and outputs into DTensors). DeepSpeed's are handled before this is asked."""
-    if not (head._forward_pre_hooks or head._forward_hooks) or is_dtensor(getattr(head, "weight", None)):
-        return False
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is None or not isinstance(head, fsdp.FSDPModule)
+# The forward pre-hooks that set a module's weight for each call, from the weight's own parameters
+# (`torch.nn.utils.prune`, the old `weight_norm` and `spectral_norm`): (module, class), read only if imported.
+_WEIGHT_SETTING_HOOKS = (("torch.nn.utils.prune", "BasePruningMethod"), ("torch.nn.utils.weight_norm", "WeightNorm"),
+                         ("torch.nn.utils.spectral_norm", "SpectralNorm"))
+
+
+def weight_setting_hooks(head) -> list:
+    """`head`'s forward pre-hooks that set its weight for each call (`_WEIGHT_SETTING_HOOKS`), in their order."""
+    if not head._forward_pre_hooks:
+        return []
+    kinds = tuple(kind for module, name in _WEIGHT_SETTING_HOOKS
+                  if (kind := getattr(sys.modules.get(module), name, None)) is not None)
+    return [hook for hook in head._forward_pre_hooks.values() if isinstance(hook, kinds)]
+
+
+def _after_hooks(hooks, head, score, hidden, labels):
+    """score(hidden, labels) after the weight-setting `hooks` have set `head`'s weight, as they do in its call
+    (each reads only the module; the inputs are passed for their signature)."""
+    for hook in hooks:
+        hook(head, (hidden,))
+    return score(hidden, labels)
 
 
 def run_as_forward(module, fn, *args):

@@ -140,13 +140,11 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
             # (the class called, not `_make` of a generator: PyTorch 2.11's dynamo fails on those after a resume)
             return type(token)(*[None if t is None else t.clone() for t in token])
 
-        if managed_by_zero3(self) and _eager(zero3_leaf_head, self, head):
-            # `lm_head` a ZeRO-3 leaf module: DeepSpeed reduces a leaf's gradients in the backward hook of its own
-            # call, which reading its weight skips (TRL 1.16's fused head drops them so). Run as its forward.
-            token = _eager(run_as_forward, head, score, hidden, labels)
-        elif accelerate_hooked(head):
-            # accelerate's hooks (a `device_map` dispatch) move the head's inputs to its device and load offloaded
-            # weights (CPU, disk) in its call; read outside it, an offloaded weight is a meta tensor
+        if (managed_by_zero3(self) and _eager(zero3_leaf_head, self, head)) or accelerate_hooked(head):
+            # Hooks that must run in the head's call, which reading its weight skips; run as its forward. A ZeRO-3
+            # leaf's reduce its gradients (TRL 1.16's fused head drops them so); accelerate's (a `device_map`
+            # dispatch) move the inputs to the head's device and load offloaded weights (CPU, disk; read outside
+            # the call, an offloaded weight is a meta tensor).
             token = _eager(run_as_forward, head, score, hidden, labels)
         elif managed_by_zero3(head):
             # DeepSpeed ZeRO-3 gathers the head's parameters when Python reads them from the module (its

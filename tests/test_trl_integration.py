@@ -332,6 +332,24 @@ def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
     assert loaded.lm_head.weight.device == weight.device  # offloaded again after the call
 
 
+@pytest.mark.parametrize("peft_head", ["lora", "modules_to_save"])
+def test_offloaded_head_under_a_peft_wrapper_is_refused(tmp_path, tok, dataset, peft_head):
+    """An lm_head offloaded by accelerate and then wrapped by PEFT: the wrapper's call does not load the offloaded
+    weight, which stays a meta tensor where the fused head reads it. Refused by name at construction (the head
+    probe), not PyTorch's meta-tensor error."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    tiny_lm.make_model(tok, seed=0).save_pretrained(tmp_path / "saved")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", offload_folder=str(tmp_path / "offload"),
+                                                 device_map={"model": "cpu", "lm_head": "disk"})
+    where = dict(target_modules=["q_proj", "lm_head"]) if peft_head == "lora" else \
+        dict(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(NotImplementedError, match="lm_head whose weight is a meta tensor"):
+        FocalPOTrainer(model=model, args=_args(FocalPOConfig, tmp_path / "ours"), train_dataset=dataset,
+                       processing_class=tok, peft_config=LoraConfig(r=4, lora_dropout=0.0, **where))
+
+
 def test_head_with_a_weight_setting_hook(tmp_path, tok, dataset):
     """A pruned lm_head (`torch.nn.utils.prune`: a forward pre-hook sets `weight = weight_orig * weight_mask` for
     each call). Read outside a call, the weight is the one the last call set: the head probe's, made without

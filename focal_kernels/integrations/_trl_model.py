@@ -126,6 +126,12 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 
         def score(hidden, labels):
             weight, bias = _head_weight_and_bias(head)
+            if weight.device.type == "meta":
+                raise NotImplementedError(
+                    "FocalPOTrainer does not support an lm_head whose weight is a meta tensor where the fused head "
+                    "reads it: offloaded by accelerate under a PEFT wrapper (LoRA or modules_to_save on lm_head, "
+                    "whose call does not load it), or never loaded. Keep lm_head on a device, or leave it out of "
+                    "the PEFT config.")
             if unpadded_rows is not None and unpadded_rows < weight.shape[0]:  # Inkling keeps only these logits
                 weight, bias = weight[:unpadded_rows], None if bias is None else bias[:unpadded_rows]
             # A tensor-parallel head (vocabulary rows sharded over the model's TP mesh, the same tokens on every

@@ -50,6 +50,18 @@ def refuse_wrapper_subclass(value, name):
                         "dequantized values (a plain tensor)")
 
 
+def refuse_functorch(value, name):
+    """A tensor inside a torch.func transform (grad, vmap, jacrev, ...) raises a NotImplementedError naming the
+    transform's tensor: the log-prob path runs autograd Functions around Triton kernels, which have no vmap
+    rule and no functorch-style (setup_context) form, and would fail deep inside with PyTorch's own message."""
+    if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(value):
+        return
+    raise NotImplementedError(f"{name} is a torch.func transform's tensor (torch.func.grad, vmap, jacrev, ...): the "
+                              "log-prob functions run hand-written kernels that torch.func cannot transform; use "
+                              "torch.autograd (loss.backward() or torch.autograd.grad). The pair losses on (B,) "
+                              "log-probs (preference_loss) are plain PyTorch and work under torch.func")
+
+
 def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name="labels", ignore_index=-100,
                             last_dim="V"):
     """Logits (B, T, V) floating, labels (B, T) integer; last_dim="H" checks hidden states (B, T, H) and their
@@ -60,6 +72,8 @@ def check_logits_and_labels(logits, labels, *, logits_name="logits", labels_name
         raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
     refuse_dtensor(logits, logits_name)
     refuse_dtensor(labels, labels_name)
+    refuse_functorch(logits, logits_name)
+    refuse_functorch(labels, labels_name)
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{logits_name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
                         f"got {logits.dtype}")
@@ -298,6 +312,7 @@ def check_linear(weight, bias):
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     refuse_wrapper_subclass(weight, "weight")
+    refuse_functorch(weight, "weight")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be float32, bfloat16, float16 or float64, got {weight.dtype}")
     if weight.numel() == 0 and (hasattr(weight, "ds_shape") or weight.dim() == 1):
@@ -313,6 +328,7 @@ def check_linear(weight, bias):
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     refuse_wrapper_subclass(bias, "bias")
+    refuse_functorch(bias, "bias")
     if bias.dtype != weight.dtype:
         raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
     if tuple(bias.shape) != (weight.shape[0],):

@@ -364,3 +364,37 @@ def test_dtensors_where_plain_tensors_are_expected_raise(one_rank_mesh):
             fk.shift_packed_labels(*arguments)
     with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):  # (before: an error about labels)
         fk.shift_packed_labels(labels.tolist(), cu, labels=labels)
+
+
+@pytest.mark.parametrize("transform, path", [
+    (transform, path) for transform in ("grad", "vmap")
+    for path in ("logits", "packed", "hidden", "weight", "labels", "focal_po_loss")
+    if (transform, path) != ("grad", "labels")])  # labels take no gradient
+def test_torch_func_transforms_are_refused_by_name(device, transform, path):
+    """torch.func cannot transform the kernels' autograd Functions (no setup_context form, no vmap rule): the
+    transform's tensor is named instead of failing inside PyTorch or the interpreter's probe; the pair losses,
+    plain PyTorch, still work under it."""
+    x = torch.randn(2, 5, 11, device=device, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5), device=device)
+    weight = torch.randn(11, 8, device=device, dtype=torch.float64)
+    hidden = torch.randn(2, 5, 8, device=device, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 4, 10], device=device)
+    calls = {
+        "logits": (lambda t: fk.sequence_logps(t, labels), x, "logits"),
+        "packed": (lambda t: fk.sequence_logps(t, labels.reshape(-1), cu_seqlens=cu_seqlens),
+                   x.reshape(10, 11), "logits"),
+        "hidden": (lambda t: fk.fused_linear_sequence_logps(t, weight, labels), hidden, "hidden"),
+        "weight": (lambda t: fk.fused_linear_sequence_logps(hidden, t, labels), weight, "weight"),
+        "labels": (lambda t: fk.sequence_logps(x, t), labels, "labels"),
+        "focal_po_loss": (lambda t: fk.focal_po_loss(t, t, labels, labels).loss, x, "chosen_logits"),
+    }
+    fn, argument, name = calls[path]
+    if transform == "grad":
+        call = lambda: torch.func.grad(lambda t: fn(t).sum())(argument)  # noqa: E731
+    else:
+        call = lambda: torch.vmap(fn)(argument.unsqueeze(0).expand(3, *argument.shape))  # noqa: E731
+    with pytest.raises(NotImplementedError, match=rf"^{name} is a torch\.func transform's tensor"):
+        call()
+    chosen = torch.randn(3, device=device, dtype=torch.float64)
+    grads = torch.func.grad(lambda c: fk.preference_loss(c, c.flip(0), c * 0, c * 0, gamma=0.5).loss)(chosen)
+    assert torch.isfinite(grads).all() and grads.abs().sum() > 0

@@ -30,6 +30,8 @@ Implementations, all on the same inputs:
     liger            liger_kernel.chunked_loss.LigerFusedLinearDPOLoss, reference-free DPO (gamma = 0):
                      a different loss, so its loss value is not compared
     cce              cut_cross_entropy.linear_cross_entropy(reduction="none"), then the same sum and loss
+    ours (again)     ours timed once more, after all the others on the shape (last in ALL_IMPLS): its time over
+                     ours' first shows how far the clocks drifted while the shape ran (the target table shows it)
 (d) trl / liger / cce run only where importable (and never in --quick); each is skipped with its reason.
 
 Per row, measured by the same code as the logits benchmark (measure.py, runner.py): fwd, bwd and fwd+bwd
@@ -70,7 +72,7 @@ import torch
 
 from .baselines import BETA, GAMMA, eager_sequence_logps, focal_po_from_logps
 from . import targets
-from .environment import bench_device, describe, import_baseline, release_memory
+from .environment import bench_device, describe, import_baseline, release_memory, synchronize
 from .impls import Impl, build_impls
 from .inputs import IGNORE_INDEX, random_labels, random_ref_logps
 from .measure import PHASES
@@ -79,7 +81,7 @@ from .report import (_clean, _write_atomically, header_lines, print_end, print_s
 from .runner import (compare_with_ours, comparison_fields, describe_failure, fill_timings, record_row,
                      run_implementation)
 from .shapes import PairedTokens, parse_list, parse_names
-from .timing import CpuTimer, GpuTimer, RepsTimer
+from .timing import GpuTimer, RepsTimer
 
 HIDDEN, VOCAB, PAIRS = 4096, 128256, 4            # Llama-3-8B lm_head
 SEQ_LENS, QUICK_SEQ_LENS = (2048, 4096), (2048,)
@@ -92,7 +94,7 @@ DEFAULT_MEMORY_BUDGET = 2 << 30  # "ours (memory_budget)" when no Liger row meas
 QUICK_IMPLS = ("ours", "ours_frozen", "ours_budget", "matmul", "eager")
 # Liger before ours (memory_budget), which takes its budget from Liger's row.
 ALL_IMPLS = ("ours", "gemms", "ours_frozen", "matmul", "matmul_inplace", "eager", "trl", "trl_frozen", "liger",
-             "ours_budget", "cce")
+             "ours_budget", "cce", "ours_again")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -247,6 +249,14 @@ class OursMemoryBudget(Ours):
         self.note = f"memory_budget={self.memory_budget / 2**20:.0f} MiB ({source})"
 
 
+class OursAgain(Ours):
+    """ours once more, run last on each shape: the drift check beside the targets' few-percent margins (ours is
+    timed first, the baselines minutes later, each a median of a few calls)."""
+
+    key, name = "ours_again", "ours (again)"
+    note = "ours timed again after the others on the shape"
+
+
 class _OursGemmsOnly(torch.autograd.Function):
     """focal_kernels.vocab_chunks' own chunk loops (logits_pass, gradient_pass) with the Triton kernels
     replaced by nothing: the same gathers, GEMMs and scatters at the default chunk size, the recomputed logits
@@ -351,7 +361,7 @@ class TRLChunkedLogProb(Concatenated, Impl):
 
     key, name = "trl", "trl"
     note = "trl.kernels.ChunkedLogProbFunction"
-    VOCAB_CHUNK = 32768
+    vocab_chunk = 32768  # TRL 1.16's; unavailable_reason reads the installed TRL's
 
     def __init__(self):
         self._fn = None
@@ -371,12 +381,17 @@ class TRLChunkedLogProb(Concatenated, Impl):
         if unknown:
             return f"ChunkedLogProbFunction.forward has required parameters this benchmark does not know: {unknown}"
         self._fn, self._params = ChunkedLogProbFunction, params
+        try:  # the vocabulary chunk TRL's DPOTrainer passes (32768 in TRL 1.16), where this TRL names it
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+            self.vocab_chunk = int(chunk)
+        except (ImportError, TypeError, ValueError):
+            pass
         return None
 
     def loss(self, x):
         rows, targets, positions = _scored_rows(x)
         values = {"hidden": rows, "weight": x.weight, "bias": None, "targets": targets, "temperature": 1.0,
-                  "chunk_size": min(self.VOCAB_CHUNK, x.weight.shape[0]), "final_logit_softcapping": None,
+                  "chunk_size": min(self.vocab_chunk, x.weight.shape[0]), "final_logit_softcapping": None,
                   "softcap": None, "logit_scale": 1.0, "outputs": ()}
         args = [values[p.name] if p.name in values else p.default for p in self._params]
         out = self._fn.apply(*args)
@@ -460,7 +475,7 @@ class CutCrossEntropy(Concatenated, Impl):
 
 IMPLS = {cls.key: cls for cls in (Ours, OursGemmsOnly, OursFrozen, OursMemoryBudget, MatmulThenFocalPO,
                                    MatmulThenFocalPOInplace, Eager, TRLChunkedLogProb, TRLChunkedLogProbFrozen,
-                                   LigerFusedLinearDPO, CutCrossEntropy)}
+                                   LigerFusedLinearDPO, CutCrossEntropy, OursAgain)}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -485,8 +500,9 @@ def chunk_gemm_loop(shape: Shape, weight: torch.Tensor, device, reps: int) -> di
     """The sustained rate of the GEMMs ours runs on this shape: through ours' own loops at ours' default chunk,
     the forward's (N_valid, H) × (H, chunk) products over the whole vocabulary (vocab_chunks.logits_pass), then
     the backward's recompute, grad_W and float32-accumulating grad_hidden products (vocab_chunks.gradient_pass,
-    the logits standing in for their gradient), timed as one call (do_bench median on a GPU, L2 flushed before
-    each): "ms" is the time of those 4 GEMMs, so a task of n GEMMs has the floor n/4 · ms."""
+    the logits standing in for their gradient), timed as one call with the rows' timer (a budget of about `reps`
+    calls: do_bench median on a GPU, L2 flushed before each): "ms" is the time of those 4 GEMMs, so a task of n
+    GEMMs has the floor n/4 · ms."""
     from focal_kernels.logprobs import vocab_chunks
 
     rows = torch.randn((shape.valid_tokens, shape.hidden), dtype=DTYPE, device=device)
@@ -500,8 +516,13 @@ def chunk_gemm_loop(shape: Shape, weight: torch.Tensor, device, reps: int) -> di
         vocab_chunks.gradient_pass(rows, weight, None, chunk, lambda logits, start: logits, grad_weight, None,
                                    grad_rows)
 
-    timer = GpuTimer(device, warmup_ms=25, rep_ms=100) if device.type == "cuda" else CpuTimer(reps)
-    ms = timer.median_ms(four_gemms)
+    # Timed as the rows are (RepsTimer): one call's length sizes the budget, so that the median is of about
+    # `reps` calls (a fixed 100 ms budget gave one call of these 100-200 ms loops).
+    synchronize(device)
+    started = time.perf_counter()
+    four_gemms()
+    synchronize(device)
+    ms = RepsTimer(device, reps).for_step((time.perf_counter() - started) * 1e3).median_ms(four_gemms)
     del rows, grad_weight, grad_rows
     return {"shape": shape.group(), "valid_tokens": shape.valid_tokens, "chunk": chunk, "gemms": 4, "ms": ms,
             "tflops": 4 * shape.gemm_flops() / ms / 1e9}

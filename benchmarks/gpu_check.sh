@@ -24,8 +24,10 @@
 # interrupted with SIGINT, so its summary still reaches the log). SWEEP=1 adds the launch-configuration sweep
 # (about a minute).
 #
-# Baselines that are not on the GPU image (TRL, Liger-Kernel, Cut Cross-Entropy) can travel as wheels in
-# ./.whl (see benchmarks/NOTES.md); they are installed into /tmp/site here, without dependencies.
+# Baselines that are not on the GPU image (TRL, Liger-Kernel, Cut Cross-Entropy) travel as wheels in ./.whl
+# (see benchmarks/NOTES.md); they are installed into /tmp/site here, without dependencies. The fused, bench,
+# logits-small and trl phases refuse to start where the baselines they compare with do not import (exit 4;
+# GPU_CHECK_WITHOUT_BASELINES=1 runs them anyway).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-}"
@@ -73,6 +75,34 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     else
         echo "WARNING: installing the wheels in .whl failed; the baselines they carry will be skipped" | tee -a "$log"
+    fi
+fi
+
+# The baselines a phase compares with: without them it measures ours alone and most of issue 13's targets read
+# "not measured", a device call spent for little, so it refuses to start (GPU_CHECK_WITHOUT_BASELINES=1 runs it).
+case "$phase" in
+    fused) needed="trl.kernels liger_kernel.chunked_loss cut_cross_entropy" ;;
+    bench|logits-small) needed="trl.trainer.utils liger_kernel.transformers.functional" ;;
+    trl) needed="trl.trainer.dpo_trainer" ;;
+    *) needed="" ;;
+esac
+if [ -n "$needed" ] && [ -z "${GPU_CHECK_WITHOUT_BASELINES:-}" ]; then
+    # shellcheck disable=SC2086  # one module name per argument
+    missing="$(python - $needed <<'PY' 2>&1
+import importlib, sys
+missing = []
+for module in sys.argv[1:]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # not installed, or broken by its own dependencies
+        missing.append(f"{module} ({type(exc).__name__}: {str(exc)[:120]})")
+print("; ".join(missing))
+PY
+)"
+    if [ -n "$missing" ]; then
+        echo "baselines missing for phase $phase: $missing. Carry them as wheels in ./.whl (benchmarks/NOTES.md" \
+            "says how), or set GPU_CHECK_WITHOUT_BASELINES=1 to measure without them" | tee -a "$log" >&2
+        exit 4
     fi
 fi
 
@@ -134,10 +164,12 @@ run_bench() {
     run_small
 }
 
-run_fused() {
+run_fused() {  # ours first (the others are compared with it); its never-run modes after the baselines, so that
+    # a CUDA fault there (which ends the process's use of the GPU) leaves the baselines measured; ours_budget
+    # reads Liger's net memory, so it comes after liger; ours_again (ours once more, last) shows the clocks' drift.
+    # No --chunk-sizes rows (tuning, not targets): their time goes to ours_again and the timeout's margin.
     step fused 420 python -m benchmarks.fused_linear \
-        --impls ours,gemms,ours_frozen,matmul,eager,trl,trl_frozen,liger,ours_budget,cce --chunk-sizes 2048,8192 \
-        --out "$out_dir"
+        --impls ours,gemms,matmul,eager,trl,trl_frozen,liger,ours_frozen,ours_budget,cce,ours_again --out "$out_dir"
     tables+=(fused.md)
 }
 

@@ -4,8 +4,9 @@ written into bench.md / fused.md (and the JSON's "targets") so a GPU run is judg
 A target needs its rows in the same run and shape. Every shape the run measured or was to measure (its
 planned shapes: one that was skipped, or not reached before a timeout, has no rows) gets a line for every
 target that applies to it; where a row the target reads is missing or failed, the line says which
-("not measured: trl OOM"), so a shape never drops out of the table unseen. A target that applies to no
-shape of the run (a CPU run's tiny shapes) gets one line, "not in this run". On a CPU run every verdict is
+("not measured: trl OOM"), so a shape never drops out of the table unseen; a row whose loss or gradients
+differ from ours' (or are not finite) is named the same way, measured but not judged. A target that applies
+to no shape of the run (a CPU run's tiny shapes) gets one line, "not in this run". On a CPU run every verdict is
 about CPU timings through Triton's interpreter and means nothing.
 """
 
@@ -13,13 +14,28 @@ from __future__ import annotations
 
 from collections import namedtuple
 
+from .measure import digest_is_finite
+
 # applies(shape_rows) -> bool; evaluate(shape_rows) -> (measured text, met: bool or None) or None when a row
 # it reads is missing; needs: the implementations (row "impl" keys) it reads.
 Target = namedtuple("Target", "what goal applies evaluate needs")
 
 
+def _doubt(row) -> str | None:
+    """Why a measured row's figures may not be judged: its gradients are not finite, or its loss or gradients
+    differ from ours' beyond the row's tolerance (the flags record_row writes into its note); None: trusted."""
+    if not digest_is_finite(row.get("grad_digest")):
+        return "gradient not finite"
+    for key, what in (("loss", "loss"), ("grad", "gradient")):
+        diff, tolerance = row.get(f"{key}_rel_diff_vs_ours"), row.get(f"{key}_tolerance")
+        if diff is not None and tolerance is not None and not diff <= tolerance:  # NaN too
+            return f"{what} differs from ours'"
+    return None
+
+
 def _ok(rows, key):
-    return next((r for r in rows if r["impl"] == key and r["status"] == "ok"), None)
+    """The shape's measured row of implementation `key`, None where it is missing, failed or in doubt."""
+    return next((r for r in rows if r["impl"] == key and r["status"] == "ok" and _doubt(r) is None), None)
 
 
 def _time_ratio(rows, numerator, denominator):
@@ -71,7 +87,8 @@ def _faster_at_less_memory(rows, key, other, at_least, memory_fraction):
 
 
 def _not_measured(rows, needs) -> str:
-    """Which of the rows a target reads are missing from this shape, or failed, or lack a fwd+bwd time."""
+    """Which of the rows a target reads are missing from this shape, or failed, or lack a fwd+bwd time, or are
+    in doubt (`_doubt`: measured, but not judged on)."""
     missing = []
     for key in needs:
         row = next((r for r in rows if r["impl"] == key), None)
@@ -79,6 +96,8 @@ def _not_measured(rows, needs) -> str:
             missing.append(f"{key}: no row")
         elif row["status"] != "ok":
             missing.append(f"{key}: {row['status'].upper()}")
+        elif _doubt(row) is not None:
+            missing.append(f"{key}: {_doubt(row).upper()}")
         elif not row.get("fwdbwd_ms"):
             missing.append(f"{key}: no fwd+bwd time")
     return "not measured (" + ", ".join(missing or ["a figure it reads"]) + ")"
@@ -105,6 +124,12 @@ LOGITS_TARGETS = [
 ]
 
 
+def _drift(rows):
+    """(text, None): ours' second time on the shape over its first, reported without a goal."""
+    ratio = _time_ratio(rows, "ours_again", "ours")
+    return None if ratio is None else (f"{ratio:.3f}×", None)
+
+
 def _liger_goal(rows):
     return 1.10 if rows[0]["seq_len"] <= 2048 else 1.00
 
@@ -123,6 +148,9 @@ FUSED_TARGETS = [
            lambda rows: _at_most(rows, "ours", "gemms", 1.05), ("ours", "gemms")),
     Target("trainable head, default: TRL fused head / ours, at ≤ 1/3 of TRL's net memory", "≥ 1.00×, ≤ 0.33",
            lambda rows: True, lambda rows: _faster_at_less_memory(rows, "ours", "trl", 1.00, 1 / 3), ("trl", "ours")),
+    Target("drift check, no goal: ours timed again after the others / ours timed first",
+           "— (its distance from 1 is noise the margins above must clear)",
+           lambda rows: any(r["impl"] == "ours_again" for r in rows), _drift, ("ours_again", "ours")),
 ]
 
 

@@ -1,8 +1,8 @@
 """Smoke test of the fused-linear benchmark: `python -m benchmarks fused-linear` (the same as
 `python -m benchmarks.fused_linear`) runs end to end with every row that runs here: ours, ours at another
 chunk size, ours' GEMMs-only row, ours with a frozen head and with memory_budget, the logits path, eager,
-and TRL's fused head trainable and frozen where TRL is installed; each phase timed, the sustained GEMM loop
-measured, the target table written, the commit named.
+TRL's fused head trainable and frozen where TRL is installed, and ours again, last (the drift check); each
+phase timed, the sustained GEMM loop measured, the target table written, the commit named.
 
 Without a GPU the benchmark runs tiny shapes through Triton's interpreter in this process (a few seconds).
 With a GPU the test adds --tiny so it stays short (the real Llama-3-8B-head run is not a test).
@@ -16,7 +16,7 @@ import torch
 
 from test_benchmarks_smoke import TINY, check_commit, check_written_files, run_main
 
-IMPLS = ("ours", "gemms", "ours_frozen", "matmul", "eager", "trl", "trl_frozen", "ours_budget")
+IMPLS = ("ours", "gemms", "ours_frozen", "matmul", "eager", "trl", "trl_frozen", "ours_budget", "ours_again")
 
 
 def test_fused_linear_benchmark_every_row(tmp_path, capsys):
@@ -56,6 +56,8 @@ def test_fused_linear_benchmark_every_row(tmp_path, capsys):
     assert len(loops) == 1 and loops[0]["ms"] > 0 and loops[0]["chunk"] > 0, loops
     met = {t["target"]: t for t in results["targets"]}
     assert met["frozen head: trainable ours / ours (frozen head)"]["met"] is not None
+    drift = met["drift check, no goal: ours timed again after the others / ours timed first"]
+    assert drift["met"] is None and drift["measured"].endswith("×"), drift
     assert met["trainable head, default: ours / ours GEMMs only"]["met"] is not None
     markdown = (tmp_path / "fused.md").read_text()
     assert markdown.count("| ours |") == 1 and "## Targets" in markdown and "| ours (frozen head) |" in markdown
@@ -134,3 +136,32 @@ def test_target_table_names_every_shape_and_missing_row():
     assert verdicts[("ours", 128256)] is False
     assert next(t for t in logits if t["shape"] == 128256 and "no label" in t["target"])["measured"] == \
         "not measured (novalidate: no row)"
+
+
+def test_targets_are_not_judged_on_rows_that_differ_from_ours():
+    """A row whose gradients differ from ours' beyond its tolerance, or are not finite, or whose loss differs,
+    is measured but not judged: the target line names it instead of a verdict (the frozen-head and
+    memory-budget modes' only check in a GPU run is that comparison)."""
+    from benchmarks import targets
+
+    def row(impl, ms, **more):
+        return {"impl": impl, "status": "ok", "fwdbwd_ms": ms, "pairs": 4, "seq_len": 2048,
+                "ignored_fraction": 0.0, "peak_extra_bytes_without_grads": 2**20, "grad_digest": {"hidden": [1.0]},
+                "loss_tolerance": 1e-3, "grad_tolerance": 2e-2, "loss_rel_diff_vs_ours": 0.0,
+                "grad_rel_diff_vs_ours": 0.0, **more}
+
+    frozen = next(t for t in targets.FUSED_TARGETS if t.what.startswith("frozen head: trainable"))
+    assert frozen.evaluate([row("ours", 15.0), row("ours_frozen", 9.0)]) == ("1.667×", True)
+    for doubt, words in ((dict(grad_rel_diff_vs_ours=0.8), "GRADIENT DIFFERS FROM OURS'"),
+                         (dict(grad_rel_diff_vs_ours=float("nan")), "GRADIENT DIFFERS FROM OURS'"),
+                         (dict(loss_rel_diff_vs_ours=0.01), "LOSS DIFFERS FROM OURS'"),
+                         (dict(grad_digest={"hidden": [float("inf")]}), "GRADIENT NOT FINITE")):
+        rows = [row("ours", 15.0), row("ours_frozen", 9.0, **doubt)]
+        (line,) = [t for t in targets.evaluate([frozen], rows, lambda r: r["seq_len"])]
+        assert line["met"] is None and line["measured"] == f"not measured (ours_frozen: {words})", (doubt, line)
+    # a row compared with nothing (no tolerance: a different loss, such as Liger's) is judged as measured
+    liger = dict(loss_tolerance=None, grad_tolerance=None, loss_rel_diff_vs_ours=None, grad_rel_diff_vs_ours=5.0)
+    budget = next(t for t in targets.FUSED_TARGETS if t.what.startswith("memory_budget"))
+    assert budget.evaluate([row("liger", 10.0, **liger), row("ours_budget", 9.0)])[1] is True
+    drift = next(t for t in targets.FUSED_TARGETS if t.what.startswith("drift check"))
+    assert drift.evaluate([row("ours", 10.0), row("ours_again", 10.3)]) == ("1.030×", None)

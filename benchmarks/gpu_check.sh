@@ -157,8 +157,10 @@ run_small() {
 
 run_bench() {
     step bench 150 python -m benchmarks --quick --out "$out_dir"
+    # no `unaligned` row here: these rows start on 16-byte boundaries anyway, and at 64K tokens its copy of the
+    # logits runs out of memory on an H100, which drops the shape's later rows to one input set
     step grid 140 python -m benchmarks --shapes 151936x16K,256000x16K,128256x64K --dtypes bf16 --ignored-fraction 0 \
-        --out "$out_dir/grid"
+        --baselines inplace,novalidate,padded,packed,eager,compile,trl,liger --out "$out_dir/grid"
     rm -f "$out_dir/bench.png" "$out_dir/grid/bench.png"
     tables+=(bench.md grid/bench.md)
     run_small

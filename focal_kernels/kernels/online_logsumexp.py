@@ -9,7 +9,7 @@ and, once the row is done, m = max_j m_j and s = Σ_j s_j · exp(m_j − m), so 
 One exponential per element, of the smaller value minus the larger (the textbook form, s_j · exp(m_j − m_j') +
 exp(x − m_j'), takes two, which at bf16 bandwidth is more than the GPU's exponential units keep up with).
 Masked-out columns must be loaded as −inf; an exponential whose smaller value is −inf is 0 (two −inf give
-0, not exp(nan)). A NaN x makes the lane's sum NaN (the comparison is false, and exp(NaN) is NaN), so NaN in,
+exp(−inf − 0) = 0, not exp(nan)). A NaN x makes the lane's sum NaN (the comparison is false, and exp(NaN) is NaN), so NaN in,
 NaN out. (The hidden-state path's chunk kernel keeps one running state per row instead: it also carries
 statistics.)
 """
@@ -23,7 +23,6 @@ def online_logsumexp_lanes(lane_max, lane_sum, x):
     grows = x > lane_max
     smaller = tl.where(grows, lane_max, x)
     new_max = tl.where(grows, x, lane_max)
-    gap = tl.where(smaller == float("-inf"), float("-inf"), smaller - new_max)
-    scale = tl.exp(gap)
+    scale = tl.exp(smaller - tl.where(new_max == float("-inf"), 0.0, new_max))  # two -inf: exp(-inf - 0) = 0
     new_sum = tl.where(grows, lane_sum * scale + 1.0, lane_sum + scale)
     return new_max, new_sum

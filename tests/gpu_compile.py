@@ -92,7 +92,8 @@ def recording(specs: dict, execute: bool = True):
 
 def launch_gpu_shapes(vocab_parallel: bool = True):
     """Run every mode of the public API once per dtype at the benchmarks' vocabulary sizes, with two or three
-    tokens a sequence (the launch configuration depends on V and the dtype, not on the number of tokens):
+    tokens a sequence (the launch configuration depends on V and the dtype, and the backward's loop on the
+    number of rows, which one batch of about 100 rows covers):
     the logits path (strided and contiguous, int64 and int32 labels, in-place backward, unvalidated labels),
     packed sequences, the hidden-state path (trainable, frozen and budgeted head, bias, logit transform,
     per-token statistics) and the vocabulary-parallel path, on a one-rank gloo group."""
@@ -117,6 +118,12 @@ def launch_gpu_shapes(vocab_parallel: bool = True):
                                       validate_labels=False))
             packed = (torch.randn(1, 5, vocab) * 3).to(dtype).requires_grad_()
             backward(fk.sequence_logps(packed, labels(1, 5, vocab), cu_seqlens=torch.tensor([0, 2, 5])))
+        # Enough rows that the backward's programs walk more than one block each (config.gradient_config splits
+        # a row over fewer programs as rows grow): with a handful of rows blocks_per_program is 1, which Triton
+        # specializes as a constant, and the loop that 16K-row batches run would never be compiled here.
+        if dtype in (torch.bfloat16, torch.float32):
+            many = (torch.randn(2, 50, 32000) * 3).to(dtype)[:, :-1].requires_grad_()
+            backward(fk.sequence_logps(many, labels(2, 49, 32000)))
         vocab, hidden = vocabs[-1], 32
         h_c = torch.randn(2, 3, hidden).to(dtype).requires_grad_()
         h_r = torch.randn(2, 2, hidden).to(dtype).requires_grad_()

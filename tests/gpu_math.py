@@ -1,7 +1,9 @@
 """A pytest plugin: the interpreter's float32 exp, log and division with a GPU's rounding errors.
 
 On an NVIDIA GPU, Triton compiles the kernels' float32 `tl.exp` to `ex2.approx.f32` of x·log2(e) (about 2 ulp,
-plus the rounding of the product: up to |x|·2^-24 relative; exact at integer powers of 2), `tl.log` to
+plus the rounding of the product: up to |x|·2^-24 relative; exact at integer powers of 2), `tl.exp2` (which
+the kernels use, as kernels/fast_exp.py, on x·log2(e) rounded by the kernel itself) to `ex2.approx.ftz.f32`
+(about 2 ulp; results below 2^-126 flushed to 0), `tl.log` to
 libdevice's `logf` (within 1 ulp) and `/` to `div.full.f32` (about 2 ulp): see the PTX that
 tests/gpu_compile.py compiles. The interpreter's NumPy is within about an ulp, so a tolerance tuned on the CPU
 could be tighter than what the GPU meets, and the first GPU run would be the one to find out. With this plugin
@@ -61,6 +63,17 @@ def exp(x):
     return _perturbed(out, _unit(_bits(x), 0x1F) * bound)
 
 
+def exp2(x):
+    out = np.exp2(x)
+    if not _is_float32(out):
+        return out
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = np.asarray(x)
+        bound = np.where(x == np.floor(x), 0.0, SCALE * EXP_ULPS * EPS)  # ex2 of an integer is exact
+        out = np.where(np.abs(out) < np.float32(2.0 ** -126), np.float32(0.0), out).astype(np.float32)  # ftz
+    return _perturbed(out, _unit(_bits(x), 0x27) * bound)
+
+
 def log(x):
     out = np.log(x)
     if not _is_float32(out):
@@ -92,7 +105,7 @@ def pytest_configure(config):
     import triton.language as tl
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
-    for name in ("create_exp", "create_log", "create_fdiv", "unary_op", "binary_op", "cast_impl"):
+    for name in ("create_exp", "create_exp2", "create_log", "create_fdiv", "unary_op", "binary_op", "cast_impl"):
         if not hasattr(InterpreterBuilder, name):
             raise RuntimeError(f"gpu_math: this Triton's interpreter has no InterpreterBuilder.{name}")
 
@@ -105,10 +118,12 @@ def pytest_configure(config):
 
     InterpreterBuilder.cast_impl = cast_impl
     InterpreterBuilder.create_exp = lambda self, arg: self.unary_op(arg, exp)
+    InterpreterBuilder.create_exp2 = lambda self, arg: self.unary_op(arg, exp2)
     InterpreterBuilder.create_log = lambda self, arg: self.unary_op(arg, log)
     InterpreterBuilder.create_fdiv = lambda self, lhs, rhs: self.binary_op(lhs, rhs, divide)
 
 
 def pytest_terminal_summary(terminalreporter):
-    terminalreporter.write_line(f"gpu_math: float32 exp / log / division with up to {SCALE:g} x "
-                                f"({EXP_ULPS:g} ulp + |x|·2^-24, {LOG_ULPS:g} ulp, {DIV_ULPS:g} ulp) error")
+    terminalreporter.write_line(f"gpu_math: float32 exp / exp2 (flushing to zero) / log / division with up to "
+                                f"{SCALE:g} x ({EXP_ULPS:g} ulp + |x|·2^-24, {EXP_ULPS:g} ulp, {LOG_ULPS:g} ulp, "
+                                f"{DIV_ULPS:g} ulp) error")

@@ -46,6 +46,13 @@ def test_error_model():
         assert np.array_equal(gpu_math.exp(special), np.exp(special), equal_nan=True)
     float64 = np.linspace(-3, 3, 7)
     assert np.array_equal(gpu_math.exp(float64), np.exp(float64))  # libdevice on the GPU: left exact
+    # exp2 (ex2.approx.ftz.f32, what kernels/fast_exp.py runs): about 2 ulp, exact at integers, below 2^-126 zero
+    powers = x * np.float32(np.log2(np.e))
+    relative = gpu_math.exp2(powers).astype(np.float64) / np.exp2(powers.astype(np.float64)) - 1
+    assert 0.5 * gpu_math.EXP_ULPS * gpu_math.EPS < np.abs(relative).max() <= gpu_math.EXP_ULPS * gpu_math.EPS + rounding
+    assert np.array_equal(gpu_math.exp2(np.float32([-3, 0, 5])), np.float32([0.125, 1, 32]))
+    tiny = gpu_math.exp2(np.float32([-126.5, -130, -149, -np.inf]))
+    assert np.array_equal(tiny, np.zeros(4, np.float32)) and gpu_math.exp2(np.float32(-125.5)) > 0
 
 
 PLUGIN_IN_EFFECT = """
@@ -114,7 +121,8 @@ def _run_selection(scale: str, keyword: str = "float32 or softcap", default_inpu
 def test_float32_tolerances_hold_with_gpu_math():
     at_gpu = _run_selection("1")
     output = at_gpu.stdout + at_gpu.stderr
-    assert "gpu_math: float32 exp / log / division with up to 1 x" in output, output[-3000:]  # it was loaded
+    assert "gpu_math: float32 exp / exp2 (flushing to zero) / log / division with up to 1 x" in output, \
+        output[-3000:]  # it was loaded
     assert at_gpu.returncode == 0, output[-3000:]
     assert int(re.search(r"(\d+) passed", output).group(1)) >= 40, output[-3000:]
     # At 4x, test_softcap_keeps_float32_precision fails (it holds to 3x; the others hold at 4x): the selection

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .config import gradient_config
+from .fast_exp import fast_exp
 from .logit_transform import load_transform, transform_derivative, transformed_logits
 
 
@@ -51,7 +52,7 @@ def chunk_logits_grad_kernel(
         x = raw
         if HAS_TRANSFORM:
             x = transformed_logits(raw, scale, cap, inv_temperature, HAS_SOFTCAP)
-        probs = tl.exp((x - row_max) - log_sum_exp)
+        probs = fast_exp((x - row_max) - log_sum_exp)
         grad = grad_scale * (tl.where(cols == local_label, 1.0, 0.0) - probs)
         if HAS_TRANSFORM:
             grad = grad * transform_derivative(raw, scale, cap, inv_temperature, HAS_SOFTCAP)

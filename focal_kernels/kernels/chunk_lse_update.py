@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .config import reduction_config
+from .fast_exp import fast_exp
 from .logit_transform import load_transform, transformed_logits
 
 
@@ -67,8 +68,8 @@ def chunk_lse_update_kernel(
             before = tl.maximum(before, tl.max(tl.where(cols < local_label, x, float("-inf")), axis=0))
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
-        rescale = tl.exp(running_max - safe_max)
-        exps = tl.exp(x - safe_max)
+        rescale = fast_exp(running_max - safe_max)
+        exps = fast_exp(x - safe_max)
         if ENTROPY:  # Σ e^(x − m)(x − m) moves to the new max m' as r·(wsum + (m − m')·sum), r = e^(m − m')
             shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
             # masked columns and −inf logits (a masked vocabulary): e^(−inf) · 0, not 0 · (−inf), so 0 log 0 = 0

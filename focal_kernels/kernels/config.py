@@ -19,8 +19,9 @@ _FORWARD_BLOCK_BYTES, _FORWARD_WARPS = 16384, 8
 _BACKWARD_BLOCK_BYTES, _BACKWARD_WARPS = 8192, 16
 # Half-precision forward: the run-2 sweep measured 4096-wide blocks with 4 warps at 0.993 ms against 1.07 ms
 # for 8192 / 8 (bf16, V = 128256, 16K rows: the logits path's forward kernel); adopted 2026-12-02 with the
-# per-lane reduction, not yet re-measured end to end. The hidden-state path's chunk fold (chunk_lse_update)
-# reads the same configuration: its own best one has not been swept.
+# per-lane reduction, kept for its per-column successor (2026-12-07, 48 registers where the per-lane one took
+# 108-117: more warps may pay now), neither re-measured end to end. The hidden-state path's chunk fold
+# (chunk_lse_update) reads the same configuration: its own best one has not been swept.
 _HALF_FORWARD_BLOCK_BYTES, _HALF_FORWARD_WARPS = 8192, 4
 # Rows below this count get their vocabulary split over several programs in the backward.
 _MIN_PROGRAMS = 4 * 132

@@ -17,6 +17,7 @@ exact.
 import triton
 import triton.language as tl
 
+from .fast_exp import fast_exp
 
 @triton.jit
 def load_transform(params_ptr):
@@ -28,7 +29,7 @@ def _tanh(u):
     if u.dtype == tl.float64:
         return 2.0 * tl.sigmoid(2.0 * u) - 1.0
     magnitude = tl.abs(u)
-    e = tl.exp(-2.0 * magnitude)
+    e = fast_exp(-2.0 * magnitude)
     large = (1.0 - e) / (1.0 + e)
     u2 = u * u
     small = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))

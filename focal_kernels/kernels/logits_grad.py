@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .config import gradient_config
+from .fast_exp import fast_exp
 from .pair_rows import pair_row
 from .row_alignment import aligned_body, alignment, aligned_sum, needs_peel, same_row_alignment
 
@@ -46,7 +47,7 @@ def _gradient_block(x_ptr, x_offset, grad_ptr, grad_offset, column, n_valid, loc
             x = tl.load(x_at, mask=lanes < n_valid, other=float("-inf"))
         else:
             x = tl.load(x_at)
-        probs = tl.exp((x.to(row_max.dtype) - row_max) - log_sum_exp)
+        probs = fast_exp((x.to(row_max.dtype) - row_max) - log_sum_exp)
         grad = grad_scale * (tl.where(column + lanes == local_label, 1.0, 0.0) - probs)
     else:
         grad = tl.zeros((BLOCK,), dtype=row_max.dtype)

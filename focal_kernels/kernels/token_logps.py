@@ -16,9 +16,10 @@ Writes  row_max[b, t] = max_v x[b, t, v],  log_sum_exp[b, t] = log Σ_v exp(x[b,
         out of bounds.
 Rows whose label is ignore_index read no logits and write 0 everywhere.
 
-One program per row. The row is streamed in BLOCK_V-wide blocks with an online max and sum of
-exponentials kept per lane and reduced once at the end, so any V works and nothing of size V is stored.
-The full blocks start on 16-byte boundaries, so that they load as vectors whatever V is (row_alignment.py).
+One program per row. The row is streamed in BLOCK_V-wide blocks, each read as SUB × (BLOCK_V / SUB) values,
+with an online max and sum of exponentials kept per column in the threads' registers and reduced across
+threads once at the end (online_logsumexp.py), so any V works and nothing of size V is stored. The full
+blocks start on 16-byte boundaries, so that they load as vectors whatever V is (row_alignment.py).
 Offsets are int64.
 """
 
@@ -30,7 +31,8 @@ import triton.language as tl
 
 from ..dtypes import compute_dtype
 from .config import reduction_config
-from .online_logsumexp import online_logsumexp_lanes
+from .fast_exp import fast_exp
+from .online_logsumexp import online_logsumexp_columns
 from .pair_rows import pair_row
 from .row_alignment import aligned_body, alignment, aligned_sum, needs_peel
 
@@ -43,7 +45,8 @@ def token_logps_kernel(
     stride_logits_b, stride_logits_t, stride_labels_b, stride_labels_t,
     second_stride_logits_b, second_stride_logits_t, second_stride_labels_b, second_stride_labels_t,
     ignore_index,
-    BLOCK_V: tl.constexpr, WRITE_TARGET: tl.constexpr, ALIGN: tl.constexpr, PEEL: tl.constexpr,
+    BLOCK_V: tl.constexpr, SUB: tl.constexpr, WRITE_TARGET: tl.constexpr, ALIGN: tl.constexpr,
+    PEEL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     second, b, t = pair_row(row, first_rows, T, second_T)
@@ -61,24 +64,25 @@ def token_logps_kernel(
     in_slice = scored & (local_label >= 0) & (local_label < V)
     acc_dtype = row_max_ptr.dtype.element_ty
 
-    # Each lane keeps its own running max and sum of exponentials over the columns it sees, and the lanes are
-    # reduced once at the end (no cross-warp reduction per block). Full blocks of the row's aligned body load
+    # Each column of the (SUB, COLS) blocks keeps its own running max and sum of exponentials, and the columns
+    # are reduced once at the end (no cross-warp reduction per block). Full blocks of the row's aligned body load
     # without a mask, one masked block covers the rest of the body, and with PEEL the unaligned head and end
     # load as one ALIGN-wide block each (row_alignment.py). Ignored rows load nothing: their logits are never
     # read.
     vocab_end = tl.where(scored, V, 0)
     head, body_end = aligned_body(row_offset, vocab_end, ALIGN, PEEL)
     full_end = head + (body_end - head) // BLOCK_V * BLOCK_V
-    lanes = tl.arange(0, BLOCK_V)
-    lane_max = tl.full((BLOCK_V,), float("-inf"), acc_dtype)
-    lane_sum = tl.zeros((BLOCK_V,), acc_dtype)
+    COLS: tl.constexpr = BLOCK_V // SUB
+    lanes = tl.arange(0, SUB)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    col_max = tl.full((COLS,), float("-inf"), acc_dtype)
+    col_sum = tl.zeros((COLS,), acc_dtype)
     for start in range(head, full_end, BLOCK_V):
         x = tl.load(base_ptr + aligned_sum(row_offset, start, ALIGN, PEEL) + lanes).to(acc_dtype)
-        lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
+        col_max, col_sum = online_logsumexp_columns(col_max, col_sum, x)
     x = tl.load(base_ptr + aligned_sum(row_offset, full_end, ALIGN, PEEL) + lanes,
                 mask=lanes < aligned_sum(body_end, -full_end, ALIGN, PEEL), other=float("-inf")).to(acc_dtype)
-    lane_max, lane_sum = online_logsumexp_lanes(lane_max, lane_sum, x)
-    running_max = tl.max(lane_max, axis=0)
+    col_max, col_sum = online_logsumexp_columns(col_max, col_sum, x)
+    running_max = tl.max(col_max, axis=0)
     if PEEL:
         edge = tl.arange(0, ALIGN)
         head_x = tl.load(row_logits_ptr + edge, mask=(edge < head) & (edge < vocab_end),
@@ -89,9 +93,9 @@ def token_logps_kernel(
     # An ignored row (or a scored row of all -inf, whose log-prob is then nan as in log_softmax) has no finite
     # max: shift by 0 rather than by -inf.
     row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(acc_dtype)
-    running_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+    running_sum = tl.sum(col_sum * fast_exp(col_max - row_max), axis=0)
     if PEEL:
-        running_sum += tl.sum(tl.exp(head_x - row_max) + tl.exp(end_x - row_max), axis=0)
+        running_sum += tl.sum(fast_exp(head_x - row_max) + fast_exp(end_x - row_max), axis=0)
     log_sum_exp = tl.log(tl.where(scored, running_sum, 1.0))
 
     target_logit = tl.load(row_logits_ptr + tl.where(in_slice, local_label, 0), mask=in_slice,
@@ -123,6 +127,9 @@ def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], 
     if rows == 0:
         return token_logps, row_max, log_sum_exp
     block_v, num_warps = reduction_config(first.shape[2], first.element_size())
+    # SUB rows per block, so that each thread's part of a row is one 16-byte access wide (16 / element size
+    # columns) and the per-column max over the rows stays in its registers.
+    sub = max(1, block_v // (16 // first.element_size() * 32 * num_warps))
     token_logps_kernel[(rows,)](
         first, first_labels, second, second_labels,
         token_logps, row_max, log_sum_exp,
@@ -130,7 +137,7 @@ def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], 
         first.stride(0), first.stride(1), first_labels.stride(0), first_labels.stride(1),
         second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
         ignore_index,
-        BLOCK_V=block_v, WRITE_TARGET=write_target, ALIGN=alignment(first.element_size()),
+        BLOCK_V=block_v, SUB=sub, WRITE_TARGET=write_target, ALIGN=alignment(first.element_size()),
         PEEL=needs_peel([first, second], block_v), num_warps=num_warps,
     )
     return token_logps, row_max, log_sum_exp

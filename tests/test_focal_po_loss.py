@@ -361,6 +361,7 @@ def test_fused_entry_points_equal_primitive_then_preference_loss(device, loss_ty
     chosen, rejected = random_logits(2, 5, vocab, torch.float64, device), random_logits(2, 4, vocab, torch.float64,
                                                                                           device)
     labels_c, labels_r = random_labels(2, 5, vocab, device), random_labels(2, 4, vocab, device)
+    labels_c[:, -1], labels_r[:, -1] = 1, 2  # a scored token each: SimPO's mean log-prob of none is 0 / 0, as in TRL
     refs = (None, None) if loss_type == "simpo" else (torch.randn(2, device=device, dtype=torch.float64),) * 2
     options = dict(loss_type=loss_type, beta=0.3)
 

@@ -96,8 +96,8 @@ def _not_measured(rows, needs) -> str:
             missing.append(f"{key}: no row")
         elif row["status"] != "ok":
             missing.append(f"{key}: {row['status'].upper()}")
-        elif _doubt(row) is not None:
-            missing.append(f"{key}: {_doubt(row).upper()}")
+        elif (doubt := _doubt(row)) is not None:
+            missing.append(f"{key}: {doubt.upper()}")
         elif not row.get("fwdbwd_ms"):
             missing.append(f"{key}: no fwd+bwd time")
     return "not measured (" + ", ".join(missing or ["a figure it reads"]) + ")"

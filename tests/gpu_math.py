@@ -51,16 +51,21 @@ def _is_float32(out) -> bool:
     return np.asarray(out).dtype == np.float32  # a block, or a 0-d result (NumPy gives a scalar for those)
 
 
+def _ex2(out, x, power, bound, salt):
+    """out, an exponential that ex2 computed of `power` (from the input x), with up to `bound` relative error,
+    none where power is an integer (ex2 of an integer is exact: exp(0) = 1)."""
+    bound = np.where(power == np.floor(power), 0.0, bound)
+    return _perturbed(out, _unit(_bits(x), salt) * bound)
+
+
 def exp(x):
     out = np.exp(x)
     if not _is_float32(out):
         return out
     with np.errstate(invalid="ignore", over="ignore"):
         x = np.asarray(x)
-        bound = SCALE * (EXP_ULPS * EPS + np.abs(x.astype(np.float64)) * 2.0 ** -24)
-        power = (x * np.float32(np.log2(np.e))).astype(np.float32)
-        bound = np.where(power == np.floor(power), 0.0, bound)  # ex2 of an integer is exact (exp(0) = 1)
-    return _perturbed(out, _unit(_bits(x), 0x1F) * bound)
+        power = (x * np.float32(np.log2(np.e))).astype(np.float32)  # the product's rounding: up to |x|·2^-24
+        return _ex2(out, x, power, SCALE * (EXP_ULPS * EPS + np.abs(x.astype(np.float64)) * 2.0 ** -24), 0x1F)
 
 
 def exp2(x):
@@ -69,9 +74,8 @@ def exp2(x):
         return out
     with np.errstate(invalid="ignore", over="ignore"):
         x = np.asarray(x)
-        bound = np.where(x == np.floor(x), 0.0, SCALE * EXP_ULPS * EPS)  # ex2 of an integer is exact
         out = np.where(np.abs(out) < np.float32(2.0 ** -126), np.float32(0.0), out).astype(np.float32)  # ftz
-    return _perturbed(out, _unit(_bits(x), 0x27) * bound)
+        return _ex2(out, x, x, SCALE * EXP_ULPS * EPS, 0x27)
 
 
 def log(x):

@@ -110,33 +110,60 @@ driver.set_active(gpu_compile._CompileOnlyDriver(90))
 counts = {}
 for spec in json.load(open(sys.argv[2])):
     kwargs = spec["kwargs"]
-    if spec["args"][0].get("tensor") == "bfloat16" and kwargs.get("PEEL") and kwargs.get("GRAD_PEELED", True):
+    if spec["args"][0].get("tensor") != "bfloat16":
+        continue
+    peeled = kwargs.get("PEEL") and kwargs.get("GRAD_PEELED", True)
+    soft_capped = kwargs.get("HAS_SOFTCAP") and not kwargs.get("ENTROPY")
+    if peeled or soft_capped:
         compiled = gpu_compile.compile_spec(spec)
         ptx = compiled.asm["ptx"]
         registers = int(re.search(r"(\\d+) registers", gpu_compile._resource_usage(compiled)).group(1))
-        counts[spec["kernel"]] = (len(re.findall(r"ld\\.global\\.v4", ptx)), len(re.findall(r"ld\\.global\\.b16", ptx)),
-                                  len(re.findall(r"st\\.global\\.v4", ptx)), len(re.findall(r"ex2\\.approx", ptx)),
-                                  kwargs["BLOCK_V"] // (32 * kwargs["num_warps"]), registers)
+        found = {name: len(re.findall(pattern, ptx)) for name, pattern in (
+            ("vector_loads", r"ld\\.global\\.v4"), ("scalar_loads", r"ld\\.global\\.b16"),
+            ("vector_stores", r"st\\.global\\.v4"), ("exps", r"ex2\\.approx"), ("fmas", r"fma\\.rn\\.f32"),
+            ("compares_64", r"setp\\.\\w+\\.[sub]64"), ("divisions", r"div\\.full\\.f32"))}
+        found.update(per_thread=kwargs["BLOCK_V"] // (32 * kwargs["num_warps"]), registers=registers)
+        counts[spec["kernel"] + ("_softcap" if soft_capped else "")] = found
 print(json.dumps(counts))
 '''
 
 
-def test_rows_off_16_byte_boundaries_load_as_vectors(gpu_shape_launches, tmp_path):
+@pytest.fixture(scope="module")
+def ptx_counts(gpu_shape_launches, tmp_path_factory):
+    """Per bfloat16 kernel of launch_gpu_shapes() (the peeled ones, and the soft-capped hidden-path ones):
+    counts of instructions in its sm_90 PTX, elements per thread, registers."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("ptx_cache"))
+    checked = subprocess.run([sys.executable, "-c", VECTOR_CHECK, str(Path(TOOL).parent), str(gpu_shape_launches)],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return json.loads(checked.stdout.strip().splitlines()[-1])
+
+
+def test_rows_off_16_byte_boundaries_load_as_vectors(ptx_counts):
     """V = 50257 in bfloat16: rows start off 16-byte boundaries, and the peeled kernels
     (kernels/row_alignment.py) still read (and, where the gradient's rows share the logits' offsets, write)
     their bodies with 16-byte accesses; only the label's logit and the head and end are 2-byte loads. And the
     forward takes one exponential per logit (kernels/online_logsumexp.py): two would outrun the exponential
     units at bf16 bandwidth), in few enough registers for 32 warps an SM (its per-lane form took 108-117)."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    checked = subprocess.run([sys.executable, "-c", VECTOR_CHECK, str(Path(TOOL).parent), str(gpu_shape_launches)],
-                             env=env, capture_output=True, text=True, timeout=600)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    counts = json.loads(checked.stdout.strip().splitlines()[-1])
-    forward_vectors, forward_scalars, _, forward_exps, per_thread, forward_registers = counts["token_logps_kernel"]
-    backward_vectors, backward_scalars, backward_stores, *_ = counts["logits_grad_kernel"]
+    counts = ptx_counts
+    forward, backward = counts["token_logps_kernel"], counts["logits_grad_kernel"]
     # the full blocks' loop, the masked block, the lanes' final rescaling (per_thread each), the peeled head and end
-    assert forward_exps <= 3 * per_thread + 2, counts
-    assert forward_registers <= 64, counts
-    assert forward_vectors >= 2 and forward_scalars <= 3, counts  # 4096 / 128 threads: 4 vectors a block
-    assert backward_vectors >= 2 and backward_scalars <= 2 and backward_stores >= 2, counts
+    assert forward["exps"] <= 3 * forward["per_thread"] + 2, counts
+    assert forward["registers"] <= 64, counts
+    assert forward["vector_loads"] >= 2 and forward["scalar_loads"] <= 3, counts  # 4096 / 128 threads: 4 a block
+    assert backward["vector_loads"] >= 2 and backward["scalar_loads"] <= 2 and backward["vector_stores"] >= 2, counts
+
+
+def test_backward_and_soft_cap_arithmetic_per_logit(ptx_counts):
+    """The per-element arithmetic of the backward kernels (kernels/log_prob_grad.py): two fused multiply-adds
+    an element (the exponent and g·(1[label] − p)) in the loop and in the masked block, and the label found by
+    a 32-bit lane compare (64-bit column compares per element took 25 of them; now about 11, the head and end
+    and the loop's bounds); the soft-capped hidden-path kernels (kernels/logit_transform.py) one division an
+    element (tanh's), not two (z / cap was one)."""
+    counts = ptx_counts
+    backward = counts["logits_grad_kernel"]
+    assert backward["fmas"] >= 4 * backward["per_thread"], counts
+    assert backward["compares_64"] <= 2 * backward["per_thread"], counts
+    for kernel in ("chunk_lse_update_kernel_softcap", "chunk_logits_grad_kernel_softcap"):
+        assert counts[kernel]["divisions"] <= counts[kernel]["per_thread"] + 2, counts

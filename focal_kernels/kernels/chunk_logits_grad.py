@@ -7,7 +7,7 @@ Reads   raw logits r[n, j] of the columns v0 + j, j in [0, C) (float32 / bfloat1
         (the incoming gradient of the row's log-prob; 0 for a row that is not scored); m, s, g in float32
         (float64 for float64).
 Writes  G[n, j] = g[n] · (1[v0 + j = y[n]] − exp((x[n, j] − m[n]) − s[n])) · dx/dr[n, j]
-computed in float32 (float64), stored over r in the chunk's dtype. m and s are kept apart rather than
+computed in float32 (float64; log_prob_grad.py), stored over r in the chunk's dtype. m and s are kept apart rather than
 summed into lse = m + s, which float32 would round (by up to 1e-3 at |lse| ~ 3e4) before the subtraction.
 The caller then multiplies G by the hidden states and the weight chunk (GEMMs) for the weight, bias and
 hidden-state gradients.
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .config import gradient_config
-from .fast_exp import fast_exp
+from .log_prob_grad import label_lane, log_prob_grad
 from .logit_transform import load_transform, transform_derivative, transformed_logits
 
 
@@ -45,15 +45,16 @@ def chunk_logits_grad_kernel(
     if HAS_TRANSFORM:
         scale, cap, inv_temperature = load_transform(params_ptr)
     first_col = split * blocks_per_program * BLOCK_V
+    lanes = tl.arange(0, BLOCK_V)
     for i in range(0, blocks_per_program):
-        cols = first_col + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        column = first_col + i * BLOCK_V
+        cols = column + lanes
         in_chunk = cols < C
         raw = tl.load(row_logits_ptr + cols, mask=in_chunk, other=0.0).to(acc_dtype)
         x = raw
         if HAS_TRANSFORM:
             x = transformed_logits(raw, scale, cap, inv_temperature, HAS_SOFTCAP)
-        probs = fast_exp((x - row_max) - log_sum_exp)
-        grad = grad_scale * (tl.where(cols == local_label, 1.0, 0.0) - probs)
+        grad = log_prob_grad(x, row_max, log_sum_exp, grad_scale, lanes == label_lane(local_label, column, BLOCK_V))
         if HAS_TRANSFORM:
             grad = grad * transform_derivative(raw, scale, cap, inv_temperature, HAS_SOFTCAP)
         tl.store(row_logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_chunk)

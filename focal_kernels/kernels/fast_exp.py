@@ -15,9 +15,11 @@ more than about 87 below its max gets entropy 0 where float64 gives about 1e-37 
 import triton
 import triton.language as tl
 
+LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def fast_exp(x):
     if x.dtype == tl.float64:
         return tl.exp(x)
-    return tl.exp2(x * 1.4426950408889634)
+    return tl.exp2(x * LOG2_E)

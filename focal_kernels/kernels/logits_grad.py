@@ -7,9 +7,9 @@ Reads   logits x[b, t, :] of the vocabulary columns [v0, v0 + V) (float32 / bflo
         g[b, t] of each token's log-prob (any strides: a padded sequence's gradient broadcast over its tokens
         is read with a time stride of 0), in float32 (float64 for float64 logits).
 Writes  grad[b, t, v] = g[b, t] · (1[v0 + v = y[b, t]] − exp((x[b, t, v] − row_max) − log_sum_exp)) for scored
-        rows, in the logits' dtype, computed in float32 (float64), into `grad` (a fresh tensor, or the logits
-        themselves in place). Rows whose label is ignore_index read no logits and write zeros; every element
-        of `grad` is written.
+        rows, in the logits' dtype, computed in float32 (float64; log_prob_grad.py), into `grad` (a fresh
+        tensor, or the logits themselves in place). Rows whose label is ignore_index read no logits and
+        write zeros; every element of `grad` is written.
 One grid (B, T, V), or two of one dtype, (B, T, V) and (B2, T2, V), in one launch (chosen and rejected:
 pair_rows.py), each with its own labels, g and gradient tensor; row_max and log_sum_exp are the forward's
 flat (rows,) statistics of both.
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .config import gradient_config
-from .fast_exp import fast_exp
+from .log_prob_grad import label_lane, log_prob_grad
 from .pair_rows import pair_row
 from .row_alignment import aligned_body, alignment, aligned_sum, needs_peel, same_row_alignment
 
@@ -47,8 +47,8 @@ def _gradient_block(x_ptr, x_offset, grad_ptr, grad_offset, column, n_valid, loc
             x = tl.load(x_at, mask=lanes < n_valid, other=float("-inf"))
         else:
             x = tl.load(x_at)
-        probs = fast_exp((x.to(row_max.dtype) - row_max) - log_sum_exp)
-        grad = grad_scale * (tl.where(column + lanes == local_label, 1.0, 0.0) - probs)
+        grad = log_prob_grad(x.to(row_max.dtype), row_max, log_sum_exp, grad_scale,
+                             lanes == label_lane(local_label, column, BLOCK))
     else:
         grad = tl.zeros((BLOCK,), dtype=row_max.dtype)
     if MASKED:

@@ -30,13 +30,11 @@ def _transformed(raw, transform):
         return raw, None
     params, has_softcap = transform
     scale, cap, inv_temperature = params[0], params[1], params[2]
-    z = raw * scale
     derivative = (scale * inv_temperature).expand_as(raw)
-    if has_softcap:
-        tanh = torch.tanh(z / cap)
-        z = cap * tanh
-        derivative = derivative * (1 - tanh * tanh)
-    return z * inv_temperature, derivative
+    if not has_softcap:
+        return raw * (scale * inv_temperature), derivative
+    tanh = torch.tanh(raw * (scale / cap))
+    return tanh * (cap * inv_temperature), derivative * (1 - tanh * tanh)
 
 
 def chunk_lse_update_torch(logits_chunk, labels, vocab_start, state, transform):

@@ -214,9 +214,12 @@ def test_sync_ref_model_matches_dpo_trainer(tmp_path, tok, dataset):
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     synced = dict(stock.ref_model.named_parameters())
+    # Parameters within 1% of one optimizer step (lr = 1e-2; a typical element moves 1.5e-2 in three steps, a
+    # missed sync by about that): Adam normalizes each element's gradient, so where it is near zero (6.08e-8
+    # from TRL's head, 6.13e-8 from ours, at rounding level) the two runs' updates differ by up to 1.7e-5.
     for name, param in ours.ref_model.named_parameters():
         assert not torch.equal(param, before[name]), name
-        torch.testing.assert_close(param, synced[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(param, synced[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("padding_free", [False, True])

@@ -160,10 +160,12 @@ def test_backward_and_soft_cap_arithmetic_per_logit(ptx_counts):
     an element (the exponent and g·(1[label] − p)) in the loop and in the masked block, and the label found by
     a 32-bit lane compare (64-bit column compares per element took 25 of them; now about 11, the head and end
     and the loop's bounds); the soft-capped hidden-path kernels (kernels/logit_transform.py) one division an
-    element (tanh's), not two (z / cap was one)."""
+    element (tanh's), not two (z / cap was the other): the bf16 fold has 66, 32 in its loop and 32 in its masked
+    block (2 more outside), where z / cap would make it 130."""
     counts = ptx_counts
     backward = counts["logits_grad_kernel"]
     assert backward["fmas"] >= 4 * backward["per_thread"], counts
     assert backward["compares_64"] <= 2 * backward["per_thread"], counts
+    # the loop and the masked block: each an element's worth (the backward has no loop at these rows)
     for kernel in ("chunk_lse_update_kernel_softcap", "chunk_logits_grad_kernel_softcap"):
-        assert counts[kernel]["divisions"] <= counts[kernel]["per_thread"] + 2, counts
+        assert counts[kernel]["divisions"] <= 2 * counts[kernel]["per_thread"] + 2, counts

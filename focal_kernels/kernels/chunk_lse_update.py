@@ -15,7 +15,9 @@ Reads   raw logits r[n, j] of one chunk, the columns v0 + j for j in [0, C) (flo
         where x = transform(r). Writes the updated state in place.
 
 One program per row; the chunk row is streamed in BLOCK_V-wide blocks with the same online update, starting
-from the running state, so the merge across chunks is exact algebra, not an approximation. Offsets int64.
+from the running state, so the merge across chunks is exact algebra, not an approximation: the full blocks
+unmasked, the last, partial one masked. TOP1 finds the columns left of the label by comparing each lane index
+with a per-block int32 bound. Offsets int64.
 """
 
 from __future__ import annotations
@@ -24,9 +26,40 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import reduction_config
+from .config import fold_config
 from .fast_exp import fast_exp
 from .logit_transform import load_transform, transformed_logits
+
+
+@triton.jit
+def _fold_block(x, valid, lanes, before_end, running_max, running_sum, wsum, sqsum, xsum, before,
+                MASKED: tl.constexpr, ENTROPY: tl.constexpr, SQUARES: tl.constexpr, LOGIT_SUM: tl.constexpr,
+                TOP1: tl.constexpr):
+    """Fold one block of transformed logits x into the running state; returns the new state. With MASKED, only
+    the lanes where `valid` holds are columns of the chunk. The block's lanes below before_end (int32) are the
+    columns left of the label (TOP1)."""
+    if LOGIT_SUM:
+        if MASKED:
+            xsum += tl.sum(tl.where(valid, x, 0.0), axis=0)
+        else:
+            xsum += tl.sum(x, axis=0)
+    if MASKED:
+        x = tl.where(valid, x, float("-inf"))
+    if TOP1:
+        before = tl.maximum(before, tl.max(tl.where(lanes < before_end, x, float("-inf")), axis=0))
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(running_sum.dtype)
+    rescale = fast_exp(running_max - safe_max)
+    exps = fast_exp(x - safe_max)
+    if ENTROPY:  # Σ e^(x − m)(x − m) moves to the new max m' as r·(wsum + (m − m')·sum), r = e^(m − m')
+        shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
+        # masked columns and −inf logits (a masked vocabulary): e^(−inf) · 0, not 0 · (−inf), so 0 log 0 = 0
+        centered = tl.where(x == float("-inf"), 0.0, x - safe_max)
+        wsum = rescale * (wsum + shift * running_sum) + tl.sum(exps * centered, axis=0)
+    if SQUARES:
+        sqsum = sqsum * rescale * rescale + tl.sum(exps * exps, axis=0)
+    running_sum = running_sum * rescale + tl.sum(exps, axis=0)
+    return new_max, running_sum, wsum, sqsum, xsum, before
 
 
 @triton.jit
@@ -40,13 +73,15 @@ def chunk_lse_update_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * stride_logits_n
-    acc_dtype = running_sum_ptr.dtype.element_ty
     if HAS_TRANSFORM:
         scale, cap, inv_temperature = load_transform(params_ptr)
     local_label = tl.load(labels_ptr + row).to(tl.int64) - vocab_start
 
+    acc_dtype = running_sum_ptr.dtype.element_ty
     running_max = tl.load(running_max_ptr + row)
     running_sum = tl.load(running_sum_ptr + row)
+    # the statistics not asked for ride along as copies of running_sum (never stored)
+    wsum, sqsum, xsum, before = running_sum, running_sum, running_sum, running_sum
     if ENTROPY:
         wsum = tl.load(wsum_ptr + row)
     if SQUARES:
@@ -55,30 +90,28 @@ def chunk_lse_update_kernel(
         xsum = tl.load(xsum_ptr + row)
     if TOP1:
         before = tl.load(before_ptr + row)
-    for start in range(0, C, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_chunk = cols < C
-        x = tl.load(row_logits_ptr + cols, mask=in_chunk, other=0.0).to(acc_dtype)
+    lanes = tl.arange(0, BLOCK_V)
+    # the full blocks unmasked, then the chunk's last, partial block masked
+    full_blocks = C // BLOCK_V
+    for block in range(0, full_blocks):
+        start = block * BLOCK_V
+        x = tl.load(row_logits_ptr + start + lanes).to(acc_dtype)
         if HAS_TRANSFORM:
             x = transformed_logits(x, scale, cap, inv_temperature, HAS_SOFTCAP)
-        if LOGIT_SUM:
-            xsum += tl.sum(tl.where(in_chunk, x, 0.0), axis=0)
-        x = tl.where(in_chunk, x, float("-inf"))
-        if TOP1:
-            before = tl.maximum(before, tl.max(tl.where(cols < local_label, x, float("-inf")), axis=0))
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(acc_dtype)
-        rescale = fast_exp(running_max - safe_max)
-        exps = fast_exp(x - safe_max)
-        if ENTROPY:  # Σ e^(x − m)(x − m) moves to the new max m' as r·(wsum + (m − m')·sum), r = e^(m − m')
-            shift = tl.where(running_max == float("-inf"), 0.0, running_max - safe_max)
-            # masked columns and −inf logits (a masked vocabulary): e^(−inf) · 0, not 0 · (−inf), so 0 log 0 = 0
-            centered = tl.where(x == float("-inf"), 0.0, x - safe_max)
-            wsum = rescale * (wsum + shift * running_sum) + tl.sum(exps * centered, axis=0)
-        if SQUARES:
-            sqsum = sqsum * rescale * rescale + tl.sum(exps * exps, axis=0)
-        running_sum = running_sum * rescale + tl.sum(exps, axis=0)
-        running_max = new_max
+        before_end = tl.minimum(tl.maximum(local_label - start, 0), BLOCK_V).to(tl.int32)
+        running_max, running_sum, wsum, sqsum, xsum, before = _fold_block(
+            x, lanes < BLOCK_V, lanes, before_end, running_max, running_sum, wsum, sqsum, xsum, before,
+            False, ENTROPY, SQUARES, LOGIT_SUM, TOP1)
+    start = full_blocks * BLOCK_V
+    if start < C:
+        valid = lanes < C - start
+        x = tl.load(row_logits_ptr + start + lanes, mask=valid, other=0.0).to(acc_dtype)
+        if HAS_TRANSFORM:
+            x = transformed_logits(x, scale, cap, inv_temperature, HAS_SOFTCAP)
+        before_end = tl.minimum(tl.maximum(local_label - start, 0), BLOCK_V).to(tl.int32)
+        running_max, running_sum, wsum, sqsum, xsum, before = _fold_block(
+            x, valid, lanes, before_end, running_max, running_sum, wsum, sqsum, xsum, before,
+            True, ENTROPY, SQUARES, LOGIT_SUM, TOP1)
     tl.store(running_max_ptr + row, running_max)
     tl.store(running_sum_ptr + row, running_sum)
     if ENTROPY:
@@ -109,7 +142,8 @@ def chunk_lse_update(logits_chunk: torch.Tensor, labels: torch.Tensor, vocab_sta
     rows, width = logits_chunk.shape
     if rows == 0 or width == 0:
         return
-    block_v, num_warps = reduction_config(width, logits_chunk.element_size())
+    block_v, num_warps = fold_config(width, logits_chunk.element_size(),
+                                     any(name in state for name in ("wsum", "sqsum", "xsum", "before")))
     placeholder = state["max"]
     params, has_softcap = transform if transform is not None else (placeholder, False)
     chunk_lse_update_kernel[(rows,)](

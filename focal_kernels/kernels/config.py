@@ -41,6 +41,18 @@ def reduction_config(vocab: int, element_size: int):
     return _block_and_warps(vocab, element_size, _FORWARD_BLOCK_BYTES, _FORWARD_WARPS)
 
 
+def fold_config(vocab: int, element_size: int, stats: bool):
+    """(BLOCK_V, num_warps) for the hidden-state path's chunk fold (chunk_lse_update): the forward's, with at
+    most 16 elements a thread when it folds per-token statistics too. Offline sm_90 counts (benchmarks/NOTES.md,
+    not timed): with entropy, logit sum, top-1 and Σp², a 4096-wide bf16 block on 4 warps takes 118 registers
+    (the compiler's interleaving), on 8 warps 64 (the old kernel's, at 4 warps) and 24 instructions a logit
+    against the old kernel's 27."""
+    block_v, num_warps = reduction_config(vocab, element_size)
+    if stats:
+        num_warps = max(num_warps, min(block_v // (16 * 32), 8))
+    return block_v, num_warps
+
+
 def gradient_config(rows: int, vocab: int, element_size: int):
     """(BLOCK_V, num_warps, blocks_per_program) for the backward; the vocabulary is split when rows are few."""
     block_v, num_warps = _block_and_warps(vocab, element_size, _BACKWARD_BLOCK_BYTES, _BACKWARD_WARPS)

@@ -51,9 +51,12 @@ def test_every_kernel_compiles_for_sm90_at_gpu_vocabularies(gpu_shape_launches, 
     assert any(spec["kernel"] == "token_logps_kernel" and spec["args"][0] == {"tensor": "bfloat16", "aligned": True}
                and {"BLOCK_V": 4096, "WRITE_TARGET": True, "num_warps": 4}.items() <= spec["kwargs"].items()
                for spec in launches)
+    # Each asks for FMA contraction itself (kernels/config.py FP_FUSION), not Triton's default (off from 3.10)
+    assert all(spec["kwargs"].get("enable_fp_fusion") is True for spec in launches), launches
     compiled = _run("compile", specs, "--arch", "90", interpret=False, cache=tmp_path / "cache")
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     assert f"{len(launches)} of {len(launches)} launches compiled for sm_90" in compiled.stdout
+    assert "TRITON_DEFAULT_FP_FUSION" not in compiled.stderr  # Triton 3.9's warning when a launch leaves it unset
 
 
 BROKEN_KERNEL = '''

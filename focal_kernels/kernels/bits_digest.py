@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import FP_FUSION
+
 
 @triton.jit
 def _mix(z):
@@ -58,5 +60,6 @@ def bits_digest(bits: torch.Tensor) -> torch.Tensor:
     programs = triton.cdiv(rows, block_r)
     partial = torch.full((programs,), -1, dtype=torch.int64, device=bits.device)  # poisoned: every one written
     bits_digest_kernel[(programs,)](bits, partial, rows, seq_len, width, *bits.stride(), BLOCK_R=block_r,
-                                    BLOCK_C=block_c, num_warps=8)
+                                    BLOCK_C=block_c, num_warps=8,
+                                    enable_fp_fusion=FP_FUSION)
     return partial.sum()

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import gradient_config
+from .config import FP_FUSION, gradient_config
 from .log_prob_grad import label_lane, log_prob_grad
 from .logit_transform import load_transform, transform_derivative, transformed_logits
 
@@ -77,6 +77,6 @@ def chunk_logits_grad_(logits_chunk: torch.Tensor, labels: torch.Tensor, vocab_s
         logits_chunk, labels, row_max if transform is None else transform[0], row_max, log_sum_exp, grad_scale,
         width, vocab_start, logits_chunk.stride(0), blocks_per_program,
         HAS_TRANSFORM=transform is not None, HAS_SOFTCAP=transform is not None and transform[1],
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     return logits_chunk

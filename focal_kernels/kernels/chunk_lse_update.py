@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import fold_config
+from .config import FP_FUSION, fold_config
 from .fast_exp import fast_exp
 from .logit_transform import load_transform, transformed_logits
 
@@ -153,5 +153,5 @@ def chunk_lse_update(logits_chunk: torch.Tensor, labels: torch.Tensor, vocab_sta
         width, vocab_start, logits_chunk.stride(0),
         HAS_TRANSFORM=transform is not None, HAS_SOFTCAP=has_softcap,
         ENTROPY="wsum" in state, SQUARES="sqsum" in state, LOGIT_SUM="xsum" in state, TOP1="before" in state,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )

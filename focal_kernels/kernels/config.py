@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import triton
 
+# Every launch asks for floating-point contraction (a·b + c as one fused multiply-add) rather than taking
+# Triton's default: on through 3.9, which warns at the first compile that 3.10 turns it off. The kernels'
+# instruction counts (benchmarks/NOTES.md) and the tolerances of their GPU tests were set with it on.
+FP_FUSION = True
+
 # Bytes of one row that a program holds per loop iteration, and warps per program. Measured on an H200
 # with benchmarks/sweep_configs.py (bf16, 16K rows, V = 32000 and 128256; see benchmarks/NOTES.md): the
 # forward's online reduction is fastest at 16 KiB blocks with 8 warps, the backward's elementwise pass at

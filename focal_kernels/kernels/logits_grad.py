@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import gradient_config
+from .config import FP_FUSION, gradient_config
 from .log_prob_grad import label_lane, log_prob_grad
 from .pair_rows import pair_row
 from .row_alignment import aligned_body, alignment, aligned_sum, needs_peel, same_row_alignment
@@ -149,5 +149,6 @@ def logits_grad(logits, labels, row_max, log_sum_exp, grad_scales, ignore_index,
         ignore_index,
         BLOCK_V=block_v, ALIGN=alignment(first.element_size()), PEEL=peel,
         GRAD_PEELED=peel and same_row_alignment([first, second], [first_out, second_out]), num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return out

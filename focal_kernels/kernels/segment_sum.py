@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import FP_FUSION
+
 
 @triton.jit
 def segment_sum_kernel(values_ptr, offsets_ptr, sums_ptr, second_sums_ptr, N, first_segments, first_tokens, T,
@@ -61,5 +63,6 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor | None, batches=(), 
         block = segment_block(max(seq_lens))
         segment_sum_kernel[(segments,)](values, values if offsets is None else offsets, sums[0], sums[-1],
                                         values.shape[0], first[0], first[0] * first[1], first[1], second[1],
-                                        PACKED=offsets is not None, BLOCK=block, num_warps=4)
+                                        PACKED=offsets is not None, BLOCK=block, num_warps=4,
+                                        enable_fp_fusion=FP_FUSION)
     return sums

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..dtypes import compute_dtype
-from .config import reduction_config
+from .config import FP_FUSION, reduction_config
 from .fast_exp import fast_exp
 from .online_logsumexp import online_logsumexp_columns
 from .pair_rows import pair_row
@@ -138,6 +138,6 @@ def token_logps_and_lse(logits: list[torch.Tensor], labels: list[torch.Tensor], 
         second.stride(0), second.stride(1), second_labels.stride(0), second_labels.stride(1),
         ignore_index,
         BLOCK_V=block_v, SUB=sub, WRITE_TARGET=write_target, ALIGN=alignment(first.element_size()),
-        PEEL=needs_peel([first, second], block_v), num_warps=num_warps,
+        PEEL=needs_peel([first, second], block_v), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     return token_logps, row_max, log_sum_exp

@@ -7,8 +7,9 @@ Reads   raw logits r[n, j] of the columns v0 + j, j in [0, C) (float32 / bfloat1
         (the incoming gradient of the row's log-prob; 0 for a row that is not scored); m, s, g in float32
         (float64 for float64).
 Writes  G[n, j] = g[n] · (1[v0 + j = y[n]] − exp((x[n, j] − m[n]) − s[n])) · dx/dr[n, j]
-computed in float32 (float64; log_prob_grad.py), stored over r in the chunk's dtype. m and s are kept apart rather than
-summed into lse = m + s, which float32 would round (by up to 1e-3 at |lse| ~ 3e4) before the subtraction.
+computed in float32 (float64; log_prob_grad.py), stored over r in the chunk's dtype. m and s are kept apart
+rather than summed into lse = m + s, which float32 would round (by up to 1e-3 at |lse| ~ 3e4) before the
+subtraction.
 The caller then multiplies G by the hidden states and the weight chunk (GEMMs) for the weight, bias and
 hidden-state gradients.
 

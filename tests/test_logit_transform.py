@@ -303,11 +303,16 @@ def test_bad_transform_options_raise(options, match):
     (dict(logit_scale=1e-50), "logit_scale"),  # finite and non-zero, but 0 in float32
     (dict(logit_softcap=1e300), "logit_softcap"),
     (dict(temperature=1e-300), "temperature"),
+    # each in range, but not the products the kernels form once (a raw logit of 0 became 0 · inf = NaN)
+    (dict(logit_scale=1e20, logit_softcap=1e-20), "logit_scale / logit_softcap"),
+    (dict(logit_scale=1e30, temperature=1e-10), "logit_scale / temperature"),
+    (dict(logit_softcap=1e30, temperature=1e-10), "logit_softcap / temperature"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_transform_options_beyond_the_compute_dtype_raise(options, match, dtype):
     """The transform of float32 / bfloat16 / float16 weights is computed in float32: an option it cannot hold
-    raised PyTorch's overflow error naming no argument, or silently became 0 (a scale of 1e-50)."""
+    raised PyTorch's overflow error naming no argument, or silently became 0 (a scale of 1e-50); so did a
+    product of two options that the kernels form once."""
     h, w, b, labels = inputs(1, 3, dtype)
     with pytest.raises(ValueError, match=match):
         fk.fused_linear_sequence_logps(h, w, labels, b, **options)

@@ -10,7 +10,8 @@ rounded once, s ≤ log V), the exponential unit's ex2 (fast_exp.py: flushes res
 fused multiply-add g − g·p at the label (−g·p elsewhere): g·(1 − p) rounded once. The label's lane is found by
 one 32-bit comparison of each lane index with a per-block scalar, not by 64-bit column indices. Together four
 instructions an element fewer in the sm_90 SASS of logits_grad's loop (benchmarks/NOTES.md). float64 keeps the
-plain formula, for the float64 comparisons.
+plain formula, for the float64 comparisons. An infinite g gives NaN at the label's column (∞ − ∞·p), as it
+gives NaN in the GEMMs that use the gradient; every other column is −g·p.
 """
 
 import triton

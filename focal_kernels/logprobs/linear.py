@@ -74,6 +74,15 @@ def transform_params(weight, logit_softcap, logit_scale, temperature):
         if value is not None and not (info.smallest_normal <= abs(value) <= info.max):
             raise ValueError(f"{name} = {value!r} is outside {dtype}'s normal range, in which the transform of "
                              f"{weight.dtype} weights is computed; it would overflow or round to 0")
+    # the products the kernels form once (kernels/logit_transform.py): in range too, or a logit of 0 would be NaN
+    products = [("logit_scale / temperature", logit_scale / temperature)]
+    if logit_softcap is not None:
+        products += [("logit_scale / logit_softcap", logit_scale / logit_softcap),
+                     ("logit_softcap / temperature", logit_softcap / temperature)]
+    for name, value in products:
+        if not (info.smallest_normal <= abs(value) <= info.max):
+            raise ValueError(f"{name} = {value!r} is outside {dtype}'s normal range, in which the transform of "
+                             f"{weight.dtype} weights is computed; it would overflow or round to 0")
     params = torch.empty(3, dtype=dtype, device=weight.device)
     params[0] = float(logit_scale)
     params[1] = float(logit_softcap) if logit_softcap is not None else 1.0

@@ -252,6 +252,51 @@ def test_is_top1_takes_the_first_argmax_on_ties(path, chunk_size):
         check_stats(out, fk.reference.token_stats(raw, labels, IGNORE), ("is_top1", "entropy"), "ties")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_size", [40, 48, 13], ids=["full-and-tail", "full-only", "tail-only"])
+def test_fold_full_blocks_and_tail_with_stats(monkeypatch, dtype, chunk_size):
+    """The forward fold (kernels/chunk_lse_update.py) with blocks of 16 columns (8 in float64): chunks of two
+    unmasked full blocks and a masked tail (40 of V = 101), full blocks only (48), a tail only (13), each
+    vocabulary's last chunk shorter. Exact ties for is_top1 on either side of a block edge (15, 16) and of a
+    chunk or block edge (39, 40), labels on those edges; without and with a −inf column (the mean logit then
+    −inf); every statistic, the log-probs and the hidden states' gradient against float64."""
+    from focal_kernels.kernels import config
+
+    monkeypatch.setattr(config, "_FORWARD_BLOCK_BYTES", 16 * 4)
+    monkeypatch.setattr(config, "_HALF_FORWARD_BLOCK_BYTES", 16 * 2)
+    vocab, hidden = 101, 8
+    h = torch.randn(1, 8, hidden, dtype=torch.float64, device=DEVICE) * 0.1
+    h[0, :4, 0] = 1.0  # tokens 0-3: columns 15 and 16 tie at the top
+    h[0, 4:, 1] = 1.0  # tokens 4-7: columns 39 and 40
+    w = torch.randn(vocab, hidden, dtype=torch.float64, device=DEVICE) * 0.1
+    w[[15, 16, 39, 40]] = 0.0
+    w[15, 0] = w[16, 0] = w[39, 1] = w[40, 1] = 10.0  # exact products: ties in every dtype
+    labels = torch.tensor([[15, 16, 0, IGNORE, 39, 40, 47, vocab - 1]], device=DEVICE)
+    h, w = h.to(dtype), w.to(dtype)
+    tol = STATS_TOL[dtype]
+    for masked in (False, True):
+        b = torch.randn(vocab, dtype=torch.float64, device=DEVICE) * 0.1
+        b[16], b[40] = b[15], b[39]  # (the ties kept)
+        if masked:
+            b[70] = -math.inf
+        b = b.to(dtype)
+        leaf = h.clone().requires_grad_(True)
+        out = fk.fused_linear_token_logps(leaf, w, labels, b, chunk_size=chunk_size, stats=STAT_NAMES)
+        (grad,) = torch.autograd.grad(out.log_probs.sum(), [leaf])
+        dense = h.double().requires_grad_(True)
+        raw = fk.reference.linear_logits(dense, w.double(), b.double())
+        expected = fk.reference.token_stats(raw.detach(), labels, IGNORE)
+        assert out.is_top1.tolist() == [[True, False, False, False, True, False, False, False]], masked
+        assert torch.equal(out.is_top1, expected["is_top1"])
+        assert torch.isfinite(out.mean_logits).all() != masked
+        for stat in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            assert_close(getattr(out, stat), expected[stat], (tol, tol), f"{stat} (masked: {masked})")
+        logps = fk.reference.token_logps(raw, labels, IGNORE)
+        (expected_grad,) = torch.autograd.grad(logps.sum(), [dense])
+        assert_close(out.log_probs, logps.detach(), (tol, tol), f"log-probs (masked: {masked})")
+        assert_close(grad, expected_grad, (tol, tol), f"hidden gradient (masked: {masked})")
+
+
 def test_is_top1_is_false_for_a_label_outside_the_vocabulary(path):
     """validate_labels=False: a label outside [0, V) has a NaN log-prob and is nobody's argmax, even where every
     logit is below the 0 its missing logit would read as."""

@@ -32,12 +32,12 @@ from .logit_transform import load_transform, transformed_logits
 
 
 @triton.jit
-def _fold_block(x, valid, lanes, before_end, running_max, running_sum, wsum, sqsum, xsum, before,
+def _fold_block(x, valid, lanes, label_offset, running_max, running_sum, wsum, sqsum, xsum, before,
                 MASKED: tl.constexpr, ENTROPY: tl.constexpr, SQUARES: tl.constexpr, LOGIT_SUM: tl.constexpr,
                 TOP1: tl.constexpr):
     """Fold one block of transformed logits x into the running state; returns the new state. With MASKED, only
-    the lanes where `valid` holds are columns of the chunk. The block's lanes below before_end (int32) are the
-    columns left of the label (TOP1)."""
+    the lanes where `valid` holds are columns of the chunk. label_offset: the label's column less the block's
+    first (int64); the lanes below it are the columns left of the label (TOP1), found with an int32 bound."""
     if LOGIT_SUM:
         if MASKED:
             xsum += tl.sum(tl.where(valid, x, 0.0), axis=0)
@@ -46,6 +46,7 @@ def _fold_block(x, valid, lanes, before_end, running_max, running_sum, wsum, sqs
     if MASKED:
         x = tl.where(valid, x, float("-inf"))
     if TOP1:
+        before_end = tl.minimum(tl.maximum(label_offset, 0), x.shape[0]).to(tl.int32)
         before = tl.maximum(before, tl.max(tl.where(lanes < before_end, x, float("-inf")), axis=0))
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max).to(running_sum.dtype)
@@ -98,9 +99,8 @@ def chunk_lse_update_kernel(
         x = tl.load(row_logits_ptr + start + lanes).to(acc_dtype)
         if HAS_TRANSFORM:
             x = transformed_logits(x, scale, cap, inv_temperature, HAS_SOFTCAP)
-        before_end = tl.minimum(tl.maximum(local_label - start, 0), BLOCK_V).to(tl.int32)
         running_max, running_sum, wsum, sqsum, xsum, before = _fold_block(
-            x, lanes < BLOCK_V, lanes, before_end, running_max, running_sum, wsum, sqsum, xsum, before,
+            x, lanes < BLOCK_V, lanes, local_label - start, running_max, running_sum, wsum, sqsum, xsum, before,
             False, ENTROPY, SQUARES, LOGIT_SUM, TOP1)
     start = full_blocks * BLOCK_V
     if start < C:
@@ -108,9 +108,8 @@ def chunk_lse_update_kernel(
         x = tl.load(row_logits_ptr + start + lanes, mask=valid, other=0.0).to(acc_dtype)
         if HAS_TRANSFORM:
             x = transformed_logits(x, scale, cap, inv_temperature, HAS_SOFTCAP)
-        before_end = tl.minimum(tl.maximum(local_label - start, 0), BLOCK_V).to(tl.int32)
         running_max, running_sum, wsum, sqsum, xsum, before = _fold_block(
-            x, valid, lanes, before_end, running_max, running_sum, wsum, sqsum, xsum, before,
+            x, valid, lanes, local_label - start, running_max, running_sum, wsum, sqsum, xsum, before,
             True, ENTROPY, SQUARES, LOGIT_SUM, TOP1)
     tl.store(running_max_ptr + row, running_max)
     tl.store(running_sum_ptr + row, running_sum)

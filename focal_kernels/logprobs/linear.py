@@ -68,18 +68,15 @@ def transform_params(weight, logit_softcap, logit_scale, temperature):
         return None, False
     dtype = compute_dtype(weight.dtype)
     info = torch.finfo(dtype)
-    for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap), ("temperature", temperature)):
-        # (comparisons only, as in check_logit_transform: traceable with symbolic floats; a normal temperature
-        # has a finite reciprocal)
-        if value is not None and not (info.smallest_normal <= abs(value) <= info.max):
-            raise ValueError(f"{name} = {value!r} is outside {dtype}'s normal range, in which the transform of "
-                             f"{weight.dtype} weights is computed; it would overflow or round to 0")
-    # the products the kernels form once (kernels/logit_transform.py): in range too, or a logit of 0 would be NaN
-    products = [("logit_scale / temperature", logit_scale / temperature)]
+    # Each option, and each product of two that the kernels form once (kernels/logit_transform.py: out of range,
+    # a logit of 0 would be NaN). Comparisons only, as in check_logit_transform: traceable with symbolic floats;
+    # a normal temperature has a finite reciprocal.
+    values = [("logit_scale", logit_scale), ("temperature", temperature)]
     if logit_softcap is not None:
-        products += [("logit_scale / logit_softcap", logit_scale / logit_softcap),
-                     ("logit_softcap / temperature", logit_softcap / temperature)]
-    for name, value in products:
+        values += [("logit_softcap", logit_softcap), ("logit_scale / logit_softcap", logit_scale / logit_softcap),
+                   ("logit_softcap / temperature", logit_softcap / temperature)]
+    values.append(("logit_scale / temperature", logit_scale / temperature))
+    for name, value in values:
         if not (info.smallest_normal <= abs(value) <= info.max):
             raise ValueError(f"{name} = {value!r} is outside {dtype}'s normal range, in which the transform of "
                              f"{weight.dtype} weights is computed; it would overflow or round to 0")

@@ -64,13 +64,14 @@ def linear_logits(hidden, weight, bias=None, *, logit_scale=1.0, logit_softcap=N
 
 def token_stats(logits, labels, ignore_index=-100):
     """TRL's per-token statistics of the scored tokens (0 / False at ignored ones): entropy −Σ p log p (with
-    0 log 0 = 0, where a logit is −inf), log Σ p², mean logit, and whether the label is the (first) argmax."""
+    0 log 0 = 0, where a logit is −inf), log Σ p², mean logit, and whether the label is the (first) argmax,
+    False where the row's log-softmax is NaN (a NaN or +inf logit, or every logit −inf)."""
     scored = labels != ignore_index
     x = logits.to(compute_dtype(logits.dtype))
     log_p = F.log_softmax(x, dim=-1)
     p_log_p = torch.where(log_p == -math.inf, 0.0, log_p.exp() * log_p)  # (a NaN stays NaN)
     stats = {"entropy": -p_log_p.sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
-             "mean_logits": x.mean(-1), "is_top1": x.argmax(-1) == labels}
+             "mean_logits": x.mean(-1), "is_top1": (x.argmax(-1) == labels) & ~log_p.isnan().any(-1)}
     return {name: torch.where(scored, value, torch.zeros_like(value)) for name, value in stats.items()}
 
 

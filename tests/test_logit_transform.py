@@ -252,6 +252,39 @@ def test_is_top1_takes_the_first_argmax_on_ties(path, chunk_size):
         check_stats(out, fk.reference.token_stats(raw, labels, IGNORE), ("is_top1", "entropy"), "ties")
 
 
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "all-minus-inf"])
+def test_is_top1_is_false_where_the_log_softmax_is_undefined(path, poison):
+    """A NaN or +inf logit in column 5 (a bias of that value), or every logit −inf: the log-probs are NaN and
+    is_top1 is False for labels before, at and after that column, the largest logit's label included
+    (torch.argmax would name the first NaN or +inf, or column 0, but the GPU's max may drop a NaN: the kernel
+    cannot tell which comes first). The same weights with a finite bias keep their top-1 labels, and so do
+    infinite ones under a soft cap, which makes them finite (±cap)."""
+    h = torch.randn(1, 6, HIDDEN, dtype=torch.float64, device=DEVICE) * 0.1
+    h[..., 0] = 1.0
+    w = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, device=DEVICE) * 0.1
+    w[[0, 5, 9]] = 0.0
+    w[0, 0] = w[9, 0] = 10.0  # columns 0 and 9 tie at the top of the finite row: 0 is its first argmax
+    labels = torch.tensor([[0, 4, 5, 9, VOCAB - 1, IGNORE]], device=DEVICE)
+    finite = torch.zeros(VOCAB, dtype=torch.float64, device=DEVICE)
+    poisoned = finite.clone()
+    if poison == -math.inf:
+        poisoned[:] = -math.inf
+    else:
+        poisoned[5] = poison
+    for transform in ({}, TRANSFORMS["all"]):
+        undefined = math.isnan(poison) or not transform
+        for b in (finite, poisoned):
+            out = fk.fused_linear_token_logps(h, w, labels, b, chunk_size=4, stats=("is_top1",), **transform)
+            expected = fk.reference.token_stats(fk.reference.linear_logits(h, w, b, **transform), labels, IGNORE)
+            assert torch.equal(out.is_top1, expected["is_top1"]), (poison, transform, out.is_top1)
+            if b is finite:
+                assert out.is_top1.tolist() == [[True, False, False, False, False, False]]
+            elif undefined:
+                assert not out.is_top1.any() and out.log_probs[0, :5].isnan().all(), (poison, transform)
+            else:  # soft-capped: +inf is the top logit (column 5), −inf everywhere a tie (column 0 first)
+                assert out.is_top1.tolist() == [[poison < 0, False, poison > 0, False, False, False]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_size", [40, 48, 13], ids=["full-and-tail", "full-only", "tail-only"])
 def test_fold_full_blocks_and_tail_with_stats(monkeypatch, dtype, chunk_size):

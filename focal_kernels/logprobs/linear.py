@@ -31,7 +31,7 @@ class TokenLogps(NamedTuple):
     log_probs:        log p(y_t), float32 (float64 for float64 inputs); differentiable.
     entropy:          −Σ_v p_v log p_v                 (None unless requested in `stats`; detached)
     mean_logits:      (1/V) Σ_v x_v                    (likewise)
-    is_top1:          y_t is the first argmax, bool    (likewise)
+    is_top1:          y_t is the first argmax, bool    (likewise; False where log p is NaN: a NaN or +inf logit)
     log_sum_sq_probs: log Σ_v p_v²                     (likewise; TRL's use_weighting)
     """
 

@@ -84,8 +84,10 @@ def row_values(state, vocab, row_labels, stats):
             values.append(torch.log(named["sqsum"]) - 2 * log_sum_exp)
         elif stat == "mean_logits":
             values.append(named["xsum"] / vocab)
-        else:  # is_top1: the label is the first maximum (never for a label outside the vocabulary)
-            values.append(in_range & (target >= row_max) & (target > named["before"]))
+        else:  # is_top1: the label is the first maximum (never for a label outside the vocabulary), and the
+            # row's log-softmax is defined: a NaN or +inf logit makes the sum NaN (whether or not the GPU's
+            # max kept the NaN), every logit −inf fails the comparisons.
+            values.append(in_range & (target >= row_max) & (target > named["before"]) & ~running_sum.isnan())
     return log_sum_exp, values
 
 

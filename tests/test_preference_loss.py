@@ -844,3 +844,15 @@ def test_a_loss_type_weighted_zero_is_left_out():
     leaf = c.clone().requires_grad_(True)
     zero = preference_loss(leaf, r, loss_type=["focal", "sigmoid"], loss_weights=[0.0, 0.0]).loss
     assert zero.item() == 0.0 and zero.requires_grad
+    # every weight 0, the first type infinite at that pair (sigmoid: +inf): still 0, with zero gradients; a NaN
+    # log-prob still gives NaN
+    for loss_type in ("sigmoid", ["sigmoid", "hinge"]):
+        weights = [0.0] * (1 if isinstance(loss_type, str) else 2)
+        assert preference_loss(c, r, loss_type=loss_type, reduction="none").loss[0] == math.inf
+        out = preference_loss(leaf, r, loss_type=loss_type, loss_weights=weights, reduction="none").loss
+        assert out.tolist() == [0.0, 0.0]
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        assert grad.tolist() == [0.0, 0.0]
+        nan = preference_loss(torch.tensor([math.nan, -1.0]), r, loss_type=loss_type, loss_weights=weights,
+                              reduction="none").loss
+        assert nan[0].isnan() and nan[1] == 0.0

@@ -451,6 +451,9 @@ def test_focal_training_learns_and_logs(tmp_path, tok, dataset):
 
 
 def test_bf16_autocast_on_cpu(tmp_path, tok, dataset):
+    """bf16 = True with use_cpu (CPU autocast) trains. accelerate's autocast wrapper stays on the model's
+    forward afterwards: a second trainer built on the same model (here with bf16 = False) probes its head
+    under that autocast, and the probe's tolerance is bfloat16's (it raised with float32's)."""
     model = tiny_lm.make_model(tok, seed=0)
     args = _args(FocalPOConfig, tmp_path, bf16=True, max_steps=2, padding_free=True, loss_type="focal")
     trainer = FocalPOTrainer(model=model, ref_model=tiny_lm.clone(model), args=args, train_dataset=dataset,
@@ -458,6 +461,9 @@ def test_bf16_autocast_on_cpu(tmp_path, tok, dataset):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert model.forward.__func__ is not type(model).forward  # still wrapped
+    FocalPOTrainer(model=model, ref_model=tiny_lm.clone(model), args=_args(FocalPOConfig, tmp_path),
+                   train_dataset=dataset, processing_class=tok)
 
 
 def _other_head(kind, tok):
@@ -549,6 +555,28 @@ def test_peft_trainable_token_indices(tmp_path, tok, dataset):
                              train_dataset=dataset, processing_class=tok, peft_config=config)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+
+def test_a_copy_of_a_fused_model_runs_its_own_weights(tok):
+    """A deep copy of a model with the fused head installed (twice: a second trainer on the same model) calls
+    its own forward without `fused_lm_head`, not the original's (the replaced forward was a closure's bound
+    method of the original): after the copy's weights change, its logits and fused log-probs are its own."""
+    model = tiny_lm.make_model(tok, seed=0)
+    _trl_model.install_fused_head(model)
+    _trl_model.install_fused_head(model)
+    copy = tiny_lm.clone(model)
+    with torch.no_grad():
+        for parameter in copy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = copy(input_ids=ids).logits
+        expected = type(copy).forward(copy, input_ids=ids).logits
+        fused = copy(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        original = model(input_ids=ids).logits
+    assert torch.equal(logits, expected) and not torch.allclose(logits, original)
+    own = logits[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(fused.double(), own, rtol=0, atol=1e-5)
 
 
 def test_head_probe_reads_the_per_backend_tf32_switch(tmp_path, tok, dataset):

@@ -95,7 +95,11 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
     original one.
     """
     slot = forward_slot(model)
-    original_forward = getattr(model, slot)
+    # The forward replaced is kept on the model, not in the closure, so that a deep copy (a reference model
+    # copied from the policy) calls its own: a bound method or accelerate's partial is copied bound to the copy.
+    # One name per installation: a second trainer on the same model wraps the first's fused forward.
+    original = f"_fk_original_forward_{sum(name.startswith('_fk_original_forward_') for name in vars(model))}"
+    setattr(model, original, getattr(model, slot))
     text_config = model.config.get_text_config()
     logit_options = fk.logit_options_from_config(text_config)  # softcap / logit scale the model applies
     unpadded_rows = getattr(text_config, "unpadded_vocab_size", None)
@@ -111,7 +115,7 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
                     kwargs[key] = value
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
-            return original_forward(*args, **kwargs)
+            return getattr(self, original)(*args, **kwargs)
 
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
@@ -498,9 +502,22 @@ def probe_head(model) -> None:
     (RoBERTa-style heads with a dense layer and a norm before that Linear, a scaling field that function does
     not know) would train on wrong log-probs, silently: an 8-token forward each way (fused and the model's own),
     in eval mode, without gradients, compares them, and a difference beyond rounding raises."""
-    with _probing(model, (1, 8)) as ids:
-        fused = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).log_probs[:, -7:]
-        logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
+    # The precision inside the forward: accelerate's mixed-precision wrapper (which stays on a model a trainer
+    # prepared, e.g. for a second trainer built on it) runs the forward under autocast, unseen from out here.
+    autocast = []
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device.type
+
+    def read_autocast(module, args):
+        autocast.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+
+    hook = embedding.register_forward_pre_hook(read_autocast)
+    try:
+        with _probing(model, (1, 8)) as ids:
+            fused = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False).log_probs[:, -7:]
+            logits = model(input_ids=ids, use_cache=False).logits[:, -8:-1]
+    finally:
+        hook.remove()
     labels = ids[:, 1:, None].to(logits.device)
     own = logits.double().log_softmax(-1).gather(-1, labels).squeeze(-1)
     weight = model.get_output_embeddings().weight
@@ -510,7 +527,7 @@ def probe_head(model) -> None:
     # CPU), hence a unit of at least 2^-20 (a margin of about 10). A missing soft-cap or scale moves the
     # log-probs by a large fraction of the logits. Logits more than 100 below their row's largest carry no
     # mass: a vocabulary masked with -inf or -1e9 must not set the scale (it would accept anything).
-    eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype) if d.is_floating_point]
+    eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype, *autocast) if d and d.is_floating_point]
               + [fp32_matmul_eps(weight.device), 2.0**-20])
     z = logits.double()
     carrying = torch.where(z >= z.amax(-1, keepdim=True) - 100, z.abs(), 0).amax(-1)

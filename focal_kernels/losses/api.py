@@ -81,7 +81,10 @@ def preference_loss(
     f_divergence_type, f_alpha_divergence_coef: TRL's f-DPO scores, for the types built on the score
                   difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft, focal).
     chosen_token_counts, rejected_token_counts: (B,) scored tokens per sequence, needed by ipo,
-                  sigmoid_norm, simpo (both) and sft (chosen).
+                  sigmoid_norm, simpo (both) and sft (chosen). Integer or floating; their values are taken as
+                  given (a check would cost a device sync): `sequence_logps(..., return_token_counts=True)`
+                  gives them. ipo and sigmoid_norm divide by max(count, 1), simpo by the count, sft by
+                  the chosen counts' sum (as TRL).
     pair_weights: (B,) multiplies every loss type's per-pair loss before the reduction (TRL's
                   use_weighting; TRL's WPO weights are computed without gradient, so pass detached weights
                   to match it). Refused with aot / aot_unpaired, as TRL does.
@@ -128,10 +131,13 @@ def preference_loss(
     )
 
     per_pair = None
-    # a loss type weighted 0 is left out (0 · its infinite value at an infinite margin would be NaN)
+    # A loss type weighted 0 is left out (0 · its infinite value at an infinite margin would be NaN). When every
+    # weight is 0, the first type stands, weighted 0 with its infinite values zeroed: a zero loss on the graph.
     terms = [(name, weight) for name, weight in zip(names, weights) if weight != 0] or [(names[0], 0.0)]
     for name, weight in terms:
         term = LOSS_TYPES[name](pairs, options)
+        if weight == 0:
+            term = torch.where(term.isinf(), 0.0, term)
         if pair_weights is not None:
             term = term * pair_weights.to(dtype)
         term = term * weight

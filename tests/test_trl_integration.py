@@ -403,6 +403,18 @@ def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     trainer.padding_free = False
     _assert_same(packed, _loss_and_grads(trainer, batch), rtol=1e-4, atol=1e-6)
 
+    # pad_to_multiple_of bounds the packed row's length too (TRL turns padding_free off and pads the batch to
+    # it): the padding is a sequence of its own, unscored; the loss and gradients are the packed ones
+    trainer.padding_free = True
+    trainer.args.pad_to_multiple_of = 16
+    seen.clear()
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    padded_packed = _loss_and_grads(trainer, batch)
+    hook.remove()
+    assert n_real % 16 and seen and all(shape == (1, -(-n_real // 16) * 16) for shape in seen), (n_real, seen)
+    _assert_same(padded_packed, packed, rtol=1e-5, atol=1e-7)
+    trainer.args.pad_to_multiple_of = None
+
     # A row without real tokens is an empty sequence: the rows after it keep their own log-probs
     trainer.padding_free = True
     empty = 1

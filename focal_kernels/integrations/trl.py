@@ -24,9 +24,9 @@ What it changes in `DPOTrainer` (TRL 1.16), and nothing else:
 - `padding_free=True` (which TRL 1.16 turns off): the collated batch is packed into one row of real tokens with
   position ids restarting at 0 per sequence (transformers then keeps attention within each sequence), the first
   token of each sequence is never scored, and the per-token results are laid back out through `cu_seqlens` onto the
-  padded grid, so everything downstream is the padded computation. (A model that reads the batch's largest
-  position id, as dynamic RoPE scaling does, sees the longest real sequence when packed and the padded length
-  when padded: the packed result is the one that does not depend on padding.)
+  padded grid, so everything downstream is the padded computation; `pad_to_multiple_of` pads the packed row. (A
+  model that reads the batch's largest position id, as dynamic RoPE scaling does, sees the longest real sequence
+  when packed and the padded length when padded: the packed result is the one that does not depend on padding.)
 
 Data (tokenization, collator, reference precompute and its cache) is TRL's, unchanged.
 """
@@ -581,6 +581,14 @@ class FocalPOTrainer(DPOTrainer):
         packed_labels = packed_ids.masked_fill(completion_mask[real].unsqueeze(0) == 0, -100)
         # the first token of a sequence: predicted by the previous one
         packed_labels[0, cu_seqlens[:-1][lengths > 0]] = -100
+        n_real = packed_ids.shape[1]
+        if tail := -n_real % (self.args.pad_to_multiple_of or 1):
+            # `pad_to_multiple_of` bounds the packed row's length as it bounds the padded batch's (fewer shapes to
+            # compile): the padding is one more sequence (positions from 0), never scored, that no other sees
+            pad_id = getattr(self.data_collator, "pad_token_id", None) or 0
+            packed_ids = torch.nn.functional.pad(packed_ids, (0, tail), value=pad_id)
+            packed_labels = torch.nn.functional.pad(packed_labels, (0, tail), value=-100)
+            position_ids = torch.cat([position_ids, torch.arange(tail, device=position_ids.device)[None]], dim=1)
         kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
         outputs = model(input_ids=packed_ids, position_ids=position_ids, labels=packed_labels, fused_lm_head=True,
                         **kwargs)
@@ -593,7 +601,7 @@ class FocalPOTrainer(DPOTrainer):
         def unpack(x):
             if x is None:
                 return None
-            x = torch.cat([x[0], x.new_zeros(1)])
+            x = torch.cat([x[0, :n_real - 1], x.new_zeros(1)])
             grid = x.new_zeros(real.shape)
             grid = grid.index_put((grid_rows, grid_cols), x)
             return grid[:, :-1]

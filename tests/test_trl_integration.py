@@ -185,6 +185,27 @@ def test_matches_dpo_trainer(tmp_path, tok, dataset, setup):
             _assert_same(_loss_and_grads(ours, batch), _loss_and_grads(stock, batch))
 
 
+def test_moe_router_loss_matches_dpo_trainer(tmp_path, tok, dataset):
+    """A mixture of experts whose config asks for router logits: the load-balancing loss (× its coefficient) is
+    added and logged as DPOTrainer adds it, padded, packed (padding_free) and packed with `pad_to_multiple_of`
+    (whose padding the router's loss leaves out, as the padded batch's attention mask does)."""
+    model, ref = tiny_lm.make_moe_model(tok, seed=0), tiny_lm.make_moe_model(tok, seed=1)
+    stock, ours = (
+        cls(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), train_dataset=dataset, processing_class=tok,
+            args=_args(config, tmp_path / cls.__name__, loss_type="sigmoid", beta=0.5))
+        for cls, config in ((DPOTrainer, DPOConfig), (FocalPOTrainer, FocalPOConfig)))
+    assert stock.aux_loss_enabled and ours.aux_loss_enabled
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    reference = _loss_and_grads(stock, batch)
+    assert reference[2]["aux_loss"] > 0
+    assert int(batch["attention_mask"].sum()) % 64
+    for padding_free, multiple in ((False, None), (True, None), (True, 64)):
+        ours.padding_free, ours.args.pad_to_multiple_of = padding_free, multiple
+        result = _loss_and_grads(ours, batch)
+        _assert_same(result, reference, rtol=1e-4)
+        assert result[2]["aux_loss"] == pytest.approx(reference[2]["aux_loss"], rel=1e-5), (padding_free, multiple)
+
+
 def test_use_weighting_matches_dpo_trainer(tmp_path, tok, dataset):
     stock, ours = _build_pair(tmp_path, tok, dataset, setup="ref_model", loss_type="sigmoid", use_weighting=True)
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))

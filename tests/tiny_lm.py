@@ -72,5 +72,24 @@ def make_model(tokenizer, *, hidden: int = 32, layers: int = 2, vocab: int = 256
     return model
 
 
+def make_moe_model(tokenizer, *, hidden: int = 32, layers: int = 2, vocab: int = 256, seed: int = 0):
+    """A Mixtral-style mixture of experts (4 experts, 2 a token) whose forward returns its router logits, so
+    that trainers add the router's load-balancing loss (coefficient 0.1)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def clone(model):
     return copy.deepcopy(model)

@@ -91,8 +91,9 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 
     `model(..., labels=labels, fused_lm_head=True)` runs the backbone and returns a `FusedCausalLMOutput` whose
     per-token fields (log_probs and the requested `outputs`) are `(B, T-1)` (the usual next-token shift) or, with
-    `shift_labels=`, aligned with those; 0 where the label is -100. Without `fused_lm_head` the forward is the
-    original one.
+    `shift_labels=`, aligned with those; 0 where the label is -100. `router_token_mask=` (fused calls only) names
+    the tokens a MoE router's load-balancing loss averages over, where `attention_mask` can't (a packed row with
+    padding at its end). Without `fused_lm_head` the forward is the original one.
     """
     slot = forward_slot(model)
     # The forward replaced is kept on the model, not in the closure, so that a deep copy (a reference model
@@ -107,7 +108,8 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
 
     @functools.wraps(type(model).forward)
     def _fk_fused_forward(
-        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+        router_token_mask=None, **kwargs
     ):
         if not fused_lm_head:
             for key, value in (("labels", labels), ("shift_labels", shift_labels)):
@@ -183,7 +185,7 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
                 backbone_outputs.router_logits,
                 text_config.num_experts if hasattr(text_config, "num_experts") else text_config.num_local_experts,
                 text_config.num_experts_per_tok,
-                kwargs.get("attention_mask"),
+                kwargs.get("attention_mask") if router_token_mask is None else router_token_mask,
             )
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
 

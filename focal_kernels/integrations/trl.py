@@ -582,6 +582,7 @@ class FocalPOTrainer(DPOTrainer):
         # the first token of a sequence: predicted by the previous one
         packed_labels[0, cu_seqlens[:-1][lengths > 0]] = -100
         n_real = packed_ids.shape[1]
+        kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
         if tail := -n_real % (self.args.pad_to_multiple_of or 1):
             # `pad_to_multiple_of` bounds the packed row's length as it bounds the padded batch's (fewer shapes to
             # compile): the padding is one more sequence (positions from 0), never scored, that no other sees
@@ -589,7 +590,9 @@ class FocalPOTrainer(DPOTrainer):
             packed_ids = torch.nn.functional.pad(packed_ids, (0, tail), value=pad_id)
             packed_labels = torch.nn.functional.pad(packed_labels, (0, tail), value=-100)
             position_ids = torch.cat([position_ids, torch.arange(tail, device=position_ids.device)[None]], dim=1)
-        kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
+            if kwargs.get("output_router_logits"):  # nor in the load-balancing loss (TRL's padded batch masks it)
+                real_tokens = torch.arange(n_real + tail, device=packed_ids.device) < n_real
+                kwargs["router_token_mask"] = real_tokens[None].long()
         outputs = model(input_ids=packed_ids, position_ids=position_ids, labels=packed_labels, fused_lm_head=True,
                         **kwargs)
         # Packed output j predicts packed token j+1. Lay the N-1 outputs (+ a zero for the last token) onto the

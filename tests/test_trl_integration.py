@@ -206,6 +206,33 @@ def test_moe_router_loss_matches_dpo_trainer(tmp_path, tok, dataset):
         assert result[2]["aux_loss"] == pytest.approx(reference[2]["aux_loss"], rel=1e-5), (padding_free, multiple)
 
 
+def test_evaluate_and_predict_match_dpo_trainer(tmp_path, tok, dataset):
+    """TRL's evaluation loop, inherited: `evaluate()` and `predict()` on an eval dataset whose reference
+    log-probs are precomputed (with a reference model), prompts truncated from the left (`truncation_mode=
+    "keep_end"`, a `max_length` shorter than the longest pair) and an eval batch that does not divide the
+    dataset: every metric is DPOTrainer's, and so are `predict`'s logits."""
+    from datasets import Dataset
+
+    eval_dataset = Dataset.from_dict(tiny_lm.preference_rows(7, seed=1))
+    model, ref = tiny_lm.make_model(tok, seed=0), tiny_lm.make_model(tok, seed=1)
+    results = []
+    for cls, config in ((DPOTrainer, DPOConfig), (FocalPOTrainer, FocalPOConfig)):
+        args = _args(config, tmp_path / cls.__name__, loss_type="sigmoid", beta=0.5, precompute_ref_log_probs=True,
+                     max_length=7, truncation_mode="keep_end", per_device_eval_batch_size=3)
+        trainer = cls(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), args=args, train_dataset=dataset,
+                      eval_dataset=eval_dataset, processing_class=tok)
+        results.append((trainer.evaluate(), trainer.predict(trainer.eval_dataset)))
+    timing = ("runtime", "per_second", "preparation_time")
+    (stock_eval, stock_predict), (our_eval, our_predict) = results
+    for stock_metrics, our_metrics in ((stock_eval, our_eval), (stock_predict.metrics, our_predict.metrics)):
+        kept = {name for name in stock_metrics if not name.endswith(timing)}
+        assert kept == {name for name in our_metrics if not name.endswith(timing)} and kept
+        for name in kept:
+            assert our_metrics[name] == pytest.approx(stock_metrics[name], rel=1e-5, abs=1e-6), name
+    assert stock_eval["eval_rewards/margins"] != 0 and "eval_logps/chosen" in stock_eval
+    torch.testing.assert_close(torch.as_tensor(our_predict.predictions), torch.as_tensor(stock_predict.predictions))
+
+
 def test_use_weighting_matches_dpo_trainer(tmp_path, tok, dataset):
     stock, ours = _build_pair(tmp_path, tok, dataset, setup="ref_model", loss_type="sigmoid", use_weighting=True)
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))

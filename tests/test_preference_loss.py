@@ -844,15 +844,21 @@ def test_a_loss_type_weighted_zero_is_left_out():
     leaf = c.clone().requires_grad_(True)
     zero = preference_loss(leaf, r, loss_type=["focal", "sigmoid"], loss_weights=[0.0, 0.0]).loss
     assert zero.item() == 0.0 and zero.requires_grad
-    # every weight 0, the first type infinite at that pair (sigmoid: +inf): still 0, with zero gradients; a NaN
-    # log-prob still gives NaN
-    for loss_type in ("sigmoid", ["sigmoid", "hinge"]):
+    # every weight 0, the types infinite at that pair (sigmoid: +inf) or of infinite derivative (ipo, with a
+    # reference at -inf; sppo_hard): still 0, with zero gradients; a NaN log-prob still gives NaN
+    counts = torch.tensor([3.0, 2.0])
+    ref = (torch.tensor([0.0, -1.0]), torch.tensor([-math.inf, -2.0]))
+    for loss_type in ("sigmoid", ["sigmoid", "hinge"], "ipo", "sppo_hard"):
         weights = [0.0] * (1 if isinstance(loss_type, str) else 2)
-        assert preference_loss(c, r, loss_type=loss_type, reduction="none").loss[0] == math.inf
-        out = preference_loss(leaf, r, loss_type=loss_type, loss_weights=weights, reduction="none").loss
+        r_leaf = r.clone().requires_grad_(True)
+        kw = dict(loss_type=loss_type, reduction="none", chosen_token_counts=counts, rejected_token_counts=counts)
+        with torch.enable_grad():
+            full = preference_loss(leaf, r_leaf, *ref, **kw).loss
+            full_grad = torch.autograd.grad(full.sum(), (leaf, r_leaf))
+        assert full[0].isinf() or not all(g[0].isfinite() for g in full_grad), loss_type
+        out = preference_loss(leaf, r_leaf, *ref, loss_weights=weights, **kw).loss
         assert out.tolist() == [0.0, 0.0]
-        (grad,) = torch.autograd.grad(out.sum(), leaf)
-        assert grad.tolist() == [0.0, 0.0]
-        nan = preference_loss(torch.tensor([math.nan, -1.0]), r, loss_type=loss_type, loss_weights=weights,
-                              reduction="none").loss
+        grads = torch.autograd.grad(out.sum(), (leaf, r_leaf))
+        assert all(g.tolist() == [0.0, 0.0] for g in grads), (loss_type, grads)
+        nan = preference_loss(torch.tensor([math.nan, -1.0]), r, *ref, loss_weights=weights, **kw).loss
         assert nan[0].isnan() and nan[1] == 0.0

@@ -454,13 +454,22 @@ def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     # pad_to_multiple_of bounds the packed row's length too (TRL turns padding_free off and pads the batch to
     # it): the padding is a sequence of its own, unscored; the loss and gradients are the packed ones
     trainer.padding_free = True
-    trainer.args.pad_to_multiple_of = 16
+    trainer.args.pad_to_multiple_of = 48
     seen.clear()
-    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    positions = []
+    hooks = [model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape)),
+             model.register_forward_pre_hook(lambda mod, args, kwargs: positions.append(kwargs["position_ids"]),
+                                             with_kwargs=True)]
     padded_packed = _loss_and_grads(trainer, batch)
-    hook.remove()
-    assert n_real % 16 and seen and all(shape == (1, -(-n_real // 16) * 16) for shape in seen), (n_real, seen)
+    assert n_real % 48 and seen and all(shape == (1, -(-n_real // 48) * 48) for shape in seen), (n_real, seen)
     _assert_same(padded_packed, packed, rtol=1e-5, atol=1e-7)
+    # the padding's positions restart at 0 and stay below the longest sequence's length (one model's largest
+    # position id is the same packed, padded or not)
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert -n_real % 48 > longest, (n_real, longest)  # (padding alone would reach a larger position)
+    assert all(int(p.max()) == longest - 1 and p.shape[1] % 48 == 0 for p in positions), (longest, positions)
+    for hook in hooks:
+        hook.remove()
     trainer.args.pad_to_multiple_of = None
 
     # A row without real tokens is an empty sequence: the rows after it keep their own log-probs
@@ -564,7 +573,8 @@ def test_fused_head_is_the_models_own_or_refused(tmp_path, tok, dataset, kind):
     if kind == "roberta":
         with pytest.raises(NotImplementedError, match="output head .*'roberta'"):
             build()
-        assert "forward" not in model.__dict__  # refused: left as it came, without the fused head's forward
+        # refused: left as it came, without the fused head's forward or the one it kept
+        assert not [name for name in vars(model) if name == "forward" or name.startswith("_fk_")], vars(model).keys()
         # refused as the policy's head is installed: before any reference log-probs are precomputed
         ref, calls = tiny_lm.clone(model), []
         ref.register_forward_hook(lambda *_: calls.append(1))

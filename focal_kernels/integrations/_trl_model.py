@@ -86,14 +86,15 @@ def _head_weight_and_bias(head):
     return head.weight, getattr(head, "bias", None)
 
 
-def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> None:
+def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> str:
     """Patch `model.forward` like TRL's `add_fused_lm_head`, with the log-probs computed by fk.
 
     `model(..., labels=labels, fused_lm_head=True)` runs the backbone and returns a `FusedCausalLMOutput` whose
     per-token fields (log_probs and the requested `outputs`) are `(B, T-1)` (the usual next-token shift) or, with
     `shift_labels=`, aligned with those; 0 where the label is -100. `router_token_mask=` (fused calls only) names
     the tokens a MoE router's load-balancing loss averages over, where `attention_mask` can't (a packed row with
-    padding at its end). Without `fused_lm_head` the forward is the original one.
+    padding at its end). Without `fused_lm_head` the forward is the original one, kept on the model under the
+    name returned (to remove with the fused forward, to undo the installation).
     """
     slot = forward_slot(model)
     # The forward replaced is kept on the model, not in the closure, so that a deep copy (a reference model
@@ -201,6 +202,7 @@ def install_fused_head(model, *, outputs=("log_probs",), chunk_size=None) -> Non
         )
 
     setattr(model, slot, types.MethodType(_fk_fused_forward, model))
+    return original
 
 
 def forward_slot(model) -> str:
@@ -506,12 +508,13 @@ def probe_head(model) -> None:
     in eval mode, without gradients, compares them, and a difference beyond rounding raises."""
     # The precision inside the forward: accelerate's mixed-precision wrapper (which stays on a model a trainer
     # prepared, e.g. for a second trainer built on it) runs the forward under autocast, unseen from out here.
+    # Read for the devices of both embeddings (a `device_map` may put the input embedding on the CPU).
     autocast = []
     embedding = model.get_input_embeddings()
-    device = embedding.weight.device.type
+    devices = {w.device.type for w in (embedding.weight, model.get_output_embeddings().weight)} - {"meta"}
 
     def read_autocast(module, args):
-        autocast.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        autocast.extend(torch.get_autocast_dtype(d) for d in devices if torch.is_autocast_enabled(d))
 
     hook = embedding.register_forward_pre_hook(read_autocast)
     try:
@@ -529,7 +532,7 @@ def probe_head(model) -> None:
     # CPU), hence a unit of at least 2^-20 (a margin of about 10). A missing soft-cap or scale moves the
     # log-probs by a large fraction of the logits. Logits more than 100 below their row's largest carry no
     # mass: a vocabulary masked with -inf or -1e9 must not set the scale (it would accept anything).
-    eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype, *autocast) if d and d.is_floating_point]
+    eps = max([torch.finfo(d).eps for d in (weight.dtype, logits.dtype, *autocast) if d.is_floating_point]
               + [fp32_matmul_eps(weight.device), 2.0**-20])
     z = logits.double()
     carrying = torch.where(z >= z.amax(-1, keepdim=True) - 100, z.abs(), 0).amax(-1)

@@ -290,7 +290,7 @@ class FocalPOTrainer(DPOTrainer):
                 raise NotImplementedError("FocalPOTrainer's fused head takes no temperature / fp32 cast")
             slot = forward_slot(m)
             unpatched = m.__dict__.get(slot)  # an instance's own forward, if it had one
-            install_fused_head(m, outputs=outputs, chunk_size=chunk_size)
+            kept = install_fused_head(m, outputs=outputs, chunk_size=chunk_size)
             # Probed as soon as installed (before TRL precomputes any reference log-probs), the policy and the
             # reference model alike; a reference model that only reference-free types select never runs. A model
             # loaded under ZeRO-3's `zero.Init` can't run before an engine gathers its shards: probed before its
@@ -303,6 +303,7 @@ class FocalPOTrainer(DPOTrainer):
             try:
                 probe_head(m)
             except Exception:  # refused: the model is left as it came
+                delattr(m, kept)
                 if unpatched is None:
                     delattr(m, slot)
                 else:
@@ -585,17 +586,18 @@ class FocalPOTrainer(DPOTrainer):
         kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids", "attention_mask")}
         if tail := -n_real % (self.args.pad_to_multiple_of or 1):
             # `pad_to_multiple_of` bounds the packed row's length as it bounds the padded batch's (fewer shapes to
-            # compile): the padding is one more sequence (positions from 0), never scored, that no other sees
-            pad_id = getattr(self.data_collator, "pad_token_id", None) or 0
-            packed_ids = torch.nn.functional.pad(packed_ids, (0, tail), value=pad_id)
+            # compile): the padding is more sequences, none longer than the longest real one (a model reading the
+            # largest position id sees the same), never scored, left out of a MoE router's loss, seen by no other
+            pads = (getattr(self.data_collator, "pad_token_id", None), model.config.get_text_config().pad_token_id)
+            packed_ids = torch.nn.functional.pad(packed_ids, (0, tail), value=next((i for i in pads if i), 0))
             packed_labels = torch.nn.functional.pad(packed_labels, (0, tail), value=-100)
-            position_ids = torch.cat([position_ids, torch.arange(tail, device=position_ids.device)[None]], dim=1)
-            if kwargs.get("output_router_logits"):  # nor in the load-balancing loss (TRL's padded batch masks it)
-                real_tokens = torch.arange(n_real + tail, device=packed_ids.device) < n_real
-                kwargs["router_token_mask"] = real_tokens[None].long()
+            pad_positions = torch.arange(tail, device=position_ids.device) % max(int(lengths.max()), 1)
+            position_ids = torch.cat([position_ids, pad_positions[None]], dim=1)
+            real_tokens = torch.arange(n_real + tail, device=packed_ids.device) < n_real
+            kwargs["router_token_mask"] = real_tokens[None].long()  # (unread without router logits)
         outputs = model(input_ids=packed_ids, position_ids=position_ids, labels=packed_labels, fused_lm_head=True,
                         **kwargs)
-        # Packed output j predicts packed token j+1. Lay the N-1 outputs (+ a zero for the last token) onto the
+        # Packed output j predicts packed token j+1. Lay the N-1 first outputs (+ a zero for the last token) onto the
         # (2B, T) grid row by row: row i, position t ← packed cu_seqlens[i] + t, then drop the last column, as the
         # padded path's shift does. A sequence's last position lands on its successor's first token: 0 (unscored).
         grid_rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
@@ -604,7 +606,7 @@ class FocalPOTrainer(DPOTrainer):
         def unpack(x):
             if x is None:
                 return None
-            x = torch.cat([x[0, :n_real - 1], x.new_zeros(1)])
+            x = torch.cat([x[0, :n_real - 1], x.new_zeros(1)])  # (n_real >= 1: a multiple of 0 is 0, no padding)
             grid = x.new_zeros(real.shape)
             grid = grid.index_put((grid_rows, grid_cols), x)
             return grid[:, :-1]

@@ -130,18 +130,18 @@ def preference_loss(
         rejected_token_counts=None if rejected_token_counts is None else rejected_token_counts.to(dtype),
     )
 
+    # A loss type weighted 0 is left out (0 · its infinite value, or its infinite derivative, at an infinite
+    # margin would be NaN).
     per_pair = None
-    # A loss type weighted 0 is left out (0 · its infinite value at an infinite margin would be NaN). When every
-    # weight is 0, the first type stands, weighted 0 with its infinite values zeroed: a zero loss on the graph.
-    terms = [(name, weight) for name, weight in zip(names, weights) if weight != 0] or [(names[0], 0.0)]
-    for name, weight in terms:
+    for name, weight in [(name, weight) for name, weight in zip(names, weights) if weight != 0]:
         term = LOSS_TYPES[name](pairs, options)
-        if weight == 0:
-            term = torch.where(term.isinf(), 0.0, term)
         if pair_weights is not None:
             term = term * pair_weights.to(dtype)
         term = term * weight
         per_pair = term if per_pair is None else per_pair + term
+    if per_pair is None:  # every weight 0: a zero loss on the policy's graph, zero gradients (NaN stays NaN)
+        logps = policy_c + policy_r
+        per_pair = 0 * torch.where(logps.isinf(), 0.0, logps)
 
     chosen_rewards = (options.beta * logratio_c).detach()
     rejected_rewards = (options.beta * logratio_r).detach()

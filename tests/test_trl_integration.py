@@ -452,7 +452,7 @@ def test_padding_free_matches_padded(tmp_path, tok, dataset, caplog):
     _assert_same(packed, _loss_and_grads(trainer, batch), rtol=1e-4, atol=1e-6)
 
     # pad_to_multiple_of bounds the packed row's length too (TRL turns padding_free off and pads the batch to
-    # it): the padding is a sequence of its own, unscored; the loss and gradients are the packed ones
+    # it): the padding is in sequences of its own, unscored; the loss and gradients are the packed ones
     trainer.padding_free = True
     trainer.args.pad_to_multiple_of = 48
     seen.clear()

@@ -94,8 +94,11 @@ def check_options(names, *, beta, gamma, detach_focal_weight, label_smoothing, s
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     if label_smoothing != 0.0 and not reads_option("label_smoothing", names):
         users = sorted(name for name, fn in LOSS_TYPES.items() if spec_of(fn)["label_smoothing"])
+        # Older TRL smoothed its sigmoid loss (conservative DPO); TRL 1.16's does not, and neither does fk's.
+        cdpo = (" (conservative DPO's smoothing of 'sigmoid' is not among them, as in TRL 1.16)"
+                if {"sigmoid", "focal"} & set(names) else "")
         raise ValueError(f"label_smoothing={label_smoothing} is read by none of the loss types {list(names)}; "
-                         f"only {users} use it. Set label_smoothing=0.0")
+                         f"only {users} use it{cdpo}. Set label_smoothing=0.0")
     if "robust" in names and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
     if "exo_pair" in names and not 0.0 < label_smoothing < 1.0:

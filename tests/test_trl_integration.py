@@ -341,6 +341,27 @@ def test_activation_offloading_matches_dpo_trainer(tmp_path, tok, dataset, monke
         sharded_trainers.assert_same_training(f"offloaded, padding_free={bool(packed_too)}", result, results[0])
 
 
+def test_tied_embeddings_with_gradient_checkpointing_train_as_dpo_trainer(tmp_path, tok, dataset):
+    """Two SGD steps of `train()` on a model whose lm_head is its input embedding (tied), with gradient
+    checkpointing on: the fused head's weight gradient adds into the embedding's, as the model's own head's does.
+    Losses, gradient norms and every parameter after the steps are DPOTrainer's, padded and packed."""
+    model, ref = tiny_lm.make_model(tok, seed=0, tie=True), tiny_lm.make_model(tok, seed=1, tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    options = dict(loss_type="sigmoid", beta=0.5, learning_rate=1e-2, max_steps=2, optim="sgd",
+                   gradient_checkpointing=True)
+    results = []
+    for trainer_cls, config_cls, extra in ((DPOTrainer, DPOConfig, {}), (FocalPOTrainer, FocalPOConfig, {}),
+                                           (FocalPOTrainer, FocalPOConfig, dict(padding_free=True))):
+        args = _args(config_cls, tmp_path / str(len(results)), **options, **extra)
+        trainer = trainer_cls(model=tiny_lm.clone(model), ref_model=tiny_lm.clone(ref), args=args,
+                              train_dataset=dataset, processing_class=tok)
+        results.append(_trained(trainer))
+        assert trainer.model.is_gradient_checkpointing
+        assert trainer.model.lm_head.weight is trainer.model.model.embed_tokens.weight
+    for packed, result in enumerate(results[1:]):
+        sharded_trainers.assert_same_training(f"tied, padding_free={bool(packed)}", result, results[0])
+
+
 @pytest.mark.parametrize("dispatched", ["reference_offloaded", "policy"])
 def test_models_dispatched_by_accelerate(tmp_path, tok, dataset, dispatched):
     """Models loaded with a `device_map` carry accelerate's hooks, which move a module's inputs to its device and

@@ -591,7 +591,7 @@ class FocalPOTrainer(DPOTrainer):
             pads = (getattr(self.data_collator, "pad_token_id", None), model.config.get_text_config().pad_token_id)
             packed_ids = torch.nn.functional.pad(packed_ids, (0, tail), value=next((i for i in pads if i), 0))
             packed_labels = torch.nn.functional.pad(packed_labels, (0, tail), value=-100)
-            pad_positions = torch.arange(tail, device=position_ids.device) % max(int(lengths.max()), 1)
+            pad_positions = torch.arange(tail, device=position_ids.device) % lengths.max().clamp(min=1)
             position_ids = torch.cat([position_ids, pad_positions[None]], dim=1)
             real_tokens = torch.arange(n_real + tail, device=packed_ids.device) < n_real
             kwargs["router_token_mask"] = real_tokens[None].long()  # (unread without router logits)
@@ -601,7 +601,7 @@ class FocalPOTrainer(DPOTrainer):
         # (2B, T) grid row by row: row i, position t ← packed cu_seqlens[i] + t, then drop the last column, as the
         # padded path's shift does. A sequence's last position lands on its successor's first token: 0 (unscored).
         grid_rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-        grid_cols = torch.arange(int(cu_seqlens[-1]), device=lengths.device) - cu_seqlens[:-1][grid_rows]
+        grid_cols = torch.arange(n_real, device=lengths.device) - cu_seqlens[:-1][grid_rows]
 
         def unpack(x):
             if x is None:

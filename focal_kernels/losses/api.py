@@ -133,7 +133,9 @@ def preference_loss(
     # A loss type weighted 0 is left out (0 · its infinite value, or its infinite derivative, at an infinite
     # margin would be NaN).
     per_pair = None
-    for name, weight in [(name, weight) for name, weight in zip(names, weights) if weight != 0]:
+    for name, weight in zip(names, weights):
+        if weight == 0:
+            continue
         term = LOSS_TYPES[name](pairs, options)
         if pair_weights is not None:
             term = term * pair_weights.to(dtype)
